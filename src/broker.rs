@@ -1,0 +1,116 @@
+//! RabbitMQ: connections and the confirmed publisher.
+//!
+//! The worker never relies on lapin's automatic recovery (SPEC §10): on any
+//! connection or channel error it drops the connection and builds a new one.
+
+use std::time::Duration;
+
+use lapin::Confirmation;
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::types::LongString;
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+
+/// How long a publish may wait for the broker's confirm.
+pub const CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A publish that the broker did not take responsibility for. The message
+/// it was copying must not be acked.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    #[error("publishing to '{routing_key}' failed: {source}")]
+    Broker {
+        routing_key: String,
+        #[source]
+        source: lapin::Error,
+    },
+    #[error("the broker nacked the message published to '{0}'")]
+    Nacked(String),
+    #[error("the broker returned the message published to '{0}': no queue is bound to it")]
+    Unroutable(String),
+    #[error("no confirm for the message published to '{0}' within {CONFIRM_TIMEOUT:?}")]
+    Timeout(String),
+}
+
+/// Opens a connection named `name` (shown in the management UI).
+///
+/// # Errors
+/// The connection error.
+pub async fn connect(url: &str, name: &str) -> Result<Connection, lapin::Error> {
+    let properties = ConnectionProperties::default().with_connection_name(LongString::from(name));
+    Connection::connect(url, properties).await
+}
+
+/// A channel in confirm mode. Every publish waits for the broker's confirm
+/// and uses `mandatory`, so an unroutable message is an error, not a loss.
+#[derive(Clone)]
+pub struct Publisher {
+    channel: Channel,
+}
+
+impl Publisher {
+    /// Opens a confirm-mode channel on `connection`.
+    ///
+    /// # Errors
+    /// The channel error.
+    pub async fn open(connection: &Connection) -> Result<Publisher, lapin::Error> {
+        let channel = connection.create_channel().await?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        Ok(Publisher { channel })
+    }
+
+    /// Publishes and waits for the confirm. `Ok` means the broker has the
+    /// message in a queue; only then may the caller ack what it copies.
+    ///
+    /// # Errors
+    /// A [`PublishError`]: broker error, nack, return or timeout.
+    pub async fn publish(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        body: &[u8],
+        properties: BasicProperties,
+    ) -> Result<(), PublishError> {
+        let broker = |source| PublishError::Broker {
+            routing_key: routing_key.to_owned(),
+            source,
+        };
+        let options = BasicPublishOptions {
+            mandatory: true,
+            ..BasicPublishOptions::default()
+        };
+        let confirm = async {
+            let pending = self
+                .channel
+                .basic_publish(
+                    exchange.into(),
+                    routing_key.into(),
+                    options,
+                    body,
+                    properties,
+                )
+                .await
+                .map_err(broker)?;
+            pending.await.map_err(broker)
+        };
+        match tokio::time::timeout(CONFIRM_TIMEOUT, confirm).await {
+            Err(_) => Err(PublishError::Timeout(routing_key.to_owned())),
+            Ok(Err(e)) => Err(e),
+            Ok(Ok(Confirmation::Ack(None))) => Ok(()),
+            Ok(Ok(Confirmation::Ack(Some(_)))) => {
+                Err(PublishError::Unroutable(routing_key.to_owned()))
+            }
+            // NotRequested cannot happen on a confirm-mode channel; treat it
+            // as no confirm rather than as success.
+            Ok(Ok(Confirmation::Nack(_) | Confirmation::NotRequested)) => {
+                Err(PublishError::Nacked(routing_key.to_owned()))
+            }
+        }
+    }
+
+    /// The underlying channel.
+    pub fn channel(&self) -> &Channel {
+        &self.channel
+    }
+}

@@ -1,0 +1,593 @@
+//! The message envelope (SPEC §2.1): bytes in, a typed [`Message`] or a typed
+//! [`DecodeError`] out.
+//!
+//! This is the worker's attack surface: every byte a device or service sends
+//! passes through [`decode`]. It never panics, reads at most
+//! `max_bytes` of input (so allocation is bounded by the body size), and
+//! relies on `serde_json`'s recursion limit (128) against deep nesting.
+
+use std::fmt;
+
+use chrono::{DateTime, NaiveDateTime, SecondsFormat, Utc};
+use serde::de::{self, MapAccess, Visitor};
+use serde::{Deserialize, Deserializer};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+/// Longest `id`, `actor`, `target` and AMQP `message_id`, in characters.
+pub const MAX_FIELD_CHARS: usize = 128;
+/// Longest message type name: `[A-Z][A-Z0-9_]{0,63}`.
+pub const MAX_TYPE_CHARS: usize = 64;
+
+/// Whether a message reports something that happened or asks for an action.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Kind {
+    Event,
+    Command,
+}
+
+impl Kind {
+    /// The envelope spelling: `event` or `command`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Event => "event",
+            Kind::Command => "command",
+        }
+    }
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Where the message id came from (SPEC §2.1: `id`, else AMQP `message_id`,
+/// else SHA-256 of the body).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IdSource {
+    Envelope,
+    AmqpProperty,
+    BodyHash,
+}
+
+/// A decoded, envelope-valid message. Its `data` is not yet validated: that
+/// is the handler's job.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Message {
+    /// The idempotency key.
+    pub id: String,
+    pub id_source: IdSource,
+    pub kind: Kind,
+    pub message_type: String,
+    pub actor: Option<String>,
+    pub target: Option<String>,
+    /// When it happened; the receive time when the envelope had none.
+    pub time: DateTime<Utc>,
+    pub data: Value,
+}
+
+impl Message {
+    /// Encodes the message as an envelope that [`decode`] turns back into an
+    /// equal message (with the id written out, so its source becomes
+    /// `Envelope`).
+    pub fn to_json(&self) -> Vec<u8> {
+        let mut object = serde_json::Map::new();
+        object.insert("type".into(), self.message_type.clone().into());
+        object.insert("kind".into(), self.kind.as_str().into());
+        object.insert("id".into(), self.id.clone().into());
+        if let Some(actor) = &self.actor {
+            object.insert("actor".into(), actor.clone().into());
+        }
+        if let Some(target) = &self.target {
+            object.insert("target".into(), target.clone().into());
+        }
+        object.insert("time".into(), format_time(self.time).into());
+        object.insert("data".into(), self.data.clone());
+        // Serialising a `Value` map cannot fail: all keys are strings.
+        serde_json::to_vec(&Value::Object(object)).unwrap_or_default()
+    }
+}
+
+/// Why a body is not a valid envelope. Always permanent: the same bytes
+/// will fail the same way on every attempt.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    #[error("body is {size} bytes, more than MAX_MESSAGE_BYTES ({max})")]
+    TooLarge { size: usize, max: usize },
+    #[error("body is empty")]
+    Empty,
+    #[error("body is not valid JSON: {0}")]
+    Json(String),
+    #[error("body must be a JSON object, found {0}")]
+    NotAnObject(&'static str),
+    #[error("field `{0}` appears more than once")]
+    DuplicateField(&'static str),
+    #[error("field `{0}` is required")]
+    Missing(&'static str),
+    #[error("field `{field}` {problem}")]
+    Invalid {
+        field: &'static str,
+        problem: String,
+    },
+}
+
+/// Decodes one message body.
+///
+/// `amqp_message_id` is the delivery's `message_id` property, the second
+/// choice for the message id; `received_at` stands in for a missing `time`.
+///
+/// # Errors
+/// A [`DecodeError`] naming the first rule the body breaks.
+pub fn decode(
+    body: &[u8],
+    amqp_message_id: Option<&str>,
+    received_at: DateTime<Utc>,
+    max_bytes: usize,
+) -> Result<Message, DecodeError> {
+    if body.len() > max_bytes {
+        return Err(DecodeError::TooLarge {
+            size: body.len(),
+            max: max_bytes,
+        });
+    }
+    // A UTF-8 byte-order mark is tolerated: some producers write one.
+    let json = body.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(body);
+    if json.iter().all(u8::is_ascii_whitespace) {
+        return Err(DecodeError::Empty);
+    }
+    let raw: RawEnvelope = match serde_json::from_slice(json) {
+        Ok(raw) => raw,
+        Err(e) => return Err(json_error(json, e)),
+    };
+    let raw = raw.0?;
+
+    let message_type =
+        string_field("type", raw.message_type)?.ok_or(DecodeError::Missing("type"))?;
+    check_type_name(&message_type).map_err(|problem| DecodeError::Invalid {
+        field: "type",
+        problem,
+    })?;
+    let kind = match string_field("kind", raw.kind)?.as_deref() {
+        None | Some("event") => Kind::Event,
+        Some("command") => Kind::Command,
+        Some(other) => {
+            return Err(DecodeError::Invalid {
+                field: "kind",
+                problem: format!("must be \"event\" or \"command\", found {other:?}"),
+            });
+        }
+    };
+    let id = string_field("id", raw.id)?;
+    if let Some(id) = &id {
+        check_length("id", id, 1)?;
+    }
+    let actor = string_field("actor", raw.actor)?;
+    if let Some(actor) = &actor {
+        check_length("actor", actor, 0)?;
+    }
+    let target = string_field("target", raw.target)?;
+    if let Some(target) = &target {
+        check_length("target", target, 0)?;
+    }
+    let time = match string_field("time", raw.time)? {
+        None => received_at,
+        Some(text) => parse_time(&text).map_err(|problem| DecodeError::Invalid {
+            field: "time",
+            problem,
+        })?,
+    };
+    let data = raw.data.ok_or(DecodeError::Missing("data"))?;
+
+    let (id, id_source) = match (id, amqp_message_id) {
+        (Some(id), _) => (id, IdSource::Envelope),
+        (None, Some(amqp)) if valid_amqp_id(amqp) => (amqp.to_owned(), IdSource::AmqpProperty),
+        (None, _) => (body_hash(body), IdSource::BodyHash),
+    };
+    Ok(Message {
+        id,
+        id_source,
+        kind,
+        message_type,
+        actor,
+        target,
+        time,
+        data,
+    })
+}
+
+/// The lowercase hex SHA-256 of a body: the id of last resort.
+pub fn body_hash(body: &[u8]) -> String {
+    hex::encode(Sha256::digest(body))
+}
+
+/// Parses an RFC 3339 / ISO-8601 time; one without an offset is UTC.
+///
+/// # Errors
+/// A sentence saying what forms are accepted.
+pub fn parse_time(text: &str) -> Result<DateTime<Utc>, String> {
+    if let Ok(time) = DateTime::parse_from_rfc3339(text) {
+        return Ok(time.with_timezone(&Utc));
+    }
+    for format in ["%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%d %H:%M:%S%.f"] {
+        if let Ok(naive) = NaiveDateTime::parse_from_str(text, format) {
+            return Ok(naive.and_utc());
+        }
+    }
+    Err(format!(
+        "must be an RFC 3339 / ISO-8601 time such as 2026-01-31T12:00:00Z \
+         (no offset means UTC), found {:?}",
+        truncate_chars(text, 64)
+    ))
+}
+
+/// Formats a time the way [`Message::to_json`] writes it (RFC 3339, UTC,
+/// nanoseconds kept so a round trip is exact).
+pub fn format_time(time: DateTime<Utc>) -> String {
+    time.to_rfc3339_opts(SecondsFormat::AutoSi, true)
+}
+
+/// Checks a type name against `[A-Z][A-Z0-9_]{0,63}`.
+///
+/// # Errors
+/// A sentence saying what is allowed.
+pub fn check_type_name(name: &str) -> Result<(), String> {
+    let mut chars = name.chars();
+    let first_ok = chars.next().is_some_and(|c| c.is_ascii_uppercase());
+    let rest_ok = chars.all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_');
+    if first_ok && rest_ok && name.len() <= MAX_TYPE_CHARS {
+        Ok(())
+    } else {
+        Err(format!(
+            "must match [A-Z][A-Z0-9_]{{0,63}}, found {:?}",
+            truncate_chars(name, 80)
+        ))
+    }
+}
+
+fn valid_amqp_id(id: &str) -> bool {
+    let chars = id.chars().count();
+    (1..=MAX_FIELD_CHARS).contains(&chars)
+}
+
+fn check_length(field: &'static str, value: &str, min: usize) -> Result<(), DecodeError> {
+    let chars = value.chars().count();
+    if (min..=MAX_FIELD_CHARS).contains(&chars) {
+        Ok(())
+    } else {
+        Err(DecodeError::Invalid {
+            field,
+            problem: format!("must be {min} to {MAX_FIELD_CHARS} characters, found {chars}"),
+        })
+    }
+}
+
+/// A present field must be a string; `null` counts as absent.
+fn string_field(field: &'static str, value: Option<Value>) -> Result<Option<String>, DecodeError> {
+    match value {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s)),
+        Some(other) => Err(DecodeError::Invalid {
+            field,
+            problem: format!("must be a string, found {}", json_type(&other)),
+        }),
+    }
+}
+
+fn json_error(json: &[u8], e: serde_json::Error) -> DecodeError {
+    // Tell "not an object" apart from broken JSON for a clearer reason.
+    match json.iter().find(|b| !b.is_ascii_whitespace()) {
+        Some(b'[') if e.is_data() => DecodeError::NotAnObject("an array"),
+        Some(b'"') if e.is_data() => DecodeError::NotAnObject("a string"),
+        Some(b'0'..=b'9' | b'-') if e.is_data() => DecodeError::NotAnObject("a number"),
+        Some(b't' | b'f') if e.is_data() => DecodeError::NotAnObject("a boolean"),
+        Some(b'n') if e.is_data() => DecodeError::NotAnObject("null"),
+        _ => DecodeError::Json(e.to_string()),
+    }
+}
+
+fn json_type(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// Cuts `text` to at most `max` characters (never inside a character).
+pub fn truncate_chars(text: &str, max: usize) -> &str {
+    match text.char_indices().nth(max) {
+        Some((end, _)) => &text[..end],
+        None => text,
+    }
+}
+
+/// The known top-level fields, read in one pass. Unknown fields are skipped;
+/// a known field given twice is refused, so two parsers can never disagree
+/// on which `type` or `id` a body carries.
+struct RawEnvelope(Result<RawFields, DecodeError>);
+
+#[derive(Default)]
+struct RawFields {
+    message_type: Option<Value>,
+    kind: Option<Value>,
+    id: Option<Value>,
+    actor: Option<Value>,
+    target: Option<Value>,
+    time: Option<Value>,
+    data: Option<Value>,
+}
+
+impl<'de> Deserialize<'de> for RawEnvelope {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_map(EnvelopeVisitor)
+    }
+}
+
+struct EnvelopeVisitor;
+
+impl<'de> Visitor<'de> for EnvelopeVisitor {
+    type Value = RawEnvelope;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a JSON object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<RawEnvelope, A::Error> {
+        let mut fields = RawFields::default();
+        let mut duplicate = None;
+        while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+            let (name, slot) = match key.as_ref() {
+                "type" => ("type", &mut fields.message_type),
+                "kind" => ("kind", &mut fields.kind),
+                "id" => ("id", &mut fields.id),
+                "actor" => ("actor", &mut fields.actor),
+                "target" => ("target", &mut fields.target),
+                "time" => ("time", &mut fields.time),
+                "data" => ("data", &mut fields.data),
+                _ => {
+                    map.next_value::<de::IgnoredAny>()?;
+                    continue;
+                }
+            };
+            let value = map.next_value::<Value>()?;
+            if slot.replace(value).is_some() {
+                duplicate.get_or_insert(name);
+            }
+        }
+        Ok(RawEnvelope(match duplicate {
+            Some(name) => Err(DecodeError::DuplicateField(name)),
+            None => Ok(fields),
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+
+    const MAX: usize = 262_144;
+
+    fn now() -> DateTime<Utc> {
+        Utc.with_ymd_and_hms(2026, 1, 2, 3, 4, 5).unwrap()
+    }
+
+    fn dec(body: &str) -> Result<Message, DecodeError> {
+        decode(body.as_bytes(), None, now(), MAX)
+    }
+
+    fn problem_field(body: &str) -> &'static str {
+        match dec(body) {
+            Err(DecodeError::Invalid { field, .. }) => field,
+            other => panic!("expected an invalid field, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn decodes_a_full_envelope() {
+        let m = dec(r#"{"type":"SET_LED","kind":"command","id":"m1","actor":"svc","target":"d1",
+                "time":"2026-05-01T10:00:00+02:00","data":{"device_id":"d1","state":"on"},"extra":[1]}"#)
+        .unwrap();
+        assert_eq!(m.id, "m1");
+        assert_eq!(m.id_source, IdSource::Envelope);
+        assert_eq!(m.kind, Kind::Command);
+        assert_eq!(m.message_type, "SET_LED");
+        assert_eq!(m.actor.as_deref(), Some("svc"));
+        assert_eq!(m.target.as_deref(), Some("d1"));
+        assert_eq!(m.time, Utc.with_ymd_and_hms(2026, 5, 1, 8, 0, 0).unwrap());
+        assert_eq!(m.data["state"], "on");
+    }
+
+    #[test]
+    fn defaults_kind_to_event_and_time_to_receive_time() {
+        let m = dec(r#"{"type":"DEVICE_UP","data":null}"#).unwrap();
+        assert_eq!(m.kind, Kind::Event);
+        assert_eq!(m.time, now());
+        assert_eq!(m.data, Value::Null);
+    }
+
+    #[test]
+    fn time_without_offset_is_utc() {
+        let m = dec(r#"{"type":"A","data":1,"time":"2026-05-01T10:00:00.250"}"#).unwrap();
+        assert_eq!(
+            m.time,
+            Utc.with_ymd_and_hms(2026, 5, 1, 10, 0, 0).unwrap()
+                + chrono::Duration::milliseconds(250)
+        );
+        let m = dec(r#"{"type":"A","data":1,"time":"2026-05-01 10:00:00"}"#).unwrap();
+        assert_eq!(m.time, Utc.with_ymd_and_hms(2026, 5, 1, 10, 0, 0).unwrap());
+    }
+
+    #[test]
+    fn rejects_bad_time() {
+        assert_eq!(
+            problem_field(r#"{"type":"A","data":1,"time":"yesterday"}"#),
+            "time"
+        );
+        assert_eq!(problem_field(r#"{"type":"A","data":1,"time":12}"#), "time");
+    }
+
+    #[test]
+    fn id_falls_back_to_amqp_property_then_body_hash() {
+        let body = br#"{"type":"A","data":1}"#;
+        let m = decode(body, Some("amqp-1"), now(), MAX).unwrap();
+        assert_eq!(
+            (m.id.as_str(), m.id_source),
+            ("amqp-1", IdSource::AmqpProperty)
+        );
+        let m = decode(body, None, now(), MAX).unwrap();
+        assert_eq!(m.id_source, IdSource::BodyHash);
+        assert_eq!(m.id, body_hash(body));
+        assert_eq!(m.id.len(), 64);
+        assert!(
+            m.id.chars()
+                .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase())
+        );
+        // An empty message_id property is no id.
+        let m = decode(body, Some(""), now(), MAX).unwrap();
+        assert_eq!(m.id_source, IdSource::BodyHash);
+        // The envelope id wins over the property.
+        let m = decode(
+            br#"{"type":"A","data":1,"id":"env"}"#,
+            Some("amqp-1"),
+            now(),
+            MAX,
+        )
+        .unwrap();
+        assert_eq!(m.id, "env");
+    }
+
+    #[test]
+    fn enforces_max_bytes() {
+        let body = format!(r#"{{"type":"A","data":"{}"}}"#, "x".repeat(100));
+        assert!(matches!(
+            decode(body.as_bytes(), None, now(), 50),
+            Err(DecodeError::TooLarge { max: 50, .. })
+        ));
+        assert!(decode(body.as_bytes(), None, now(), body.len()).is_ok());
+    }
+
+    #[test]
+    fn requires_type_and_data() {
+        assert_eq!(dec(r#"{"data":1}"#), Err(DecodeError::Missing("type")));
+        assert_eq!(dec(r#"{"type":"A"}"#), Err(DecodeError::Missing("data")));
+    }
+
+    #[test]
+    fn checks_type_pattern() {
+        for bad in [r#""""#, r#""device_up""#, r#""1ABC""#, r#""A-B""#, "7"] {
+            assert_eq!(
+                problem_field(&format!(r#"{{"type":{bad},"data":1}}"#)),
+                "type",
+                "{bad}"
+            );
+        }
+        let longest = format!("A{}", "B".repeat(63));
+        assert!(dec(&format!(r#"{{"type":"{longest}","data":1}}"#)).is_ok());
+        assert_eq!(
+            problem_field(&format!(r#"{{"type":"{longest}C","data":1}}"#)),
+            "type"
+        );
+    }
+
+    #[test]
+    fn checks_kind() {
+        assert_eq!(
+            problem_field(r#"{"type":"A","kind":"query","data":1}"#),
+            "kind"
+        );
+        assert_eq!(problem_field(r#"{"type":"A","kind":1,"data":1}"#), "kind");
+    }
+
+    #[test]
+    fn checks_lengths_of_id_actor_target() {
+        let long = "é".repeat(129);
+        assert_eq!(problem_field(r#"{"type":"A","id":"","data":1}"#), "id");
+        assert_eq!(
+            problem_field(&format!(r#"{{"type":"A","id":"{long}","data":1}}"#)),
+            "id"
+        );
+        assert!(
+            dec(&format!(
+                r#"{{"type":"A","id":"{}","data":1}}"#,
+                "é".repeat(128)
+            ))
+            .is_ok()
+        );
+        assert_eq!(
+            problem_field(&format!(r#"{{"type":"A","actor":"{long}","data":1}}"#)),
+            "actor"
+        );
+        assert_eq!(
+            problem_field(&format!(r#"{{"type":"A","target":"{long}","data":1}}"#)),
+            "target"
+        );
+        assert_eq!(problem_field(r#"{"type":"A","actor":5,"data":1}"#), "actor");
+    }
+
+    #[test]
+    fn rejects_non_objects_and_broken_json() {
+        assert_eq!(dec("[1,2]"), Err(DecodeError::NotAnObject("an array")));
+        assert_eq!(dec("42"), Err(DecodeError::NotAnObject("a number")));
+        assert_eq!(dec("null"), Err(DecodeError::NotAnObject("null")));
+        assert_eq!(dec("  "), Err(DecodeError::Empty));
+        assert_eq!(dec(""), Err(DecodeError::Empty));
+        assert!(matches!(dec("not json"), Err(DecodeError::Json(_))));
+        assert!(matches!(
+            dec(r#"{"type":"A","data":1"#),
+            Err(DecodeError::Json(_))
+        ));
+        assert!(matches!(
+            decode(b"{\"type\":\"A\xff\",\"data\":1}", None, now(), MAX),
+            Err(DecodeError::Json(_))
+        ));
+    }
+
+    #[test]
+    fn refuses_duplicate_known_fields_and_ignores_unknown_ones() {
+        assert_eq!(
+            dec(r#"{"type":"A","type":"B","data":1}"#),
+            Err(DecodeError::DuplicateField("type"))
+        );
+        let m = dec(r#"{"type":"A","data":1,"x":1,"x":2,"nested":{"deep":[1,2,3]}}"#).unwrap();
+        assert_eq!(m.message_type, "A");
+    }
+
+    #[test]
+    fn tolerates_a_bom_and_survives_deep_nesting() {
+        assert!(decode(b"\xEF\xBB\xBF{\"type\":\"A\",\"data\":1}", None, now(), MAX).is_ok());
+        let deep = format!(
+            r#"{{"type":"A","data":{}{}}}"#,
+            "[".repeat(10_000),
+            "]".repeat(10_000)
+        );
+        assert!(matches!(dec(&deep), Err(DecodeError::Json(_))));
+    }
+
+    #[test]
+    fn null_optional_fields_count_as_absent() {
+        let m =
+            dec(r#"{"type":"A","data":1,"id":null,"actor":null,"time":null,"kind":null}"#).unwrap();
+        assert_eq!(m.kind, Kind::Event);
+        assert_eq!(m.actor, None);
+        assert_eq!(m.id_source, IdSource::BodyHash);
+    }
+
+    #[test]
+    fn to_json_round_trips() {
+        let m = dec(r#"{"type":"MEASUREMENT","actor":"a","data":{"v":[1,2.5,"x"]},"time":"2026-05-01T10:00:00.123456789Z"}"#)
+            .unwrap();
+        let again = decode(&m.to_json(), None, now(), MAX).unwrap();
+        assert_eq!(
+            again,
+            Message {
+                id_source: IdSource::Envelope,
+                ..m
+            }
+        );
+    }
+}

@@ -1,0 +1,104 @@
+//! `DEVICE_UP`: a device came online. Upserts `devices` unless a newer
+//! event for the device was applied already.
+
+use chrono::{DateTime, Utc};
+use futures_util::future::BoxFuture;
+use serde_json::Value;
+use sqlx::PgConnection;
+
+use super::fields::{Fields, ValidationError};
+use crate::envelope::Message;
+use crate::failure::Failure;
+
+/// The validated `data` of a `DEVICE_UP`.
+#[derive(Debug, PartialEq, Eq)]
+pub struct DeviceUp<'a> {
+    pub device_id: &'a str,
+    pub ip: Option<&'a str>,
+    /// The status the device reports about itself; kept in `events.data`.
+    pub status: Option<&'a str>,
+}
+
+/// # Errors
+/// A [`ValidationError`] naming the first bad field.
+pub fn parse(data: &Value) -> Result<DeviceUp<'_>, ValidationError> {
+    let fields = Fields::of(data)?;
+    Ok(DeviceUp {
+        device_id: fields.device_id()?,
+        ip: fields.optional_string("ip", 1..=64)?,
+        status: fields.optional_string("status", 0..=64)?,
+    })
+}
+
+pub fn apply<'a>(
+    conn: &'a mut PgConnection,
+    message: &'a Message,
+) -> BoxFuture<'a, Result<(), Failure>> {
+    Box::pin(async move {
+        let up = parse(&message.data)?;
+        upsert_device(conn, up.device_id, "online", up.ip, message.time).await?;
+        Ok(())
+    })
+}
+
+/// Records the device's state as of `seen_at`, unless the row already
+/// holds a newer event: messages arrive out of order, and an older
+/// `DEVICE_UP`/`DEVICE_DOWN` must never overwrite a newer one. On equal
+/// times the later-applied event wins. A missing `ip` keeps the known one.
+pub(super) async fn upsert_device(
+    conn: &mut PgConnection,
+    device_id: &str,
+    status: &str,
+    ip: Option<&str>,
+    seen_at: DateTime<Utc>,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO devices (device_id, status, ip, last_seen_at) VALUES ($1, $2, $3, $4)
+         ON CONFLICT (device_id) DO UPDATE
+         SET status = EXCLUDED.status,
+             ip = COALESCE(EXCLUDED.ip, devices.ip),
+             last_seen_at = EXCLUDED.last_seen_at
+         WHERE devices.last_seen_at <= EXCLUDED.last_seen_at",
+    )
+    .bind(device_id)
+    .bind(status)
+    .bind(ip)
+    .bind(seen_at)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn accepts_minimal_and_full_data() {
+        assert_eq!(
+            parse(&json!({"device_id": "d1"})).unwrap(),
+            DeviceUp {
+                device_id: "d1",
+                ip: None,
+                status: None
+            }
+        );
+        let data = json!({"device_id": "d1", "ip": "10.0.0.7", "status": "booting"});
+        assert_eq!(parse(&data).unwrap().ip, Some("10.0.0.7"));
+    }
+
+    #[test]
+    fn rejects_bad_fields() {
+        for (data, field) in [
+            (json!({}), "device_id"),
+            (json!({"device_id": "bad id"}), "device_id"),
+            (json!({"device_id": "d1", "ip": 7}), "ip"),
+            (json!({"device_id": "d1", "ip": ""}), "ip"),
+            (json!({"device_id": "d1", "status": ["x"]}), "status"),
+            (json!("d1"), ""),
+        ] {
+            assert_eq!(parse(&data).unwrap_err().field, field, "{data}");
+        }
+    }
+}

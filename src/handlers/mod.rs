@@ -1,0 +1,134 @@
+//! The handler mapping (SPEC §2.2): one handler per message type, each in
+//! its own file, registered in [`HANDLERS`].
+//!
+//! A handler validates `data` and applies its effect on the open
+//! transaction it is given. It never begins, commits or rolls back, and it
+//! never acks: the pipeline owns the transaction and the delivery, so several
+//! messages can later share one transaction without touching a handler.
+
+mod device_down;
+mod device_up;
+mod fields;
+mod ibeacon_change;
+mod measurement;
+mod record_only;
+mod set_led;
+mod set_publish_period;
+
+use futures_util::future::BoxFuture;
+use sqlx::PgConnection;
+
+use crate::envelope::{Kind, Message};
+use crate::failure::Failure;
+
+pub use fields::ValidationError;
+
+/// Exchange that device messages from commands are published to, so MQTT
+/// devices get them through RabbitMQ's MQTT plugin.
+pub const DEVICE_EXCHANGE: &str = "amq.topic";
+
+/// Applies one message's effect inside the caller's transaction.
+pub type ApplyFn =
+    for<'a> fn(&'a mut PgConnection, &'a Message) -> BoxFuture<'a, Result<(), Failure>>;
+
+/// One row of the handler mapping.
+pub struct Handler {
+    pub message_type: &'static str,
+    pub kind: Kind,
+    pub apply: ApplyFn,
+}
+
+/// The handler mapping: every message type the worker knows.
+pub static HANDLERS: &[Handler] = &[
+    Handler {
+        message_type: "DEVICE_UP",
+        kind: Kind::Event,
+        apply: device_up::apply,
+    },
+    Handler {
+        message_type: "DEVICE_DOWN",
+        kind: Kind::Event,
+        apply: device_down::apply,
+    },
+    Handler {
+        message_type: "MEASUREMENT",
+        kind: Kind::Event,
+        apply: measurement::apply,
+    },
+    Handler {
+        message_type: "IBEACON_CHANGE",
+        kind: Kind::Event,
+        apply: ibeacon_change::apply,
+    },
+    Handler {
+        message_type: "IBEACON_READ",
+        kind: Kind::Event,
+        apply: record_only::apply,
+    },
+    Handler {
+        message_type: "HTTP_COAP_REQUEST",
+        kind: Kind::Event,
+        apply: record_only::apply,
+    },
+    Handler {
+        message_type: "COAP_HTTP_RESPONSE",
+        kind: Kind::Event,
+        apply: record_only::apply,
+    },
+    Handler {
+        message_type: "SET_LED",
+        kind: Kind::Command,
+        apply: set_led::apply,
+    },
+    Handler {
+        message_type: "SET_PUBLISH_PERIOD",
+        kind: Kind::Command,
+        apply: set_publish_period::apply,
+    },
+    #[cfg(feature = "test-handlers")]
+    Handler {
+        message_type: "TEST_ABORT",
+        kind: Kind::Event,
+        apply: test_only::abort,
+    },
+    #[cfg(feature = "test-handlers")]
+    Handler {
+        message_type: "TEST_PANIC",
+        kind: Kind::Event,
+        apply: test_only::panic,
+    },
+];
+
+/// The handler for a message's kind and type.
+///
+/// # Errors
+/// [`Failure::UnknownType`] when no handler has that kind and type.
+pub fn lookup(message: &Message) -> Result<&'static Handler, Failure> {
+    HANDLERS
+        .iter()
+        .find(|h| h.message_type == message.message_type && h.kind == message.kind)
+        .ok_or_else(|| Failure::UnknownType {
+            kind: message.kind.as_str(),
+            message_type: message.message_type.clone(),
+        })
+}
+
+/// Handlers that exist only to test crash-loop protection.
+#[cfg(feature = "test-handlers")]
+mod test_only {
+    use super::*;
+
+    pub fn abort<'a>(
+        _: &'a mut PgConnection,
+        _: &'a Message,
+    ) -> BoxFuture<'a, Result<(), Failure>> {
+        std::process::abort()
+    }
+
+    pub fn panic<'a>(
+        _: &'a mut PgConnection,
+        message: &'a Message,
+    ) -> BoxFuture<'a, Result<(), Failure>> {
+        Box::pin(async move { panic!("TEST_PANIC handler asked to panic by {}", message.id) })
+    }
+}

@@ -1,0 +1,13 @@
+//! `IBEACON_READ`, `HTTP_COAP_REQUEST`, `COAP_HTTP_RESPONSE`: recorded in
+//! `events` only. The pipeline writes that row (it is the inbox), so the
+//! handler has nothing left to do; any `data` is accepted.
+
+use futures_util::future::BoxFuture;
+use sqlx::PgConnection;
+
+use crate::envelope::Message;
+use crate::failure::Failure;
+
+pub fn apply<'a>(_: &'a mut PgConnection, _: &'a Message) -> BoxFuture<'a, Result<(), Failure>> {
+    Box::pin(async { Ok(()) })
+}

@@ -1,0 +1,28 @@
+//! worker-iot-core: the message worker of an edge IoT platform.
+//!
+//! A delivery flows through the crate like this:
+//!
+//! * [`broker`] connects to RabbitMQ; [`topology`] declares the queues;
+//! * [`pipeline`] takes each delivery: [`envelope`] decodes it, [`handlers`]
+//!   maps its type to a handler that runs inside a PostgreSQL transaction
+//!   opened by the pipeline, with [`store`] recording it in the inbox first;
+//! * the delivery is acked only after commit, or after its retry or DLQ
+//!   copy (with [`headers`]) is confirmed by the broker; [`failure`] decides
+//!   which;
+//! * [`worker`] runs the consume loop and the graceful shutdown;
+//! * [`config`] reads the settings, [`samples`] makes the exploration
+//!   messages of the `publish` tool.
+
+pub mod banner;
+pub mod broker;
+pub mod config;
+pub mod envelope;
+pub mod failure;
+pub mod handlers;
+pub mod headers;
+pub mod outbox;
+pub mod pipeline;
+pub mod samples;
+pub mod store;
+pub mod topology;
+pub mod worker;

@@ -1,0 +1,211 @@
+//! One delivery, from bytes to settlement (SPEC §2.3).
+//!
+//! Ordering invariants, the heart of the no-loss promise:
+//!
+//! * a delivery is acked only after its transaction committed, or after
+//!   the copy it became (retry or DLQ) was confirmed by the broker;
+//! * when that copy is not confirmed, the delivery is not acked at all: the
+//!   caller treats it as a broker fault and the broker redelivers it;
+//! * nothing is ever rejected with requeue, so nothing can loop.
+
+use std::collections::BTreeSet;
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::Duration;
+
+use backon::{ExponentialBuilder, Retryable};
+use chrono::Utc;
+use futures_util::FutureExt;
+use lapin::message::Delivery;
+use lapin::options::BasicAckOptions;
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+
+use crate::broker::{PublishError, Publisher};
+use crate::envelope::{self, Message};
+use crate::failure::{Disposition, ErrorKind, Failure};
+use crate::handlers::{self, Handler};
+use crate::headers::{self, FailureRecord};
+use crate::store;
+use crate::topology::{self, Topology};
+
+/// Stage 1: in-process attempts of one delivery's transaction, in all.
+const IN_PROCESS_ATTEMPTS: usize = 3;
+const IN_PROCESS_MIN_DELAY: Duration = Duration::from_millis(50);
+const IN_PROCESS_MAX_DELAY: Duration = Duration::from_millis(500);
+
+/// How a delivery ended. Every delivery ends in exactly one of these.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Processed,
+    Duplicate,
+    Omitted,
+    Retried { retry: u32 },
+    Parked { kind: ErrorKind },
+}
+
+/// A delivery that could not be settled; it is left unacked, and the
+/// caller must drop the connection so the broker redelivers it.
+#[derive(Debug, thiserror::Error)]
+pub enum SettleError {
+    #[error(transparent)]
+    Publish(#[from] PublishError),
+    #[error("ack failed: {0}")]
+    Ack(#[source] lapin::Error),
+}
+
+/// What the pipeline needs, shared by every in-flight delivery.
+pub struct Pipeline {
+    pub pool: PgPool,
+    pub publisher: Publisher,
+    pub topology: Arc<Topology>,
+    /// The main queue `Q`.
+    pub queue: String,
+    pub events_to_omit: BTreeSet<String>,
+    pub max_message_bytes: usize,
+    /// `host/version`, for `iot-failed-by`.
+    pub failed_by: String,
+    /// Once cancelled, no new in-process retry starts.
+    pub shutdown: CancellationToken,
+}
+
+impl Pipeline {
+    /// Processes one delivery and settles it.
+    ///
+    /// # Errors
+    /// A [`SettleError`] when the delivery could not be settled.
+    pub async fn handle(&self, delivery: &Delivery) -> Result<Outcome, SettleError> {
+        let (handler_name, result) = self.process(delivery).await;
+        let outcome = match result {
+            Ok(outcome) => outcome,
+            Err(failure) => self.divert(delivery, handler_name, &failure).await?,
+        };
+        delivery
+            .acker
+            .ack(BasicAckOptions::default())
+            .await
+            .map_err(SettleError::Ack)?;
+        Ok(outcome)
+    }
+
+    /// Decodes and applies; returns the handler name (or `-`) with the
+    /// result, for the failure headers.
+    async fn process(&self, delivery: &Delivery) -> (String, Result<Outcome, Failure>) {
+        let amqp_id = delivery
+            .properties
+            .message_id()
+            .as_ref()
+            .map(|id| id.as_str());
+        let message =
+            match envelope::decode(&delivery.data, amqp_id, Utc::now(), self.max_message_bytes) {
+                Ok(message) => message,
+                Err(e) => return ("-".into(), Err(e.into())),
+            };
+        let name = message.message_type.clone();
+        if self.events_to_omit.contains(&message.message_type) {
+            return (name, Ok(Outcome::Omitted));
+        }
+        let result = match handlers::lookup(&message) {
+            Ok(handler) => self.apply_with_retries(handler, &message).await,
+            Err(failure) => Err(failure),
+        };
+        (name, result)
+    }
+
+    /// Stage 1: runs the transaction again on transient failures, with
+    /// jittered exponential backoff, unless shutdown has begun.
+    async fn apply_with_retries(
+        &self,
+        handler: &Handler,
+        message: &Message,
+    ) -> Result<Outcome, Failure> {
+        let backoff = ExponentialBuilder::default()
+            .with_min_delay(IN_PROCESS_MIN_DELAY)
+            .with_max_delay(IN_PROCESS_MAX_DELAY)
+            .with_max_times(IN_PROCESS_ATTEMPTS - 1)
+            .with_jitter();
+        (|| self.apply_once(handler, message))
+            .retry(backoff)
+            .sleep(tokio::time::sleep)
+            .when(|failure| failure.is_transient() && !self.shutdown.is_cancelled())
+            .notify(|failure, delay| {
+                tracing::debug!(message_id = %message.id, error.message = %failure, ?delay, "transient failure, retrying in process");
+            })
+            .await
+    }
+
+    /// One transaction: inbox row, handler, commit. A handler panic rolls
+    /// the transaction back (it is dropped) and becomes [`Failure::Panic`].
+    async fn apply_once(&self, handler: &Handler, message: &Message) -> Result<Outcome, Failure> {
+        let transaction = async {
+            let mut tx = self.pool.begin().await?;
+            if !store::record_in_inbox(&mut tx, message).await? {
+                return Ok(Outcome::Duplicate);
+            }
+            (handler.apply)(&mut tx, message).await?;
+            tx.commit().await?;
+            Ok(Outcome::Processed)
+        };
+        match AssertUnwindSafe(transaction).catch_unwind().await {
+            Ok(result) => result,
+            Err(panic) => {
+                let text = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| (*s).to_owned())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "non-string panic payload".into());
+                Err(Failure::Panic(text))
+            }
+        }
+    }
+
+    /// Stage 2 or parking: publishes the failed delivery, with the failure
+    /// headers, to its retry queue or the DLQ, and waits for the confirm.
+    async fn divert(
+        &self,
+        delivery: &Delivery,
+        handler: String,
+        failure: &Failure,
+    ) -> Result<Outcome, SettleError> {
+        let retries = headers::retry_count(delivery.properties.headers().as_ref());
+        let disposition = failure.disposition(retries, &self.topology);
+        let (routing_key, kind, retry_count, outcome) = match disposition {
+            Disposition::RetryLater { retry } => (
+                topology::retry_queue_name(&self.queue, &self.topology.retry_delay(retry).name),
+                failure.kind(),
+                retry,
+                Outcome::Retried { retry },
+            ),
+            Disposition::Park { kind } => (
+                topology::dlq_name(&self.queue),
+                kind,
+                retries,
+                Outcome::Parked { kind },
+            ),
+        };
+        let error = failure.to_string();
+        let record = FailureRecord {
+            kind,
+            handler: &handler,
+            error: &error,
+            retry_count,
+            now_ms: Utc::now().timestamp_millis(),
+            exchange: delivery.exchange.as_str(),
+            routing_key: delivery.routing_key.as_str(),
+            failed_by: &self.failed_by,
+        };
+        let properties = headers::with_failure(&delivery.properties, &record);
+        self.publisher
+            .publish("", &routing_key, &delivery.data, properties)
+            .await?;
+        match outcome {
+            Outcome::Parked { .. } => {
+                tracing::warn!(%routing_key, error.kind = %kind, error.message = %error, "message parked");
+            }
+            _ => {
+                tracing::info!(%routing_key, error.message = %error, "message sent to delayed retry")
+            }
+        }
+        Ok(outcome)
+    }
+}

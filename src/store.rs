@@ -1,0 +1,169 @@
+//! PostgreSQL: the pool, the migrations, database creation and removal,
+//! and the inbox.
+
+use std::time::Duration;
+
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{ConnectOptions, Connection, PgConnection, PgPool};
+
+use crate::envelope::{Kind, Message};
+
+/// The embedded migrations (`migrations/`).
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!();
+
+/// Every table the worker owns, for `delete_db`.
+pub const TABLES: &[&str] = &[
+    "events",
+    "commands",
+    "devices",
+    "measurements",
+    "beacon_readings",
+    "outbox",
+    "_sqlx_migrations",
+];
+
+/// A database problem at start-up or in the admin tools.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("DATABASE_URL is not a valid PostgreSQL URL: {0}")]
+    Url(#[source] sqlx::Error),
+    #[error("cannot connect to PostgreSQL: {0}")]
+    Connect(#[source] sqlx::Error),
+    #[error("running migrations failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("{what} failed: {source}")]
+    Query {
+        what: &'static str,
+        #[source]
+        source: sqlx::Error,
+    },
+}
+
+/// Opens a pool of at most `size` connections.
+///
+/// # Errors
+/// [`StoreError::Url`] or [`StoreError::Connect`].
+pub async fn connect(url: &str, size: u32) -> Result<PgPool, StoreError> {
+    let options: PgConnectOptions = url.parse().map_err(StoreError::Url)?;
+    PgPoolOptions::new()
+        .max_connections(size)
+        .acquire_timeout(Duration::from_secs(5))
+        .connect_with(options)
+        .await
+        .map_err(StoreError::Connect)
+}
+
+/// Runs pending migrations.
+///
+/// # Errors
+/// [`StoreError::Migrate`].
+pub async fn migrate(pool: &PgPool) -> Result<(), StoreError> {
+    MIGRATOR.run(pool).await?;
+    Ok(())
+}
+
+/// Creates the database named in `url` if it does not exist (connecting to
+/// the `postgres` database on the same server to do so). Returns whether
+/// it was created.
+///
+/// # Errors
+/// A [`StoreError`] when the server cannot be reached or refuses.
+pub async fn create_database(url: &str) -> Result<bool, StoreError> {
+    let options: PgConnectOptions = url.parse().map_err(StoreError::Url)?;
+    let name = options.get_database().unwrap_or("postgres").to_owned();
+    let mut admin = options
+        .database("postgres")
+        .connect()
+        .await
+        .map_err(StoreError::Connect)?;
+    let exists: bool =
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
+            .bind(&name)
+            .fetch_one(&mut admin)
+            .await
+            .map_err(|source| StoreError::Query {
+                what: "looking up the database",
+                source,
+            })?;
+    if !exists {
+        let sql = format!("CREATE DATABASE {}", quote_identifier(&name));
+        sqlx::query(sqlx::AssertSqlSafe(sql))
+            .execute(&mut admin)
+            .await
+            .map_err(|source| StoreError::Query {
+                what: "CREATE DATABASE",
+                source,
+            })?;
+    }
+    admin.close().await.ok();
+    Ok(!exists)
+}
+
+/// Drops every table the worker owns (see [`TABLES`]).
+///
+/// # Errors
+/// A [`StoreError`] when the server cannot be reached or refuses.
+pub async fn drop_tables(url: &str) -> Result<(), StoreError> {
+    let mut conn = PgConnection::connect(url)
+        .await
+        .map_err(StoreError::Connect)?;
+    let sql = format!("DROP TABLE IF EXISTS {} CASCADE", TABLES.join(", "));
+    sqlx::query(sqlx::AssertSqlSafe(sql))
+        .execute(&mut conn)
+        .await
+        .map_err(|source| StoreError::Query {
+            what: "DROP TABLE",
+            source,
+        })?;
+    conn.close().await.ok();
+    Ok(())
+}
+
+/// Records the message in the inbox (`events` or `commands`), in the
+/// caller's transaction. Returns `false` when its id is there already: a
+/// duplicate, which must have no further effect.
+///
+/// A concurrent transaction inserting the same id makes this wait on the
+/// primary key until that one commits (then `false`) or rolls back.
+///
+/// # Errors
+/// The database error.
+pub async fn record_in_inbox(
+    conn: &mut PgConnection,
+    message: &Message,
+) -> Result<bool, sqlx::Error> {
+    let result = match message.kind {
+        Kind::Event => {
+            sqlx::query(
+                "INSERT INTO events (message_id, type, actor, target, occurred_at, data)
+                 VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (message_id) DO NOTHING",
+            )
+            .bind(&message.id)
+            .bind(&message.message_type)
+            .bind(&message.actor)
+            .bind(&message.target)
+            .bind(message.time)
+            .bind(sqlx::types::Json(&message.data))
+            .execute(conn)
+            .await?
+        }
+        Kind::Command => {
+            sqlx::query(
+                "INSERT INTO commands (message_id, type, device_id, data)
+                 VALUES ($1, $2, $3, $4) ON CONFLICT (message_id) DO NOTHING",
+            )
+            .bind(&message.id)
+            .bind(&message.message_type)
+            .bind(message.data.get("device_id").and_then(|v| v.as_str()))
+            .bind(sqlx::types::Json(&message.data))
+            .execute(conn)
+            .await?
+        }
+    };
+    Ok(result.rows_affected() == 1)
+}
+
+/// `"name"`, with inner quotes doubled.
+fn quote_identifier(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}

@@ -1,0 +1,402 @@
+//! The broker layout (SPEC §3): read from `topology/topology.toml`, checked
+//! for lossy or contradictory setups, and declared idempotently at start-up.
+
+use std::path::Path;
+use std::time::Duration;
+
+use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::types::{AMQPValue, FieldTable, LongString};
+use lapin::{Channel, ExchangeKind};
+use serde::Deserialize;
+
+/// Type of the main queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QueueType {
+    Classic,
+    Quorum,
+}
+
+/// One delayed-retry stage: messages wait in `Q.retry.<name>` for `delay`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RetryDelay {
+    /// As written in the file (`50ms`, `1s`, `5m`): the queue name suffix.
+    pub name: String,
+    pub delay: Duration,
+}
+
+/// An exchange binding that routes into the main queue.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Binding {
+    pub exchange: String,
+    pub routing_key: String,
+}
+
+/// The checked contents of the topology file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Topology {
+    pub queue_type: QueueType,
+    /// Deliveries of one message before it is parked as a crash loop
+    /// (`x-delivery-limit` on quorum queues).
+    pub delivery_limit: u32,
+    pub retry_delays: Vec<RetryDelay>,
+    /// Deliveries in total (first try plus delayed retries) before parking.
+    pub max_attempts: u32,
+    pub bindings: Vec<Binding>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct File {
+    queue_type: QueueType,
+    delivery_limit: u32,
+    retry: RetryFile,
+    #[serde(default)]
+    bindings: Vec<Binding>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RetryFile {
+    delays: Vec<String>,
+    max_attempts: u32,
+}
+
+/// A topology that cannot be used, or a broker that refuses it.
+#[derive(Debug, thiserror::Error)]
+pub enum TopologyError {
+    #[error("cannot read topology file TOPOLOGY_FILE={path:?}: {reason}")]
+    File { path: String, reason: String },
+    #[error("topology file {path:?}: {problem}")]
+    Invalid { path: String, problem: String },
+    #[error(
+        "queue '{queue}' already exists with other arguments: {detail}. The worker declares \
+         {argument} = {wanted}. To fix it, move its messages elsewhere and delete the queue \
+         (rabbitmqctl delete_queue '{queue}') so the worker can declare it, or change the \
+         topology file to match the existing queue"
+    )]
+    Conflict {
+        queue: String,
+        argument: String,
+        wanted: String,
+        detail: String,
+    },
+    #[error("declaring {object} failed: {source}")]
+    Broker {
+        object: String,
+        #[source]
+        source: lapin::Error,
+    },
+}
+
+impl Topology {
+    /// Reads and checks a topology file.
+    ///
+    /// # Errors
+    /// [`TopologyError::File`] or [`TopologyError::Invalid`].
+    pub fn load(path: &Path) -> Result<Topology, TopologyError> {
+        let text = std::fs::read_to_string(path).map_err(|e| TopologyError::File {
+            path: path.display().to_string(),
+            reason: e.to_string(),
+        })?;
+        Topology::parse(&text).map_err(|problem| TopologyError::Invalid {
+            path: path.display().to_string(),
+            problem,
+        })
+    }
+
+    /// Parses and checks topology TOML.
+    ///
+    /// # Errors
+    /// A sentence naming the field and what is allowed.
+    pub fn parse(text: &str) -> Result<Topology, String> {
+        let file: File = toml::from_str(text).map_err(|e| e.to_string())?;
+        if file.retry.delays.is_empty() {
+            return Err(
+                "retry.delays must list at least one delay, such as [\"1s\", \"30s\", \"5m\"]"
+                    .into(),
+            );
+        }
+        let mut retry_delays = Vec::with_capacity(file.retry.delays.len());
+        for name in file.retry.delays {
+            let delay = parse_delay(&name)?;
+            if let Some(previous) = retry_delays.last().map(|d: &RetryDelay| d.delay)
+                && delay < previous
+            {
+                return Err(format!(
+                    "retry.delays must not decrease: {name:?} comes after a longer delay"
+                ));
+            }
+            retry_delays.push(RetryDelay { name, delay });
+        }
+        if !(1..=100).contains(&file.retry.max_attempts) {
+            return Err(format!(
+                "retry.max_attempts = {} (allowed: 1 to 100)",
+                file.retry.max_attempts
+            ));
+        }
+        if !(1..=100).contains(&file.delivery_limit) {
+            return Err(format!(
+                "delivery_limit = {} (allowed: 1 to 100)",
+                file.delivery_limit
+            ));
+        }
+        for binding in &file.bindings {
+            if binding.exchange.is_empty() {
+                return Err(
+                    "bindings: the default exchange \"\" cannot be bound; name an exchange".into(),
+                );
+            }
+        }
+        Ok(Topology {
+            queue_type: file.queue_type,
+            delivery_limit: file.delivery_limit,
+            retry_delays,
+            max_attempts: file.retry.max_attempts,
+            bindings: file.bindings,
+        })
+    }
+
+    /// Declares the main queue, every retry queue, the DLQ and the bindings.
+    /// Declaring is idempotent; a queue that exists with other arguments is
+    /// a [`TopologyError::Conflict`], never a bare channel error.
+    ///
+    /// The channel is closed by the broker after a conflict: open a new one.
+    ///
+    /// # Errors
+    /// [`TopologyError::Conflict`] or [`TopologyError::Broker`].
+    pub async fn declare(&self, channel: &Channel, queue: &str) -> Result<(), TopologyError> {
+        let dlq = dlq_name(queue);
+        let mut main = vec![
+            ("x-dead-letter-exchange", Arg::Str(String::new())),
+            ("x-dead-letter-routing-key", Arg::Str(dlq.clone())),
+        ];
+        if self.queue_type == QueueType::Quorum {
+            main.push(("x-queue-type", Arg::Str("quorum".into())));
+            main.push((
+                "x-delivery-limit",
+                Arg::Long(i64::from(self.delivery_limit)),
+            ));
+        }
+        declare_queue(channel, queue, &main).await?;
+        for retry in &self.retry_delays {
+            let ttl = i64::try_from(retry.delay.as_millis()).unwrap_or(i64::MAX);
+            let args = [
+                ("x-message-ttl", Arg::Long(ttl)),
+                ("x-dead-letter-exchange", Arg::Str(String::new())),
+                ("x-dead-letter-routing-key", Arg::Str(queue.to_owned())),
+            ];
+            declare_queue(channel, &retry_queue_name(queue, &retry.name), &args).await?;
+        }
+        declare_queue(channel, &dlq, &[]).await?;
+        for binding in &self.bindings {
+            if !binding.exchange.starts_with("amq.") {
+                channel
+                    .exchange_declare(
+                        binding.exchange.as_str().into(),
+                        ExchangeKind::Topic,
+                        ExchangeDeclareOptions {
+                            durable: true,
+                            ..ExchangeDeclareOptions::default()
+                        },
+                        FieldTable::default(),
+                    )
+                    .await
+                    .map_err(|source| TopologyError::Broker {
+                        object: format!("exchange '{}'", binding.exchange),
+                        source,
+                    })?;
+            }
+            channel
+                .queue_bind(
+                    queue.into(),
+                    binding.exchange.as_str().into(),
+                    binding.routing_key.as_str().into(),
+                    QueueBindOptions::default(),
+                    FieldTable::default(),
+                )
+                .await
+                .map_err(|source| TopologyError::Broker {
+                    object: format!(
+                        "binding {} '{}' -> '{queue}'",
+                        binding.exchange, binding.routing_key
+                    ),
+                    source,
+                })?;
+        }
+        Ok(())
+    }
+
+    /// The retry queue for delayed retry `n` (1-based): the `n`-th delay,
+    /// the last one repeating.
+    pub fn retry_delay(&self, n: u32) -> &RetryDelay {
+        let index = usize::try_from(n.saturating_sub(1)).unwrap_or(usize::MAX);
+        // `parse` guarantees at least one delay.
+        &self.retry_delays[index.min(self.retry_delays.len() - 1)]
+    }
+}
+
+/// `Q.dlq`: the parking lot.
+pub fn dlq_name(queue: &str) -> String {
+    format!("{queue}.dlq")
+}
+
+/// `Q.retry.<delay>`.
+pub fn retry_queue_name(queue: &str, delay_name: &str) -> String {
+    format!("{queue}.retry.{delay_name}")
+}
+
+/// Parses `250ms`, `1s`, `5m` or `1h`: from 1 ms to 24 h.
+///
+/// # Errors
+/// A sentence naming the value and the accepted forms.
+pub fn parse_delay(text: &str) -> Result<Duration, String> {
+    let digits = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(digits);
+    let bad = || {
+        format!(
+            "retry delay {text:?} (allowed: a whole number with ms, s, m or h, from 1ms to 24h)"
+        )
+    };
+    let n: u64 = number.parse().map_err(|_| bad())?;
+    let delay = match unit {
+        "ms" => Duration::from_millis(n),
+        "s" => Duration::from_secs(n),
+        "m" => Duration::from_secs(n.saturating_mul(60)),
+        "h" => Duration::from_secs(n.saturating_mul(3600)),
+        _ => return Err(bad()),
+    };
+    if delay < Duration::from_millis(1) || delay > Duration::from_secs(86_400) {
+        return Err(bad());
+    }
+    Ok(delay)
+}
+
+enum Arg {
+    Str(String),
+    Long(i64),
+}
+
+impl Arg {
+    fn shown(&self) -> String {
+        match self {
+            Arg::Str(s) => format!("'{s}'"),
+            Arg::Long(n) => n.to_string(),
+        }
+    }
+}
+
+async fn declare_queue(
+    channel: &Channel,
+    queue: &str,
+    args: &[(&str, Arg)],
+) -> Result<(), TopologyError> {
+    let mut table = FieldTable::default();
+    for (key, value) in args {
+        let value = match value {
+            Arg::Str(s) => AMQPValue::LongString(LongString::from(s.as_str())),
+            Arg::Long(n) => AMQPValue::LongLongInt(*n),
+        };
+        table.insert((*key).into(), value);
+    }
+    let options = QueueDeclareOptions {
+        durable: true,
+        ..QueueDeclareOptions::default()
+    };
+    match channel.queue_declare(queue.into(), options, table).await {
+        Ok(_) => Ok(()),
+        Err(source) => Err(conflict(queue, args, &source.to_string()).unwrap_or(
+            TopologyError::Broker {
+                object: format!("queue '{queue}'"),
+                source,
+            },
+        )),
+    }
+}
+
+/// Turns RabbitMQ's `PRECONDITION_FAILED - inequivalent arg 'X' for queue
+/// 'Q' in vhost '/': received … but current is …` into a [`TopologyError::Conflict`].
+fn conflict(queue: &str, args: &[(&str, Arg)], text: &str) -> Option<TopologyError> {
+    let start = text.find("inequivalent arg '")? + "inequivalent arg '".len();
+    let argument = &text[start..][..text[start..].find('\'')?];
+    let detail = text[start..]
+        .split_once("': ")
+        .map_or(text, |(_, rest)| rest);
+    let wanted = match argument {
+        "durable" => "true".to_owned(),
+        _ => args
+            .iter()
+            .find(|(key, _)| *key == argument)
+            .map_or_else(|| "nothing (not set)".to_owned(), |(_, v)| v.shown()),
+    };
+    Some(TopologyError::Conflict {
+        queue: queue.to_owned(),
+        argument: argument.to_owned(),
+        wanted,
+        detail: format!("{argument}: {}", detail.trim_end_matches(['"', ')'])),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+        queue_type = "quorum"
+        delivery_limit = 5
+        [retry]
+        delays = ["50ms", "1s", "5m"]
+        max_attempts = 4
+        [[bindings]]
+        exchange = "amq.topic"
+        routing_key = "iot.#"
+    "#;
+
+    #[test]
+    fn parses_the_file() {
+        let t = Topology::parse(GOOD).unwrap();
+        assert_eq!(t.queue_type, QueueType::Quorum);
+        assert_eq!(t.max_attempts, 4);
+        assert_eq!(t.retry_delays[0].delay, Duration::from_millis(50));
+        assert_eq!(t.retry_delays[2].delay, Duration::from_secs(300));
+        assert_eq!(t.bindings[0].routing_key, "iot.#");
+        assert_eq!(t.retry_delay(1).name, "50ms");
+        assert_eq!(t.retry_delay(3).name, "5m");
+        assert_eq!(t.retry_delay(9).name, "5m");
+    }
+
+    #[test]
+    fn refuses_bad_topologies() {
+        for (from, to) in [
+            (r#"["50ms", "1s", "5m"]"#, "[]"),
+            (r#"["50ms", "1s", "5m"]"#, r#"["1s", "50ms"]"#),
+            (r#"["50ms", "1s", "5m"]"#, r#"["5 s"]"#),
+            (r#"["50ms", "1s", "5m"]"#, r#"["0ms"]"#),
+            (r#"["50ms", "1s", "5m"]"#, r#"["2d"]"#),
+            ("max_attempts = 4", "max_attempts = 0"),
+            ("delivery_limit = 5", "delivery_limit = 0"),
+            (r#""quorum""#, r#""stream""#),
+            (r#""amq.topic""#, r#""""#),
+            ("max_attempts = 4", "max_attempts = 4\nmax_length = 10"),
+        ] {
+            let text = GOOD.replace(from, to);
+            assert!(Topology::parse(&text).is_err(), "accepted {to}");
+        }
+    }
+
+    #[test]
+    fn explains_conflicts() {
+        let args = [("x-dead-letter-routing-key", Arg::Str("q.dlq".into()))];
+        let text = "ProtocolError: PRECONDITION_FAILED - inequivalent arg 'x-dead-letter-routing-key' for queue 'q' \
+                    in vhost '/': received the value 'q.dlq' of type 'longstr' but current is none";
+        let err = conflict("q", &args, text).unwrap().to_string();
+        assert!(err.contains("queue 'q'"), "{err}");
+        assert!(err.contains("x-dead-letter-routing-key = 'q.dlq'"), "{err}");
+        assert!(err.contains("but current is none"), "{err}");
+        assert!(err.contains("delete the queue"), "{err}");
+        assert!(conflict("q", &args, "connection reset").is_none());
+    }
+}

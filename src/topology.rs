@@ -327,6 +327,9 @@ fn conflict(queue: &str, args: &[(&str, Arg)], text: &str) -> Option<TopologyErr
         .map_or(text, |(_, rest)| rest);
     let wanted = match argument {
         "durable" => "true".to_owned(),
+        "x-queue-type" if args.iter().all(|(key, _)| *key != "x-queue-type") => {
+            "nothing (a classic queue)".to_owned()
+        }
         _ => args
             .iter()
             .find(|(key, _)| *key == argument)

@@ -1,0 +1,420 @@
+//! Shared test harness: every test gets its own queue names (random
+//! suffix), its own database, and helpers that wait on conditions with a
+//! deadline instead of sleeping.
+#![allow(dead_code)] // each test binary uses a different part of it
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use lapin::message::BasicGetMessage;
+use lapin::options::{BasicAckOptions, BasicGetOptions, QueueDeclareOptions, QueueDeleteOptions};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Connection};
+use sqlx::postgres::PgPoolOptions;
+use sqlx::{Connection as _, PgConnection, PgPool};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use worker_iot_core::broker::{self, Publisher};
+use worker_iot_core::config::Settings;
+use worker_iot_core::topology::Topology;
+use worker_iot_core::worker::{self, WorkerError};
+
+/// A topology with millisecond retries so retry paths run in seconds.
+/// `{queue}` is replaced by the test's queue name, so bindings stay private.
+pub const FAST_TOPOLOGY: &str = r#"
+queue_type = "classic"
+delivery_limit = 3
+[retry]
+delays = ["50ms", "100ms"]
+max_attempts = 3
+[[bindings]]
+exchange = "amq.topic"
+routing_key = "{queue}.#"
+"#;
+
+pub fn amqp_url() -> String {
+    std::env::var("AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+}
+
+/// The server to create test databases on (any database on it).
+pub fn server_url() -> String {
+    std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+}
+
+/// `url` with its database name replaced by `name`.
+pub fn with_database(url: &str, name: &str) -> String {
+    let (base, query) = url
+        .split_once('?')
+        .map_or((url, None), |(b, q)| (b, Some(q)));
+    let slash = base.rfind('/').expect("database URL has a path");
+    let mut out = format!("{}/{name}", &base[..slash]);
+    if let Some(query) = query {
+        out.push('?');
+        out.push_str(query);
+    }
+    out
+}
+
+/// Waits until `check` returns `Some`, polling, or panics after `timeout`
+/// naming `what`.
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// One test's private queues and database.
+pub struct TestEnv {
+    pub queue: String,
+    pub database: String,
+    pub database_url: String,
+    pub pool: PgPool,
+    pub connection: Connection,
+    pub publisher: Publisher,
+    pub dir: PathBuf,
+    pub topology_file: PathBuf,
+}
+
+impl TestEnv {
+    /// Creates the database (migrated), writes the topology file and
+    /// declares it, so messages can be published before a worker starts.
+    pub async fn new(topology: &str) -> TestEnv {
+        let env = TestEnv::undeclared(topology).await;
+        let channel = env.connection.create_channel().await.expect("channel");
+        let parsed =
+            Topology::parse(&topology.replace("{queue}", &env.queue)).expect("valid test topology");
+        parsed
+            .declare(&channel, &env.queue)
+            .await
+            .expect("declare test topology");
+        channel.close(200, "".into()).await.ok();
+        env
+    }
+
+    /// Like [`TestEnv::new`], but leaves declaring the queues to the worker.
+    pub async fn undeclared(topology: &str) -> TestEnv {
+        let suffix = format!("{:016x}", rand::random::<u64>());
+        let queue = format!("wic_test_{suffix}");
+        let database = format!("wic_test_{suffix}");
+        let database_url = with_database(&server_url(), &database);
+        worker_iot_core::store::create_database(&database_url)
+            .await
+            .expect("create test database");
+        let pool = PgPoolOptions::new()
+            .max_connections(4)
+            .connect(&database_url)
+            .await
+            .expect("connect test database");
+        worker_iot_core::store::migrate(&pool)
+            .await
+            .expect("migrate test database");
+        let connection = broker::connect(&amqp_url(), "test")
+            .await
+            .expect("connect to RabbitMQ");
+        let publisher = Publisher::open(&connection).await.expect("open publisher");
+        let dir = std::env::temp_dir().join(&queue);
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let topology_file = dir.join("topology.toml");
+        std::fs::write(&topology_file, topology.replace("{queue}", &queue))
+            .expect("write topology");
+        TestEnv {
+            queue,
+            database,
+            database_url,
+            pool,
+            connection,
+            publisher,
+            dir,
+            topology_file,
+        }
+    }
+
+    /// The queue names the worker declares for this test.
+    pub fn dlq(&self) -> String {
+        format!("{}.dlq", self.queue)
+    }
+
+    /// The environment a new user would set, as key/value pairs.
+    pub fn env_vars(&self, extra: &[(&str, &str)]) -> BTreeMap<String, String> {
+        let mut env: BTreeMap<String, String> = [
+            ("AMQP_URL", amqp_url()),
+            ("DATABASE_URL", self.database_url.clone()),
+            ("RABBITMQ_LOCAL_QUEUE_NAME", self.queue.clone()),
+            ("TOPOLOGY_FILE", self.topology_file.display().to_string()),
+            ("METRICS_ADDR", "127.0.0.1:0".into()),
+            ("DATABASE_MAX_CONNECTIONS", "8".into()),
+            ("RABBITMQ_PREFETCH_COUNT", "16".into()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect();
+        for (k, v) in extra {
+            env.insert((*k).to_owned(), (*v).to_owned());
+        }
+        env
+    }
+
+    pub fn settings(&self, extra: &[(&str, &str)]) -> Settings {
+        let env = self.env_vars(extra);
+        Settings::from_sources(None, |k| env.get(k).cloned())
+            .expect("valid test settings")
+            .0
+    }
+
+    /// Runs the worker in this process until the returned token is cancelled.
+    pub fn spawn_worker(&self, extra: &[(&str, &str)]) -> RunningWorker {
+        let shutdown = CancellationToken::new();
+        let handle = tokio::spawn(worker::run(self.settings(extra), shutdown.clone()));
+        RunningWorker { shutdown, handle }
+    }
+
+    /// Publishes to `Q` through the default exchange, confirmed.
+    pub async fn publish(&self, body: &[u8], properties: BasicProperties) {
+        self.publish_to(&self.queue, body, properties).await;
+    }
+
+    pub async fn publish_to(&self, queue: &str, body: &[u8], properties: BasicProperties) {
+        self.publisher
+            .publish("", queue, body, properties)
+            .await
+            .expect("publish");
+    }
+
+    /// Ready messages in `queue` (a passive declare, on its own channel).
+    pub async fn queue_len(&self, queue: &str) -> u32 {
+        let channel = self.connection.create_channel().await.expect("channel");
+        let options = QueueDeclareOptions {
+            passive: true,
+            ..QueueDeclareOptions::default()
+        };
+        let q = channel
+            .queue_declare(queue.into(), options, FieldTable::default())
+            .await
+            .unwrap_or_else(|e| panic!("queue {queue} should exist: {e}"));
+        channel.close(200, "".into()).await.ok();
+        q.message_count()
+    }
+
+    /// Consumers on `queue`.
+    pub async fn consumers(&self, queue: &str) -> Option<u32> {
+        let channel = self.connection.create_channel().await.ok()?;
+        let options = QueueDeclareOptions {
+            passive: true,
+            ..QueueDeclareOptions::default()
+        };
+        let q = channel
+            .queue_declare(queue.into(), options, FieldTable::default())
+            .await
+            .ok()?;
+        channel.close(200, "".into()).await.ok();
+        Some(q.consumer_count())
+    }
+
+    /// Takes every message from `queue` (acking them), in order.
+    pub async fn drain(&self, queue: &str) -> Vec<BasicGetMessage> {
+        let channel = self.connection.create_channel().await.expect("channel");
+        let mut out = Vec::new();
+        while let Some(message) = channel
+            .basic_get(queue.into(), BasicGetOptions::default())
+            .await
+            .expect("basic_get")
+        {
+            message
+                .delivery
+                .acker
+                .ack(BasicAckOptions::default())
+                .await
+                .expect("ack");
+            out.push(message);
+        }
+        channel.close(200, "".into()).await.ok();
+        out
+    }
+
+    /// `SELECT count(*)` of one table.
+    pub async fn count(&self, table: &str) -> i64 {
+        let sql = format!("SELECT count(*) FROM {table}");
+        sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+            .fetch_one(&self.pool)
+            .await
+            .expect("count")
+    }
+
+    /// Waits until `table` holds `expected` rows.
+    pub async fn wait_for_rows(&self, table: &str, expected: i64, timeout: Duration) {
+        wait_for(&format!("{expected} rows in {table}"), timeout, || async {
+            (self.count(table).await == expected).then_some(())
+        })
+        .await;
+    }
+
+    /// Waits until `queue` holds `expected` ready messages.
+    pub async fn wait_for_queue_len(&self, queue: &str, expected: u32, timeout: Duration) {
+        wait_for(
+            &format!("{expected} messages in {queue}"),
+            timeout,
+            || async { (self.queue_len(queue).await == expected).then_some(()) },
+        )
+        .await;
+    }
+
+    /// Deletes the test's queues and database.
+    pub async fn cleanup(self) {
+        let channel = self.connection.create_channel().await.expect("channel");
+        for suffix in [
+            "",
+            ".dlq",
+            ".retry.50ms",
+            ".retry.100ms",
+            ".retry.1s",
+            ".retry.30s",
+            ".retry.5m",
+        ] {
+            let name = format!("{}{suffix}", self.queue);
+            channel
+                .queue_delete(name.as_str().into(), QueueDeleteOptions::default())
+                .await
+                .ok();
+        }
+        self.connection.close(200, "".into()).await.ok();
+        self.pool.close().await;
+        let mut admin = PgConnection::connect(&server_url())
+            .await
+            .expect("admin connection");
+        let sql = format!("DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)", self.database);
+        sqlx::query(sqlx::AssertSqlSafe(sql))
+            .execute(&mut admin)
+            .await
+            .expect("drop test database");
+        std::fs::remove_dir_all(&self.dir).ok();
+    }
+}
+
+/// A worker running in this process.
+pub struct RunningWorker {
+    pub shutdown: CancellationToken,
+    pub handle: JoinHandle<Result<(), WorkerError>>,
+}
+
+impl RunningWorker {
+    /// Waits until the worker consumes `queue`.
+    pub async fn wait_ready(&self, env: &TestEnv) {
+        wait_for("the worker to consume", Duration::from_secs(30), || async {
+            assert!(!self.handle.is_finished(), "worker stopped during start-up");
+            (env.consumers(&env.queue).await.unwrap_or(0) > 0).then_some(())
+        })
+        .await;
+    }
+
+    /// Requests a graceful stop and waits for it.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        let result = tokio::time::timeout(Duration::from_secs(30), self.handle)
+            .await
+            .expect("worker stops within 30 s")
+            .expect("worker task did not panic");
+        result.expect("worker ran without error");
+    }
+}
+
+/// A worker binary started as a user would: settings file plus environment,
+/// output captured to files in the test's directory.
+pub struct WorkerProcess {
+    pub child: tokio::process::Child,
+    pub stdout: PathBuf,
+    pub stderr: PathBuf,
+}
+
+impl TestEnv {
+    /// Starts `bin` (e.g. `env!("CARGO_BIN_EXE_worker-iot-core")`) with a
+    /// settings file holding `settings` (JSON) and the test's environment.
+    pub fn spawn_binary(
+        &self,
+        bin: &str,
+        settings: &str,
+        extra: &[(&str, &str)],
+        tag: &str,
+    ) -> WorkerProcess {
+        let settings_file = self.dir.join(format!("settings-{tag}.json"));
+        std::fs::write(&settings_file, settings).expect("write settings");
+        let stdout = self.dir.join(format!("{tag}.out"));
+        let stderr = self.dir.join(format!("{tag}.err"));
+        let mut env = self.env_vars(extra);
+        // The queue name comes from the settings file, as in production.
+        env.remove("RABBITMQ_LOCAL_QUEUE_NAME");
+        env.insert("SETTINGS_FILE".into(), settings_file.display().to_string());
+        env.entry("RUST_LOG".into())
+            .or_insert_with(|| "warn".into());
+        let child = tokio::process::Command::new(bin)
+            .envs(env)
+            .stdout(std::fs::File::create(&stdout).expect("stdout file"))
+            .stderr(std::fs::File::create(&stderr).expect("stderr file"))
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn worker binary");
+        WorkerProcess {
+            child,
+            stdout,
+            stderr,
+        }
+    }
+
+    /// The settings file a user would write for this test's queue.
+    pub fn settings_json(&self) -> String {
+        serde_json::json!({
+            "RABBITMQ_LOCAL_QUEUE_NAME": self.queue,
+            "RABBITMQ_PREFETCH_COUNT": 16,
+            "EVENTS_TO_OMIT": "",
+            "SHUTDOWN_GRACE_MS": 5000,
+        })
+        .to_string()
+    }
+}
+
+impl WorkerProcess {
+    /// Waits for the process to exit, at most `timeout`.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        tokio::time::timeout(timeout, self.child.wait())
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "worker did not exit within {timeout:?}; stderr: {}",
+                    self.stderr_text()
+                )
+            })
+            .expect("wait for worker")
+    }
+
+    /// Sends a signal by name (TERM, KILL, INT) with `kill`.
+    pub fn signal(&self, signal: &str) {
+        let pid = self.child.id().expect("worker is running");
+        let status = std::process::Command::new("kill")
+            .args([format!("-{signal}"), pid.to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -{signal} {pid}");
+    }
+
+    pub fn stdout_text(&self) -> String {
+        std::fs::read_to_string(&self.stdout).unwrap_or_default()
+    }
+
+    pub fn stderr_text(&self) -> String {
+        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+}

@@ -1,0 +1,256 @@
+//! The worker binary as a new user starts it: settings file plus
+//! environment, topology declared for both queue types, clear refusals,
+//! and a graceful SIGTERM that loses nothing.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{FAST_TOPOLOGY, TestEnv, wait_for};
+use lapin::BasicProperties;
+use lapin::options::QueueDeclareOptions;
+use lapin::types::{AMQPValue, FieldTable, LongString};
+use serde_json::json;
+
+const WORKER: &str = env!("CARGO_BIN_EXE_worker-iot-core");
+
+fn table(args: &[(&str, AMQPValue)]) -> FieldTable {
+    let mut t = FieldTable::default();
+    for (k, v) in args {
+        t.insert((*k).into(), v.clone());
+    }
+    t
+}
+
+fn text(s: &str) -> AMQPValue {
+    AMQPValue::LongString(LongString::from(s))
+}
+
+/// Declaring with `args` succeeds only if the queue has exactly these
+/// (RabbitMQ compares them): a check on the broker's own state.
+async fn declared_with(env: &TestEnv, queue: &str, args: FieldTable) -> Result<(), lapin::Error> {
+    let channel = env.connection.create_channel().await.expect("channel");
+    let options = QueueDeclareOptions {
+        durable: true,
+        ..QueueDeclareOptions::default()
+    };
+    let result = channel
+        .queue_declare(queue.into(), options, args)
+        .await
+        .map(|_| ());
+    channel.close(200, "".into()).await.ok();
+    result
+}
+
+async fn wait_consuming(env: &TestEnv, worker: &mut common::WorkerProcess) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while env.consumers(&env.queue).await.unwrap_or(0) == 0 {
+        if let Ok(Some(status)) = worker.child.try_wait() {
+            panic!("worker exited with {status}: {}", worker.stderr_text());
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the worker binary did not start consuming"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+async fn declares_the_whole_topology(queue_type: &str) {
+    let topology = FAST_TOPOLOGY.replace(
+        "queue_type = \"classic\"",
+        &format!("queue_type = \"{queue_type}\""),
+    );
+    let env = TestEnv::undeclared(&topology).await;
+    let mut worker = env.spawn_binary(
+        WORKER,
+        &env.settings_json(),
+        &[("RUST_LOG", "info")],
+        "start",
+    );
+    wait_consuming(&env, &mut worker).await;
+
+    let q = env.queue.as_str();
+    let mut main = vec![
+        ("x-dead-letter-exchange", text("")),
+        ("x-dead-letter-routing-key", text(&env.dlq())),
+    ];
+    if queue_type == "quorum" {
+        main.push(("x-queue-type", text("quorum")));
+        main.push(("x-delivery-limit", AMQPValue::LongLongInt(3)));
+    }
+    declared_with(&env, q, table(&main))
+        .await
+        .expect("main queue has the spec's arguments");
+    for (suffix, ttl) in [("50ms", 50), ("100ms", 100)] {
+        let args = table(&[
+            ("x-message-ttl", AMQPValue::LongLongInt(ttl)),
+            ("x-dead-letter-exchange", text("")),
+            ("x-dead-letter-routing-key", text(q)),
+        ]);
+        declared_with(&env, &format!("{q}.retry.{suffix}"), args)
+            .await
+            .expect("retry queue arguments");
+    }
+    declared_with(&env, &env.dlq(), FieldTable::default())
+        .await
+        .expect("DLQ has no TTL and no limit");
+    // The check can fail: a wrong TTL on a retry queue is refused.
+    let wrong = table(&[
+        ("x-message-ttl", AMQPValue::LongLongInt(999)),
+        ("x-dead-letter-exchange", text("")),
+        ("x-dead-letter-routing-key", text(q)),
+    ]);
+    assert!(
+        declared_with(&env, &format!("{q}.retry.50ms"), wrong)
+            .await
+            .is_err()
+    );
+
+    // The binding from the topology file routes into Q.
+    let connection = &env.connection;
+    let channel = connection.create_channel().await.unwrap();
+    channel.confirm_select(Default::default()).await.unwrap();
+    let body =
+        json!({"type": "DEVICE_UP", "id": "via-topic", "data": {"device_id": "t1"}}).to_string();
+    channel
+        .basic_publish(
+            "amq.topic".into(),
+            format!("{q}.devices").as_str().into(),
+            Default::default(),
+            body.as_bytes(),
+            BasicProperties::default(),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    env.wait_for_rows("devices WHERE device_id = 't1'", 1, Duration::from_secs(30))
+        .await;
+
+    worker.signal("TERM");
+    assert!(worker.wait_exit(Duration::from_secs(20)).await.success());
+    let out = worker.stdout_text();
+    assert!(out.contains(r"|_|\___/ \__|"), "banner printed: {out}");
+    assert!(
+        out.contains(&format!("RABBITMQ_LOCAL_QUEUE_NAME  = {q}")),
+        "configuration printed: {out}"
+    );
+    assert!(out.contains("guest:****@"), "AMQP password masked: {out}");
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_declares_every_queue_for_a_classic_main_queue() {
+    declares_the_whole_topology("classic").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_declares_every_queue_for_a_quorum_main_queue() {
+    declares_the_whole_topology("quorum").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_conflicting_existing_queue_stops_start_up_with_a_clear_error() {
+    let env = TestEnv::undeclared(FAST_TOPOLOGY).await;
+    // Someone declared Q before, without the dead-letter arguments.
+    declared_with(&env, &env.queue, FieldTable::default())
+        .await
+        .unwrap();
+    let mut worker = env.spawn_binary(WORKER, &env.settings_json(), &[], "conflict");
+    let status = worker.wait_exit(Duration::from_secs(60)).await;
+    assert!(!status.success());
+    let err = worker.stderr_text();
+    assert!(
+        err.contains(&format!(
+            "queue '{}' already exists with other arguments",
+            env.queue
+        )),
+        "{err}"
+    );
+    assert!(err.contains("x-dead-letter-"), "names the argument: {err}");
+    assert!(
+        err.contains("current is none"),
+        "names the existing value: {err}"
+    );
+    assert!(err.contains("delete_queue"), "says what to do: {err}");
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_setting_stops_start_up_naming_key_value_and_allowed() {
+    let env = TestEnv::undeclared(FAST_TOPOLOGY).await;
+    let mut worker = env.spawn_binary(
+        WORKER,
+        r#"{"RABBITMQ_PREFETCH_COUNT": "many"}"#,
+        &[("RABBITMQ_PREFETCH_COUNT", "")],
+        "bad",
+    );
+    // The environment's empty value wins over the file, and is refused.
+    let status = worker.wait_exit(Duration::from_secs(30)).await;
+    assert_eq!(status.code(), Some(2));
+    assert_eq!(
+        worker.stderr_text().trim(),
+        "worker-iot-core: invalid setting RABBITMQ_PREFETCH_COUNT=\"\" (from environment): expected an integer from 1 to 1000"
+    );
+    let mut worker = env.spawn_binary(WORKER, r#"{"SHUTDOWN_GRACE_MS": "soon"}"#, &[], "bad-file");
+    assert_eq!(
+        worker.wait_exit(Duration::from_secs(30)).await.code(),
+        Some(2)
+    );
+    assert!(
+        worker
+            .stderr_text()
+            .contains("SHUTDOWN_GRACE_MS=\"soon\" (from settings file)")
+    );
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_during_a_burst_exits_zero_and_nothing_is_lost() {
+    const N: i64 = 3000;
+    let env = TestEnv::new(FAST_TOPOLOGY).await;
+    for i in 0..N {
+        let body = json!({"type": "MEASUREMENT", "id": format!("burst-{i}"),
+                          "data": {"device_id": "d1", "sensor": "t", "value": i}});
+        env.publish(body.to_string().as_bytes(), BasicProperties::default())
+            .await;
+    }
+    let mut worker = env.spawn_binary(WORKER, &env.settings_json(), &[], "first");
+    wait_for("some messages applied", Duration::from_secs(60), || async {
+        (env.count("measurements").await >= 200).then_some(())
+    })
+    .await;
+    worker.signal("TERM");
+    let status = worker.wait_exit(Duration::from_secs(5 + 10)).await;
+    assert!(
+        status.success(),
+        "exit 0 after SIGTERM: {status}; {}",
+        worker.stderr_text()
+    );
+    let applied_before_restart = env.count("measurements").await;
+    assert!(
+        applied_before_restart < N,
+        "the burst was interrupted ({applied_before_restart} of {N})"
+    );
+
+    let mut worker = env.spawn_binary(WORKER, &env.settings_json(), &[], "second");
+    env.wait_for_rows("measurements", N, Duration::from_secs(120))
+        .await;
+    worker.signal("TERM");
+    assert!(worker.wait_exit(Duration::from_secs(15)).await.success());
+    assert_eq!(env.queue_len(&env.queue).await, 0);
+    assert_eq!(env.queue_len(&env.dlq()).await, 0);
+    assert_eq!(env.count("events").await, N);
+    assert_eq!(
+        env.count("measurements").await,
+        N,
+        "each message applied exactly once"
+    );
+    let distinct: i64 = sqlx::query_scalar("SELECT count(DISTINCT value) FROM measurements")
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+    assert_eq!(distinct, N);
+    env.cleanup().await;
+}

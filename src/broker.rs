@@ -54,9 +54,7 @@ impl Publisher {
     /// The channel error.
     pub async fn open(connection: &Connection) -> Result<Publisher, lapin::Error> {
         let channel = connection.create_channel().await?;
-        channel
-            .confirm_select(ConfirmSelectOptions::default())
-            .await?;
+        channel.confirm_select(ConfirmSelectOptions::default()).await?;
         Ok(Publisher { channel })
     }
 
@@ -83,13 +81,7 @@ impl Publisher {
         let confirm = async {
             let pending = self
                 .channel
-                .basic_publish(
-                    exchange.into(),
-                    routing_key.into(),
-                    options,
-                    body,
-                    properties,
-                )
+                .basic_publish(exchange.into(), routing_key.into(), options, body, properties)
                 .await
                 .map_err(broker)?;
             pending.await.map_err(broker)
@@ -98,9 +90,7 @@ impl Publisher {
             Err(_) => Err(PublishError::Timeout(routing_key.to_owned())),
             Ok(Err(e)) => Err(e),
             Ok(Ok(Confirmation::Ack(None))) => Ok(()),
-            Ok(Ok(Confirmation::Ack(Some(_)))) => {
-                Err(PublishError::Unroutable(routing_key.to_owned()))
-            }
+            Ok(Ok(Confirmation::Ack(Some(_)))) => Err(PublishError::Unroutable(routing_key.to_owned())),
             // NotRequested cannot happen on a confirm-mode channel; treat it
             // as no confirm rather than as success.
             Ok(Ok(Confirmation::Nack(_) | Confirmation::NotRequested)) => {

@@ -144,10 +144,7 @@ impl Layers {
             return Ok(default);
         };
         let allowed = || format!("an integer from {min} to {max}");
-        let n: u64 = text
-            .trim()
-            .parse()
-            .map_err(|_| self.invalid(key, allowed()))?;
+        let n: u64 = text.trim().parse().map_err(|_| self.invalid(key, allowed()))?;
         if !(min..=max).contains(&n) {
             return Err(self.invalid(key, allowed()));
         }
@@ -253,19 +250,14 @@ impl Settings {
                 .chars()
                 .all(|c| c.is_ascii_alphanumeric() || "-._".contains(c))
         {
-            return Err(layers.invalid(
-                "RABBITMQ_HOSTNAME",
-                "a host name (letters, digits, '-', '.', '_')",
-            ));
+            return Err(layers.invalid("RABBITMQ_HOSTNAME", "a host name (letters, digits, '-', '.', '_')"));
         }
 
         let queue = layers.string("RABBITMQ_LOCAL_QUEUE_NAME", "local_iot_core");
         if queue.is_empty()
             || queue.len() > MAX_QUEUE_NAME
             || queue.starts_with("amq.")
-            || !queue
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || "-._:".contains(c))
+            || !queue.chars().all(|c| c.is_ascii_alphanumeric() || "-._:".contains(c))
         {
             return Err(layers.invalid(
                 "RABBITMQ_LOCAL_QUEUE_NAME",
@@ -303,10 +295,7 @@ impl Settings {
             None => format!("amqp://guest:guest@{rabbitmq_hostname}:5672/%2f"),
         };
         if !(amqp_url.starts_with("amqp://") || amqp_url.starts_with("amqps://")) {
-            return Err(layers.invalid(
-                "AMQP_URL",
-                "a URL such as amqp://user:password@host:5672/%2f",
-            ));
+            return Err(layers.invalid("AMQP_URL", "a URL such as amqp://user:password@host:5672/%2f"));
         }
 
         let database_url = layers.get("DATABASE_URL").map(|(url, _)| url.to_owned());
@@ -328,18 +317,8 @@ impl Settings {
             prefetch_count: layers.integer("RABBITMQ_PREFETCH_COUNT", 32, 1, 1000)?,
             events_to_omit,
             topology_file,
-            max_message_bytes: layers.integer(
-                "MAX_MESSAGE_BYTES",
-                262_144,
-                1024,
-                128 * 1024 * 1024,
-            )?,
-            shutdown_grace: Duration::from_millis(layers.integer(
-                "SHUTDOWN_GRACE_MS",
-                10_000,
-                0,
-                600_000,
-            )?),
+            max_message_bytes: layers.integer("MAX_MESSAGE_BYTES", 262_144, 1024, 128 * 1024 * 1024)?,
+            shutdown_grace: Duration::from_millis(layers.integer("SHUTDOWN_GRACE_MS", 10_000, 0, 600_000)?),
             metrics_addr,
             database_max_connections: layers.integer("DATABASE_MAX_CONNECTIONS", 16, 1, 1000)?,
             amqp_url,
@@ -380,26 +359,15 @@ impl fmt::Display for Settings {
             ("EVENTS_TO_OMIT", omit.join(",")),
             ("TOPOLOGY_FILE", self.topology_file.display().to_string()),
             ("MAX_MESSAGE_BYTES", self.max_message_bytes.to_string()),
-            (
-                "SHUTDOWN_GRACE_MS",
-                self.shutdown_grace.as_millis().to_string(),
-            ),
+            ("SHUTDOWN_GRACE_MS", self.shutdown_grace.as_millis().to_string()),
             ("METRICS_ADDR", self.metrics_addr.to_string()),
-            (
-                "DATABASE_MAX_CONNECTIONS",
-                self.database_max_connections.to_string(),
-            ),
+            ("DATABASE_MAX_CONNECTIONS", self.database_max_connections.to_string()),
             ("AMQP_URL", mask_password(&self.amqp_url)),
             (
                 "DATABASE_URL",
-                self.database_url
-                    .as_deref()
-                    .map_or("(not set)".into(), mask_password),
+                self.database_url.as_deref().map_or("(not set)".into(), mask_password),
             ),
-            (
-                "LOG_FORMAT",
-                format!("{:?}", self.log_format).to_lowercase(),
-            ),
+            ("LOG_FORMAT", format!("{:?}", self.log_format).to_lowercase()),
         ];
         for (key, value) in rows {
             writeln!(f, "  {key:<26} = {value}")?;
@@ -419,12 +387,7 @@ pub fn mask_password(url: &str) -> String {
         return url.to_owned();
     };
     match rest[..at].find(':') {
-        Some(colon) => format!(
-            "{}{}:****{}",
-            &url[..scheme_end],
-            &rest[..colon],
-            &rest[at..]
-        ),
+        Some(colon) => format!("{}{}:****{}", &url[..scheme_end], &rest[..colon], &rest[at..]),
         None => url.to_owned(),
     }
 }
@@ -434,14 +397,8 @@ mod tests {
     use super::*;
 
     fn load(file: Option<&str>, env: &[(&str, &str)]) -> Result<Settings, ConfigError> {
-        let env: BTreeMap<String, String> = env
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
-        Settings::from_sources(file.map(|text| ("settings.json", text)), |k| {
-            env.get(k).cloned()
-        })
-        .map(|(s, _)| s)
+        let env: BTreeMap<String, String> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        Settings::from_sources(file.map(|text| ("settings.json", text)), |k| env.get(k).cloned()).map(|(s, _)| s)
     }
 
     fn invalid_key(result: Result<Settings, ConfigError>) -> &'static str {
@@ -476,10 +433,7 @@ mod tests {
         assert_eq!(s.rabbitmq_hostname, "broker");
         assert_eq!(s.amqp_url, "amqp://guest:guest@broker:5672/%2f");
         assert_eq!(
-            s.events_to_omit
-                .iter()
-                .map(String::as_str)
-                .collect::<Vec<_>>(),
+            s.events_to_omit.iter().map(String::as_str).collect::<Vec<_>>(),
             ["A", "B"]
         );
         let s = load(Some(r#"{"RABBITMQ_PREFETCH_COUNT": 7}"#), &[]).unwrap();
@@ -540,22 +494,13 @@ mod tests {
             invalid_key(load(None, &[("EVENTS_TO_OMIT", "DEVICE_UP, lower")])),
             "EVENTS_TO_OMIT"
         );
-        assert_eq!(
-            invalid_key(load(None, &[("METRICS_ADDR", "nowhere")])),
-            "METRICS_ADDR"
-        );
-        assert_eq!(
-            invalid_key(load(None, &[("AMQP_URL", "http://x")])),
-            "AMQP_URL"
-        );
+        assert_eq!(invalid_key(load(None, &[("METRICS_ADDR", "nowhere")])), "METRICS_ADDR");
+        assert_eq!(invalid_key(load(None, &[("AMQP_URL", "http://x")])), "AMQP_URL");
         assert_eq!(
             invalid_key(load(None, &[("DATABASE_URL", "mysql://x")])),
             "DATABASE_URL"
         );
-        assert_eq!(
-            invalid_key(load(None, &[("LOG_FORMAT", "xml")])),
-            "LOG_FORMAT"
-        );
+        assert_eq!(invalid_key(load(None, &[("LOG_FORMAT", "xml")])), "LOG_FORMAT");
         assert_eq!(
             invalid_key(load(Some(r#"{"EVENTS_TO_OMIT": ["A"]}"#), &[])),
             "EVENTS_TO_OMIT"
@@ -573,9 +518,7 @@ mod tests {
 
     #[test]
     fn unknown_file_keys_are_reported_not_fatal() {
-        let (_, warnings) =
-            Settings::from_sources(Some(("f", r#"{"RABBITMQ_PREFETCH_CONUT": 5}"#)), |_| None)
-                .unwrap();
+        let (_, warnings) = Settings::from_sources(Some(("f", r#"{"RABBITMQ_PREFETCH_CONUT": 5}"#)), |_| None).unwrap();
         assert_eq!(warnings.unknown_keys, ["RABBITMQ_PREFETCH_CONUT"]);
     }
 
@@ -585,15 +528,9 @@ mod tests {
             mask_password("amqp://iot:s3cret@rabbitmq:5672/%2f"),
             "amqp://iot:****@rabbitmq:5672/%2f"
         );
-        assert_eq!(
-            mask_password("postgres://postgres@db/x"),
-            "postgres://postgres@db/x"
-        );
+        assert_eq!(mask_password("postgres://postgres@db/x"), "postgres://postgres@db/x");
         let s = load(None, &[("DATABASE_URL", "postgres://u:pw@db/x")]).unwrap();
         let shown = s.to_string();
-        assert!(
-            !shown.contains("pw@") && !shown.contains(":guest@"),
-            "{shown}"
-        );
+        assert!(!shown.contains("pw@") && !shown.contains(":guest@"), "{shown}");
     }
 }

@@ -106,10 +106,7 @@ pub enum DecodeError {
     #[error("field `{0}` is required")]
     Missing(&'static str),
     #[error("field `{field}` {problem}")]
-    Invalid {
-        field: &'static str,
-        problem: String,
-    },
+    Invalid { field: &'static str, problem: String },
 }
 
 /// Decodes one message body.
@@ -142,12 +139,8 @@ pub fn decode(
     };
     let raw = raw.0?;
 
-    let message_type =
-        string_field("type", raw.message_type)?.ok_or(DecodeError::Missing("type"))?;
-    check_type_name(&message_type).map_err(|problem| DecodeError::Invalid {
-        field: "type",
-        problem,
-    })?;
+    let message_type = string_field("type", raw.message_type)?.ok_or(DecodeError::Missing("type"))?;
+    check_type_name(&message_type).map_err(|problem| DecodeError::Invalid { field: "type", problem })?;
     let kind = match string_field("kind", raw.kind)?.as_deref() {
         None | Some("event") => Kind::Event,
         Some("command") => Kind::Command,
@@ -172,10 +165,7 @@ pub fn decode(
     }
     let time = match string_field("time", raw.time)? {
         None => received_at,
-        Some(text) => parse_time(&text).map_err(|problem| DecodeError::Invalid {
-            field: "time",
-            problem,
-        })?,
+        Some(text) => parse_time(&text).map_err(|problem| DecodeError::Invalid { field: "time", problem })?,
     };
     let data = raw.data.ok_or(DecodeError::Missing("data"))?;
 
@@ -389,8 +379,10 @@ mod tests {
 
     #[test]
     fn decodes_a_full_envelope() {
-        let m = dec(r#"{"type":"SET_LED","kind":"command","id":"m1","actor":"svc","target":"d1",
-                "time":"2026-05-01T10:00:00+02:00","data":{"device_id":"d1","state":"on"},"extra":[1]}"#)
+        let m = dec(
+            r#"{"type":"SET_LED","kind":"command","id":"m1","actor":"svc","target":"d1",
+                "time":"2026-05-01T10:00:00+02:00","data":{"device_id":"d1","state":"on"},"extra":[1]}"#,
+        )
         .unwrap();
         assert_eq!(m.id, "m1");
         assert_eq!(m.id_source, IdSource::Envelope);
@@ -415,8 +407,7 @@ mod tests {
         let m = dec(r#"{"type":"A","data":1,"time":"2026-05-01T10:00:00.250"}"#).unwrap();
         assert_eq!(
             m.time,
-            Utc.with_ymd_and_hms(2026, 5, 1, 10, 0, 0).unwrap()
-                + chrono::Duration::milliseconds(250)
+            Utc.with_ymd_and_hms(2026, 5, 1, 10, 0, 0).unwrap() + chrono::Duration::milliseconds(250)
         );
         let m = dec(r#"{"type":"A","data":1,"time":"2026-05-01 10:00:00"}"#).unwrap();
         assert_eq!(m.time, Utc.with_ymd_and_hms(2026, 5, 1, 10, 0, 0).unwrap());
@@ -424,10 +415,7 @@ mod tests {
 
     #[test]
     fn rejects_bad_time() {
-        assert_eq!(
-            problem_field(r#"{"type":"A","data":1,"time":"yesterday"}"#),
-            "time"
-        );
+        assert_eq!(problem_field(r#"{"type":"A","data":1,"time":"yesterday"}"#), "time");
         assert_eq!(problem_field(r#"{"type":"A","data":1,"time":12}"#), "time");
     }
 
@@ -435,29 +423,17 @@ mod tests {
     fn id_falls_back_to_amqp_property_then_body_hash() {
         let body = br#"{"type":"A","data":1}"#;
         let m = decode(body, Some("amqp-1"), now(), MAX).unwrap();
-        assert_eq!(
-            (m.id.as_str(), m.id_source),
-            ("amqp-1", IdSource::AmqpProperty)
-        );
+        assert_eq!((m.id.as_str(), m.id_source), ("amqp-1", IdSource::AmqpProperty));
         let m = decode(body, None, now(), MAX).unwrap();
         assert_eq!(m.id_source, IdSource::BodyHash);
         assert_eq!(m.id, body_hash(body));
         assert_eq!(m.id.len(), 64);
-        assert!(
-            m.id.chars()
-                .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase())
-        );
+        assert!(m.id.chars().all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase()));
         // An empty message_id property is no id.
         let m = decode(body, Some(""), now(), MAX).unwrap();
         assert_eq!(m.id_source, IdSource::BodyHash);
         // The envelope id wins over the property.
-        let m = decode(
-            br#"{"type":"A","data":1,"id":"env"}"#,
-            Some("amqp-1"),
-            now(),
-            MAX,
-        )
-        .unwrap();
+        let m = decode(br#"{"type":"A","data":1,"id":"env"}"#, Some("amqp-1"), now(), MAX).unwrap();
         assert_eq!(m.id, "env");
     }
 
@@ -480,26 +456,16 @@ mod tests {
     #[test]
     fn checks_type_pattern() {
         for bad in [r#""""#, r#""device_up""#, r#""1ABC""#, r#""A-B""#, "7"] {
-            assert_eq!(
-                problem_field(&format!(r#"{{"type":{bad},"data":1}}"#)),
-                "type",
-                "{bad}"
-            );
+            assert_eq!(problem_field(&format!(r#"{{"type":{bad},"data":1}}"#)), "type", "{bad}");
         }
         let longest = format!("A{}", "B".repeat(63));
         assert!(dec(&format!(r#"{{"type":"{longest}","data":1}}"#)).is_ok());
-        assert_eq!(
-            problem_field(&format!(r#"{{"type":"{longest}C","data":1}}"#)),
-            "type"
-        );
+        assert_eq!(problem_field(&format!(r#"{{"type":"{longest}C","data":1}}"#)), "type");
     }
 
     #[test]
     fn checks_kind() {
-        assert_eq!(
-            problem_field(r#"{"type":"A","kind":"query","data":1}"#),
-            "kind"
-        );
+        assert_eq!(problem_field(r#"{"type":"A","kind":"query","data":1}"#), "kind");
         assert_eq!(problem_field(r#"{"type":"A","kind":1,"data":1}"#), "kind");
     }
 
@@ -511,13 +477,7 @@ mod tests {
             problem_field(&format!(r#"{{"type":"A","id":"{long}","data":1}}"#)),
             "id"
         );
-        assert!(
-            dec(&format!(
-                r#"{{"type":"A","id":"{}","data":1}}"#,
-                "é".repeat(128)
-            ))
-            .is_ok()
-        );
+        assert!(dec(&format!(r#"{{"type":"A","id":"{}","data":1}}"#, "é".repeat(128))).is_ok());
         assert_eq!(
             problem_field(&format!(r#"{{"type":"A","actor":"{long}","data":1}}"#)),
             "actor"
@@ -537,10 +497,7 @@ mod tests {
         assert_eq!(dec("  "), Err(DecodeError::Empty));
         assert_eq!(dec(""), Err(DecodeError::Empty));
         assert!(matches!(dec("not json"), Err(DecodeError::Json(_))));
-        assert!(matches!(
-            dec(r#"{"type":"A","data":1"#),
-            Err(DecodeError::Json(_))
-        ));
+        assert!(matches!(dec(r#"{"type":"A","data":1"#), Err(DecodeError::Json(_))));
         assert!(matches!(
             decode(b"{\"type\":\"A\xff\",\"data\":1}", None, now(), MAX),
             Err(DecodeError::Json(_))
@@ -560,18 +517,13 @@ mod tests {
     #[test]
     fn tolerates_a_bom_and_survives_deep_nesting() {
         assert!(decode(b"\xEF\xBB\xBF{\"type\":\"A\",\"data\":1}", None, now(), MAX).is_ok());
-        let deep = format!(
-            r#"{{"type":"A","data":{}{}}}"#,
-            "[".repeat(10_000),
-            "]".repeat(10_000)
-        );
+        let deep = format!(r#"{{"type":"A","data":{}{}}}"#, "[".repeat(10_000), "]".repeat(10_000));
         assert!(matches!(dec(&deep), Err(DecodeError::Json(_))));
     }
 
     #[test]
     fn null_optional_fields_count_as_absent() {
-        let m =
-            dec(r#"{"type":"A","data":1,"id":null,"actor":null,"time":null,"kind":null}"#).unwrap();
+        let m = dec(r#"{"type":"A","data":1,"id":null,"actor":null,"time":null,"kind":null}"#).unwrap();
         assert_eq!(m.kind, Kind::Event);
         assert_eq!(m.actor, None);
         assert_eq!(m.id_source, IdSource::BodyHash);
@@ -579,8 +531,10 @@ mod tests {
 
     #[test]
     fn to_json_round_trips() {
-        let m = dec(r#"{"type":"MEASUREMENT","actor":"a","data":{"v":[1,2.5,"x"]},"time":"2026-05-01T10:00:00.123456789Z"}"#)
-            .unwrap();
+        let m = dec(
+            r#"{"type":"MEASUREMENT","actor":"a","data":{"v":[1,2.5,"x"]},"time":"2026-05-01T10:00:00.123456789Z"}"#,
+        )
+        .unwrap();
         let again = decode(&m.to_json(), None, now(), MAX).unwrap();
         assert_eq!(
             again,

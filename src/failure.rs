@@ -70,14 +70,13 @@ pub enum Failure {
     #[error(transparent)]
     Invalid(#[from] ValidationError),
     #[error("no handler for {kind} type {message_type}")]
-    UnknownType {
-        kind: &'static str,
-        message_type: String,
-    },
+    UnknownType { kind: &'static str, message_type: String },
     #[error("database: {0}")]
     Database(#[from] sqlx::Error),
     #[error("handler panicked: {0}")]
     Panic(String),
+    #[error("delivered {deliveries} times without being settled: the message may crash the worker")]
+    CrashLoop { deliveries: u32 },
 }
 
 /// What happens to a failed delivery.
@@ -96,7 +95,8 @@ impl Failure {
             Failure::Decode(_)
             | Failure::Invalid(_)
             | Failure::UnknownType { .. }
-            | Failure::Panic(_) => false,
+            | Failure::Panic(_)
+            | Failure::CrashLoop { .. } => false,
             Failure::Database(e) => is_transient_database_error(e),
         }
     }
@@ -108,6 +108,7 @@ impl Failure {
             Failure::Invalid(_) => ErrorKind::Validation,
             Failure::UnknownType { .. } => ErrorKind::UnknownType,
             Failure::Panic(_) => ErrorKind::Panic,
+            Failure::CrashLoop { .. } => ErrorKind::CrashLoop,
             Failure::Database(_) if self.is_transient() => ErrorKind::Transient,
             Failure::Database(_) => ErrorKind::Permanent,
         }
@@ -116,23 +117,13 @@ impl Failure {
     /// The fate of a delivery that failed with `self`, after `retries`
     /// delayed retries so far (its `iot-retry-count`).
     pub fn disposition(&self, retries: u32, topology: &Topology) -> Disposition {
-        retry_decision(
-            self.is_transient(),
-            self.kind(),
-            retries,
-            topology.max_attempts,
-        )
+        retry_decision(self.is_transient(), self.kind(), retries, topology.max_attempts)
     }
 }
 
 /// The pure retry policy: permanent failures park at once; transient ones
 /// retry until the delivery that failed was the `max_attempts`-th.
-pub fn retry_decision(
-    transient: bool,
-    kind: ErrorKind,
-    retries: u32,
-    max_attempts: u32,
-) -> Disposition {
+pub fn retry_decision(transient: bool, kind: ErrorKind, retries: u32, max_attempts: u32) -> Disposition {
     if !transient {
         return Disposition::Park { kind };
     }

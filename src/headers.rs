@@ -53,11 +53,7 @@ pub fn with_failure(properties: &BasicProperties, record: &FailureRecord<'_>) ->
     put_long(&mut headers, FIRST_FAILURE_AT, first_failure);
     put_long(&mut headers, LAST_FAILURE_AT, record.now_ms);
     put_str(&mut headers, ERROR_KIND, record.kind.as_str());
-    put_str(
-        &mut headers,
-        ERROR,
-        truncate_bytes(record.error, MAX_ERROR_BYTES),
-    );
+    put_str(&mut headers, ERROR, truncate_bytes(record.error, MAX_ERROR_BYTES));
     put_str(
         &mut headers,
         ERROR_FINGERPRINT,
@@ -108,10 +104,7 @@ pub fn read_string(headers: Option<&FieldTable>, key: &str) -> Option<String> {
 
 /// Sets a string header.
 pub fn put_str(headers: &mut FieldTable, key: &str, value: &str) {
-    headers.insert(
-        ShortString::from(key),
-        AMQPValue::LongString(LongString::from(value)),
-    );
+    headers.insert(ShortString::from(key), AMQPValue::LongString(LongString::from(value)));
 }
 
 /// Sets a long (i64) header.
@@ -216,10 +209,7 @@ mod tests {
         assert_eq!(retry_count(h), 2);
         assert_eq!(read_i64(h, FIRST_FAILURE_AT), Some(1_000));
         assert_eq!(read_string(h, ERROR_KIND).as_deref(), Some("transient"));
-        assert_eq!(
-            read_string(h, ORIGINAL_EXCHANGE).as_deref(),
-            Some("amq.topic")
-        );
+        assert_eq!(read_string(h, ORIGINAL_EXCHANGE).as_deref(), Some("amq.topic"));
         assert_eq!(read_string(h, FAILED_BY).as_deref(), Some("host/0.1.0"));
         assert_eq!(read_string(h, ERROR_FINGERPRINT).map(|f| f.len()), Some(16));
     }
@@ -237,10 +227,7 @@ mod tests {
         let h = second.headers().as_ref();
         assert_eq!(read_i64(h, FIRST_FAILURE_AT), Some(1_000));
         assert_eq!(read_i64(h, LAST_FAILURE_AT), Some(5_000));
-        assert_eq!(
-            read_string(h, ORIGINAL_ROUTING_KEY).as_deref(),
-            Some("iot.x")
-        );
+        assert_eq!(read_string(h, ORIGINAL_ROUTING_KEY).as_deref(), Some("iot.x"));
     }
 
     #[test]
@@ -263,11 +250,7 @@ mod tests {
             "MEASUREMENT",
             "value 99 for device \"sensor 7\" is out of range",
         );
-        let c = fingerprint(
-            ErrorKind::Validation,
-            "MEASUREMENT",
-            "field `unit` must be a string",
-        );
+        let c = fingerprint(ErrorKind::Validation, "MEASUREMENT", "field `unit` must be a string");
         let d = fingerprint(
             ErrorKind::Validation,
             "DEVICE_UP",

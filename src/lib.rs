@@ -9,7 +9,8 @@
 //! * the delivery is acked only after commit, or after its retry or DLQ
 //!   copy (with [`headers`]) is confirmed by the broker; [`failure`] decides
 //!   which;
-//! * [`worker`] runs the consume loop and the graceful shutdown;
+//! * [`worker`] supervises the broker session, runs the consume loop and
+//!   the graceful shutdown; [`metrics`] counts outcomes and serves them;
 //! * [`config`] reads the settings, [`samples`] makes the exploration
 //!   messages of the `publish` tool.
 
@@ -20,6 +21,7 @@ pub mod envelope;
 pub mod failure;
 pub mod handlers;
 pub mod headers;
+pub mod metrics;
 pub mod outbox;
 pub mod pipeline;
 pub mod samples;

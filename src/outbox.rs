@@ -17,14 +17,12 @@ pub async fn enqueue(
     routing_key: &str,
     body: &[u8],
 ) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "INSERT INTO outbox (message_id, exchange, routing_key, body) VALUES ($1, $2, $3, $4)",
-    )
-    .bind(message_id)
-    .bind(DEVICE_EXCHANGE)
-    .bind(routing_key)
-    .bind(body)
-    .execute(conn)
-    .await?;
+    sqlx::query("INSERT INTO outbox (message_id, exchange, routing_key, body) VALUES ($1, $2, $3, $4)")
+        .bind(message_id)
+        .bind(DEVICE_EXCHANGE)
+        .bind(routing_key)
+        .bind(body)
+        .execute(conn)
+        .await?;
     Ok(())
 }

@@ -18,7 +18,9 @@ use chrono::Utc;
 use futures_util::FutureExt;
 use lapin::message::Delivery;
 use lapin::options::BasicAckOptions;
+use sha2::{Digest, Sha256};
 use sqlx::PgPool;
+use tokio::sync::RwLock;
 use tokio_util::sync::CancellationToken;
 
 use crate::broker::{PublishError, Publisher};
@@ -27,10 +29,8 @@ use crate::failure::{Disposition, ErrorKind, Failure};
 use crate::handlers::{self, Handler};
 use crate::headers::{self, FailureRecord};
 use crate::store;
-use crate::topology::{self, Topology};
+use crate::topology::{self, QueueType, Topology};
 
-/// Stage 1: in-process attempts of one delivery's transaction, in all.
-const IN_PROCESS_ATTEMPTS: usize = 3;
 const IN_PROCESS_MIN_DELAY: Duration = Duration::from_millis(50);
 const IN_PROCESS_MAX_DELAY: Duration = Duration::from_millis(500);
 
@@ -67,7 +67,17 @@ pub struct Pipeline {
     pub failed_by: String,
     /// Once cancelled, no new in-process retry starts.
     pub shutdown: CancellationToken,
+    /// Redelivered messages take it for writing, so each runs alone: one
+    /// that crashed the process cannot take innocent messages down with it
+    /// again, and only its own redeliveries are counted.
+    pub isolation: RwLock<()>,
+    /// Called with every delivery before it is processed (tests use it to
+    /// see the headers of each attempt).
+    pub observer: Option<DeliveryObserver>,
 }
+
+/// See [`Pipeline::observer`].
+pub type DeliveryObserver = Arc<dyn Fn(&Delivery) + Send + Sync>;
 
 impl Pipeline {
     /// Processes one delivery and settles it.
@@ -75,7 +85,45 @@ impl Pipeline {
     /// # Errors
     /// A [`SettleError`] when the delivery could not be settled.
     pub async fn handle(&self, delivery: &Delivery) -> Result<Outcome, SettleError> {
-        let (handler_name, result) = self.process(delivery).await;
+        if let Some(observer) = &self.observer {
+            observer(delivery);
+        }
+        if !delivery.redelivered {
+            let _shared = self.isolation.read().await;
+            return self.settle(delivery, self.process(delivery).await).await;
+        }
+        let _alone = self.isolation.write().await;
+        // Crash-loop protection. Quorum queues count deliveries themselves
+        // (x-delivery-limit); on classic queues the worker counts
+        // redeliveries durably, before processing.
+        if self.topology.queue_type == QueueType::Quorum {
+            return self.settle(delivery, self.process(delivery).await).await;
+        }
+        let key = delivery_key(delivery);
+        let processed = match store::count_redelivery(&self.pool, &key).await {
+            Ok(redeliveries) if redeliveries >= self.topology.delivery_limit => (
+                "-".to_owned(),
+                Err(Failure::CrashLoop {
+                    deliveries: redeliveries.saturating_add(1),
+                }),
+            ),
+            Ok(_) => self.process(delivery).await,
+            Err(e) => ("-".to_owned(), Err(Failure::Database(e))),
+        };
+        let outcome = self.settle(delivery, processed).await?;
+        if let Err(e) = store::forget_redeliveries(&self.pool, &key).await {
+            tracing::debug!(error.message = %e, "could not forget a redelivery count");
+        }
+        Ok(outcome)
+    }
+
+    /// Acks a delivery that ended well; diverts a failed one to its retry
+    /// queue or the DLQ first.
+    async fn settle(
+        &self,
+        delivery: &Delivery,
+        (handler_name, result): (String, Result<Outcome, Failure>),
+    ) -> Result<Outcome, SettleError> {
         let outcome = match result {
             Ok(outcome) => outcome,
             Err(failure) => self.divert(delivery, handler_name, &failure).await?,
@@ -91,16 +139,11 @@ impl Pipeline {
     /// Decodes and applies; returns the handler name (or `-`) with the
     /// result, for the failure headers.
     async fn process(&self, delivery: &Delivery) -> (String, Result<Outcome, Failure>) {
-        let amqp_id = delivery
-            .properties
-            .message_id()
-            .as_ref()
-            .map(|id| id.as_str());
-        let message =
-            match envelope::decode(&delivery.data, amqp_id, Utc::now(), self.max_message_bytes) {
-                Ok(message) => message,
-                Err(e) => return ("-".into(), Err(e.into())),
-            };
+        let amqp_id = delivery.properties.message_id().as_ref().map(|id| id.as_str());
+        let message = match envelope::decode(&delivery.data, amqp_id, Utc::now(), self.max_message_bytes) {
+            Ok(message) => message,
+            Err(e) => return ("-".into(), Err(e.into())),
+        };
         let name = message.message_type.clone();
         if self.events_to_omit.contains(&message.message_type) {
             return (name, Ok(Outcome::Omitted));
@@ -114,15 +157,11 @@ impl Pipeline {
 
     /// Stage 1: runs the transaction again on transient failures, with
     /// jittered exponential backoff, unless shutdown has begun.
-    async fn apply_with_retries(
-        &self,
-        handler: &Handler,
-        message: &Message,
-    ) -> Result<Outcome, Failure> {
+    async fn apply_with_retries(&self, handler: &Handler, message: &Message) -> Result<Outcome, Failure> {
         let backoff = ExponentialBuilder::default()
             .with_min_delay(IN_PROCESS_MIN_DELAY)
             .with_max_delay(IN_PROCESS_MAX_DELAY)
-            .with_max_times(IN_PROCESS_ATTEMPTS - 1)
+            .with_max_times(self.topology.in_process_attempts.saturating_sub(1) as usize)
             .with_jitter();
         (|| self.apply_once(handler, message))
             .retry(backoff)
@@ -161,12 +200,7 @@ impl Pipeline {
 
     /// Stage 2 or parking: publishes the failed delivery, with the failure
     /// headers, to its retry queue or the DLQ, and waits for the confirm.
-    async fn divert(
-        &self,
-        delivery: &Delivery,
-        handler: String,
-        failure: &Failure,
-    ) -> Result<Outcome, SettleError> {
+    async fn divert(&self, delivery: &Delivery, handler: String, failure: &Failure) -> Result<Outcome, SettleError> {
         let retries = headers::retry_count(delivery.properties.headers().as_ref());
         let disposition = failure.disposition(retries, &self.topology);
         let (routing_key, kind, retry_count, outcome) = match disposition {
@@ -176,12 +210,7 @@ impl Pipeline {
                 retry,
                 Outcome::Retried { retry },
             ),
-            Disposition::Park { kind } => (
-                topology::dlq_name(&self.queue),
-                kind,
-                retries,
-                Outcome::Parked { kind },
-            ),
+            Disposition::Park { kind } => (topology::dlq_name(&self.queue), kind, retries, Outcome::Parked { kind }),
         };
         let error = failure.to_string();
         let record = FailureRecord {
@@ -208,4 +237,15 @@ impl Pipeline {
         }
         Ok(outcome)
     }
+}
+
+/// Identifies a delivery across redeliveries: its AMQP message id and body.
+fn delivery_key(delivery: &Delivery) -> String {
+    let mut hasher = Sha256::new();
+    if let Some(id) = delivery.properties.message_id() {
+        hasher.update(id.as_str().as_bytes());
+    }
+    hasher.update([0]);
+    hasher.update(&delivery.data);
+    hex::encode(hasher.finalize())
 }

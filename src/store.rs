@@ -19,6 +19,7 @@ pub const TABLES: &[&str] = &[
     "measurements",
     "beacon_readings",
     "outbox",
+    "delivery_attempts",
     "_sqlx_migrations",
 ];
 
@@ -76,15 +77,14 @@ pub async fn create_database(url: &str) -> Result<bool, StoreError> {
         .connect()
         .await
         .map_err(StoreError::Connect)?;
-    let exists: bool =
-        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
-            .bind(&name)
-            .fetch_one(&mut admin)
-            .await
-            .map_err(|source| StoreError::Query {
-                what: "looking up the database",
-                source,
-            })?;
+    let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
+        .bind(&name)
+        .fetch_one(&mut admin)
+        .await
+        .map_err(|source| StoreError::Query {
+            what: "looking up the database",
+            source,
+        })?;
     if !exists {
         let sql = format!("CREATE DATABASE {}", quote_identifier(&name));
         sqlx::query(sqlx::AssertSqlSafe(sql))
@@ -104,9 +104,7 @@ pub async fn create_database(url: &str) -> Result<bool, StoreError> {
 /// # Errors
 /// A [`StoreError`] when the server cannot be reached or refuses.
 pub async fn drop_tables(url: &str) -> Result<(), StoreError> {
-    let mut conn = PgConnection::connect(url)
-        .await
-        .map_err(StoreError::Connect)?;
+    let mut conn = PgConnection::connect(url).await.map_err(StoreError::Connect)?;
     let sql = format!("DROP TABLE IF EXISTS {} CASCADE", TABLES.join(", "));
     sqlx::query(sqlx::AssertSqlSafe(sql))
         .execute(&mut conn)
@@ -128,10 +126,7 @@ pub async fn drop_tables(url: &str) -> Result<(), StoreError> {
 ///
 /// # Errors
 /// The database error.
-pub async fn record_in_inbox(
-    conn: &mut PgConnection,
-    message: &Message,
-) -> Result<bool, sqlx::Error> {
+pub async fn record_in_inbox(conn: &mut PgConnection, message: &Message) -> Result<bool, sqlx::Error> {
     let result = match message.kind {
         Kind::Event => {
             sqlx::query(
@@ -166,4 +161,35 @@ pub async fn record_in_inbox(
 /// `"name"`, with inner quotes doubled.
 fn quote_identifier(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// Counts one more redelivery of the delivery with `key`, committed at
+/// once (before the message is processed, so a crash cannot lose the
+/// count). Returns the redeliveries so far.
+///
+/// # Errors
+/// The database error.
+pub async fn count_redelivery(pool: &PgPool, key: &str) -> Result<u32, sqlx::Error> {
+    let n: i32 = sqlx::query_scalar(
+        "INSERT INTO delivery_attempts (delivery_key, redeliveries) VALUES ($1, 1)
+         ON CONFLICT (delivery_key) DO UPDATE
+         SET redeliveries = delivery_attempts.redeliveries + 1, last_seen_at = now()
+         RETURNING redeliveries",
+    )
+    .bind(key)
+    .fetch_one(pool)
+    .await?;
+    Ok(u32::try_from(n).unwrap_or(0))
+}
+
+/// Forgets the redelivery count of a settled delivery.
+///
+/// # Errors
+/// The database error.
+pub async fn forget_redeliveries(pool: &PgPool, key: &str) -> Result<(), sqlx::Error> {
+    sqlx::query("DELETE FROM delivery_attempts WHERE delivery_key = $1")
+        .bind(key)
+        .execute(pool)
+        .await?;
+    Ok(())
 }

@@ -43,6 +43,9 @@ pub struct Topology {
     pub retry_delays: Vec<RetryDelay>,
     /// Deliveries in total (first try plus delayed retries) before parking.
     pub max_attempts: u32,
+    /// Stage 1: runs of one delivery's transaction in process (first run
+    /// included) before it goes to a retry queue.
+    pub in_process_attempts: u32,
     pub bindings: Vec<Binding>,
 }
 
@@ -61,6 +64,12 @@ struct File {
 struct RetryFile {
     delays: Vec<String>,
     max_attempts: u32,
+    #[serde(default = "default_in_process_attempts")]
+    in_process_attempts: u32,
+}
+
+fn default_in_process_attempts() -> u32 {
+    3
 }
 
 /// A topology that cannot be used, or a broker that refuses it.
@@ -113,10 +122,7 @@ impl Topology {
     pub fn parse(text: &str) -> Result<Topology, String> {
         let file: File = toml::from_str(text).map_err(|e| e.to_string())?;
         if file.retry.delays.is_empty() {
-            return Err(
-                "retry.delays must list at least one delay, such as [\"1s\", \"30s\", \"5m\"]"
-                    .into(),
-            );
+            return Err("retry.delays must list at least one delay, such as [\"1s\", \"30s\", \"5m\"]".into());
         }
         let mut retry_delays = Vec::with_capacity(file.retry.delays.len());
         for name in file.retry.delays {
@@ -136,17 +142,18 @@ impl Topology {
                 file.retry.max_attempts
             ));
         }
-        if !(1..=100).contains(&file.delivery_limit) {
+        if !(1..=10).contains(&file.retry.in_process_attempts) {
             return Err(format!(
-                "delivery_limit = {} (allowed: 1 to 100)",
-                file.delivery_limit
+                "retry.in_process_attempts = {} (allowed: 1 to 10)",
+                file.retry.in_process_attempts
             ));
+        }
+        if !(1..=100).contains(&file.delivery_limit) {
+            return Err(format!("delivery_limit = {} (allowed: 1 to 100)", file.delivery_limit));
         }
         for binding in &file.bindings {
             if binding.exchange.is_empty() {
-                return Err(
-                    "bindings: the default exchange \"\" cannot be bound; name an exchange".into(),
-                );
+                return Err("bindings: the default exchange \"\" cannot be bound; name an exchange".into());
             }
         }
         Ok(Topology {
@@ -154,6 +161,7 @@ impl Topology {
             delivery_limit: file.delivery_limit,
             retry_delays,
             max_attempts: file.retry.max_attempts,
+            in_process_attempts: file.retry.in_process_attempts,
             bindings: file.bindings,
         })
     }
@@ -174,10 +182,7 @@ impl Topology {
         ];
         if self.queue_type == QueueType::Quorum {
             main.push(("x-queue-type", Arg::Str("quorum".into())));
-            main.push((
-                "x-delivery-limit",
-                Arg::Long(i64::from(self.delivery_limit)),
-            ));
+            main.push(("x-delivery-limit", Arg::Long(i64::from(self.delivery_limit))));
         }
         declare_queue(channel, queue, &main).await?;
         for retry in &self.retry_delays {
@@ -218,10 +223,7 @@ impl Topology {
                 )
                 .await
                 .map_err(|source| TopologyError::Broker {
-                    object: format!(
-                        "binding {} '{}' -> '{queue}'",
-                        binding.exchange, binding.routing_key
-                    ),
+                    object: format!("binding {} '{}' -> '{queue}'", binding.exchange, binding.routing_key),
                     source,
                 })?;
         }
@@ -252,15 +254,9 @@ pub fn retry_queue_name(queue: &str, delay_name: &str) -> String {
 /// # Errors
 /// A sentence naming the value and the accepted forms.
 pub fn parse_delay(text: &str) -> Result<Duration, String> {
-    let digits = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
+    let digits = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
     let (number, unit) = text.split_at(digits);
-    let bad = || {
-        format!(
-            "retry delay {text:?} (allowed: a whole number with ms, s, m or h, from 1ms to 24h)"
-        )
-    };
+    let bad = || format!("retry delay {text:?} (allowed: a whole number with ms, s, m or h, from 1ms to 24h)");
     let n: u64 = number.parse().map_err(|_| bad())?;
     let delay = match unit {
         "ms" => Duration::from_millis(n),
@@ -289,11 +285,7 @@ impl Arg {
     }
 }
 
-async fn declare_queue(
-    channel: &Channel,
-    queue: &str,
-    args: &[(&str, Arg)],
-) -> Result<(), TopologyError> {
+async fn declare_queue(channel: &Channel, queue: &str, args: &[(&str, Arg)]) -> Result<(), TopologyError> {
     let mut table = FieldTable::default();
     for (key, value) in args {
         let value = match value {
@@ -308,12 +300,12 @@ async fn declare_queue(
     };
     match channel.queue_declare(queue.into(), options, table).await {
         Ok(_) => Ok(()),
-        Err(source) => Err(conflict(queue, args, &source.to_string()).unwrap_or(
-            TopologyError::Broker {
+        Err(source) => Err(
+            conflict(queue, args, &source.to_string()).unwrap_or(TopologyError::Broker {
                 object: format!("queue '{queue}'"),
                 source,
-            },
-        )),
+            }),
+        ),
     }
 }
 
@@ -322,14 +314,10 @@ async fn declare_queue(
 fn conflict(queue: &str, args: &[(&str, Arg)], text: &str) -> Option<TopologyError> {
     let start = text.find("inequivalent arg '")? + "inequivalent arg '".len();
     let argument = &text[start..][..text[start..].find('\'')?];
-    let detail = text[start..]
-        .split_once("': ")
-        .map_or(text, |(_, rest)| rest);
+    let detail = text[start..].split_once("': ").map_or(text, |(_, rest)| rest);
     let wanted = match argument {
         "durable" => "true".to_owned(),
-        "x-queue-type" if args.iter().all(|(key, _)| *key != "x-queue-type") => {
-            "nothing (a classic queue)".to_owned()
-        }
+        "x-queue-type" if args.iter().all(|(key, _)| *key != "x-queue-type") => "nothing (a classic queue)".to_owned(),
         _ => args
             .iter()
             .find(|(key, _)| *key == argument)
@@ -380,6 +368,7 @@ mod tests {
             (r#"["50ms", "1s", "5m"]"#, r#"["0ms"]"#),
             (r#"["50ms", "1s", "5m"]"#, r#"["2d"]"#),
             ("max_attempts = 4", "max_attempts = 0"),
+            ("max_attempts = 4", "max_attempts = 4\nin_process_attempts = 0"),
             ("delivery_limit = 5", "delivery_limit = 0"),
             (r#""quorum""#, r#""stream""#),
             (r#""amq.topic""#, r#""""#),

@@ -16,15 +16,8 @@ use worker_iot_core::headers::{self, ERROR, ERROR_FINGERPRINT, ERROR_KIND, RETRY
 
 const WAIT: Duration = Duration::from_secs(60);
 
-fn body(
-    message_type: &str,
-    kind: &str,
-    id: Option<&str>,
-    time: DateTime<Utc>,
-    data: Value,
-) -> Vec<u8> {
-    let mut envelope =
-        json!({"type": message_type, "kind": kind, "time": time.to_rfc3339(), "data": data});
+fn body(message_type: &str, kind: &str, id: Option<&str>, time: DateTime<Utc>, data: Value) -> Vec<u8> {
+    let mut envelope = json!({"type": message_type, "kind": kind, "time": time.to_rfc3339(), "data": data});
     if let Some(id) = id {
         envelope["id"] = id.into();
     }
@@ -70,13 +63,7 @@ async fn a_realistic_mix_of_1000_messages_ends_with_exactly_the_expected_rows() 
             2 => {
                 update_device(&mut expected, &device, time, "offline");
                 expected.events += 1;
-                body(
-                    "DEVICE_DOWN",
-                    "event",
-                    Some(&id),
-                    time,
-                    json!({"device_id": device}),
-                )
+                body("DEVICE_DOWN", "event", Some(&id), time, json!({"device_id": device}))
             }
             3..=5 => {
                 expected.events += 1;
@@ -109,8 +96,7 @@ async fn a_realistic_mix_of_1000_messages_ends_with_exactly_the_expected_rows() 
             8 => {
                 expected.events += 1;
                 body(
-                    ["IBEACON_READ", "HTTP_COAP_REQUEST", "COAP_HTTP_RESPONSE"]
-                        [(i as usize / 20) % 3],
+                    ["IBEACON_READ", "HTTP_COAP_REQUEST", "COAP_HTTP_RESPONSE"][(i as usize / 20) % 3],
                     "event",
                     Some(&id),
                     time,
@@ -210,8 +196,7 @@ async fn a_realistic_mix_of_1000_messages_ends_with_exactly_the_expected_rows() 
     let worker = env.spawn_worker(&[("EVENTS_TO_OMIT", "HEARTBEAT, OTHER")]);
     env.wait_for_rows("events", expected.events, WAIT).await;
     env.wait_for_rows("commands", expected.commands, WAIT).await;
-    env.wait_for_queue_len(&env.dlq(), expected.parked, WAIT)
-        .await;
+    env.wait_for_queue_len(&env.dlq(), expected.parked, WAIT).await;
     worker.stop().await;
 
     assert_eq!(
@@ -223,10 +208,7 @@ async fn a_realistic_mix_of_1000_messages_ends_with_exactly_the_expected_rows() 
     assert_eq!(env.count("commands").await, expected.commands);
     assert_eq!(env.count("measurements").await, expected.measurements);
     assert_eq!(env.count("beacon_readings").await, expected.beacons);
-    assert_eq!(
-        env.count("beacon_readings WHERE mac_address IS NULL").await,
-        50
-    );
+    assert_eq!(env.count("beacon_readings WHERE mac_address IS NULL").await, 50);
     assert_eq!(env.count("outbox").await, expected.outbox);
     assert_eq!(
         env.count("outbox WHERE routing_key LIKE 'led.dev-%' AND body = 'on'")
@@ -259,15 +241,10 @@ async fn a_realistic_mix_of_1000_messages_ends_with_exactly_the_expected_rows() 
         let h = message.delivery.properties.headers().as_ref();
         let kind = headers::read_string(h, ERROR_KIND).expect("iot-error-kind set");
         assert!(
-            !headers::read_string(h, ERROR)
-                .unwrap_or_default()
-                .is_empty(),
+            !headers::read_string(h, ERROR).unwrap_or_default().is_empty(),
             "iot-error set"
         );
-        assert_eq!(
-            headers::read_string(h, ERROR_FINGERPRINT).map(|f| f.len()),
-            Some(16)
-        );
+        assert_eq!(headers::read_string(h, ERROR_FINGERPRINT).map(|f| f.len()), Some(16));
         assert_eq!(headers::read_i64(h, RETRY_COUNT), Some(0));
         *kinds.entry(kind).or_insert(0) += 1;
     }
@@ -283,10 +260,7 @@ async fn a_realistic_mix_of_1000_messages_ends_with_exactly_the_expected_rows() 
 }
 
 fn update_device(expected: &mut Expected, device: &str, time: DateTime<Utc>, status: &'static str) {
-    let entry = expected
-        .devices
-        .entry(device.to_owned())
-        .or_insert((time, status));
+    let entry = expected.devices.entry(device.to_owned()).or_insert((time, status));
     if time >= entry.0 {
         *entry = (time, status);
     }
@@ -324,11 +298,8 @@ async fn the_same_message_twice_is_applied_once_with_and_without_an_id() {
         env.publish(&by_property, property.clone()).await;
     }
     // A third copy of the id-less body with different bytes is a new message.
-    let reformatted = String::from_utf8(without_id.clone())
-        .unwrap()
-        .replace(',', ", ");
-    env.publish(reformatted.as_bytes(), BasicProperties::default())
-        .await;
+    let reformatted = String::from_utf8(without_id.clone()).unwrap().replace(',', ", ");
+    env.publish(reformatted.as_bytes(), BasicProperties::default()).await;
 
     let worker = env.spawn_worker(&[]);
     env.wait_for_rows("measurements", 3, WAIT).await;
@@ -336,17 +307,10 @@ async fn the_same_message_twice_is_applied_once_with_and_without_an_id() {
     worker.stop().await;
 
     assert_eq!(env.queue_len(&env.queue).await, 0);
-    assert_eq!(
-        env.count("measurements WHERE message_id = 'dup-1'").await,
-        1
-    );
+    assert_eq!(env.count("measurements WHERE message_id = 'dup-1'").await, 1);
     assert_eq!(env.count("measurements WHERE device_id = 'd2'").await, 2);
     let hash = worker_iot_core::envelope::body_hash(&without_id);
-    assert_eq!(
-        env.count(&format!("events WHERE message_id = '{hash}'"))
-            .await,
-        1
-    );
+    assert_eq!(env.count(&format!("events WHERE message_id = '{hash}'")).await, 1);
     assert_eq!(env.count("commands WHERE message_id = 'prop-1'").await, 1);
     assert_eq!(env.count("outbox WHERE message_id = 'prop-1'").await, 1);
     assert_eq!(env.count("events").await, 3);

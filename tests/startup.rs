@@ -34,10 +34,7 @@ async fn declared_with(env: &TestEnv, queue: &str, args: FieldTable) -> Result<(
         durable: true,
         ..QueueDeclareOptions::default()
     };
-    let result = channel
-        .queue_declare(queue.into(), options, args)
-        .await
-        .map(|_| ());
+    let result = channel.queue_declare(queue.into(), options, args).await.map(|_| ());
     channel.close(200, "".into()).await.ok();
     result
 }
@@ -57,17 +54,9 @@ async fn wait_consuming(env: &TestEnv, worker: &mut common::WorkerProcess) {
 }
 
 async fn declares_the_whole_topology(queue_type: &str) {
-    let topology = FAST_TOPOLOGY.replace(
-        "queue_type = \"classic\"",
-        &format!("queue_type = \"{queue_type}\""),
-    );
+    let topology = FAST_TOPOLOGY.replace("queue_type = \"classic\"", &format!("queue_type = \"{queue_type}\""));
     let env = TestEnv::undeclared(&topology).await;
-    let mut worker = env.spawn_binary(
-        WORKER,
-        &env.settings_json(),
-        &[("RUST_LOG", "info")],
-        "start",
-    );
+    let mut worker = env.spawn_binary(WORKER, &env.settings_json(), &[("RUST_LOG", "info")], "start");
     wait_consuming(&env, &mut worker).await;
 
     let q = env.queue.as_str();
@@ -101,18 +90,13 @@ async fn declares_the_whole_topology(queue_type: &str) {
         ("x-dead-letter-exchange", text("")),
         ("x-dead-letter-routing-key", text(q)),
     ]);
-    assert!(
-        declared_with(&env, &format!("{q}.retry.50ms"), wrong)
-            .await
-            .is_err()
-    );
+    assert!(declared_with(&env, &format!("{q}.retry.50ms"), wrong).await.is_err());
 
     // The binding from the topology file routes into Q.
     let connection = &env.connection;
     let channel = connection.create_channel().await.unwrap();
     channel.confirm_select(Default::default()).await.unwrap();
-    let body =
-        json!({"type": "DEVICE_UP", "id": "via-topic", "data": {"device_id": "t1"}}).to_string();
+    let body = json!({"type": "DEVICE_UP", "id": "via-topic", "data": {"device_id": "t1"}}).to_string();
     channel
         .basic_publish(
             "amq.topic".into(),
@@ -154,25 +138,17 @@ async fn the_binary_declares_every_queue_for_a_quorum_main_queue() {
 async fn a_conflicting_existing_queue_stops_start_up_with_a_clear_error() {
     let env = TestEnv::undeclared(FAST_TOPOLOGY).await;
     // Someone declared Q before, without the dead-letter arguments.
-    declared_with(&env, &env.queue, FieldTable::default())
-        .await
-        .unwrap();
+    declared_with(&env, &env.queue, FieldTable::default()).await.unwrap();
     let mut worker = env.spawn_binary(WORKER, &env.settings_json(), &[], "conflict");
     let status = worker.wait_exit(Duration::from_secs(60)).await;
     assert!(!status.success());
     let err = worker.stderr_text();
     assert!(
-        err.contains(&format!(
-            "queue '{}' already exists with other arguments",
-            env.queue
-        )),
+        err.contains(&format!("queue '{}' already exists with other arguments", env.queue)),
         "{err}"
     );
     assert!(err.contains("x-dead-letter-"), "names the argument: {err}");
-    assert!(
-        err.contains("current is none"),
-        "names the existing value: {err}"
-    );
+    assert!(err.contains("current is none"), "names the existing value: {err}");
     assert!(err.contains("delete_queue"), "says what to do: {err}");
     env.cleanup().await;
 }
@@ -194,10 +170,7 @@ async fn a_bad_setting_stops_start_up_naming_key_value_and_allowed() {
         "worker-iot-core: invalid setting RABBITMQ_PREFETCH_COUNT=\"\" (from environment): expected an integer from 1 to 1000"
     );
     let mut worker = env.spawn_binary(WORKER, r#"{"SHUTDOWN_GRACE_MS": "soon"}"#, &[], "bad-file");
-    assert_eq!(
-        worker.wait_exit(Duration::from_secs(30)).await.code(),
-        Some(2)
-    );
+    assert_eq!(worker.wait_exit(Duration::from_secs(30)).await.code(), Some(2));
     assert!(
         worker
             .stderr_text()
@@ -235,18 +208,13 @@ async fn sigterm_during_a_burst_exits_zero_and_nothing_is_lost() {
     );
 
     let mut worker = env.spawn_binary(WORKER, &env.settings_json(), &[], "second");
-    env.wait_for_rows("measurements", N, Duration::from_secs(120))
-        .await;
+    env.wait_for_rows("measurements", N, Duration::from_secs(120)).await;
     worker.signal("TERM");
     assert!(worker.wait_exit(Duration::from_secs(15)).await.success());
     assert_eq!(env.queue_len(&env.queue).await, 0);
     assert_eq!(env.queue_len(&env.dlq()).await, 0);
     assert_eq!(env.count("events").await, N);
-    assert_eq!(
-        env.count("measurements").await,
-        N,
-        "each message applied exactly once"
-    );
+    assert_eq!(env.count("measurements").await, N, "each message applied exactly once");
     let distinct: i64 = sqlx::query_scalar("SELECT count(DISTINCT value) FROM measurements")
         .fetch_one(&env.pool)
         .await

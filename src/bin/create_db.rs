@@ -9,19 +9,13 @@ use worker_iot_core::store;
 async fn main() -> anyhow::Result<()> {
     let (settings, _) = Settings::load()?;
     let url = settings.database_url()?;
-    let created = store::create_database(url)
-        .await
-        .context("creating the database")?;
+    let created = store::create_database(url).await.context("creating the database")?;
     let pool = store::connect(url, 1).await?;
     store::migrate(&pool).await.context("migrating")?;
     pool.close().await;
     println!(
         "{} and migrated",
-        if created {
-            "database created"
-        } else {
-            "database exists"
-        }
+        if created { "database created" } else { "database exists" }
     );
     Ok(())
 }

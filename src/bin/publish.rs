@@ -67,23 +67,11 @@ async fn main() -> anyhow::Result<()> {
     let (settings, _) = Settings::load()?;
     let queue = args.queue.unwrap_or(settings.queue);
     let bodies: Vec<(String, Vec<u8>)> = match args.what {
-        What::Event {
-            message_type,
-            data,
-            id,
-        } => vec![(
-            message_type.clone(),
-            one(Kind::Event, &message_type, &data, id)?,
-        )],
-        What::Command {
-            message_type,
-            data,
-            id,
-        } => {
-            vec![(
-                message_type.clone(),
-                one(Kind::Command, &message_type, &data, id)?,
-            )]
+        What::Event { message_type, data, id } => {
+            vec![(message_type.clone(), one(Kind::Event, &message_type, &data, id)?)]
+        }
+        What::Command { message_type, data, id } => {
+            vec![(message_type.clone(), one(Kind::Command, &message_type, &data, id)?)]
         }
         What::Raw { body } => vec![("raw".into(), body.into_bytes())],
         What::Sample { count, seed } => samples::mix(count, seed)
@@ -96,14 +84,12 @@ async fn main() -> anyhow::Result<()> {
             .collect(),
     };
 
-    let connection = broker::connect(&settings.amqp_url, "publish")
-        .await
-        .with_context(|| {
-            format!(
-                "connecting to {}",
-                worker_iot_core::config::mask_password(&settings.amqp_url)
-            )
-        })?;
+    let connection = broker::connect(&settings.amqp_url, "publish").await.with_context(|| {
+        format!(
+            "connecting to {}",
+            worker_iot_core::config::mask_password(&settings.amqp_url)
+        )
+    })?;
     let publisher = Publisher::open(&connection).await?;
     let properties = BasicProperties::default()
         .with_content_type("application/json".into())

@@ -16,10 +16,7 @@ pub fn parse(data: &Value) -> Result<&str, ValidationError> {
     Fields::of(data)?.device_id()
 }
 
-pub fn apply<'a>(
-    conn: &'a mut PgConnection,
-    message: &'a Message,
-) -> BoxFuture<'a, Result<(), Failure>> {
+pub fn apply<'a>(conn: &'a mut PgConnection, message: &'a Message) -> BoxFuture<'a, Result<(), Failure>> {
     Box::pin(async move {
         let device_id = parse(&message.data)?;
         upsert_device(conn, device_id, "offline", None, message.time).await?;
@@ -36,10 +33,7 @@ mod tests {
     fn validates_device_id() {
         assert_eq!(parse(&json!({"device_id": "d-9"})), Ok("d-9"));
         assert_eq!(parse(&json!({})).unwrap_err().field, "device_id");
-        assert_eq!(
-            parse(&json!({"device_id": "x/y"})).unwrap_err().field,
-            "device_id"
-        );
+        assert_eq!(parse(&json!({"device_id": "x/y"})).unwrap_err().field, "device_id");
         assert_eq!(parse(&json!(null)).unwrap_err().field, "");
     }
 }

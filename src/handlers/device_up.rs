@@ -30,10 +30,7 @@ pub fn parse(data: &Value) -> Result<DeviceUp<'_>, ValidationError> {
     })
 }
 
-pub fn apply<'a>(
-    conn: &'a mut PgConnection,
-    message: &'a Message,
-) -> BoxFuture<'a, Result<(), Failure>> {
+pub fn apply<'a>(conn: &'a mut PgConnection, message: &'a Message) -> BoxFuture<'a, Result<(), Failure>> {
     Box::pin(async move {
         let up = parse(&message.data)?;
         upsert_device(conn, up.device_id, "online", up.ip, message.time).await?;

@@ -43,11 +43,7 @@ impl<'a> Fields<'a> {
     }
 
     /// A required string of `chars` characters.
-    pub fn string(
-        &self,
-        name: &str,
-        chars: RangeInclusive<usize>,
-    ) -> Result<&'a str, ValidationError> {
+    pub fn string(&self, name: &str, chars: RangeInclusive<usize>) -> Result<&'a str, ValidationError> {
         self.optional_string(name, chars)?
             .ok_or_else(|| ValidationError::new(name, "is required"))
     }
@@ -67,11 +63,7 @@ impl<'a> Fields<'a> {
                 } else {
                     Err(ValidationError::new(
                         name,
-                        format!(
-                            "must be {} to {} characters, found {n}",
-                            chars.start(),
-                            chars.end()
-                        ),
+                        format!("must be {} to {} characters, found {n}", chars.start(), chars.end()),
                     ))
                 }
             }
@@ -87,8 +79,7 @@ impl<'a> Fields<'a> {
         match id {
             Value::String(s)
                 if (1..=64).contains(&s.len())
-                    && s.chars()
-                        .all(|c| c.is_ascii_alphanumeric() || "_.:-".contains(c)) =>
+                    && s.chars().all(|c| c.is_ascii_alphanumeric() || "_.:-".contains(c)) =>
             {
                 Ok(s)
             }
@@ -120,19 +111,12 @@ impl<'a> Fields<'a> {
         let out_of_range = || {
             ValidationError::new(
                 name,
-                format!(
-                    "must be a whole number from {} to {}",
-                    range.start(),
-                    range.end()
-                ),
+                format!("must be a whole number from {} to {}", range.start(), range.end()),
             )
         };
         match self.present(name) {
             None => Err(ValidationError::new(name, "is required")),
-            Some(Value::Number(n)) => n
-                .as_i64()
-                .filter(|v| range.contains(v))
-                .ok_or_else(out_of_range),
+            Some(Value::Number(n)) => n.as_i64().filter(|v| range.contains(v)).ok_or_else(out_of_range),
             Some(_) => Err(out_of_range()),
         }
     }
@@ -141,9 +125,7 @@ impl<'a> Fields<'a> {
     pub fn optional_time(&self, name: &str) -> Result<Option<DateTime<Utc>>, ValidationError> {
         match self.present(name) {
             None => Ok(None),
-            Some(Value::String(s)) => parse_time(s)
-                .map(Some)
-                .map_err(|p| ValidationError::new(name, p)),
+            Some(Value::String(s)) => parse_time(s).map(Some).map_err(|p| ValidationError::new(name, p)),
             Some(_) => Err(ValidationError::new(name, "must be a time string")),
         }
     }

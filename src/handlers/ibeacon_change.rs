@@ -32,10 +32,7 @@ pub fn parse(data: &Value) -> Result<Option<Beacon<'_>>, ValidationError> {
     let fields = Fields::of(data)?;
     let mac_address = fields.string("mac_address", 1..=64)?;
     if !is_mac(mac_address) {
-        return Err(ValidationError::new(
-            "mac_address",
-            "must look like 0a:1b:2c:3d:4e:5f",
-        ));
+        return Err(ValidationError::new("mac_address", "must look like 0a:1b:2c:3d:4e:5f"));
     }
     let uuid = fields.string("uuid", 1..=64)?;
     if !is_uuid(uuid) {
@@ -65,15 +62,10 @@ fn is_mac(text: &str) -> bool {
 fn is_uuid(text: &str) -> bool {
     let groups: Vec<&str> = text.split('-').collect();
     groups.iter().map(|g| g.len()).eq([8, 4, 4, 4, 12])
-        && groups
-            .iter()
-            .all(|g| g.chars().all(|c| c.is_ascii_hexdigit()))
+        && groups.iter().all(|g| g.chars().all(|c| c.is_ascii_hexdigit()))
 }
 
-pub fn apply<'a>(
-    conn: &'a mut PgConnection,
-    message: &'a Message,
-) -> BoxFuture<'a, Result<(), Failure>> {
+pub fn apply<'a>(conn: &'a mut PgConnection, message: &'a Message) -> BoxFuture<'a, Result<(), Failure>> {
     Box::pin(async move {
         let beacon = parse(&message.data)?;
         sqlx::query(

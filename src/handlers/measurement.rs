@@ -33,10 +33,7 @@ pub fn parse(data: &Value) -> Result<Measurement<'_>, ValidationError> {
     })
 }
 
-pub fn apply<'a>(
-    conn: &'a mut PgConnection,
-    message: &'a Message,
-) -> BoxFuture<'a, Result<(), Failure>> {
+pub fn apply<'a>(conn: &'a mut PgConnection, message: &'a Message) -> BoxFuture<'a, Result<(), Failure>> {
     Box::pin(async move {
         let m = parse(&message.data)?;
         sqlx::query(
@@ -83,19 +80,10 @@ mod tests {
         for (data, field) in [
             (json!({"sensor": "t", "value": 1}), "device_id"),
             (json!({"device_id": "d1", "value": 1}), "sensor"),
-            (
-                json!({"device_id": "d1", "sensor": "", "value": 1}),
-                "sensor",
-            ),
+            (json!({"device_id": "d1", "sensor": "", "value": 1}), "sensor"),
             (json!({"device_id": "d1", "sensor": "t"}), "value"),
-            (
-                json!({"device_id": "d1", "sensor": "t", "value": "21.5"}),
-                "value",
-            ),
-            (
-                json!({"device_id": "d1", "sensor": "t", "value": 1, "unit": 5}),
-                "unit",
-            ),
+            (json!({"device_id": "d1", "sensor": "t", "value": "21.5"}), "value"),
+            (json!({"device_id": "d1", "sensor": "t", "value": 1, "unit": 5}), "unit"),
             (
                 json!({"device_id": "d1", "sensor": "t", "value": 1, "time": "noon"}),
                 "time",

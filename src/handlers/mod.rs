@@ -28,8 +28,7 @@ pub use fields::ValidationError;
 pub const DEVICE_EXCHANGE: &str = "amq.topic";
 
 /// Applies one message's effect inside the caller's transaction.
-pub type ApplyFn =
-    for<'a> fn(&'a mut PgConnection, &'a Message) -> BoxFuture<'a, Result<(), Failure>>;
+pub type ApplyFn = for<'a> fn(&'a mut PgConnection, &'a Message) -> BoxFuture<'a, Result<(), Failure>>;
 
 /// One row of the handler mapping.
 pub struct Handler {
@@ -39,64 +38,23 @@ pub struct Handler {
 }
 
 /// The handler mapping: every message type the worker knows.
+#[rustfmt::skip]
 pub static HANDLERS: &[Handler] = &[
-    Handler {
-        message_type: "DEVICE_UP",
-        kind: Kind::Event,
-        apply: device_up::apply,
-    },
-    Handler {
-        message_type: "DEVICE_DOWN",
-        kind: Kind::Event,
-        apply: device_down::apply,
-    },
-    Handler {
-        message_type: "MEASUREMENT",
-        kind: Kind::Event,
-        apply: measurement::apply,
-    },
-    Handler {
-        message_type: "IBEACON_CHANGE",
-        kind: Kind::Event,
-        apply: ibeacon_change::apply,
-    },
-    Handler {
-        message_type: "IBEACON_READ",
-        kind: Kind::Event,
-        apply: record_only::apply,
-    },
-    Handler {
-        message_type: "HTTP_COAP_REQUEST",
-        kind: Kind::Event,
-        apply: record_only::apply,
-    },
-    Handler {
-        message_type: "COAP_HTTP_RESPONSE",
-        kind: Kind::Event,
-        apply: record_only::apply,
-    },
-    Handler {
-        message_type: "SET_LED",
-        kind: Kind::Command,
-        apply: set_led::apply,
-    },
-    Handler {
-        message_type: "SET_PUBLISH_PERIOD",
-        kind: Kind::Command,
-        apply: set_publish_period::apply,
-    },
+    Handler { message_type: "DEVICE_UP",          kind: Kind::Event,   apply: device_up::apply },
+    Handler { message_type: "DEVICE_DOWN",        kind: Kind::Event,   apply: device_down::apply },
+    Handler { message_type: "MEASUREMENT",        kind: Kind::Event,   apply: measurement::apply },
+    Handler { message_type: "IBEACON_CHANGE",     kind: Kind::Event,   apply: ibeacon_change::apply },
+    Handler { message_type: "IBEACON_READ",       kind: Kind::Event,   apply: record_only::apply },
+    Handler { message_type: "HTTP_COAP_REQUEST",  kind: Kind::Event,   apply: record_only::apply },
+    Handler { message_type: "COAP_HTTP_RESPONSE", kind: Kind::Event,   apply: record_only::apply },
+    Handler { message_type: "SET_LED",            kind: Kind::Command, apply: set_led::apply },
+    Handler { message_type: "SET_PUBLISH_PERIOD", kind: Kind::Command, apply: set_publish_period::apply },
     #[cfg(feature = "test-handlers")]
-    Handler {
-        message_type: "TEST_ABORT",
-        kind: Kind::Event,
-        apply: test_only::abort,
-    },
+    Handler { message_type: "TEST_ABORT",         kind: Kind::Event,   apply: test_only::abort },
     #[cfg(feature = "test-handlers")]
-    Handler {
-        message_type: "TEST_PANIC",
-        kind: Kind::Event,
-        apply: test_only::panic,
-    },
+    Handler { message_type: "TEST_PANIC",         kind: Kind::Event,   apply: test_only::panic },
+    #[cfg(feature = "test-handlers")]
+    Handler { message_type: "TEST_FLAKY",         kind: Kind::Event,   apply: test_only::flaky },
 ];
 
 /// The handler for a message's kind and type.
@@ -113,22 +71,54 @@ pub fn lookup(message: &Message) -> Result<&'static Handler, Failure> {
         })
 }
 
-/// Handlers that exist only to test crash-loop protection.
+/// Handlers that exist only to test the fault paths (feature
+/// `test-handlers`, never in a release build).
 #[cfg(feature = "test-handlers")]
 mod test_only {
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+
     use super::*;
 
-    pub fn abort<'a>(
-        _: &'a mut PgConnection,
-        _: &'a Message,
-    ) -> BoxFuture<'a, Result<(), Failure>> {
+    /// Runs per message id, across every attempt in this process.
+    static FLAKY_RUNS: Mutex<Option<HashMap<String, u64>>> = Mutex::new(None);
+
+    /// Fails transiently on its first `data.fail_first` runs (per message
+    /// id, in this process), then records a measurement.
+    pub fn flaky<'a>(conn: &'a mut PgConnection, message: &'a Message) -> BoxFuture<'a, Result<(), Failure>> {
+        Box::pin(async move {
+            let fail_first = message
+                .data
+                .get("fail_first")
+                .and_then(serde_json::Value::as_u64)
+                .unwrap_or(0);
+            let run = {
+                let mut runs = FLAKY_RUNS.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                let count = runs
+                    .get_or_insert_with(HashMap::new)
+                    .entry(message.id.clone())
+                    .or_insert(0);
+                *count += 1;
+                *count
+            };
+            if run <= fail_first {
+                let error = std::io::Error::other(format!("TEST_FLAKY transient failure, run {run}"));
+                return Err(Failure::Database(sqlx::Error::Io(error)));
+            }
+            sqlx::query("INSERT INTO measurements (message_id, device_id, sensor, value, measured_at) VALUES ($1, 'flaky', 'runs', $2, now())")
+                .bind(&message.id)
+                .bind(run as f64)
+                .execute(conn)
+                .await?;
+            Ok(())
+        })
+    }
+
+    pub fn abort<'a>(_: &'a mut PgConnection, _: &'a Message) -> BoxFuture<'a, Result<(), Failure>> {
         std::process::abort()
     }
 
-    pub fn panic<'a>(
-        _: &'a mut PgConnection,
-        message: &'a Message,
-    ) -> BoxFuture<'a, Result<(), Failure>> {
+    pub fn panic<'a>(_: &'a mut PgConnection, message: &'a Message) -> BoxFuture<'a, Result<(), Failure>> {
         Box::pin(async move { panic!("TEST_PANIC handler asked to panic by {}", message.id) })
     }
 }

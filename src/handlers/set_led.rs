@@ -23,19 +23,10 @@ pub fn parse(data: &Value) -> Result<(&str, &str), ValidationError> {
     }
 }
 
-pub fn apply<'a>(
-    conn: &'a mut PgConnection,
-    message: &'a Message,
-) -> BoxFuture<'a, Result<(), Failure>> {
+pub fn apply<'a>(conn: &'a mut PgConnection, message: &'a Message) -> BoxFuture<'a, Result<(), Failure>> {
     Box::pin(async move {
         let (device_id, state) = parse(&message.data)?;
-        outbox::enqueue(
-            conn,
-            &message.id,
-            &format!("led.{device_id}"),
-            state.as_bytes(),
-        )
-        .await?;
+        outbox::enqueue(conn, &message.id, &format!("led.{device_id}"), state.as_bytes()).await?;
         Ok(())
     })
 }
@@ -47,33 +38,17 @@ mod tests {
 
     #[test]
     fn validates_state_and_device() {
+        assert_eq!(parse(&json!({"device_id": "d1", "state": "on"})), Ok(("d1", "on")));
+        assert_eq!(parse(&json!({"device_id": "d1", "state": "off"})), Ok(("d1", "off")));
         assert_eq!(
-            parse(&json!({"device_id": "d1", "state": "on"})),
-            Ok(("d1", "on"))
-        );
-        assert_eq!(
-            parse(&json!({"device_id": "d1", "state": "off"})),
-            Ok(("d1", "off"))
-        );
-        assert_eq!(
-            parse(&json!({"device_id": "d1", "state": "ON"}))
-                .unwrap_err()
-                .field,
+            parse(&json!({"device_id": "d1", "state": "ON"})).unwrap_err().field,
             "state"
         );
         assert_eq!(
-            parse(&json!({"device_id": "d1", "state": true}))
-                .unwrap_err()
-                .field,
+            parse(&json!({"device_id": "d1", "state": true})).unwrap_err().field,
             "state"
         );
-        assert_eq!(
-            parse(&json!({"device_id": "d1"})).unwrap_err().field,
-            "state"
-        );
-        assert_eq!(
-            parse(&json!({"state": "on"})).unwrap_err().field,
-            "device_id"
-        );
+        assert_eq!(parse(&json!({"device_id": "d1"})).unwrap_err().field, "state");
+        assert_eq!(parse(&json!({"state": "on"})).unwrap_err().field, "device_id");
     }
 }

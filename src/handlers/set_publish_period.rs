@@ -17,26 +17,14 @@ use crate::outbox;
 /// A [`ValidationError`] naming the first bad field.
 pub fn parse(data: &Value) -> Result<(&str, i64), ValidationError> {
     let fields = Fields::of(data)?;
-    Ok((
-        fields.device_id()?,
-        fields.integer("period_ms", 1000..=10_000)?,
-    ))
+    Ok((fields.device_id()?, fields.integer("period_ms", 1000..=10_000)?))
 }
 
-pub fn apply<'a>(
-    conn: &'a mut PgConnection,
-    message: &'a Message,
-) -> BoxFuture<'a, Result<(), Failure>> {
+pub fn apply<'a>(conn: &'a mut PgConnection, message: &'a Message) -> BoxFuture<'a, Result<(), Failure>> {
     Box::pin(async move {
         let (device_id, period_ms) = parse(&message.data)?;
         let routing_key = format!("{device_id}.config");
-        outbox::enqueue(
-            conn,
-            &message.id,
-            &routing_key,
-            period_ms.to_string().as_bytes(),
-        )
-        .await?;
+        outbox::enqueue(conn, &message.id, &routing_key, period_ms.to_string().as_bytes()).await?;
         Ok(())
     })
 }
@@ -48,27 +36,15 @@ mod tests {
 
     #[test]
     fn validates_period_bounds() {
-        assert_eq!(
-            parse(&json!({"device_id": "d1", "period_ms": 1000})),
-            Ok(("d1", 1000))
-        );
+        assert_eq!(parse(&json!({"device_id": "d1", "period_ms": 1000})), Ok(("d1", 1000)));
         assert_eq!(
             parse(&json!({"device_id": "d1", "period_ms": 10_000})),
             Ok(("d1", 10_000))
         );
-        for bad in [
-            json!(999),
-            json!(10_001),
-            json!(1500.5),
-            json!("2000"),
-            Value::Null,
-        ] {
+        for bad in [json!(999), json!(10_001), json!(1500.5), json!("2000"), Value::Null] {
             let err = parse(&json!({"device_id": "d1", "period_ms": bad})).unwrap_err();
             assert_eq!(err.field, "period_ms");
         }
-        assert_eq!(
-            parse(&json!({"period_ms": 2000})).unwrap_err().field,
-            "device_id"
-        );
+        assert_eq!(parse(&json!({"period_ms": 2000})).unwrap_err().field, "device_id");
     }
 }

@@ -6,6 +6,7 @@
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use lapin::message::BasicGetMessage;
@@ -18,8 +19,10 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use worker_iot_core::broker::{self, Publisher};
 use worker_iot_core::config::Settings;
+use worker_iot_core::metrics::Metrics;
+use worker_iot_core::pipeline::DeliveryObserver;
 use worker_iot_core::topology::Topology;
-use worker_iot_core::worker::{self, WorkerError};
+use worker_iot_core::worker::{self, Options, WorkerError};
 
 /// A topology with millisecond retries so retry paths run in seconds.
 /// `{queue}` is replaced by the test's queue name, so bindings stay private.
@@ -40,15 +43,12 @@ pub fn amqp_url() -> String {
 
 /// The server to create test databases on (any database on it).
 pub fn server_url() -> String {
-    std::env::var("DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+    std::env::var("DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
 }
 
 /// `url` with its database name replaced by `name`.
 pub fn with_database(url: &str, name: &str) -> String {
-    let (base, query) = url
-        .split_once('?')
-        .map_or((url, None), |(b, q)| (b, Some(q)));
+    let (base, query) = url.split_once('?').map_or((url, None), |(b, q)| (b, Some(q)));
     let slash = base.rfind('/').expect("database URL has a path");
     let mut out = format!("{}/{name}", &base[..slash]);
     if let Some(query) = query {
@@ -96,8 +96,7 @@ impl TestEnv {
     pub async fn new(topology: &str) -> TestEnv {
         let env = TestEnv::undeclared(topology).await;
         let channel = env.connection.create_channel().await.expect("channel");
-        let parsed =
-            Topology::parse(&topology.replace("{queue}", &env.queue)).expect("valid test topology");
+        let parsed = Topology::parse(&topology.replace("{queue}", &env.queue)).expect("valid test topology");
         parsed
             .declare(&channel, &env.queue)
             .await
@@ -123,15 +122,12 @@ impl TestEnv {
         worker_iot_core::store::migrate(&pool)
             .await
             .expect("migrate test database");
-        let connection = broker::connect(&amqp_url(), "test")
-            .await
-            .expect("connect to RabbitMQ");
+        let connection = broker::connect(&amqp_url(), "test").await.expect("connect to RabbitMQ");
         let publisher = Publisher::open(&connection).await.expect("open publisher");
         let dir = std::env::temp_dir().join(&queue);
         std::fs::create_dir_all(&dir).expect("temp dir");
         let topology_file = dir.join("topology.toml");
-        std::fs::write(&topology_file, topology.replace("{queue}", &queue))
-            .expect("write topology");
+        std::fs::write(&topology_file, topology.replace("{queue}", &queue)).expect("write topology");
         TestEnv {
             queue,
             database,
@@ -178,9 +174,24 @@ impl TestEnv {
 
     /// Runs the worker in this process until the returned token is cancelled.
     pub fn spawn_worker(&self, extra: &[(&str, &str)]) -> RunningWorker {
+        self.spawn_worker_with(self.settings(extra), None)
+    }
+
+    /// Runs the worker with these settings and an optional delivery observer.
+    pub fn spawn_worker_with(&self, settings: Settings, observer: Option<DeliveryObserver>) -> RunningWorker {
         let shutdown = CancellationToken::new();
-        let handle = tokio::spawn(worker::run(self.settings(extra), shutdown.clone()));
-        RunningWorker { shutdown, handle }
+        let metrics = Arc::new(Metrics::default());
+        let options = Options {
+            metrics: metrics.clone(),
+            observer,
+            serve_metrics: false,
+        };
+        let handle = tokio::spawn(worker::run_with(settings, shutdown.clone(), options));
+        RunningWorker {
+            shutdown,
+            handle,
+            metrics,
+        }
     }
 
     /// Publishes to `Q` through the default exchange, confirmed.
@@ -265,11 +276,9 @@ impl TestEnv {
 
     /// Waits until `queue` holds `expected` ready messages.
     pub async fn wait_for_queue_len(&self, queue: &str, expected: u32, timeout: Duration) {
-        wait_for(
-            &format!("{expected} messages in {queue}"),
-            timeout,
-            || async { (self.queue_len(queue).await == expected).then_some(()) },
-        )
+        wait_for(&format!("{expected} messages in {queue}"), timeout, || async {
+            (self.queue_len(queue).await == expected).then_some(())
+        })
         .await;
     }
 
@@ -293,9 +302,7 @@ impl TestEnv {
         }
         self.connection.close(200, "".into()).await.ok();
         self.pool.close().await;
-        let mut admin = PgConnection::connect(&server_url())
-            .await
-            .expect("admin connection");
+        let mut admin = PgConnection::connect(&server_url()).await.expect("admin connection");
         let sql = format!("DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)", self.database);
         sqlx::query(sqlx::AssertSqlSafe(sql))
             .execute(&mut admin)
@@ -309,6 +316,7 @@ impl TestEnv {
 pub struct RunningWorker {
     pub shutdown: CancellationToken,
     pub handle: JoinHandle<Result<(), WorkerError>>,
+    pub metrics: Arc<Metrics>,
 }
 
 impl RunningWorker {
@@ -343,13 +351,7 @@ pub struct WorkerProcess {
 impl TestEnv {
     /// Starts `bin` (e.g. `env!("CARGO_BIN_EXE_worker-iot-core")`) with a
     /// settings file holding `settings` (JSON) and the test's environment.
-    pub fn spawn_binary(
-        &self,
-        bin: &str,
-        settings: &str,
-        extra: &[(&str, &str)],
-        tag: &str,
-    ) -> WorkerProcess {
+    pub fn spawn_binary(&self, bin: &str, settings: &str, extra: &[(&str, &str)], tag: &str) -> WorkerProcess {
         let settings_file = self.dir.join(format!("settings-{tag}.json"));
         std::fs::write(&settings_file, settings).expect("write settings");
         let stdout = self.dir.join(format!("{tag}.out"));
@@ -358,8 +360,7 @@ impl TestEnv {
         // The queue name comes from the settings file, as in production.
         env.remove("RABBITMQ_LOCAL_QUEUE_NAME");
         env.insert("SETTINGS_FILE".into(), settings_file.display().to_string());
-        env.entry("RUST_LOG".into())
-            .or_insert_with(|| "warn".into());
+        env.entry("RUST_LOG".into()).or_insert_with(|| "warn".into());
         let child = tokio::process::Command::new(bin)
             .envs(env)
             .stdout(std::fs::File::create(&stdout).expect("stdout file"))
@@ -367,11 +368,7 @@ impl TestEnv {
             .kill_on_drop(true)
             .spawn()
             .expect("spawn worker binary");
-        WorkerProcess {
-            child,
-            stdout,
-            stderr,
-        }
+        WorkerProcess { child, stdout, stderr }
     }
 
     /// The settings file a user would write for this test's queue.
@@ -391,12 +388,7 @@ impl WorkerProcess {
     pub async fn wait_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
         tokio::time::timeout(timeout, self.child.wait())
             .await
-            .unwrap_or_else(|_| {
-                panic!(
-                    "worker did not exit within {timeout:?}; stderr: {}",
-                    self.stderr_text()
-                )
-            })
+            .unwrap_or_else(|_| panic!("worker did not exit within {timeout:?}; stderr: {}", self.stderr_text()))
             .expect("wait for worker")
     }
 

@@ -1,0 +1,156 @@
+//! Counters and readiness, served as `/metrics` (Prometheus text format),
+//! `/healthz` and `/readyz` on `METRICS_ADDR` by a deliberately tiny HTTP
+//! server. Tests read the same [`Metrics`] directly.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::failure::ErrorKind;
+use crate::pipeline::Outcome;
+
+/// The worker's live state.
+#[derive(Default)]
+pub struct Metrics {
+    ready: AtomicBool,
+    processed: AtomicU64,
+    duplicate: AtomicU64,
+    omitted: AtomicU64,
+    retried: AtomicU64,
+    parked: [AtomicU64; ErrorKind::ALL.len()],
+    connections: AtomicU64,
+    unsettled: AtomicU64,
+}
+
+impl Metrics {
+    /// Whether the worker is connected and consuming.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::SeqCst)
+    }
+
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, Ordering::SeqCst);
+    }
+
+    /// Counts one settled delivery.
+    pub fn record(&self, outcome: Outcome) {
+        let counter = match outcome {
+            Outcome::Processed => &self.processed,
+            Outcome::Duplicate => &self.duplicate,
+            Outcome::Omitted => &self.omitted,
+            Outcome::Retried { .. } => &self.retried,
+            Outcome::Parked { kind } => &self.parked[kind as usize],
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts one broker connection established (the first and every
+    /// reconnection).
+    pub fn record_connection(&self) {
+        self.connections.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts one delivery that could not be settled (left for redelivery).
+    pub fn record_unsettled(&self) {
+        self.unsettled.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn processed(&self) -> u64 {
+        self.processed.load(Ordering::Relaxed)
+    }
+
+    pub fn duplicates(&self) -> u64 {
+        self.duplicate.load(Ordering::Relaxed)
+    }
+
+    pub fn retried(&self) -> u64 {
+        self.retried.load(Ordering::Relaxed)
+    }
+
+    pub fn parked(&self, kind: ErrorKind) -> u64 {
+        self.parked[kind as usize].load(Ordering::Relaxed)
+    }
+
+    pub fn connections(&self) -> u64 {
+        self.connections.load(Ordering::Relaxed)
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::from(
+            "# HELP iot_deliveries_total Deliveries settled, by outcome.\n# TYPE iot_deliveries_total counter\n",
+        );
+        let line = |out: &mut String, labels: &str, value: u64| {
+            out.push_str(&format!("iot_deliveries_total{{{labels}}} {value}\n"));
+        };
+        line(&mut out, "outcome=\"processed\"", self.processed());
+        line(&mut out, "outcome=\"duplicate\"", self.duplicates());
+        line(&mut out, "outcome=\"omitted\"", self.omitted.load(Ordering::Relaxed));
+        line(&mut out, "outcome=\"retried\"", self.retried());
+        for kind in ErrorKind::ALL {
+            line(
+                &mut out,
+                &format!("outcome=\"parked\",kind=\"{kind}\""),
+                self.parked(kind),
+            );
+        }
+        out.push_str(&format!(
+            "# HELP iot_broker_connections_total Broker connections opened.\n# TYPE iot_broker_connections_total counter\n\
+             iot_broker_connections_total {}\n\
+             # HELP iot_unsettled_total Deliveries left unacked for redelivery.\n# TYPE iot_unsettled_total counter\n\
+             iot_unsettled_total {}\n\
+             # HELP iot_ready 1 when connected and consuming.\n# TYPE iot_ready gauge\niot_ready {}\n",
+            self.connections(),
+            self.unsettled.load(Ordering::Relaxed),
+            u8::from(self.is_ready()),
+        ));
+        out
+    }
+}
+
+/// Binds `addr` and serves `/metrics`, `/healthz` and `/readyz` until
+/// `shutdown`. Returns the bound address (useful with port 0).
+///
+/// # Errors
+/// The bind error.
+pub async fn serve(
+    addr: SocketAddr,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) -> std::io::Result<SocketAddr> {
+    let listener = TcpListener::bind(addr).await?;
+    let local = listener.local_addr()?;
+    tokio::spawn(async move {
+        loop {
+            let accepted = tokio::select! {
+                () = shutdown.cancelled() => return,
+                accepted = listener.accept() => accepted,
+            };
+            let Ok((mut stream, _)) = accepted else { continue };
+            let metrics = metrics.clone();
+            tokio::spawn(async move {
+                let mut buf = [0u8; 1024];
+                let n = stream.read(&mut buf).await.unwrap_or(0);
+                let request = String::from_utf8_lossy(&buf[..n]);
+                let path = request.split_whitespace().nth(1).unwrap_or("/");
+                let (status, body) = match path {
+                    "/metrics" => ("200 OK", metrics.render()),
+                    "/healthz" => ("200 OK", "ok\n".to_owned()),
+                    "/readyz" if metrics.is_ready() => ("200 OK", "ready\n".to_owned()),
+                    "/readyz" => ("503 Service Unavailable", "not ready: not consuming\n".to_owned()),
+                    _ => ("404 Not Found", "try /metrics, /healthz or /readyz\n".to_owned()),
+                };
+                let response = format!(
+                    "HTTP/1.1 {status}\r\ncontent-type: text/plain; version=0.0.4\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                stream.write_all(response.as_bytes()).await.ok();
+            });
+        }
+    });
+    Ok(local)
+}

@@ -223,4 +223,72 @@ mod tests {
         let f = Failure::Database(sqlx::Error::RowNotFound);
         assert_eq!(f.kind(), ErrorKind::Permanent);
     }
+
+    mod properties {
+        use proptest::prelude::*;
+
+        use super::*;
+        use crate::topology::Topology;
+
+        fn any_kind() -> impl Strategy<Value = ErrorKind> {
+            proptest::sample::select(ErrorKind::ALL.to_vec())
+        }
+
+        proptest! {
+            /// Following the policy from the first delivery, a message that
+            /// keeps failing transiently is parked after exactly
+            /// `max_attempts` deliveries, never more.
+            #[test]
+            fn transient_failures_park_after_max_attempts(max_attempts in 1u32..=100) {
+                let mut retries = 0;
+                let mut deliveries = 1;
+                loop {
+                    match retry_decision(true, ErrorKind::Transient, retries, max_attempts) {
+                        Disposition::RetryLater { retry } => {
+                            prop_assert_eq!(retry, retries + 1, "retry count grows by one");
+                            retries = retry;
+                            deliveries += 1;
+                            prop_assert!(deliveries <= max_attempts);
+                        }
+                        Disposition::Park { kind } => {
+                            prop_assert_eq!(kind, ErrorKind::AttemptsExhausted);
+                            break;
+                        }
+                    }
+                }
+                prop_assert_eq!(deliveries, max_attempts);
+            }
+
+            /// Whatever retry count a (possibly forged) header claims, the
+            /// policy never retries past the limit.
+            #[test]
+            fn any_retry_count_at_or_past_the_limit_parks(max_attempts in 1u32..=100, retries in 0u32..=u32::MAX) {
+                let d = retry_decision(true, ErrorKind::Transient, retries, max_attempts);
+                if retries.saturating_add(1) >= max_attempts {
+                    prop_assert_eq!(d, Disposition::Park { kind: ErrorKind::AttemptsExhausted });
+                } else {
+                    prop_assert_eq!(d, Disposition::RetryLater { retry: retries + 1 });
+                }
+            }
+
+            /// Permanent failures park at once with their own kind.
+            #[test]
+            fn permanent_failures_never_retry(kind in any_kind(), retries in any::<u32>(), max_attempts in 1u32..=100) {
+                prop_assert_eq!(retry_decision(false, kind, retries, max_attempts), Disposition::Park { kind });
+            }
+
+            /// Retry n waits at least as long as retry n - 1.
+            #[test]
+            fn delays_never_decrease(mut millis in proptest::collection::vec(1u64..=86_400_000, 1..8), n in 1u32..50) {
+                millis.sort_unstable();
+                let delays: Vec<String> = millis.iter().map(|ms| format!("\"{ms}ms\"")).collect();
+                let text = format!(
+                    "queue_type = \"classic\"\ndelivery_limit = 3\n[retry]\ndelays = [{}]\nmax_attempts = 5\n",
+                    delays.join(", ")
+                );
+                let topology = Topology::parse(&text).map_err(TestCaseError::fail)?;
+                prop_assert!(topology.retry_delay(n + 1).delay >= topology.retry_delay(n).delay);
+            }
+        }
+    }
 }

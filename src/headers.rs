@@ -273,4 +273,59 @@ mod tests {
         assert_eq!(retry_count(Some(&h)), 0);
         assert_eq!(retry_count(None), 0);
     }
+
+    mod properties {
+        use proptest::prelude::*;
+
+        use super::*;
+
+        proptest! {
+            /// What `with_failure` writes, the readers read back; the error
+            /// is cut to at most 1024 bytes on a character boundary.
+            #[test]
+            fn failure_headers_round_trip(
+                kind in proptest::sample::select(ErrorKind::ALL.to_vec()),
+                retries in any::<u32>(),
+                now_ms in 0i64..=i64::MAX / 2,
+                error in ".{0,1500}",
+                handler in "[A-Z_]{1,20}",
+                producer in "[ -~]{0,40}",
+            ) {
+                let mut original = FieldTable::default();
+                put_str(&mut original, "x-producer", &producer);
+                let properties = BasicProperties::default().with_headers(original);
+                let record = FailureRecord {
+                    kind, handler: &handler, error: &error, retry_count: retries, now_ms,
+                    exchange: "amq.topic", routing_key: "iot.a", failed_by: "h/1",
+                };
+                let copy = with_failure(&properties, &record);
+                let h = copy.headers().as_ref();
+                prop_assert_eq!(retry_count(h), retries);
+                prop_assert_eq!(read_i64(h, LAST_FAILURE_AT), Some(now_ms));
+                prop_assert_eq!(read_i64(h, FIRST_FAILURE_AT), Some(now_ms));
+                prop_assert_eq!(read_string(h, ERROR_KIND).and_then(|k| ErrorKind::parse(&k)), Some(kind));
+                let written = read_string(h, ERROR).unwrap();
+                prop_assert!(written.len() <= MAX_ERROR_BYTES && error.starts_with(&written));
+                prop_assert_eq!(read_string(h, ERROR_FINGERPRINT), Some(fingerprint(kind, &handler, &error)));
+                prop_assert_eq!(read_string(h, "x-producer"), Some(producer.clone()));
+            }
+
+            /// Readers never panic, whatever value type a header holds.
+            #[test]
+            fn readers_tolerate_any_value(n in any::<i64>(), text in ".{0,20}", flag in any::<bool>()) {
+                for value in [
+                    AMQPValue::LongLongInt(n),
+                    AMQPValue::LongString(LongString::from(text.as_str())),
+                    AMQPValue::Boolean(flag),
+                    AMQPValue::Double(n as f64),
+                    AMQPValue::Void,
+                ] {
+                    let mut h = FieldTable::default();
+                    h.insert(RETRY_COUNT.into(), value);
+                    let _ = retry_count(Some(&h));
+                    let _ = read_string(Some(&h), RETRY_COUNT);
+                }
+            }
+        }
+    }
 }

@@ -29,7 +29,7 @@ use crate::failure::{Disposition, ErrorKind, Failure};
 use crate::handlers::{self, Handler};
 use crate::headers::{self, FailureRecord};
 use crate::store;
-use crate::topology::{self, QueueType, Topology};
+use crate::topology::{self, Topology};
 
 const IN_PROCESS_MIN_DELAY: Duration = Duration::from_millis(50);
 const IN_PROCESS_MAX_DELAY: Duration = Duration::from_millis(500);
@@ -93,12 +93,12 @@ impl Pipeline {
             return self.settle(delivery, self.process(delivery).await).await;
         }
         let _alone = self.isolation.write().await;
-        // Crash-loop protection. Quorum queues count deliveries themselves
-        // (x-delivery-limit); on classic queues the worker counts
-        // redeliveries durably, before processing.
-        if self.topology.queue_type == QueueType::Quorum {
-            return self.settle(delivery, self.process(delivery).await).await;
-        }
+        // Crash-loop protection: redeliveries are counted durably, before
+        // processing, and the message is parked once they reach the limit.
+        // On quorum queues x-delivery-limit stays as the broker's backstop;
+        // the broker dead-letters only after limit + 1 deliveries, so the
+        // worker parks first, with headers, and innocent messages that were
+        // in flight during the crashes stay below the broker's limit.
         let key = delivery_key(delivery);
         let processed = match store::count_redelivery(&self.pool, &key).await {
             Ok(redeliveries) if redeliveries >= self.topology.delivery_limit => (

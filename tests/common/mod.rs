@@ -3,6 +3,8 @@
 //! deadline instead of sleeping.
 #![allow(dead_code)] // each test binary uses a different part of it
 
+pub mod proxy;
+
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::path::PathBuf;

@@ -46,7 +46,9 @@ impl Proxy {
                 }
                 let cut = loop_state.connections.lock().unwrap().clone();
                 tokio::spawn(async move {
-                    let Ok(mut server) = TcpStream::connect(upstream).await else { return };
+                    let Ok(mut server) = TcpStream::connect(upstream).await else {
+                        return;
+                    };
                     tokio::select! {
                         () = cut.cancelled() => {}
                         _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
@@ -106,5 +108,9 @@ pub fn upstream_of(url: &str) -> SocketAddr {
     } else {
         format!("{host_port}:5432")
     };
-    with_port.to_socket_addrs().expect("resolve").next().expect("an address")
+    with_port
+        .to_socket_addrs()
+        .expect("resolve")
+        .next()
+        .expect("an address")
 }

@@ -1,0 +1,236 @@
+//! Fault tests with real processes and real sockets: SIGKILL under load, a
+//! cut broker connection, a database outage, and a message that aborts the
+//! process.
+#![cfg(feature = "test-handlers")]
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::proxy::{Proxy, upstream_of};
+use common::{TestEnv, WorkerProcess, amqp_url, wait_for};
+use lapin::BasicProperties;
+use rand::Rng;
+use serde_json::json;
+use worker_iot_core::failure::ErrorKind;
+use worker_iot_core::headers::{self, ERROR_KIND};
+
+const WORKER: &str = env!("CARGO_BIN_EXE_worker-iot-core");
+
+fn topology(queue_type: &str, delays: &str, max_attempts: u32) -> String {
+    format!(
+        r#"
+queue_type = "{queue_type}"
+delivery_limit = 3
+[retry]
+delays = [{delays}]
+max_attempts = {max_attempts}
+in_process_attempts = 2
+"#
+    )
+}
+
+fn measurement(id: &str, value: i64) -> Vec<u8> {
+    json!({"type": "MEASUREMENT", "id": id, "data": {"device_id": "d1", "sensor": "t", "value": value}})
+        .to_string()
+        .into_bytes()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_three_times_under_load_applies_every_message_exactly_once() {
+    const N: i64 = 5000;
+    let env = TestEnv::new(&topology("classic", r#""50ms", "100ms""#, 5)).await;
+    let mut commands = 0;
+    for i in 0..N {
+        let body = if i % 10 == 0 {
+            commands += 1;
+            json!({"type": "SET_LED", "kind": "command", "id": format!("c-{i}"), "data": {"device_id": format!("d{}", i % 13), "state": "on"}})
+                .to_string()
+                .into_bytes()
+        } else {
+            measurement(&format!("m-{i}"), i)
+        };
+        env.publish(&body, BasicProperties::default()).await;
+    }
+    let events = N - commands;
+    let settings = env.settings_json();
+    let extra = [("RABBITMQ_PREFETCH_COUNT", "32")];
+    let mut rng = rand::rng();
+    for round in 0..3 {
+        let mut worker = env.spawn_binary(WORKER, &settings, &extra, &format!("round-{round}"));
+        let before = env.count("events").await + env.count("commands").await;
+        let at = before + rng.random_range(200..900);
+        wait_for("progress before the kill", Duration::from_secs(120), || async {
+            (env.count("events").await + env.count("commands").await >= at).then_some(())
+        })
+        .await;
+        worker.signal("KILL");
+        let status = worker.wait_exit(Duration::from_secs(10)).await;
+        assert!(!status.success(), "killed, not exited");
+    }
+    let applied_before_last = env.count("events").await + env.count("commands").await;
+    assert!(applied_before_last < N, "the kills happened under load");
+    let mut worker = env.spawn_binary(WORKER, &settings, &extra, "final");
+    env.wait_for_rows("events", events, Duration::from_secs(180)).await;
+    env.wait_for_rows("commands", commands, Duration::from_secs(60)).await;
+    worker.signal("TERM");
+    assert!(worker.wait_exit(Duration::from_secs(20)).await.success());
+
+    assert_eq!(env.queue_len(&env.queue).await, 0);
+    assert_eq!(env.queue_len(&env.dlq()).await, 0);
+    assert_eq!(env.count("measurements").await, events, "each measurement applied once");
+    assert_eq!(
+        env.count("outbox").await,
+        commands,
+        "each command's device message written once"
+    );
+    let distinct: i64 = sqlx::query_scalar("SELECT count(DISTINCT value) FROM measurements")
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+    assert_eq!(distinct, events);
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_broker_connection_is_rebuilt_and_everything_is_processed_once() {
+    const N: i64 = 3000;
+    let env = TestEnv::new(&topology("classic", r#""50ms""#, 5)).await;
+    let proxy = Proxy::start(upstream_of(&amqp_url())).await;
+    for i in 0..N {
+        env.publish(&measurement(&format!("m-{i}"), i), BasicProperties::default())
+            .await;
+    }
+    let proxied = proxy.url_for(&amqp_url());
+    let worker = env.spawn_worker_with(env.settings(&[("AMQP_URL", &proxied)]), None);
+    wait_for("progress before the cut", Duration::from_secs(60), || async {
+        (env.count("measurements").await >= 500).then_some(())
+    })
+    .await;
+    proxy.cut();
+    wait_for("the worker to reconnect", Duration::from_secs(60), || async {
+        (worker.metrics.connections() >= 2 && worker.metrics.is_ready()).then_some(())
+    })
+    .await;
+    env.wait_for_rows("measurements", N, Duration::from_secs(120)).await;
+    let applied_at_cut_time = worker.metrics.processed();
+    worker.stop().await;
+    assert!(applied_at_cut_time <= N as u64);
+    assert_eq!(env.queue_len(&env.queue).await, 0);
+    assert_eq!(env.queue_len(&env.dlq()).await, 0);
+    assert_eq!(env.count("events").await, N);
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_outage_sends_messages_to_retry_queues_and_loses_none() {
+    const N: i64 = 300;
+    let env = TestEnv::new(&topology("classic", r#""100ms", "200ms""#, 100)).await;
+    let proxy = Proxy::start(upstream_of(&env.database_url)).await;
+    for i in 0..N {
+        env.publish(&measurement(&format!("m-{i}"), i), BasicProperties::default())
+            .await;
+    }
+    let proxied = proxy.url_for(&env.database_url);
+    // One message at a time, so the outage finds most of them unprocessed.
+    let worker = env.spawn_worker_with(
+        env.settings(&[("DATABASE_URL", &proxied), ("RABBITMQ_PREFETCH_COUNT", "1")]),
+        None,
+    );
+    wait_for("progress before the outage", Duration::from_secs(60), || async {
+        (env.count("measurements").await >= 20).then_some(())
+    })
+    .await;
+    proxy.set_refusing(true);
+    proxy.cut();
+    let outage_started = Instant::now();
+    // Stage 1 gives up within a second; the outage lasts until many
+    // messages went through the retry queues.
+    wait_for(
+        "messages diverted to retry queues",
+        Duration::from_secs(120),
+        || async { (worker.metrics.retried() >= 30).then_some(()) },
+    )
+    .await;
+    assert!(
+        outage_started.elapsed() > Duration::from_secs(1),
+        "outage outlasted stage 1"
+    );
+    let during = env.count("measurements").await;
+    proxy.set_refusing(false);
+    env.wait_for_rows("measurements", N, Duration::from_secs(120)).await;
+    let metrics = worker.metrics.clone();
+    worker.stop().await;
+
+    assert!(during < N);
+    for kind in ErrorKind::ALL {
+        assert_eq!(metrics.parked(kind), 0, "nothing parked as {kind}");
+    }
+    assert_eq!(env.queue_len(&env.dlq()).await, 0);
+    assert_eq!(env.queue_len(&env.queue).await, 0);
+    assert_eq!(env.count("events").await, N);
+    env.cleanup().await;
+}
+
+/// Runs the worker binary again each time it dies, until `done` or the
+/// restart budget runs out. Returns how many times it was started.
+async fn supervise(env: &TestEnv, max_starts: u32, done: impl AsyncFn() -> bool) -> u32 {
+    let deadline = Instant::now() + Duration::from_secs(180);
+    let mut starts = 0;
+    let mut worker: Option<WorkerProcess> = None;
+    while !done().await {
+        assert!(Instant::now() < deadline, "not done after {starts} starts");
+        let exited = match worker.as_mut() {
+            None => true,
+            Some(w) => w.child.try_wait().expect("try_wait").is_some(),
+        };
+        if exited {
+            assert!(starts < max_starts, "still crashing after {starts} starts");
+            starts += 1;
+            worker = Some(env.spawn_binary(WORKER, &env.settings_json(), &[], &format!("start-{starts}")));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    if let Some(mut w) = worker {
+        w.signal("TERM");
+        assert!(w.wait_exit(Duration::from_secs(20)).await.success());
+    }
+    starts
+}
+
+async fn a_message_that_aborts_the_process_is_parked_after_the_limit(queue_type: &str) {
+    let env = TestEnv::new(&topology(queue_type, r#""50ms""#, 5)).await;
+    for i in 0..40 {
+        env.publish(&measurement(&format!("m-{i}"), i), BasicProperties::default())
+            .await;
+        if i == 5 {
+            let poison = json!({"type": "TEST_ABORT", "id": "killer", "data": null}).to_string();
+            env.publish(poison.as_bytes(), BasicProperties::default()).await;
+        }
+    }
+    let starts = supervise(&env, 3 + 3, async || {
+        env.queue_len(&env.dlq()).await == 1 && env.count("measurements").await == 40
+    })
+    .await;
+    assert!(starts >= 2, "the poison message did crash the worker");
+
+    let parked = env.drain(&env.dlq()).await;
+    let h = parked[0].delivery.properties.headers().as_ref();
+    // On both queue types the worker's durable count parks it first, with
+    // headers; the quorum queue's x-delivery-limit is the backstop.
+    assert_eq!(parked.len(), 1, "only the poison message is parked");
+    assert_eq!(headers::read_string(h, ERROR_KIND).as_deref(), Some("crash_loop"));
+    assert_eq!(env.count("events").await, 40);
+    assert_eq!(env.queue_len(&env.queue).await, 0);
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_loop_on_a_classic_queue_is_parked_after_the_limit() {
+    a_message_that_aborts_the_process_is_parked_after_the_limit("classic").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_loop_on_a_quorum_queue_is_parked_before_the_broker_limit() {
+    a_message_that_aborts_the_process_is_parked_after_the_limit("quorum").await;
+}

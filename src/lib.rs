@@ -24,6 +24,7 @@ pub mod headers;
 pub mod metrics;
 pub mod outbox;
 pub mod pipeline;
+pub mod requeue;
 pub mod samples;
 pub mod store;
 pub mod topology;

@@ -6,7 +6,17 @@ use worker_iot_core::config::Settings;
 use worker_iot_core::store;
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> std::process::ExitCode {
+    match run().await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("create_db: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run() -> anyhow::Result<()> {
     let (settings, _) = Settings::load()?;
     let url = settings.database_url()?;
     let created = store::create_database(url).await.context("creating the database")?;

@@ -1,0 +1,270 @@
+//! `requeue`: inspect the dead-letter queue and drain it back (SPEC §7).
+//! The logic is in `worker_iot_core::requeue`; this parses flags and prints.
+
+use std::io::IsTerminal;
+
+use anyhow::{Context, bail};
+use clap::Parser;
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+use worker_iot_core::broker;
+use worker_iot_core::config::{Settings, mask_password};
+use worker_iot_core::failure::ErrorKind;
+use worker_iot_core::requeue::{self, Action, DrainOptions, Filter, Group, Parked, Summary, format_ms};
+use worker_iot_core::topology::dlq_name;
+
+/// Inspect the dead-letter queue Q.dlq and drain it back to Q.
+///
+/// Every message moved is published with a publisher confirm before it is
+/// acked from the DLQ: a crash mid-drain may duplicate one message (the
+/// worker's inbox absorbs it), never lose one. Messages that do not match
+/// the filters stay in the DLQ, unchanged and in their order.
+#[derive(Parser)]
+#[command(version)]
+struct Args {
+    /// Main queue Q (default: RABBITMQ_LOCAL_QUEUE_NAME); the DLQ is Q.dlq.
+    #[arg(long)]
+    queue: Option<String>,
+    /// Queue to move messages to (default: Q).
+    #[arg(long)]
+    to: Option<String>,
+    /// Move at most N messages.
+    #[arg(long, value_name = "N")]
+    limit: Option<u64>,
+    /// Move at most this many messages per second.
+    #[arg(long, value_name = "PER_SEC", value_parser = parse_rate)]
+    rate: Option<f64>,
+    /// Only messages of this type (repeatable).
+    #[arg(long = "type", value_name = "T")]
+    types: Vec<String>,
+    /// Only messages with this iot-error-kind (repeatable).
+    #[arg(long = "error-kind", value_name = "K", value_parser = parse_kind)]
+    error_kinds: Vec<String>,
+    /// Only messages with this iot-error-fingerprint.
+    #[arg(long, value_name = "F")]
+    fingerprint: Option<String>,
+    /// Only messages whose error text or body contains TEXT.
+    #[arg(long, value_name = "TEXT")]
+    grep: Option<String>,
+    /// Move nothing; print what would move.
+    #[arg(long)]
+    dry_run: bool,
+    /// Keep iot-retry-count instead of clearing it.
+    #[arg(long)]
+    keep_retry_count: bool,
+    /// One JSON line per message (or group) and a summary line.
+    #[arg(long)]
+    json: bool,
+    /// Summarise the DLQ grouped by fingerprint; moves nothing.
+    #[arg(long, conflicts_with_all = ["to", "limit", "rate", "dry_run", "keep_retry_count"])]
+    list: bool,
+}
+
+fn parse_rate(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(rate) if rate.is_finite() && rate > 0.0 => Ok(rate),
+        _ => Err(format!(
+            "{text:?} is not a rate: expected a positive number of messages per second"
+        )),
+    }
+}
+
+fn parse_kind(text: &str) -> Result<String, String> {
+    if ErrorKind::parse(text).is_some() || text.starts_with("broker:") || text == "unknown" {
+        Ok(text.to_owned())
+    } else {
+        let known: Vec<&str> = ErrorKind::ALL.iter().map(|k| k.as_str()).collect();
+        Err(format!(
+            "{text:?} is not an error kind: expected one of {}",
+            known.join(", ")
+        ))
+    }
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    match run().await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("requeue: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let (settings, _) = Settings::load()?;
+    let queue = args.queue.clone().unwrap_or(settings.queue);
+    let dlq = dlq_name(&queue);
+    let connection = broker::connect(&settings.amqp_url, "requeue")
+        .await
+        .with_context(|| format!("cannot reach RabbitMQ at {}", mask_password(&settings.amqp_url)))?;
+
+    if args.list {
+        let groups = requeue::list(&connection, &dlq).await?;
+        print_groups(&groups, &dlq, args.json);
+        connection.close(200, "done".into()).await.ok();
+        return Ok(());
+    }
+
+    let options = DrainOptions {
+        dlq: dlq.clone(),
+        target: args.to.clone().unwrap_or(queue),
+        filter: Filter {
+            types: args.types.clone(),
+            error_kinds: args.error_kinds.clone(),
+            fingerprint: args.fingerprint.clone(),
+            grep: args.grep.clone(),
+        },
+        limit: args.limit,
+        rate: args.rate,
+        dry_run: args.dry_run,
+        keep_retry_count: args.keep_retry_count,
+    };
+    let stop = CancellationToken::new();
+    let ctrl_c = stop.clone();
+    tokio::spawn(async move {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            ctrl_c.cancel();
+        }
+    });
+    let total = requeue::depth(&connection, &dlq).await?;
+    let bar = (!args.json && std::io::stderr().is_terminal()).then(|| {
+        let bar = ProgressBar::new(u64::from(total));
+        bar.set_style(
+            ProgressStyle::with_template("{spinner} [{bar:40}] {pos}/{len} {msg}")
+                .unwrap_or_else(|_| ProgressStyle::default_bar())
+                .progress_chars("=> "),
+        );
+        bar
+    });
+    let json = args.json;
+    let result = requeue::drain(&connection, &options, &stop, |action, parked| {
+        if let Some(bar) = &bar {
+            bar.inc(1);
+            bar.set_message(format!("{action:?}"));
+        } else if json {
+            println!("{}", message_line(action, parked));
+        } else if action == Action::WouldMove {
+            println!("would move {}", describe(parked));
+        }
+    })
+    .await;
+    if let Some(bar) = &bar {
+        bar.finish_and_clear();
+    }
+    connection.close(200, "done".into()).await.ok();
+    let summary = result.with_context(|| format!("draining {dlq} stopped"))?;
+    print_summary(&summary, &options, json);
+    if summary.interrupted {
+        bail!(
+            "interrupted: {} moved, {} kept, {} not visited",
+            summary.moved,
+            summary.kept,
+            summary.left
+        );
+    }
+    Ok(())
+}
+
+fn describe(p: &Parked) -> String {
+    format!(
+        "{} type={} kind={} fingerprint={} error={:?}",
+        p.message_id.as_deref().unwrap_or("(no message_id)"),
+        p.message_type.as_deref().unwrap_or("-"),
+        p.kind,
+        p.fingerprint,
+        p.error
+    )
+}
+
+fn message_line(action: Action, p: &Parked) -> serde_json::Value {
+    let action = match action {
+        Action::Moved => "moved",
+        Action::WouldMove => "would_move",
+        Action::Kept => "kept",
+    };
+    json!({
+        "action": action,
+        "message_id": p.message_id,
+        "type": p.message_type,
+        "error_kind": p.kind,
+        "fingerprint": p.fingerprint,
+        "error": p.error,
+    })
+}
+
+fn print_summary(summary: &Summary, options: &DrainOptions, json: bool) {
+    let verb = if options.dry_run { "would move" } else { "moved" };
+    if json {
+        println!(
+            "{}",
+            json!({"summary": {
+                "dry_run": options.dry_run,
+                "moved": summary.moved,
+                "kept": summary.kept,
+                "left": summary.left,
+                "to": options.target,
+                "by_fingerprint": summary.moved_by_fingerprint,
+            }})
+        );
+        return;
+    }
+    println!(
+        "{verb} {} to {}, kept {} in {}, {} not visited",
+        summary.moved, options.target, summary.kept, options.dlq, summary.left
+    );
+    for (fingerprint, n) in &summary.moved_by_fingerprint {
+        println!("  {fingerprint}  {n}");
+    }
+}
+
+fn print_groups(groups: &[Group], dlq: &str, json: bool) {
+    let total: u64 = groups.iter().map(|g| g.count).sum();
+    if json {
+        for g in groups {
+            println!(
+                "{}",
+                json!({
+                    "fingerprint": g.fingerprint,
+                    "count": g.count,
+                    "error_kind": g.kind,
+                    "types": g.types,
+                    "first_failure_at": g.first_failure_ms,
+                    "last_failure_at": g.last_failure_ms,
+                    "sample_error": g.sample_error,
+                })
+            );
+        }
+        println!(
+            "{}",
+            json!({"summary": {"queue": dlq, "messages": total, "groups": groups.len()}})
+        );
+        return;
+    }
+    println!("{dlq}: {total} message(s) in {} group(s)\n", groups.len());
+    println!(
+        "{:<16}  {:>6}  {:<18}  {:<24}  {:<19}  {:<19}  SAMPLE ERROR",
+        "FINGERPRINT", "COUNT", "KIND", "TYPES", "FIRST FAILURE", "LAST FAILURE"
+    );
+    for g in groups {
+        let types = if g.types.is_empty() {
+            "-".to_owned()
+        } else {
+            g.types.join(",")
+        };
+        let sample: String = g.sample_error.chars().take(80).collect();
+        println!(
+            "{:<16}  {:>6}  {:<18}  {:<24}  {:<19}  {:<19}  {}",
+            g.fingerprint,
+            g.count,
+            g.kind,
+            types,
+            format_ms(g.first_failure_ms),
+            format_ms(g.last_failure_ms),
+            sample
+        );
+    }
+}

@@ -8,7 +8,7 @@
 
 use std::fmt;
 
-use chrono::{DateTime, NaiveDateTime, SecondsFormat, Utc};
+use chrono::{DateTime, Datelike, NaiveDateTime, SecondsFormat, Utc};
 use serde::de::{self, MapAccess, Visitor};
 use serde::{Deserialize, Deserializer};
 use serde_json::Value;
@@ -196,19 +196,25 @@ pub fn body_hash(body: &[u8]) -> String {
 /// # Errors
 /// A sentence saying what forms are accepted.
 pub fn parse_time(text: &str) -> Result<DateTime<Utc>, String> {
-    if let Ok(time) = DateTime::parse_from_rfc3339(text) {
-        return Ok(time.with_timezone(&Utc));
+    let parsed = DateTime::parse_from_rfc3339(text)
+        .map(|t| t.with_timezone(&Utc))
+        .ok()
+        .or_else(|| {
+            ["%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%d %H:%M:%S%.f"]
+                .iter()
+                .find_map(|format| NaiveDateTime::parse_from_str(text, format).ok())
+                .map(|naive| naive.and_utc())
+        });
+    // Years outside 0001-9999 (in UTC) have no RFC 3339 form: refusing them
+    // keeps every accepted time printable and parsable again.
+    match parsed {
+        Some(time) if (1..=9999).contains(&time.year()) => Ok(time),
+        _ => Err(format!(
+            "must be an RFC 3339 / ISO-8601 time from year 0001 to 9999, such as 2026-01-31T12:00:00Z \
+             (no offset means UTC), found {:?}",
+            truncate_chars(text, 64)
+        )),
     }
-    for format in ["%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%d %H:%M:%S%.f"] {
-        if let Ok(naive) = NaiveDateTime::parse_from_str(text, format) {
-            return Ok(naive.and_utc());
-        }
-    }
-    Err(format!(
-        "must be an RFC 3339 / ISO-8601 time such as 2026-01-31T12:00:00Z \
-         (no offset means UTC), found {:?}",
-        truncate_chars(text, 64)
-    ))
 }
 
 /// Formats a time the way [`Message::to_json`] writes it (RFC 3339, UTC,
@@ -417,6 +423,16 @@ mod tests {
     fn rejects_bad_time() {
         assert_eq!(problem_field(r#"{"type":"A","data":1,"time":"yesterday"}"#), "time");
         assert_eq!(problem_field(r#"{"type":"A","data":1,"time":12}"#), "time");
+        // Valid RFC 3339, but year 0 in UTC, which RFC 3339 cannot write.
+        assert_eq!(
+            problem_field(r#"{"type":"A","data":1,"time":"0001-01-01T00:00:00+01:00"}"#),
+            "time"
+        );
+        assert_eq!(
+            problem_field(r#"{"type":"A","data":1,"time":"+10000-01-01T00:00:00"}"#),
+            "time"
+        );
+        assert!(dec(r#"{"type":"A","data":1,"time":"9999-12-31T23:59:59Z"}"#).is_ok());
     }
 
     #[test]

@@ -16,6 +16,7 @@
 
 pub mod banner;
 pub mod broker;
+pub mod cli;
 pub mod config;
 pub mod envelope;
 pub mod failure;

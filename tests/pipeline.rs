@@ -323,39 +323,14 @@ async fn an_older_device_event_never_overwrites_a_newer_one() {
     let env = TestEnv::new(FAST_TOPOLOGY).await;
     let t0 = Utc.with_ymd_and_hms(2026, 1, 1, 12, 0, 0).unwrap();
     // Newest first: DOWN at t0+10, then UP at t0 (older), then UP at t0+5 (older).
-    env.publish(
-        &body(
-            "DEVICE_DOWN",
-            "event",
-            Some("a"),
-            t0 + Span::seconds(10),
-            json!({"device_id": "lamp"}),
-        ),
-        BasicProperties::default(),
-    )
-    .await;
-    env.publish(
-        &body(
-            "DEVICE_UP",
-            "event",
-            Some("b"),
-            t0,
-            json!({"device_id": "lamp", "ip": "1.2.3.4"}),
-        ),
-        BasicProperties::default(),
-    )
-    .await;
-    env.publish(
-        &body(
-            "DEVICE_UP",
-            "event",
-            Some("c"),
-            t0 + Span::seconds(5),
-            json!({"device_id": "lamp"}),
-        ),
-        BasicProperties::default(),
-    )
-    .await;
+    for (message_type, id, offset, data) in [
+        ("DEVICE_DOWN", "a", 10, json!({"device_id": "lamp"})),
+        ("DEVICE_UP", "b", 0, json!({"device_id": "lamp", "ip": "1.2.3.4"})),
+        ("DEVICE_UP", "c", 5, json!({"device_id": "lamp"})),
+    ] {
+        let b = body(message_type, "event", Some(id), t0 + Span::seconds(offset), data);
+        env.publish(&b, BasicProperties::default()).await;
+    }
     let worker = env.spawn_worker(&[("RABBITMQ_PREFETCH_COUNT", "1")]);
     env.wait_for_rows("events", 3, WAIT).await;
     worker.stop().await;

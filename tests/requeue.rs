@@ -62,6 +62,14 @@ async fn park(env: &TestEnv, body: &[u8], message_id: &str, kind: ErrorKind, err
     env.publish_to(&env.dlq(), body, properties).await;
 }
 
+/// Parks `n` measurements `m-0`, `m-1`, … as transient failures.
+async fn park_measurements(env: &TestEnv, n: i64) {
+    for i in 0..n {
+        let id = format!("m-{i}");
+        park(env, &measurement(&id, i), &id, ErrorKind::Transient, "db down").await;
+    }
+}
+
 fn measurement(id: &str, value: i64) -> Vec<u8> {
     json!({"type": "MEASUREMENT", "id": id, "data": {"device_id": "d1", "sensor": "t", "value": value}})
         .to_string()
@@ -132,16 +140,7 @@ async fn list_groups_300_parked_messages_from_three_failures() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dry_run_moves_nothing() {
     let env = TestEnv::new(FAST_TOPOLOGY).await;
-    for i in 0..50 {
-        park(
-            &env,
-            &measurement(&format!("m-{i}"), i),
-            &format!("m-{i}"),
-            ErrorKind::Transient,
-            "db down",
-        )
-        .await;
-    }
+    park_measurements(&env, 50).await;
     let before = contents(&env, &env.dlq()).await;
     let lines = json_lines(&run_requeue(&env, &["--dry-run", "--json", "--limit", "30"]));
     assert_eq!(lines.iter().filter(|l| l["action"] == "would_move").count(), 30);
@@ -266,16 +265,7 @@ async fn after_the_fix_a_full_drain_applies_every_message_exactly_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_mid_drain_loses_no_message() {
     let env = TestEnv::new(FAST_TOPOLOGY).await;
-    for i in 0..2000 {
-        park(
-            &env,
-            &measurement(&format!("m-{i}"), i),
-            &format!("m-{i}"),
-            ErrorKind::Transient,
-            "db down",
-        )
-        .await;
-    }
+    park_measurements(&env, 2000).await;
     let mut child = tokio::process::Command::from(requeue_command(&env, &["--rate", "1000"]))
         .stdout(std::process::Stdio::null())
         .kill_on_drop(true)
@@ -323,16 +313,7 @@ async fn kill_9_mid_drain_loses_no_message() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rate_200_on_400_messages_takes_about_two_seconds() {
     let env = TestEnv::new(FAST_TOPOLOGY).await;
-    for i in 0..400 {
-        park(
-            &env,
-            &measurement(&format!("m-{i}"), i),
-            &format!("m-{i}"),
-            ErrorKind::Transient,
-            "db down",
-        )
-        .await;
-    }
+    park_measurements(&env, 400).await;
     let started = Instant::now();
     run_requeue(&env, &["--rate", "200"]);
     let took = started.elapsed();

@@ -7,13 +7,7 @@ use worker_iot_core::store;
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    match run().await {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("create_db: {e:#}");
-            std::process::ExitCode::FAILURE
-        }
-    }
+    worker_iot_core::cli::exit_code("create_db", run().await)
 }
 
 async fn run() -> anyhow::Result<()> {

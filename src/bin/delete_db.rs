@@ -16,13 +16,7 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    match run().await {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("delete_db: {e:#}");
-            std::process::ExitCode::FAILURE
-        }
-    }
+    worker_iot_core::cli::exit_code("delete_db", run().await)
 }
 
 async fn run() -> anyhow::Result<()> {

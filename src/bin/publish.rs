@@ -63,13 +63,7 @@ enum What {
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    match run().await {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("publish: {e:#}");
-            std::process::ExitCode::FAILURE
-        }
-    }
+    worker_iot_core::cli::exit_code("publish", run().await)
 }
 
 async fn run() -> anyhow::Result<()> {

@@ -84,13 +84,7 @@ fn parse_kind(text: &str) -> Result<String, String> {
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    match run().await {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("requeue: {e:#}");
-            std::process::ExitCode::FAILURE
-        }
-    }
+    worker_iot_core::cli::exit_code("requeue", run().await)
 }
 
 async fn run() -> anyhow::Result<()> {

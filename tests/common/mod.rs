@@ -208,34 +208,30 @@ impl TestEnv {
             .expect("publish");
     }
 
-    /// Ready messages in `queue` (a passive declare, on its own channel).
-    pub async fn queue_len(&self, queue: &str) -> u32 {
-        let channel = self.connection.create_channel().await.expect("channel");
+    /// The broker's view of `queue` (a passive declare, on its own channel).
+    async fn inspect(&self, queue: &str) -> Result<lapin::Queue, lapin::Error> {
+        let channel = self.connection.create_channel().await?;
         let options = QueueDeclareOptions {
             passive: true,
             ..QueueDeclareOptions::default()
         };
-        let q = channel
+        let result = channel
             .queue_declare(queue.into(), options, FieldTable::default())
-            .await
-            .unwrap_or_else(|e| panic!("queue {queue} should exist: {e}"));
+            .await;
         channel.close(200, "".into()).await.ok();
-        q.message_count()
+        result
     }
 
-    /// Consumers on `queue`.
+    /// Ready messages in `queue`.
+    pub async fn queue_len(&self, queue: &str) -> u32 {
+        let q = self.inspect(queue).await;
+        q.unwrap_or_else(|e| panic!("queue {queue} should exist: {e}"))
+            .message_count()
+    }
+
+    /// Consumers on `queue`, if it exists.
     pub async fn consumers(&self, queue: &str) -> Option<u32> {
-        let channel = self.connection.create_channel().await.ok()?;
-        let options = QueueDeclareOptions {
-            passive: true,
-            ..QueueDeclareOptions::default()
-        };
-        let q = channel
-            .queue_declare(queue.into(), options, FieldTable::default())
-            .await
-            .ok()?;
-        channel.close(200, "".into()).await.ok();
-        Some(q.consumer_count())
+        self.inspect(queue).await.ok().map(|q| q.consumer_count())
     }
 
     /// Takes every message from `queue` (acking them), in order.

@@ -61,6 +61,21 @@ struct Args {
     list: bool,
 }
 
+/// `println!` that ends the process quietly when stdout is closed
+/// (`requeue --list | head`). It is only called between messages, after the
+/// previous one was settled, so stopping there loses nothing.
+macro_rules! emit {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        if let Err(e) = writeln!(std::io::stdout(), $($arg)*) {
+            if e.kind() == std::io::ErrorKind::BrokenPipe {
+                std::process::exit(0);
+            }
+            panic!("cannot write to stdout: {e}");
+        }
+    }};
+}
+
 fn parse_rate(text: &str) -> Result<f64, String> {
     match text.parse::<f64>() {
         Ok(rate) if rate.is_finite() && rate > 0.0 => Ok(rate),
@@ -140,9 +155,9 @@ async fn run() -> anyhow::Result<()> {
             bar.inc(1);
             bar.set_message(format!("{action:?}"));
         } else if json {
-            println!("{}", message_line(action, parked));
+            emit!("{}", message_line(action, parked));
         } else if action == Action::WouldMove {
-            println!("would move {}", describe(parked));
+            emit!("would move {}", describe(parked));
         }
     })
     .await;
@@ -193,7 +208,7 @@ fn message_line(action: Action, p: &Parked) -> serde_json::Value {
 fn print_summary(summary: &Summary, options: &DrainOptions, json: bool) {
     let verb = if options.dry_run { "would move" } else { "moved" };
     if json {
-        println!(
+        emit!(
             "{}",
             json!({"summary": {
                 "dry_run": options.dry_run,
@@ -206,12 +221,16 @@ fn print_summary(summary: &Summary, options: &DrainOptions, json: bool) {
         );
         return;
     }
-    println!(
+    emit!(
         "{verb} {} to {}, kept {} in {}, {} not visited",
-        summary.moved, options.target, summary.kept, options.dlq, summary.left
+        summary.moved,
+        options.target,
+        summary.kept,
+        options.dlq,
+        summary.left
     );
     for (fingerprint, n) in &summary.moved_by_fingerprint {
-        println!("  {fingerprint}  {n}");
+        emit!("  {fingerprint}  {n}");
     }
 }
 
@@ -219,7 +238,7 @@ fn print_groups(groups: &[Group], dlq: &str, json: bool) {
     let total: u64 = groups.iter().map(|g| g.count).sum();
     if json {
         for g in groups {
-            println!(
+            emit!(
                 "{}",
                 json!({
                     "fingerprint": g.fingerprint,
@@ -232,16 +251,21 @@ fn print_groups(groups: &[Group], dlq: &str, json: bool) {
                 })
             );
         }
-        println!(
+        emit!(
             "{}",
             json!({"summary": {"queue": dlq, "messages": total, "groups": groups.len()}})
         );
         return;
     }
-    println!("{dlq}: {total} message(s) in {} group(s)\n", groups.len());
-    println!(
+    emit!("{dlq}: {total} message(s) in {} group(s)\n", groups.len());
+    emit!(
         "{:<16}  {:>6}  {:<18}  {:<24}  {:<19}  {:<19}  SAMPLE ERROR",
-        "FINGERPRINT", "COUNT", "KIND", "TYPES", "FIRST FAILURE", "LAST FAILURE"
+        "FINGERPRINT",
+        "COUNT",
+        "KIND",
+        "TYPES",
+        "FIRST FAILURE",
+        "LAST FAILURE"
     );
     for g in groups {
         let types = if g.types.is_empty() {
@@ -250,7 +274,7 @@ fn print_groups(groups: &[Group], dlq: &str, json: bool) {
             g.types.join(",")
         };
         let sample: String = g.sample_error.chars().take(80).collect();
-        println!(
+        emit!(
             "{:<16}  {:>6}  {:<18}  {:<24}  {:<19}  {:<19}  {}",
             g.fingerprint,
             g.count,

@@ -280,34 +280,63 @@ impl TestEnv {
         .await;
     }
 
-    /// Deletes the test's queues and database.
+    /// Deletes the test's queues and database (dropping the `TestEnv`
+    /// does the same, so a failed test cleans up too).
     pub async fn cleanup(self) {
-        let channel = self.connection.create_channel().await.expect("channel");
-        for suffix in [
-            "",
-            ".dlq",
-            ".retry.50ms",
-            ".retry.100ms",
-            ".retry.1s",
-            ".retry.30s",
-            ".retry.5m",
-        ] {
-            let name = format!("{}{suffix}", self.queue);
-            channel
-                .queue_delete(name.as_str().into(), QueueDeleteOptions::default())
-                .await
-                .ok();
-        }
         self.connection.close(200, "".into()).await.ok();
         self.pool.close().await;
-        let mut admin = PgConnection::connect(&server_url()).await.expect("admin connection");
-        let sql = format!("DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)", self.database);
-        sqlx::query(sqlx::AssertSqlSafe(sql))
-            .execute(&mut admin)
-            .await
-            .expect("drop test database");
-        std::fs::remove_dir_all(&self.dir).ok();
     }
+}
+
+impl Drop for TestEnv {
+    fn drop(&mut self) {
+        let (queue, database, dir) = (self.queue.clone(), self.database.clone(), self.dir.clone());
+        // Drop cannot await, and may run while a runtime unwinds: remove
+        // everything from a thread with a runtime of its own.
+        let removed = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            runtime.block_on(remove_resources(&queue, &database));
+            std::fs::remove_dir_all(dir).ok();
+        })
+        .join();
+        if removed.is_err() && !std::thread::panicking() {
+            panic!("cleaning up the test's queues and database failed");
+        }
+    }
+}
+
+/// Deletes `queue` with its retry queues and DLQ, and drops `database`.
+async fn remove_resources(queue: &str, database: &str) {
+    if let Ok(connection) = broker::connect(&amqp_url(), "test-cleanup").await {
+        if let Ok(channel) = connection.create_channel().await {
+            for suffix in [
+                "",
+                ".dlq",
+                ".retry.50ms",
+                ".retry.100ms",
+                ".retry.200ms",
+                ".retry.1s",
+                ".retry.30s",
+                ".retry.5m",
+            ] {
+                let name = format!("{queue}{suffix}");
+                channel
+                    .queue_delete(name.as_str().into(), QueueDeleteOptions::default())
+                    .await
+                    .ok();
+            }
+        }
+        connection.close(200, "".into()).await.ok();
+    }
+    let mut admin = PgConnection::connect(&server_url()).await.expect("admin connection");
+    let sql = format!("DROP DATABASE IF EXISTS \"{database}\" WITH (FORCE)");
+    sqlx::query(sqlx::AssertSqlSafe(sql))
+        .execute(&mut admin)
+        .await
+        .expect("drop test database");
 }
 
 /// A worker running in this process.

@@ -1,9 +1,12 @@
--- Crash-loop protection on classic queues: redeliveries of a message that
--- was never settled, counted durably so a message that kills the process
--- is parked after the topology's delivery_limit.
+-- Crash-loop protection: redeliveries of a message that was never
+-- settled, counted durably before it runs, so a message that kills the
+-- process is parked. `boot_id` is the worker process that last started it:
+-- redeliveries within one process (a reconnect) are not counted again.
 CREATE TABLE delivery_attempts (
     delivery_key  text PRIMARY KEY,
     redeliveries  int NOT NULL,
+    boot_id       text NOT NULL,
     first_seen_at timestamptz NOT NULL DEFAULT now(),
     last_seen_at  timestamptz NOT NULL DEFAULT now()
 );
+CREATE INDEX delivery_attempts_last_seen ON delivery_attempts (last_seen_at);

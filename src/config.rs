@@ -50,8 +50,9 @@ pub struct Settings {
     pub max_message_bytes: usize,
     pub shutdown_grace: Duration,
     pub metrics_addr: SocketAddr,
-    /// Upper bound of the PostgreSQL pool; the pool is the smaller of this
-    /// and the prefetch count, since no more messages are ever in flight.
+    /// Upper bound of the PostgreSQL pool; the pool is one connection per
+    /// message in flight (the prefetch count) plus one for bookkeeping,
+    /// capped by this.
     pub database_max_connections: u32,
     pub amqp_url: String,
     pub database_url: Option<String>,
@@ -320,7 +321,7 @@ impl Settings {
             max_message_bytes: layers.integer("MAX_MESSAGE_BYTES", 262_144, 1024, 128 * 1024 * 1024)?,
             shutdown_grace: Duration::from_millis(layers.integer("SHUTDOWN_GRACE_MS", 10_000, 0, 600_000)?),
             metrics_addr,
-            database_max_connections: layers.integer("DATABASE_MAX_CONNECTIONS", 16, 1, 1000)?,
+            database_max_connections: layers.integer("DATABASE_MAX_CONNECTIONS", 64, 1, 1000)?,
             amqp_url,
             database_url,
             log_format,
@@ -339,9 +340,12 @@ impl Settings {
     }
 
     /// The size of the PostgreSQL pool: one connection per message in
-    /// flight, up to `DATABASE_MAX_CONNECTIONS`.
+    /// flight plus one for bookkeeping (redelivery counts), up to
+    /// `DATABASE_MAX_CONNECTIONS`. A smaller pool makes deliveries wait for
+    /// a connection, and a wait past the acquire timeout counts as a
+    /// transient failure.
     pub fn pool_size(&self) -> u32 {
-        u32::from(self.prefetch_count).min(self.database_max_connections)
+        (u32::from(self.prefetch_count) + 1).min(self.database_max_connections)
     }
 }
 

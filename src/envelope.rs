@@ -560,4 +560,132 @@ mod tests {
             }
         );
     }
+
+    mod properties {
+        use chrono::{Duration as Span, NaiveDateTime};
+        use proptest::prelude::*;
+        use serde_json::Map;
+
+        use super::*;
+
+        fn json_value() -> impl Strategy<Value = Value> {
+            let leaf = prop_oneof![
+                Just(Value::Null),
+                any::<bool>().prop_map(Value::from),
+                any::<i64>().prop_map(Value::from),
+                any::<u64>().prop_map(Value::from),
+                any::<f64>()
+                    .prop_filter("finite", |f| f.is_finite())
+                    .prop_map(Value::from),
+                ".{0,20}".prop_map(Value::from),
+            ];
+            leaf.prop_recursive(4, 32, 6, |inner| {
+                prop_oneof![
+                    proptest::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
+                    proptest::collection::btree_map(".{0,8}", inner, 0..6)
+                        .prop_map(|m| Value::Object(m.into_iter().collect::<Map<_, _>>())),
+                ]
+            })
+        }
+
+        fn any_time() -> impl Strategy<Value = DateTime<Utc>> {
+            // 0001-01-01 to 9999-12-31, with nanoseconds.
+            (-62_135_596_800i64..253_402_300_799, 0u32..1_000_000_000)
+                .prop_map(|(secs, nanos)| DateTime::from_timestamp(secs, nanos).unwrap())
+        }
+
+        fn any_message() -> impl Strategy<Value = Message> {
+            (
+                "[A-Z][A-Z0-9_]{0,63}",
+                any::<bool>(),
+                ".{1,128}",
+                proptest::option::of(".{0,128}"),
+                proptest::option::of(".{0,128}"),
+                any_time(),
+                json_value(),
+            )
+                .prop_map(|(message_type, command, id, actor, target, time, data)| Message {
+                    id,
+                    id_source: IdSource::Envelope,
+                    kind: if command { Kind::Command } else { Kind::Event },
+                    message_type,
+                    actor,
+                    target,
+                    time,
+                    data,
+                })
+        }
+
+        proptest! {
+            /// Any valid message encodes and decodes back to itself.
+            #[test]
+            fn valid_messages_round_trip(message in any_message()) {
+                let decoded = decode(&message.to_json(), None, now(), usize::MAX);
+                prop_assert_eq!(decoded, Ok(message));
+            }
+
+            /// Any bytes give a message or an error, never a panic; what is
+            /// accepted fits the limit.
+            #[test]
+            fn any_bytes_decode_or_fail_cleanly(body in proptest::collection::vec(any::<u8>(), 0..512)) {
+                if decode(&body, None, now(), 256).is_ok() {
+                    prop_assert!(body.len() <= 256);
+                }
+            }
+
+            /// JSON-ish text built from the envelope's own pieces, the inputs
+            /// most likely to get past the first checks.
+            #[test]
+            fn envelope_like_text_decodes_or_fails_cleanly(
+                parts in proptest::collection::vec(
+                    prop_oneof![
+                        Just("{".to_owned()), Just("}".to_owned()), Just("\"type\":".to_owned()),
+                        Just("\"data\":".to_owned()), Just("\"time\":".to_owned()), Just(",".to_owned()),
+                        "\"[A-Z_]{1,4}\"", "-?[0-9]{1,30}(\\.[0-9]{1,5})?(e-?[0-9]{1,3})?", Just("null".to_owned()),
+                    ],
+                    0..16,
+                ),
+            ) {
+                let _ = decode(parts.concat().as_bytes(), None, now(), MAX);
+            }
+
+            /// The id falls back deterministically: the AMQP message_id, else
+            /// the SHA-256 of the exact body.
+            #[test]
+            fn id_fallback_is_deterministic(data in json_value(), amqp in proptest::option::of("[a-z0-9-]{1,40}")) {
+                let body = serde_json::to_vec(&serde_json::json!({"type": "A", "data": data})).unwrap();
+                let first = decode(&body, amqp.as_deref(), now(), usize::MAX).unwrap();
+                let second = decode(&body, amqp.as_deref(), now(), usize::MAX).unwrap();
+                prop_assert_eq!(&first.id, &second.id);
+                match amqp {
+                    Some(amqp) => prop_assert_eq!(first.id, amqp),
+                    None => prop_assert_eq!(first.id, body_hash(&body)),
+                }
+            }
+
+            /// Unknown top-level fields change nothing.
+            #[test]
+            fn unknown_fields_are_ignored(message in any_message(), key in "[a-z_]{1,12}", extra in json_value()) {
+                prop_assume!(!["type", "kind", "id", "actor", "target", "time", "data"].contains(&key.as_str()));
+                let mut object: Value = serde_json::from_slice(&message.to_json()).unwrap();
+                object[key.as_str()] = extra;
+                let decoded = decode(&serde_json::to_vec(&object).unwrap(), None, now(), usize::MAX);
+                prop_assert_eq!(decoded, Ok(message));
+            }
+
+            /// A time without an offset is UTC; with one, it is shifted to UTC.
+            #[test]
+            fn times_with_and_without_offset(
+                secs in -62_135_510_400i64..253_402_214_399,
+                offset_minutes in -(23 * 60 + 59)..=(23 * 60 + 59i64),
+            ) {
+                let naive: NaiveDateTime = DateTime::from_timestamp(secs, 0).unwrap().naive_utc();
+                let plain = naive.format("%Y-%m-%dT%H:%M:%S").to_string();
+                prop_assert_eq!(parse_time(&plain), Ok(naive.and_utc()));
+                let sign = if offset_minutes < 0 { '-' } else { '+' };
+                let shifted = format!("{plain}{sign}{:02}:{:02}", offset_minutes.abs() / 60, offset_minutes.abs() % 60);
+                prop_assert_eq!(parse_time(&shifted), Ok(naive.and_utc() - Span::minutes(offset_minutes)));
+            }
+        }
+    }
 }

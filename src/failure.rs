@@ -75,7 +75,7 @@ pub enum Failure {
     Database(#[from] sqlx::Error),
     #[error("handler panicked: {0}")]
     Panic(String),
-    #[error("delivered {deliveries} times without being settled: the message may crash the worker")]
+    #[error("delivery {deliveries} of a message that never settled: it may crash the worker")]
     CrashLoop { deliveries: u32 },
 }
 
@@ -138,14 +138,15 @@ pub fn retry_decision(transient: bool, kind: ErrorKind, retries: u32, max_attemp
 }
 
 /// SQLSTATEs and sqlx errors that a new transaction may not hit again
-/// (SPEC §10). A connection lost during COMMIT leaves the outcome unknown;
+/// (SPEC §10), plus 57014 (`statement_timeout` fired: the worker sets it so
+/// that no statement blocks a delivery forever). A connection lost during COMMIT leaves the outcome unknown;
 /// the inbox makes the retry safe.
 pub fn is_transient_database_error(error: &sqlx::Error) -> bool {
     match error {
         sqlx::Error::Database(db) => db.code().is_some_and(|code| {
             matches!(
                 code.as_ref(),
-                "40001" | "40P01" | "55P03" | "57P01" | "57P02" | "57P03" | "53300"
+                "40001" | "40P01" | "55P03" | "57014" | "57P01" | "57P02" | "57P03" | "53300"
             ) || code.starts_with("08")
         }),
         sqlx::Error::Io(_)

@@ -33,6 +33,8 @@ use crate::topology::{self, Topology};
 
 const IN_PROCESS_MIN_DELAY: Duration = Duration::from_millis(50);
 const IN_PROCESS_MAX_DELAY: Duration = Duration::from_millis(500);
+/// Stage 1 sleeps at most this long in all before handing over to stage 2.
+const IN_PROCESS_TOTAL_DELAY: Duration = Duration::from_secs(2);
 
 /// How a delivery ended. Every delivery ends in exactly one of these.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -74,6 +76,8 @@ pub struct Pipeline {
     /// Called with every delivery before it is processed (tests use it to
     /// see the headers of each attempt).
     pub observer: Option<DeliveryObserver>,
+    /// Identifies this worker process in the redelivery counts.
+    pub boot_id: String,
 }
 
 /// See [`Pipeline::observer`].
@@ -93,15 +97,18 @@ impl Pipeline {
             return self.settle(delivery, self.process(delivery).await).await;
         }
         let _alone = self.isolation.write().await;
-        // Crash-loop protection: redeliveries are counted durably, before
-        // processing, and the message is parked once they reach the limit.
-        // On quorum queues x-delivery-limit stays as the broker's backstop;
-        // the broker dead-letters only after limit + 1 deliveries, so the
-        // worker parks first, with headers, and innocent messages that were
-        // in flight during the crashes stay below the broker's limit.
+        // Crash-loop protection: redeliveries are counted durably before the
+        // message runs, and it is parked once its deliveries reach
+        // min(delivery_limit, max_attempts). Counting happens only when the
+        // message is about to run alone, so messages that were merely in
+        // flight when another one crashed the process are not blamed. On
+        // quorum queues x-delivery-limit stays as the broker's backstop; it
+        // dead-letters only after limit + 1 deliveries, so the worker parks
+        // first, with headers.
         let key = delivery_key(delivery);
-        let processed = match store::count_redelivery(&self.pool, &key).await {
-            Ok(redeliveries) if redeliveries >= self.topology.delivery_limit => (
+        let limit = self.topology.delivery_limit.min(self.topology.max_attempts);
+        let processed = match store::count_redelivery(&self.pool, &key, &self.boot_id).await {
+            Ok(redeliveries) if redeliveries.saturating_add(1) >= limit => (
                 "-".to_owned(),
                 Err(Failure::CrashLoop {
                     deliveries: redeliveries.saturating_add(1),
@@ -162,6 +169,7 @@ impl Pipeline {
             .with_min_delay(IN_PROCESS_MIN_DELAY)
             .with_max_delay(IN_PROCESS_MAX_DELAY)
             .with_max_times(self.topology.in_process_attempts.saturating_sub(1) as usize)
+            .with_total_delay(Some(IN_PROCESS_TOTAL_DELAY))
             .with_jitter();
         (|| self.apply_once(handler, message))
             .retry(backoff)

@@ -195,7 +195,10 @@ pub async fn depth(connection: &Connection, queue: &str) -> Result<u32, RequeueE
             channel.close(200, "".into()).await.ok();
             Ok(q.message_count())
         }
-        Err(_) => Err(RequeueError::MissingQueue(queue.to_owned())),
+        // RabbitMQ answers 404 NOT_FOUND for a missing queue; anything else
+        // (a lost connection, say) is a broker error.
+        Err(e) if e.to_string().contains("NOT_FOUND") => Err(RequeueError::MissingQueue(queue.to_owned())),
+        Err(e) => Err(e.into()),
     }
 }
 

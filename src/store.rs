@@ -46,6 +46,10 @@ pub enum StoreError {
 /// [`StoreError::Url`] or [`StoreError::Connect`].
 pub async fn connect(url: &str, size: u32) -> Result<PgPool, StoreError> {
     let options: PgConnectOptions = url.parse().map_err(StoreError::Url)?;
+    // A row lock or a runaway statement must not hold a delivery (and the
+    // messages queued behind a redelivered one) forever: both errors are
+    // transient, so the message is retried later.
+    let options = options.options([("lock_timeout", "5s"), ("statement_timeout", "30s")]);
     PgPoolOptions::new()
         .max_connections(size)
         .acquire_timeout(Duration::from_secs(5))
@@ -163,23 +167,41 @@ fn quote_identifier(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
 }
 
-/// Counts one more redelivery of the delivery with `key`, committed at
-/// once (before the message is processed, so a crash cannot lose the
-/// count). Returns the redeliveries so far.
+/// Counts a redelivery of the delivery with `key` that this process (its
+/// `boot_id`) is about to start, committed at once so a crash cannot lose
+/// the count. Redeliveries started by the same process as the last one (after
+/// a broker reconnect) are not counted again: only a new process, that is a
+/// crash or restart while the message ran, adds one. Returns the count.
 ///
 /// # Errors
 /// The database error.
-pub async fn count_redelivery(pool: &PgPool, key: &str) -> Result<u32, sqlx::Error> {
+pub async fn count_redelivery(pool: &PgPool, key: &str, boot_id: &str) -> Result<u32, sqlx::Error> {
     let n: i32 = sqlx::query_scalar(
-        "INSERT INTO delivery_attempts (delivery_key, redeliveries) VALUES ($1, 1)
+        "INSERT INTO delivery_attempts (delivery_key, redeliveries, boot_id) VALUES ($1, 1, $2)
          ON CONFLICT (delivery_key) DO UPDATE
-         SET redeliveries = delivery_attempts.redeliveries + 1, last_seen_at = now()
+         SET redeliveries = delivery_attempts.redeliveries
+                 + CASE WHEN delivery_attempts.boot_id = EXCLUDED.boot_id THEN 0 ELSE 1 END,
+             boot_id = EXCLUDED.boot_id,
+             last_seen_at = now()
          RETURNING redeliveries",
     )
     .bind(key)
+    .bind(boot_id)
     .fetch_one(pool)
     .await?;
     Ok(u32::try_from(n).unwrap_or(0))
+}
+
+/// Deletes redelivery counts not touched for a week: left behind when a
+/// process died between settling a message and forgetting its count.
+///
+/// # Errors
+/// The database error.
+pub async fn prune_redelivery_counts(pool: &PgPool) -> Result<u64, sqlx::Error> {
+    let result = sqlx::query("DELETE FROM delivery_attempts WHERE last_seen_at < now() - interval '7 days'")
+        .execute(pool)
+        .await?;
+    Ok(result.rows_affected())
 }
 
 /// Forgets the redelivery count of a settled delivery.

@@ -28,7 +28,9 @@ use crate::store::{self, StoreError};
 use crate::topology::{Topology, TopologyError};
 
 /// How long closing a channel or connection may take.
-const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long opening a broker connection may take before it is retried.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Why the worker stopped other than by a shutdown request.
 #[derive(Debug, thiserror::Error)]
@@ -50,6 +52,8 @@ enum SessionError {
     Broker(#[from] lapin::Error),
     #[error("RabbitMQ: the consumer was cancelled or its channel closed")]
     ConsumerEnded,
+    #[error("RabbitMQ: no connection within {CONNECT_TIMEOUT:?}")]
+    ConnectTimeout,
     #[error("a delivery could not be settled; reconnecting so the broker redelivers it")]
     SettleFailed,
     /// Not worth retrying: the topology conflicts with the broker's.
@@ -105,6 +109,11 @@ pub async fn run_with(settings: Settings, shutdown: CancellationToken, options: 
     let pool = store::connect(settings.database_url()?, settings.pool_size()).await?;
     store::migrate(&pool).await?;
     tracing::info!("database migrated");
+    match store::prune_redelivery_counts(&pool).await {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(rows = n, "pruned stale redelivery counts"),
+        Err(e) => tracing::warn!(error.message = %e, "could not prune stale redelivery counts"),
+    }
     if options.serve_metrics {
         let addr = metrics::serve(settings.metrics_addr, options.metrics.clone(), shutdown.clone())
             .await
@@ -113,6 +122,7 @@ pub async fn run_with(settings: Settings, shutdown: CancellationToken, options: 
     }
 
     let supervisor = Supervisor {
+        boot_id: format!("{}-{}", std::process::id(), chrono::Utc::now().timestamp_micros()),
         settings,
         topology,
         pool: pool.clone(),
@@ -120,12 +130,17 @@ pub async fn run_with(settings: Settings, shutdown: CancellationToken, options: 
         shutdown: shutdown.clone(),
     };
     let result = supervisor.run().await;
-    pool.close().await;
+    // A connection dropped mid-statement (work cut off after the grace
+    // period) is only released when the statement ends: do not wait for it.
+    // The server rolls its transaction back when the process goes.
+    tokio::time::timeout(CLOSE_TIMEOUT, pool.close()).await.ok();
     tracing::info!("stopped");
     result
 }
 
 struct Supervisor {
+    /// Unique to this run of the worker (see `store::count_redelivery`).
+    boot_id: String,
     settings: Settings,
     topology: Arc<Topology>,
     pool: PgPool,
@@ -171,7 +186,11 @@ impl Supervisor {
     /// failure, then drain in-flight work within the grace period.
     async fn session(&self) -> Result<(), SessionError> {
         let settings = &self.settings;
-        let connection = broker::connect(&settings.amqp_url, "worker-iot-core").await?;
+        let connect = tokio::time::timeout(CONNECT_TIMEOUT, broker::connect(&settings.amqp_url, "worker-iot-core"));
+        let connection = tokio::select! {
+            () = self.shutdown.cancelled() => return Ok(()),
+            connected = connect => connected.map_err(|_| SessionError::ConnectTimeout)??,
+        };
         let setup = connection.create_channel().await?;
         self.topology
             .declare(&setup, &settings.queue)
@@ -211,6 +230,7 @@ impl Supervisor {
             shutdown: self.shutdown.clone(),
             isolation: RwLock::new(()),
             observer: self.options.observer.clone(),
+            boot_id: self.boot_id.clone(),
         });
         let tracker = TaskTracker::new();
         // Cancelled by a task whose delivery could not be settled.

@@ -5,12 +5,10 @@
 use chrono::{TimeZone, Utc};
 use worker_iot_core::envelope::{IdSource, Message, decode};
 
-/// decode -> encode -> decode gives the same message.
+/// The input decodes, and decode -> encode -> decode gives the same message.
 fn assert_envelope_round_trips(data: &[u8]) {
     let received = Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap();
-    let Ok(message) = decode(data, None, received, 262_144) else {
-        return;
-    };
+    let message = decode(data, None, received, 262_144).expect("the saved input is a valid message");
     let again = decode(&message.to_json(), None, received, usize::MAX).expect("re-encoded message accepted");
     assert_eq!(
         again,

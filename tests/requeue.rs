@@ -290,8 +290,14 @@ async fn kill_9_mid_drain_loses_no_message() {
             })
             .collect()
     };
-    let in_q = ids(contents(&env, &env.queue).await);
-    let in_dlq = ids(contents(&env, &env.dlq()).await);
+    // The broker returns the killed process's unacked message to the DLQ
+    // once it notices the closed connection: wait for every id to be back.
+    let (in_q, in_dlq) = wait_for("every message in a queue", WAIT, || async {
+        let in_q = ids(contents(&env, &env.queue).await);
+        let in_dlq = ids(contents(&env, &env.dlq()).await);
+        (in_q.len() + in_dlq.len() >= 2000).then_some((in_q, in_dlq))
+    })
+    .await;
     assert!(
         in_q.len() >= 500 && in_q.len() < 2000,
         "killed mid-drain: {} moved",

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 use worker_iot_core::config::{LogFormat, Settings};
+use worker_iot_core::worker::WorkerError;
 use worker_iot_core::{banner, worker};
 
 #[tokio::main]
@@ -31,8 +32,17 @@ async fn main() -> ExitCode {
         Err(e) => {
             tracing::error!(error.message = %e, "worker stopped");
             eprintln!("worker-iot-core: {e}");
-            ExitCode::FAILURE
+            exit_code_for(&e)
         }
+    }
+}
+
+/// 2 when the worker refuses to start because of its configuration
+/// (settings, topology file, a queue declared otherwise), 1 otherwise.
+fn exit_code_for(error: &WorkerError) -> ExitCode {
+    match error {
+        WorkerError::Config(_) | WorkerError::Topology(_) => ExitCode::from(2),
+        WorkerError::Store(_) | WorkerError::Metrics(_) => ExitCode::FAILURE,
     }
 }
 

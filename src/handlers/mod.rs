@@ -55,6 +55,8 @@ pub static HANDLERS: &[Handler] = &[
     Handler { message_type: "TEST_PANIC",         kind: Kind::Event,   apply: test_only::panic },
     #[cfg(feature = "test-handlers")]
     Handler { message_type: "TEST_FLAKY",         kind: Kind::Event,   apply: test_only::flaky },
+    #[cfg(feature = "test-handlers")]
+    Handler { message_type: "TEST_SLOW",          kind: Kind::Event,   apply: test_only::slow },
 ];
 
 /// The handler for a message's kind and type.
@@ -116,6 +118,28 @@ mod test_only {
 
     pub fn abort<'a>(_: &'a mut PgConnection, _: &'a Message) -> BoxFuture<'a, Result<(), Failure>> {
         std::process::abort()
+    }
+
+    /// Sleeps `data.seconds` inside the transaction, then records a
+    /// measurement: work that outlives a short shutdown grace period.
+    pub fn slow<'a>(conn: &'a mut PgConnection, message: &'a Message) -> BoxFuture<'a, Result<(), Failure>> {
+        Box::pin(async move {
+            let seconds = message
+                .data
+                .get("seconds")
+                .and_then(serde_json::Value::as_f64)
+                .unwrap_or(1.0);
+            sqlx::query("SELECT pg_sleep($1)")
+                .bind(seconds)
+                .execute(&mut *conn)
+                .await?;
+            sqlx::query("INSERT INTO measurements (message_id, device_id, sensor, value, measured_at) VALUES ($1, 'slow', 'seconds', $2, now())")
+                .bind(&message.id)
+                .bind(seconds)
+                .execute(conn)
+                .await?;
+            Ok(())
+        })
     }
 
     pub fn panic<'a>(_: &'a mut PgConnection, message: &'a Message) -> BoxFuture<'a, Result<(), Failure>> {

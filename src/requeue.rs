@@ -353,16 +353,21 @@ async fn pace(started: Instant, moved: u64, rate: f64) {
 }
 
 /// The properties of a requeued copy: everything kept, plus
-/// `iot-requeue-count` and `iot-requeued-at`; `iot-retry-count` cleared
+/// `iot-requeue-count` and `iot-requeued-at`; `iot-retry-count` removed
 /// unless `keep_retry_count`, so the message gets a full set of attempts.
 pub fn requeued_properties(properties: &BasicProperties, keep_retry_count: bool) -> BasicProperties {
-    let mut h = properties.headers().clone().unwrap_or_default();
+    let mut map = properties
+        .headers()
+        .as_ref()
+        .map(|h| h.inner().clone())
+        .unwrap_or_default();
+    if !keep_retry_count {
+        map.remove(RETRY_COUNT);
+    }
+    let mut h = FieldTable::from(map);
     let previous = headers::read_i64(Some(&h), headers::REQUEUE_COUNT).unwrap_or(0);
     headers::put_long(&mut h, headers::REQUEUE_COUNT, previous.saturating_add(1));
     headers::put_long(&mut h, headers::REQUEUED_AT, Utc::now().timestamp_millis());
-    if !keep_retry_count {
-        headers::put_long(&mut h, RETRY_COUNT, 0);
-    }
     properties.clone().with_headers(h)
 }
 
@@ -439,7 +444,7 @@ mod tests {
         let once = requeued_properties(&original, false);
         let twice = requeued_properties(&once, true);
         let h1 = once.headers().as_ref();
-        assert_eq!(headers::read_i64(h1, RETRY_COUNT), Some(0));
+        assert!(!h1.unwrap().contains_key(RETRY_COUNT), "retry count cleared");
         assert_eq!(headers::read_i64(h1, headers::REQUEUE_COUNT), Some(1));
         assert!(headers::read_i64(h1, headers::REQUEUED_AT).is_some());
         assert_eq!(headers::read_string(h1, "x-producer").as_deref(), Some("p"));

@@ -1,0 +1,192 @@
+//! Throughput of the worker against the broker's own drain rate, measured
+//! in the same run on the same machine.
+//!
+//! ```sh
+//! cargo bench --bench throughput            # N=20000, 3 rounds
+//! BENCH_MESSAGES=5000 BENCH_ROUNDS=5 cargo bench --bench throughput
+//! ```
+//!
+//! Baseline: a bare consumer that acks each message as it arrives (no
+//! decoding, no database), prefetch 256. Worker: the real worker, in this
+//! process, applying MEASUREMENT messages (inbox row + measurement row, one
+//! transaction each) at several prefetch counts. Each figure is the median
+//! of the rounds; time runs from the consumer starting to the last message
+//! settled.
+
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueDeleteOptions};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Connection};
+use serde_json::json;
+use sqlx::{Connection as _, PgConnection, PgPool};
+use tokio_util::sync::CancellationToken;
+use worker_iot_core::broker::{self, Publisher};
+use worker_iot_core::config::Settings;
+use worker_iot_core::store;
+use worker_iot_core::topology::Topology;
+use worker_iot_core::worker::{self, Options};
+
+const TOPOLOGY: &str = "queue_type = \"classic\"\ndelivery_limit = 5\n[retry]\ndelays = [\"1s\"]\nmax_attempts = 5\n";
+
+fn env_or(key: &str, default: &str) -> String {
+    std::env::var(key).unwrap_or_else(|_| default.to_owned())
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+async fn fill(publisher: &Publisher, queue: &str, n: usize, round: usize) {
+    for i in 0..n {
+        let body = json!({"type": "MEASUREMENT", "id": format!("r{round}-{i}"),
+                          "data": {"device_id": format!("d{}", i % 50), "sensor": "t", "value": i}});
+        publisher
+            .publish("", queue, body.to_string().as_bytes(), BasicProperties::default())
+            .await
+            .expect("publish");
+    }
+}
+
+/// Messages per second of a bare consumer draining `n` messages.
+async fn baseline(connection: &Connection, publisher: &Publisher, queue: &str, n: usize, round: usize) -> f64 {
+    fill(publisher, queue, n, round).await;
+    let channel = connection.create_channel().await.unwrap();
+    channel.basic_qos(256, BasicQosOptions::default()).await.unwrap();
+    let started = Instant::now();
+    let mut consumer = channel
+        .basic_consume(
+            queue.into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    for _ in 0..n {
+        let delivery = consumer.next().await.expect("a delivery").expect("no error");
+        delivery.acker.ack(BasicAckOptions::default()).await.unwrap();
+    }
+    let rate = n as f64 / started.elapsed().as_secs_f64();
+    channel.close(200, "".into()).await.ok();
+    rate
+}
+
+/// Messages per second of the worker applying `n` measurements.
+async fn worker_rate(settings: &Settings, publisher: &Publisher, pool: &PgPool, n: usize, round: usize) -> f64 {
+    sqlx::query("TRUNCATE events, measurements")
+        .execute(pool)
+        .await
+        .unwrap();
+    fill(publisher, &settings.queue, n, round).await;
+    let shutdown = CancellationToken::new();
+    let started = Instant::now();
+    let handle = tokio::spawn(worker::run_with(settings.clone(), shutdown.clone(), Options::default()));
+    loop {
+        let done: i64 = sqlx::query_scalar("SELECT count(*) FROM measurements")
+            .fetch_one(pool)
+            .await
+            .unwrap();
+        if done as usize >= n {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(600),
+            "the worker stalled at {done} of {n}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let rate = n as f64 / started.elapsed().as_secs_f64();
+    shutdown.cancel();
+    handle.await.unwrap().unwrap();
+    rate
+}
+
+#[tokio::main]
+async fn main() {
+    let n: usize = env_or("BENCH_MESSAGES", "20000").parse().expect("BENCH_MESSAGES");
+    let rounds: usize = env_or("BENCH_ROUNDS", "3").parse().expect("BENCH_ROUNDS");
+    let prefetches: Vec<u16> = env_or("BENCH_PREFETCH", "1,8,32,128")
+        .split(',')
+        .map(|p| p.trim().parse().expect("BENCH_PREFETCH"))
+        .collect();
+    let amqp_url = env_or("AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2f");
+    let server = env_or("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/postgres");
+    let suffix = format!("{:08x}", std::process::id());
+    let queue = format!("wic_bench_{suffix}");
+    let database_url = format!("{}/wic_bench_{suffix}", &server[..server.rfind('/').unwrap()]);
+
+    store::create_database(&database_url).await.unwrap();
+    let pool = store::connect(&database_url, 2).await.unwrap();
+    store::migrate(&pool).await.unwrap();
+    let connection = broker::connect(&amqp_url, "bench").await.unwrap();
+    let setup = connection.create_channel().await.unwrap();
+    Topology::parse(TOPOLOGY)
+        .unwrap()
+        .declare(&setup, &queue)
+        .await
+        .unwrap();
+    let baseline_queue = format!("{queue}_baseline");
+    Topology::parse(TOPOLOGY)
+        .unwrap()
+        .declare(&setup, &baseline_queue)
+        .await
+        .unwrap();
+    let publisher = Publisher::open(&connection).await.unwrap();
+    let topology_file = std::env::temp_dir().join(format!("{queue}.toml"));
+    std::fs::write(&topology_file, TOPOLOGY).unwrap();
+
+    let mut baselines = Vec::new();
+    for round in 0..rounds {
+        baselines.push(baseline(&connection, &publisher, &baseline_queue, n, round).await);
+    }
+    let broker = median(baselines);
+    println!("{n} messages, {rounds} rounds, medians; machine: {} cores", num_cpus());
+    println!("| consumer | prefetch | msg/s | vs broker drain |");
+    println!("|---|---|---|---|");
+    println!("| bare consumer, ack only (baseline) | 256 | {broker:.0} | 100 % |");
+    for prefetch in prefetches {
+        let env = [
+            ("AMQP_URL", amqp_url.clone()),
+            ("DATABASE_URL", database_url.clone()),
+            ("RABBITMQ_LOCAL_QUEUE_NAME", queue.clone()),
+            ("TOPOLOGY_FILE", topology_file.display().to_string()),
+            ("RABBITMQ_PREFETCH_COUNT", prefetch.to_string()),
+        ];
+        let settings = Settings::from_sources(None, |k| env.iter().find(|(key, _)| *key == k).map(|(_, v)| v.clone()))
+            .unwrap()
+            .0;
+        let mut rates = Vec::new();
+        for round in 0..rounds {
+            rates.push(worker_rate(&settings, &publisher, &pool, n, round).await);
+        }
+        let rate = median(rates);
+        println!(
+            "| worker-iot-core | {prefetch} | {rate:.0} | {:.0} % |",
+            100.0 * rate / broker
+        );
+    }
+
+    for base in [&queue, &baseline_queue] {
+        for q in [base.clone(), format!("{base}.dlq"), format!("{base}.retry.1s")] {
+            setup
+                .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+                .await
+                .ok();
+        }
+    }
+    pool.close().await;
+    let mut admin = PgConnection::connect(&server).await.unwrap();
+    let drop = format!("DROP DATABASE IF EXISTS \"wic_bench_{suffix}\" WITH (FORCE)");
+    sqlx::query(sqlx::AssertSqlSafe(drop))
+        .execute(&mut admin)
+        .await
+        .unwrap();
+    std::fs::remove_file(topology_file).ok();
+}
+
+fn num_cpus() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}

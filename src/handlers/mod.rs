@@ -14,6 +14,8 @@ mod measurement;
 mod record_only;
 mod set_led;
 mod set_publish_period;
+#[cfg(feature = "test-handlers")]
+mod test_only;
 
 use futures_util::future::BoxFuture;
 use sqlx::PgConnection;
@@ -71,78 +73,4 @@ pub fn lookup(message: &Message) -> Result<&'static Handler, Failure> {
             kind: message.kind.as_str(),
             message_type: message.message_type.clone(),
         })
-}
-
-/// Handlers that exist only to test the fault paths (feature
-/// `test-handlers`, never in a release build).
-#[cfg(feature = "test-handlers")]
-mod test_only {
-    use std::collections::HashMap;
-    use std::sync::Mutex;
-
-    use super::*;
-
-    /// Runs per message id, across every attempt in this process.
-    static FLAKY_RUNS: Mutex<Option<HashMap<String, u64>>> = Mutex::new(None);
-
-    /// Fails transiently on its first `data.fail_first` runs (per message
-    /// id, in this process), then records a measurement.
-    pub fn flaky<'a>(conn: &'a mut PgConnection, message: &'a Message) -> BoxFuture<'a, Result<(), Failure>> {
-        Box::pin(async move {
-            let fail_first = message
-                .data
-                .get("fail_first")
-                .and_then(serde_json::Value::as_u64)
-                .unwrap_or(0);
-            let run = {
-                let mut runs = FLAKY_RUNS.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-                let count = runs
-                    .get_or_insert_with(HashMap::new)
-                    .entry(message.id.clone())
-                    .or_insert(0);
-                *count += 1;
-                *count
-            };
-            if run <= fail_first {
-                let error = std::io::Error::other(format!("TEST_FLAKY transient failure, run {run}"));
-                return Err(Failure::Database(sqlx::Error::Io(error)));
-            }
-            sqlx::query("INSERT INTO measurements (message_id, device_id, sensor, value, measured_at) VALUES ($1, 'flaky', 'runs', $2, now())")
-                .bind(&message.id)
-                .bind(run as f64)
-                .execute(conn)
-                .await?;
-            Ok(())
-        })
-    }
-
-    pub fn abort<'a>(_: &'a mut PgConnection, _: &'a Message) -> BoxFuture<'a, Result<(), Failure>> {
-        std::process::abort()
-    }
-
-    /// Sleeps `data.seconds` inside the transaction, then records a
-    /// measurement: work that outlives a short shutdown grace period.
-    pub fn slow<'a>(conn: &'a mut PgConnection, message: &'a Message) -> BoxFuture<'a, Result<(), Failure>> {
-        Box::pin(async move {
-            let seconds = message
-                .data
-                .get("seconds")
-                .and_then(serde_json::Value::as_f64)
-                .unwrap_or(1.0);
-            sqlx::query("SELECT pg_sleep($1)")
-                .bind(seconds)
-                .execute(&mut *conn)
-                .await?;
-            sqlx::query("INSERT INTO measurements (message_id, device_id, sensor, value, measured_at) VALUES ($1, 'slow', 'seconds', $2, now())")
-                .bind(&message.id)
-                .bind(seconds)
-                .execute(conn)
-                .await?;
-            Ok(())
-        })
-    }
-
-    pub fn panic<'a>(_: &'a mut PgConnection, message: &'a Message) -> BoxFuture<'a, Result<(), Failure>> {
-        Box::pin(async move { panic!("TEST_PANIC handler asked to panic by {}", message.id) })
-    }
 }

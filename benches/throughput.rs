@@ -12,11 +12,23 @@
 //! transaction each) at several prefetch counts. Each figure is the median
 //! of the rounds; time runs from the consumer starting to the last message
 //! settled.
+//!
+//! Outbox relay (`BENCH_COMMANDS`, default 2000; `BENCH_OUTBOX=off` skips
+//! it): the worker takes `SET_LED` commands from a pre-filled queue and the
+//! relay publishes their device messages to a queue bound to `amq.topic`;
+//! the rate runs from the worker starting to the last device message in
+//! that queue. Then commands arrive at a steady 50 per second for 10 s and
+//! the latency from commit to confirm is read from the outbox rows:
+//! `published_at` (set after the confirm) minus `created_at` (the start of
+//! the command's transaction, so a little before its commit: the figure is
+//! an upper bound).
 
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueDeleteOptions};
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
+};
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Connection};
 use serde_json::json;
@@ -104,6 +116,183 @@ async fn worker_rate(settings: &Settings, publisher: &Publisher, pool: &PgPool, 
     rate
 }
 
+/// Runs the worker until `done` holds, then stops it. Returns the seconds
+/// from its start.
+async fn run_worker_until<F, Fut>(settings: &Settings, mut done: F) -> f64
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let shutdown = CancellationToken::new();
+    let started = Instant::now();
+    let handle = tokio::spawn(worker::run_with(settings.clone(), shutdown.clone(), Options::default()));
+    while !done().await {
+        assert!(started.elapsed() < Duration::from_secs(600), "the worker stalled");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    shutdown.cancel();
+    handle.await.unwrap().unwrap();
+    seconds
+}
+
+fn set_led(device: &str, id: &str) -> Vec<u8> {
+    json!({"type": "SET_LED", "kind": "command", "id": id, "data": {"device_id": device, "state": "on"}})
+        .to_string()
+        .into_bytes()
+}
+
+/// Commands per second from a pre-filled queue to device messages in
+/// `device_queue`.
+async fn outbox_rate(
+    settings: &Settings,
+    publisher: &Publisher,
+    pool: &PgPool,
+    device: (&str, &str),
+    n: usize,
+    round: usize,
+) -> f64 {
+    let (device, device_queue) = device;
+    sqlx::query("TRUNCATE commands, outbox").execute(pool).await.unwrap();
+    for i in 0..n {
+        let body = set_led(device, &format!("o{round}-{i}"));
+        publisher
+            .publish("", &settings.queue, &body, BasicProperties::default())
+            .await
+            .unwrap();
+    }
+    let seconds = run_worker_until(settings, || async {
+        passive_len(publisher, device_queue).await as usize >= n
+    })
+    .await;
+    purge(publisher, device_queue).await;
+    n as f64 / seconds
+}
+
+/// p50 and p99, in milliseconds, of commit → confirm for commands arriving
+/// at `per_second` for `seconds`.
+async fn outbox_latency(
+    settings: &Settings,
+    publisher: &Publisher,
+    pool: &PgPool,
+    device: (&str, &str),
+    round: usize,
+) -> (f64, f64) {
+    const PER_SECOND: u64 = 50;
+    const SECONDS: u64 = 10;
+    let (device, device_queue) = device;
+    sqlx::query("TRUNCATE commands, outbox").execute(pool).await.unwrap();
+    let n = (PER_SECOND * SECONDS) as i64;
+    let fed = tokio::spawn({
+        let publisher = publisher.clone();
+        let queue = settings.queue.clone();
+        let device = device.to_owned();
+        async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(1000 / PER_SECOND));
+            for i in 0..n {
+                tick.tick().await;
+                let body = set_led(&device, &format!("l{round}-{i}"));
+                publisher
+                    .publish("", &queue, &body, BasicProperties::default())
+                    .await
+                    .unwrap();
+            }
+        }
+    });
+    run_worker_until(settings, || async {
+        let published: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox WHERE published_at IS NOT NULL")
+            .fetch_one(pool)
+            .await
+            .unwrap();
+        published >= n
+    })
+    .await;
+    fed.await.unwrap();
+    let (p50, p99): (f64, f64) = sqlx::query_as(
+        "SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY ms), percentile_cont(0.99) WITHIN GROUP (ORDER BY ms)
+         FROM (SELECT EXTRACT(EPOCH FROM published_at - created_at) * 1000 AS ms FROM outbox) AS latency",
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap();
+    purge(publisher, device_queue).await;
+    (p50, p99)
+}
+
+async fn passive_len(publisher: &Publisher, queue: &str) -> u32 {
+    let options = QueueDeclareOptions {
+        passive: true,
+        ..QueueDeclareOptions::default()
+    };
+    publisher
+        .channel()
+        .queue_declare(queue.into(), options, FieldTable::default())
+        .await
+        .map_or(0, |q| q.message_count())
+}
+
+/// Durable: RabbitMQ 4 refuses transient non-exclusive queues.
+fn durable() -> QueueDeclareOptions {
+    QueueDeclareOptions {
+        durable: true,
+        ..QueueDeclareOptions::default()
+    }
+}
+
+async fn purge(publisher: &Publisher, queue: &str) {
+    publisher
+        .channel()
+        .queue_purge(queue.into(), Default::default())
+        .await
+        .unwrap();
+}
+
+/// The outbox figures: a device queue bound to `amq.topic` for one device.
+async fn outbox_bench(settings: &Settings, publisher: &Publisher, pool: &PgPool, rounds: usize) {
+    let n: usize = env_or("BENCH_COMMANDS", "2000").parse().expect("BENCH_COMMANDS");
+    let device = format!("bench-{}", std::process::id());
+    let device_queue = format!("{}.device", settings.queue);
+    let channel = publisher.channel();
+    channel
+        .queue_declare(device_queue.as_str().into(), durable(), FieldTable::default())
+        .await
+        .unwrap();
+    let key = format!("led.{device}");
+    channel
+        .queue_bind(
+            device_queue.as_str().into(),
+            "amq.topic".into(),
+            key.as_str().into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let target = (device.as_str(), device_queue.as_str());
+    let mut rates = Vec::new();
+    let mut p50s = Vec::new();
+    let mut p99s = Vec::new();
+    for round in 0..rounds {
+        rates.push(outbox_rate(settings, publisher, pool, target, n, round).await);
+        let (p50, p99) = outbox_latency(settings, publisher, pool, target, round).await;
+        p50s.push(p50);
+        p99s.push(p99);
+    }
+    println!();
+    println!("| outbox relay | figure (median of {rounds}) |");
+    println!("|---|---|");
+    println!(
+        "| {n} SET_LED commands, queue → device queue | {:.0} commands/s |",
+        median(rates)
+    );
+    println!("| 50 commands/s, commit → confirm p50 | {:.1} ms |", median(p50s));
+    println!("| 50 commands/s, commit → confirm p99 | {:.1} ms |", median(p99s));
+    channel
+        .queue_delete(device_queue.as_str().into(), QueueDeleteOptions::default())
+        .await
+        .ok();
+}
+
 #[tokio::main]
 async fn main() {
     let n: usize = env_or("BENCH_MESSAGES", "20000").parse().expect("BENCH_MESSAGES");
@@ -155,9 +344,7 @@ async fn main() {
             ("TOPOLOGY_FILE", topology_file.display().to_string()),
             ("RABBITMQ_PREFETCH_COUNT", prefetch.to_string()),
         ];
-        let settings = Settings::from_sources(None, |k| env.iter().find(|(key, _)| *key == k).map(|(_, v)| v.clone()))
-            .unwrap()
-            .0;
+        let settings = settings_from(&env);
         let mut rates = Vec::new();
         for round in 0..rounds {
             rates.push(worker_rate(&settings, &publisher, &pool, n, round).await);
@@ -167,6 +354,16 @@ async fn main() {
             "| worker-iot-core | {prefetch} | {rate:.0} | {:.0} % |",
             100.0 * rate / broker
         );
+    }
+
+    if env_or("BENCH_OUTBOX", "on") != "off" {
+        let env = [
+            ("AMQP_URL", amqp_url.clone()),
+            ("DATABASE_URL", database_url.clone()),
+            ("RABBITMQ_LOCAL_QUEUE_NAME", queue.clone()),
+            ("TOPOLOGY_FILE", topology_file.display().to_string()),
+        ];
+        outbox_bench(&settings_from(&env), &publisher, &pool, rounds).await;
     }
 
     for base in [&queue, &baseline_queue] {
@@ -185,6 +382,12 @@ async fn main() {
         .await
         .unwrap();
     std::fs::remove_file(topology_file).ok();
+}
+
+fn settings_from(env: &[(&str, String)]) -> Settings {
+    Settings::from_sources(None, |k| env.iter().find(|(key, _)| *key == k).map(|(_, v)| v.clone()))
+        .expect("valid bench settings")
+        .0
 }
 
 fn num_cpus() -> usize {

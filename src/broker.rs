@@ -5,10 +5,9 @@
 
 use std::time::Duration;
 
-use lapin::Confirmation;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::LongString;
-use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, PublisherConfirm};
 
 /// How long a publish may wait for the broker's confirm.
 pub const CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
@@ -70,37 +69,66 @@ impl Publisher {
         body: &[u8],
         properties: BasicProperties,
     ) -> Result<(), PublishError> {
-        let broker = |source| PublishError::Broker {
-            routing_key: routing_key.to_owned(),
-            source,
-        };
+        self.send(exchange, routing_key, body, properties).await?.wait().await
+    }
+
+    /// Sends a `mandatory` publish without waiting for its confirm, so a
+    /// batch can be sent in order and its confirms awaited together.
+    ///
+    /// # Errors
+    /// [`PublishError::Broker`] when the channel cannot take the message.
+    pub async fn send(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        body: &[u8],
+        properties: BasicProperties,
+    ) -> Result<PendingConfirm, PublishError> {
         let options = BasicPublishOptions {
             mandatory: true,
             ..BasicPublishOptions::default()
         };
-        let confirm = async {
-            let pending = self
-                .channel
-                .basic_publish(exchange.into(), routing_key.into(), options, body, properties)
-                .await
-                .map_err(broker)?;
-            pending.await.map_err(broker)
-        };
-        match tokio::time::timeout(CONFIRM_TIMEOUT, confirm).await {
-            Err(_) => Err(PublishError::Timeout(routing_key.to_owned())),
-            Ok(Err(e)) => Err(e),
-            Ok(Ok(Confirmation::Ack(None))) => Ok(()),
-            Ok(Ok(Confirmation::Ack(Some(_)))) => Err(PublishError::Unroutable(routing_key.to_owned())),
-            // NotRequested cannot happen on a confirm-mode channel; treat it
-            // as no confirm rather than as success.
-            Ok(Ok(Confirmation::Nack(_) | Confirmation::NotRequested)) => {
-                Err(PublishError::Nacked(routing_key.to_owned()))
-            }
-        }
+        let confirm = self
+            .channel
+            .basic_publish(exchange.into(), routing_key.into(), options, body, properties)
+            .await
+            .map_err(|source| PublishError::Broker {
+                routing_key: routing_key.to_owned(),
+                source,
+            })?;
+        Ok(PendingConfirm {
+            confirm,
+            routing_key: routing_key.to_owned(),
+        })
     }
 
     /// The underlying channel.
     pub fn channel(&self) -> &Channel {
         &self.channel
+    }
+}
+
+/// A message sent on a confirm-mode channel whose confirm is still due.
+pub struct PendingConfirm {
+    confirm: PublisherConfirm,
+    routing_key: String,
+}
+
+impl PendingConfirm {
+    /// Waits, at most [`CONFIRM_TIMEOUT`], for the broker's confirm.
+    ///
+    /// # Errors
+    /// A [`PublishError`]: broker error, nack, return or timeout.
+    pub async fn wait(self) -> Result<(), PublishError> {
+        let routing_key = self.routing_key;
+        match tokio::time::timeout(CONFIRM_TIMEOUT, self.confirm).await {
+            Err(_) => Err(PublishError::Timeout(routing_key)),
+            Ok(Err(source)) => Err(PublishError::Broker { routing_key, source }),
+            Ok(Ok(Confirmation::Ack(None))) => Ok(()),
+            Ok(Ok(Confirmation::Ack(Some(_)))) => Err(PublishError::Unroutable(routing_key)),
+            // NotRequested cannot happen on a confirm-mode channel; treat it
+            // as no confirm rather than as success.
+            Ok(Ok(Confirmation::Nack(_) | Confirmation::NotRequested)) => Err(PublishError::Nacked(routing_key)),
+        }
     }
 }

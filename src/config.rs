@@ -29,6 +29,8 @@ pub const KEYS: &[&str] = &[
     "SHUTDOWN_GRACE_MS",
     "METRICS_ADDR",
     "DATABASE_MAX_CONNECTIONS",
+    "OUTBOX_RELAY",
+    "OUTBOX_RETENTION_DAYS",
     "AMQP_URL",
     "DATABASE_URL",
     "LOG_FORMAT",
@@ -54,6 +56,10 @@ pub struct Settings {
     /// message in flight (the prefetch count) plus one for bookkeeping,
     /// capped by this.
     pub database_max_connections: u32,
+    /// Whether this worker runs the outbox relay.
+    pub outbox_relay: bool,
+    /// How long published outbox rows are kept.
+    pub outbox_retention: Duration,
     pub amqp_url: String,
     pub database_url: Option<String>,
     pub log_format: LogFormat,
@@ -306,6 +312,13 @@ impl Settings {
             return Err(layers.invalid("DATABASE_URL", DATABASE_URL_ALLOWED));
         }
 
+        let outbox_relay = match layers.string("OUTBOX_RELAY", "on").as_str() {
+            "on" => true,
+            "off" => false,
+            _ => return Err(layers.invalid("OUTBOX_RELAY", "\"on\" or \"off\"")),
+        };
+        let retention_days: u64 = layers.integer("OUTBOX_RETENTION_DAYS", 7, 1, 3650)?;
+
         let log_format = match layers.string("LOG_FORMAT", "text").as_str() {
             "text" => LogFormat::Text,
             "json" => LogFormat::Json,
@@ -322,6 +335,8 @@ impl Settings {
             shutdown_grace: Duration::from_millis(layers.integer("SHUTDOWN_GRACE_MS", 10_000, 0, 600_000)?),
             metrics_addr,
             database_max_connections: layers.integer("DATABASE_MAX_CONNECTIONS", 64, 1, 1000)?,
+            outbox_relay,
+            outbox_retention: Duration::from_secs(retention_days * 24 * 3600),
             amqp_url,
             database_url,
             log_format,
@@ -340,12 +355,13 @@ impl Settings {
     }
 
     /// The size of the PostgreSQL pool: one connection per message in
-    /// flight plus one for bookkeeping (redelivery counts), up to
+    /// flight plus one for bookkeeping (redelivery counts) and one for the
+    /// outbox relay, up to
     /// `DATABASE_MAX_CONNECTIONS`. A smaller pool makes deliveries wait for
     /// a connection, and a wait past the acquire timeout counts as a
     /// transient failure.
     pub fn pool_size(&self) -> u32 {
-        (u32::from(self.prefetch_count) + 1).min(self.database_max_connections)
+        (u32::from(self.prefetch_count) + 2).min(self.database_max_connections)
     }
 }
 
@@ -356,7 +372,7 @@ impl fmt::Display for Settings {
     /// passwords in URLs masked.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let omit: Vec<&str> = self.events_to_omit.iter().map(String::as_str).collect();
-        let rows: [(&str, String); 12] = [
+        let rows: [(&str, String); 14] = [
             ("RABBITMQ_HOSTNAME", self.rabbitmq_hostname.clone()),
             ("RABBITMQ_LOCAL_QUEUE_NAME", self.queue.clone()),
             ("RABBITMQ_PREFETCH_COUNT", self.prefetch_count.to_string()),
@@ -366,6 +382,11 @@ impl fmt::Display for Settings {
             ("SHUTDOWN_GRACE_MS", self.shutdown_grace.as_millis().to_string()),
             ("METRICS_ADDR", self.metrics_addr.to_string()),
             ("DATABASE_MAX_CONNECTIONS", self.database_max_connections.to_string()),
+            ("OUTBOX_RELAY", if self.outbox_relay { "on" } else { "off" }.into()),
+            (
+                "OUTBOX_RETENTION_DAYS",
+                (self.outbox_retention.as_secs() / 86_400).to_string(),
+            ),
             ("AMQP_URL", mask_password(&self.amqp_url)),
             (
                 "DATABASE_URL",
@@ -427,6 +448,8 @@ mod tests {
         assert!(s.events_to_omit.is_empty());
         assert_eq!(s.log_format, LogFormat::Text);
         assert!(s.database_url().is_err());
+        assert!(s.outbox_relay);
+        assert_eq!(s.outbox_retention, Duration::from_secs(7 * 24 * 3600));
     }
 
     #[test]
@@ -505,6 +528,11 @@ mod tests {
             "DATABASE_URL"
         );
         assert_eq!(invalid_key(load(None, &[("LOG_FORMAT", "xml")])), "LOG_FORMAT");
+        assert_eq!(invalid_key(load(None, &[("OUTBOX_RELAY", "yes")])), "OUTBOX_RELAY");
+        assert_eq!(
+            invalid_key(load(None, &[("OUTBOX_RETENTION_DAYS", "0")])),
+            "OUTBOX_RETENTION_DAYS"
+        );
         assert_eq!(
             invalid_key(load(Some(r#"{"EVENTS_TO_OMIT": ["A"]}"#), &[])),
             "EVENTS_TO_OMIT"

@@ -11,6 +11,8 @@
 //!   which;
 //! * [`worker`] supervises the broker session, runs the consume loop and
 //!   the graceful shutdown; [`metrics`] counts outcomes and serves them;
+//! * [`relay`] publishes the device messages that commands left in the
+//!   [`outbox`], with confirms;
 //! * [`config`] reads the settings, [`samples`] makes the exploration
 //!   messages of the `publish` tool.
 
@@ -25,6 +27,7 @@ pub mod headers;
 pub mod metrics;
 pub mod outbox;
 pub mod pipeline;
+pub mod relay;
 pub mod requeue;
 pub mod samples;
 pub mod store;

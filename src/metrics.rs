@@ -11,6 +11,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::failure::ErrorKind;
+use crate::outbox::Stats;
 use crate::pipeline::Outcome;
 
 /// The worker's live state.
@@ -24,6 +25,11 @@ pub struct Metrics {
     parked: [AtomicU64; ErrorKind::ALL.len()],
     connections: AtomicU64,
     unsettled: AtomicU64,
+    outbox_published: AtomicU64,
+    outbox_unroutable: AtomicU64,
+    outbox_pending: AtomicU64,
+    outbox_failed: AtomicU64,
+    outbox_oldest_pending_ms: AtomicU64,
 }
 
 impl Metrics {
@@ -57,6 +63,33 @@ impl Metrics {
     /// Counts one delivery that could not be settled (left for redelivery).
     pub fn record_unsettled(&self) {
         self.unsettled.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts device messages the outbox relay published (confirmed).
+    pub fn record_outbox_published(&self, rows: u64) {
+        self.outbox_published.fetch_add(rows, Ordering::Relaxed);
+    }
+
+    /// Counts one device message returned unroutable.
+    pub fn record_outbox_unroutable(&self) {
+        self.outbox_unroutable.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Sets the outbox gauges.
+    pub fn set_outbox_stats(&self, stats: Stats) {
+        let rows = |n: i64| u64::try_from(n).unwrap_or(0);
+        self.outbox_pending.store(rows(stats.pending), Ordering::Relaxed);
+        self.outbox_failed.store(rows(stats.failed), Ordering::Relaxed);
+        let age_ms = u64::try_from(stats.oldest_pending.as_millis()).unwrap_or(u64::MAX);
+        self.outbox_oldest_pending_ms.store(age_ms, Ordering::Relaxed);
+    }
+
+    pub fn outbox_published(&self) -> u64 {
+        self.outbox_published.load(Ordering::Relaxed)
+    }
+
+    pub fn outbox_unroutable(&self) -> u64 {
+        self.outbox_unroutable.load(Ordering::Relaxed)
     }
 
     pub fn processed(&self) -> u64 {
@@ -107,6 +140,23 @@ impl Metrics {
             self.connections(),
             self.unsettled.load(Ordering::Relaxed),
             u8::from(self.is_ready()),
+        ));
+        out.push_str(&format!(
+            "# HELP iot_outbox_published_total Device messages the outbox relay published (confirmed).\n\
+             # TYPE iot_outbox_published_total counter\niot_outbox_published_total {}\n\
+             # HELP iot_outbox_unroutable_total Device messages the broker returned as unroutable.\n\
+             # TYPE iot_outbox_unroutable_total counter\niot_outbox_unroutable_total {}\n\
+             # HELP iot_outbox_pending_rows Outbox rows waiting to be published.\n\
+             # TYPE iot_outbox_pending_rows gauge\niot_outbox_pending_rows {}\n\
+             # HELP iot_outbox_failed_rows Outbox rows given up on (returned unroutable too often).\n\
+             # TYPE iot_outbox_failed_rows gauge\niot_outbox_failed_rows {}\n\
+             # HELP iot_outbox_oldest_pending_seconds Age of the oldest pending outbox row.\n\
+             # TYPE iot_outbox_oldest_pending_seconds gauge\niot_outbox_oldest_pending_seconds {:.3}\n",
+            self.outbox_published(),
+            self.outbox_unroutable(),
+            self.outbox_pending.load(Ordering::Relaxed),
+            self.outbox_failed.load(Ordering::Relaxed),
+            self.outbox_oldest_pending_ms.load(Ordering::Relaxed) as f64 / 1000.0,
         ));
         out
     }

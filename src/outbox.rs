@@ -1,11 +1,43 @@
 //! The transactional outbox: device messages that commands produce are
-//! written here in the command's transaction, and published afterwards
-//! with publisher confirms (at-least-once to the device, exactly-once in
-//! the database).
+//! written here in the command's transaction, and published afterwards by
+//! the relay ([`crate::relay`]) with publisher confirms: at-least-once to
+//! the device, exactly-once in the database.
+//!
+//! One SQL statement per function. A row is *pending* while it is neither
+//! published nor failed; the relay claims pending rows with
+//! `FOR UPDATE SKIP LOCKED`, so several workers never claim the same row at
+//! the same time.
 
-use sqlx::PgConnection;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use sqlx::{PgConnection, PgPool};
 
 use crate::handlers::DEVICE_EXCHANGE;
+
+/// The `LISTEN` channel a committed outbox insert notifies.
+pub const CHANNEL: &str = "iot_outbox";
+
+/// One claimed row, ready to publish.
+#[derive(Debug, sqlx::FromRow)]
+pub struct Row {
+    pub id: i64,
+    pub message_id: String,
+    pub exchange: String,
+    pub routing_key: String,
+    pub body: Vec<u8>,
+    pub created_at: DateTime<Utc>,
+    pub attempts: i32,
+}
+
+/// What the relay's gauges show.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Stats {
+    pub pending: i64,
+    /// Age of the oldest pending row; zero when none is pending.
+    pub oldest_pending: Duration,
+    pub failed: i64,
+}
 
 /// Writes one device message to the outbox, in the caller's transaction.
 ///
@@ -25,4 +57,100 @@ pub async fn enqueue(
         .execute(conn)
         .await?;
     Ok(())
+}
+
+/// Locks up to `limit` pending rows that are due, oldest first, skipping
+/// rows another relay holds. The locks last until the caller's transaction
+/// ends.
+///
+/// # Errors
+/// The database error.
+pub async fn claim(conn: &mut PgConnection, limit: i64) -> Result<Vec<Row>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT id, message_id, exchange, routing_key, body, created_at, attempts FROM outbox
+         WHERE published_at IS NULL AND failed_at IS NULL
+           AND (next_attempt_at IS NULL OR next_attempt_at <= now())
+         ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
+    )
+    .bind(limit)
+    .fetch_all(conn)
+    .await
+}
+
+/// Marks confirmed rows published, at the time of marking (after the
+/// confirm).
+///
+/// # Errors
+/// The database error.
+pub async fn mark_published(conn: &mut PgConnection, ids: &[i64]) -> Result<(), sqlx::Error> {
+    sqlx::query("UPDATE outbox SET published_at = clock_timestamp(), attempts = attempts + 1 WHERE id = ANY($1)")
+        .bind(ids)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// Puts a row off after a failed attempt: it is due again after
+/// `retry_after`, or, when `give_up`, marked failed and never tried again
+/// (it stays in the table, with `last_error`, for an operator).
+///
+/// # Errors
+/// The database error.
+pub async fn defer(
+    conn: &mut PgConnection,
+    id: i64,
+    error: &str,
+    retry_after: Duration,
+    give_up: bool,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE outbox SET attempts = attempts + 1, last_error = $2,
+                next_attempt_at = clock_timestamp() + make_interval(secs => $3),
+                failed_at = CASE WHEN $4 THEN clock_timestamp() END
+         WHERE id = $1",
+    )
+    .bind(id)
+    .bind(error)
+    .bind(retry_after.as_secs_f64())
+    .bind(give_up)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Counts pending and failed rows and the age of the oldest pending one.
+///
+/// # Errors
+/// The database error.
+pub async fn stats(pool: &PgPool) -> Result<Stats, sqlx::Error> {
+    let (pending, oldest_seconds, failed): (i64, f64, i64) = sqlx::query_as(
+        "SELECT count(*),
+                COALESCE(EXTRACT(EPOCH FROM now() - min(created_at)), 0)::float8,
+                (SELECT count(*) FROM outbox WHERE failed_at IS NOT NULL)
+         FROM outbox WHERE published_at IS NULL AND failed_at IS NULL",
+    )
+    .fetch_one(pool)
+    .await?;
+    Ok(Stats {
+        pending,
+        oldest_pending: Duration::from_secs_f64(oldest_seconds.max(0.0)),
+        failed,
+    })
+}
+
+/// Deletes up to `limit` rows published more than `retention` ago.
+/// Returns how many went.
+///
+/// # Errors
+/// The database error.
+pub async fn delete_published_before(pool: &PgPool, retention: Duration, limit: i64) -> Result<u64, sqlx::Error> {
+    let result = sqlx::query(
+        "DELETE FROM outbox WHERE id IN (
+             SELECT id FROM outbox WHERE published_at < now() - make_interval(secs => $1) LIMIT $2)",
+    )
+    .bind(retention.as_secs_f64())
+    .bind(limit)
+    .execute(pool)
+    .await?;
+    Ok(result.rows_affected())
 }

@@ -117,6 +117,14 @@ pub async fn drop_tables(url: &str) -> Result<(), StoreError> {
             what: "DROP TABLE",
             source,
         })?;
+    // The relay's trigger function outlives its table.
+    sqlx::query("DROP FUNCTION IF EXISTS outbox_notify()")
+        .execute(&mut conn)
+        .await
+        .map_err(|source| StoreError::Query {
+            what: "DROP FUNCTION",
+            source,
+        })?;
     conn.close().await.ok();
     Ok(())
 }

@@ -24,11 +24,14 @@ use crate::broker::{self, Publisher};
 use crate::config::{ConfigError, Settings};
 use crate::metrics::{self, Metrics};
 use crate::pipeline::{DeliveryObserver, Pipeline};
+use crate::relay::Relay;
 use crate::store::{self, StoreError};
 use crate::topology::{Topology, TopologyError};
 
 /// How long closing a channel or connection may take.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long the outbox relay may take to finish its batch at shutdown.
+const RELAY_STOP_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long opening a broker connection may take before it is retried.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -121,6 +124,19 @@ pub async fn run_with(settings: Settings, shutdown: CancellationToken, options: 
         tracing::info!(%addr, "serving /metrics, /healthz and /readyz");
     }
 
+    // The relay stops with the worker, and also when the supervisor fails.
+    let relay_stop = shutdown.child_token();
+    let relay = settings.outbox_relay.then(|| {
+        let relay = Relay {
+            pool: pool.clone(),
+            amqp_url: settings.amqp_url.clone(),
+            database_url: settings.database_url().unwrap_or_default().to_owned(),
+            retention: settings.outbox_retention,
+            metrics: options.metrics.clone(),
+        };
+        tokio::spawn(relay.run(relay_stop.clone()))
+    });
+
     let supervisor = Supervisor {
         boot_id: format!("{}-{}", std::process::id(), chrono::Utc::now().timestamp_micros()),
         settings,
@@ -130,6 +146,15 @@ pub async fn run_with(settings: Settings, shutdown: CancellationToken, options: 
         shutdown: shutdown.clone(),
     };
     let result = supervisor.run().await;
+    relay_stop.cancel();
+    if let Some(relay) = relay {
+        // A batch still waiting for confirms is dropped: its transaction
+        // rolls back and its rows are published again later.
+        let abort = relay.abort_handle();
+        if tokio::time::timeout(RELAY_STOP_TIMEOUT, relay).await.is_err() {
+            abort.abort();
+        }
+    }
     // A connection dropped mid-statement (work cut off after the grace
     // period) is only released when the statement ends: do not wait for it.
     // The server rolls its transaction back when the process goes.

@@ -315,6 +315,7 @@ async fn remove_resources(queue: &str, database: &str) {
             for suffix in [
                 "",
                 ".dlq",
+                ".device",
                 ".retry.50ms",
                 ".retry.100ms",
                 ".retry.200ms",

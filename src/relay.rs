@@ -1,0 +1,394 @@
+//! The outbox relay: publishes the device messages that commands left in
+//! the `outbox` table (SPEC §2.2), inside the worker process.
+//!
+//! Delivery guarantee, from the ordering of its steps:
+//!
+//! 1. claim pending rows, oldest first, with `FOR UPDATE SKIP LOCKED` in a
+//!    transaction (another relay skips them while this one holds them);
+//! 2. publish each, in order, `mandatory`, persistent, with the command's
+//!    message id as `message_id`, then wait for the broker's confirms;
+//! 3. mark the confirmed rows `published_at` and commit.
+//!
+//! A crash before 3 commits leaves the rows pending, so they are published
+//! again: at least once on the wire, never lost, and every row is marked
+//! exactly once. A returned (unroutable) message is not published: it is
+//! counted, logged and tried again with a growing delay, and after
+//! [`MAX_UNROUTABLE_ATTEMPTS`] returns it is marked failed (kept, with its
+//! error, for an operator). A nack is tried again, without limit.
+//!
+//! The relay wakes on the `NOTIFY` that a committed outbox insert sends,
+//! and at least every [`POLL_INTERVAL`] (for retries that fall due and
+//! notifications lost while the listener reconnected). It has its own
+//! broker connection, rebuilt with backoff, so it never disturbs the
+//! consume session; database errors make it wait and try again.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
+use futures_util::future::join_all;
+use lapin::BasicProperties;
+use lapin::types::ShortString;
+use sqlx::PgPool;
+use sqlx::postgres::PgListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::broker::{self, PendingConfirm, PublishError, Publisher};
+use crate::metrics::Metrics;
+use crate::outbox::{self, Row};
+
+/// Rows claimed and published per transaction.
+pub const BATCH_SIZE: i64 = 100;
+/// The longest the relay sleeps without a notification.
+pub const POLL_INTERVAL: Duration = Duration::from_secs(1);
+/// Returns (no queue bound for the routing key) before a row is marked
+/// failed; with the delays of [`retry_delay`] that is about an hour.
+pub const MAX_UNROUTABLE_ATTEMPTS: i32 = 20;
+/// The longest delay before a returned or nacked row is tried again.
+const MAX_RETRY_DELAY: Duration = Duration::from_secs(300);
+/// How often published rows past their retention are deleted.
+const CLEANUP_INTERVAL: Duration = Duration::from_secs(3600);
+/// Rows deleted per statement, so cleanup never holds long locks.
+const CLEANUP_CHUNK: i64 = 10_000;
+/// How often the gauges are refreshed at most.
+const STATS_INTERVAL: Duration = Duration::from_secs(1);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why a batch stopped.
+#[derive(Debug, thiserror::Error)]
+enum RelayError {
+    #[error("PostgreSQL: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error(transparent)]
+    Broker(#[from] PublishError),
+}
+
+/// The relay's dependencies.
+pub struct Relay {
+    pub pool: PgPool,
+    pub amqp_url: String,
+    pub database_url: String,
+    /// Published rows older than this are deleted.
+    pub retention: Duration,
+    pub metrics: Arc<Metrics>,
+}
+
+/// When the next housekeeping jobs are due.
+struct Housekeeping {
+    stats_due: Instant,
+    cleanup_due: Instant,
+}
+
+impl Relay {
+    /// Relays until `shutdown` is cancelled; a batch in progress finishes
+    /// first (bounded by the confirm timeout).
+    pub async fn run(self, shutdown: CancellationToken) {
+        let mut wake = Wake::new(self.database_url.clone());
+        let mut housekeeping = Housekeeping {
+            stats_due: Instant::now(),
+            cleanup_due: Instant::now(),
+        };
+        let mut delays = backoff();
+        loop {
+            let connect = tokio::time::timeout(CONNECT_TIMEOUT, async {
+                let connection = broker::connect(&self.amqp_url, "worker-iot-core outbox relay").await?;
+                let publisher = Publisher::open(&connection).await?;
+                Ok::<_, lapin::Error>((connection, publisher))
+            });
+            let connected = tokio::select! {
+                () = shutdown.cancelled() => return,
+                connected = connect => connected,
+            };
+            let error = match connected {
+                Ok(Ok((connection, publisher))) => {
+                    tracing::info!("outbox relay connected");
+                    delays = backoff();
+                    let result = self.session(&publisher, &mut wake, &mut housekeeping, &shutdown).await;
+                    let close = connection.close(200, "relay stopping".into());
+                    tokio::time::timeout(Duration::from_secs(1), close).await.ok();
+                    match result {
+                        Ok(()) => return,
+                        Err(e) => e.to_string(),
+                    }
+                }
+                Ok(Err(e)) => format!("RabbitMQ: {e}"),
+                Err(_) => format!("RabbitMQ: no connection within {CONNECT_TIMEOUT:?}"),
+            };
+            let delay = delays.next().unwrap_or(Duration::from_secs(10));
+            tracing::warn!(error.message = %error, ?delay, "outbox relay: broker session ended; reconnecting");
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = tokio::time::sleep(delay) => {}
+            }
+        }
+    }
+
+    /// Relays on one broker connection until shutdown (`Ok`) or a broker
+    /// failure (`Err`, to reconnect).
+    async fn session(
+        &self,
+        publisher: &Publisher,
+        wake: &mut Wake,
+        housekeeping: &mut Housekeeping,
+        shutdown: &CancellationToken,
+    ) -> Result<(), PublishError> {
+        let mut database_delays = backoff();
+        while !shutdown.is_cancelled() {
+            match self.relay_batch(publisher).await {
+                // A full batch: more rows may be waiting.
+                Ok(claimed) if claimed == BATCH_SIZE as usize => continue,
+                Ok(_) => database_delays = backoff(),
+                Err(RelayError::Broker(e)) => return Err(e),
+                Err(RelayError::Database(e)) => {
+                    let delay = database_delays.next().unwrap_or(Duration::from_secs(10));
+                    tracing::warn!(error.message = %e, ?delay, "outbox relay: database error; trying again");
+                    tokio::select! {
+                        () = shutdown.cancelled() => return Ok(()),
+                        () = tokio::time::sleep(delay) => {}
+                    }
+                    continue;
+                }
+            }
+            self.housekeeping(housekeeping).await;
+            wake.wait(shutdown).await;
+        }
+        Ok(())
+    }
+
+    /// Claims, publishes and marks one batch. Returns how many rows it
+    /// claimed.
+    async fn relay_batch(&self, publisher: &Publisher) -> Result<usize, RelayError> {
+        let mut tx = self.pool.begin().await?;
+        let rows = outbox::claim(&mut tx, BATCH_SIZE).await?;
+        if rows.is_empty() {
+            return Ok(0);
+        }
+        // Sent one after the other, so a device gets its messages in the
+        // order the commands committed; the confirms are awaited together.
+        let mut confirms: Vec<PendingConfirm> = Vec::with_capacity(rows.len());
+        let mut broken = None;
+        for row in &rows {
+            match publisher
+                .send(
+                    &row.exchange,
+                    &row.routing_key,
+                    &row.body,
+                    device_message_properties(row),
+                )
+                .await
+            {
+                Ok(confirm) => confirms.push(confirm),
+                Err(e) => {
+                    broken = Some(e);
+                    break;
+                }
+            }
+        }
+        let results = join_all(confirms.into_iter().map(PendingConfirm::wait)).await;
+        #[cfg(feature = "test-handlers")]
+        crash_after_confirm_for_tests(&results);
+
+        let mut published = Vec::with_capacity(rows.len());
+        for (row, result) in rows.iter().zip(results) {
+            match result {
+                Ok(()) => published.push(row.id),
+                Err(PublishError::Unroutable(_)) => self.returned(&mut tx, row).await?,
+                Err(PublishError::Nacked(_)) => {
+                    outbox::defer(
+                        &mut tx,
+                        row.id,
+                        "nacked by the broker",
+                        retry_delay(row.attempts),
+                        false,
+                    )
+                    .await?;
+                }
+                Err(e @ (PublishError::Broker { .. } | PublishError::Timeout(_))) => {
+                    broken.get_or_insert(e);
+                }
+            }
+        }
+        outbox::mark_published(&mut tx, &published).await?;
+        tx.commit().await?;
+        self.metrics.record_outbox_published(published.len() as u64);
+        match broken {
+            Some(e) => Err(e.into()),
+            None => Ok(rows.len()),
+        }
+    }
+
+    /// A row whose message no queue took: tried again later, or, after
+    /// [`MAX_UNROUTABLE_ATTEMPTS`], marked failed.
+    async fn returned(&self, tx: &mut sqlx::PgConnection, row: &Row) -> Result<(), sqlx::Error> {
+        self.metrics.record_outbox_unroutable();
+        let attempt = row.attempts + 1;
+        let give_up = attempt >= MAX_UNROUTABLE_ATTEMPTS;
+        let error = format!(
+            "unroutable: no queue is bound to routing key '{}' on exchange '{}'",
+            row.routing_key, row.exchange
+        );
+        let delay = retry_delay(row.attempts);
+        if give_up {
+            tracing::error!(messaging.message.id = %row.message_id, routing_key = %row.routing_key, attempt,
+                            "device message returned unroutable too often; marked failed in the outbox");
+        } else {
+            tracing::warn!(messaging.message.id = %row.message_id, routing_key = %row.routing_key, attempt, ?delay,
+                           "device message returned unroutable; will try again");
+        }
+        outbox::defer(tx, row.id, &error, delay, give_up).await
+    }
+
+    /// Refreshes the gauges and deletes rows past their retention, each
+    /// when due. Errors are logged: housekeeping never stops relaying.
+    async fn housekeeping(&self, due: &mut Housekeeping) {
+        let now = Instant::now();
+        if now >= due.stats_due {
+            due.stats_due = now + STATS_INTERVAL;
+            match outbox::stats(&self.pool).await {
+                Ok(stats) => self.metrics.set_outbox_stats(stats),
+                Err(e) => tracing::debug!(error.message = %e, "outbox relay: cannot read outbox statistics"),
+            }
+        }
+        if now >= due.cleanup_due {
+            due.cleanup_due = now + CLEANUP_INTERVAL;
+            match self.delete_expired().await {
+                Ok(0) => {}
+                Ok(rows) => tracing::info!(rows, "deleted published outbox rows past their retention"),
+                Err(e) => tracing::warn!(error.message = %e, "outbox relay: retention cleanup failed"),
+            }
+        }
+    }
+
+    async fn delete_expired(&self) -> Result<u64, sqlx::Error> {
+        let mut total = 0;
+        loop {
+            let deleted = outbox::delete_published_before(&self.pool, self.retention, CLEANUP_CHUNK).await?;
+            total += deleted;
+            if deleted < CLEANUP_CHUNK as u64 {
+                return Ok(total);
+            }
+        }
+    }
+}
+
+/// A device message: persistent, with the command's message id so a
+/// device or bridge can deduplicate.
+fn device_message_properties(row: &Row) -> BasicProperties {
+    BasicProperties::default()
+        .with_delivery_mode(2)
+        .with_message_id(ShortString::from(row.message_id.as_str()))
+        .with_content_type(ShortString::from("text/plain"))
+        .with_app_id(ShortString::from("worker-iot-core"))
+        .with_timestamp(u64::try_from(row.created_at.timestamp()).unwrap_or(0))
+}
+
+/// 1 s, 2 s, 4 s, … up to five minutes, after `attempts` earlier attempts.
+fn retry_delay(attempts: i32) -> Duration {
+    let exponent = u32::try_from(attempts).unwrap_or(0).min(16);
+    Duration::from_secs(1u64 << exponent).min(MAX_RETRY_DELAY)
+}
+
+fn backoff() -> ExponentialBackoff {
+    ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(100))
+        .with_max_delay(Duration::from_secs(10))
+        .with_jitter()
+        .without_max_times()
+        .build()
+}
+
+/// Waits for an outbox notification, the poll interval, or shutdown.
+struct Wake {
+    database_url: String,
+    /// `None` until connected, and again after the connection is lost.
+    listener: Option<PgListener>,
+}
+
+impl Wake {
+    fn new(database_url: String) -> Wake {
+        Wake {
+            database_url,
+            listener: None,
+        }
+    }
+
+    async fn wait(&mut self, shutdown: &CancellationToken) {
+        if self.listener.is_none() {
+            self.listener = self.listen().await;
+        }
+        let notified = async {
+            match &mut self.listener {
+                Some(listener) => listener.recv().await.is_ok(),
+                None => std::future::pending().await,
+            }
+        };
+        let listening = tokio::select! {
+            () = shutdown.cancelled() => true,
+            () = tokio::time::sleep(POLL_INTERVAL) => true,
+            ok = notified => ok,
+        };
+        match &mut self.listener {
+            // One claim serves every notification that arrived meanwhile.
+            Some(listener) if listening => while listener.next_buffered().is_some() {},
+            _ => self.listener = None,
+        }
+    }
+
+    async fn listen(&self) -> Option<PgListener> {
+        let connect = async {
+            let mut listener = PgListener::connect(&self.database_url).await?;
+            listener.listen(outbox::CHANNEL).await?;
+            Ok::<_, sqlx::Error>(listener)
+        };
+        match tokio::time::timeout(CONNECT_TIMEOUT, connect).await {
+            Ok(Ok(listener)) => Some(listener),
+            Ok(Err(e)) => {
+                tracing::debug!(error.message = %e, "outbox relay: cannot LISTEN; polling");
+                None
+            }
+            Err(_) => None,
+        }
+    }
+}
+
+/// Fault injection for the tests: with `WIC_TEST_RELAY_ABORT_AFTER_CONFIRM`
+/// set, the process aborts after the broker confirmed a batch and before
+/// the rows are marked, the window in which a crash duplicates a device
+/// message.
+#[cfg(feature = "test-handlers")]
+fn crash_after_confirm_for_tests(results: &[Result<(), PublishError>]) {
+    if results.iter().any(Result::is_ok) && std::env::var_os("WIC_TEST_RELAY_ABORT_AFTER_CONFIRM").is_some() {
+        eprintln!("test hook: aborting between the confirm and the marking of a batch");
+        std::process::abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_delays_double_up_to_five_minutes() {
+        let delays: Vec<u64> = (0..12).map(|n| retry_delay(n).as_secs()).collect();
+        assert_eq!(delays, [1, 2, 4, 8, 16, 32, 64, 128, 256, 300, 300, 300]);
+        assert_eq!(retry_delay(-1), Duration::from_secs(1));
+        assert_eq!(retry_delay(i32::MAX), MAX_RETRY_DELAY);
+    }
+
+    #[test]
+    fn device_messages_are_persistent_and_carry_the_command_id() {
+        let row = Row {
+            id: 1,
+            message_id: "cmd-1".into(),
+            exchange: "amq.topic".into(),
+            routing_key: "led.d1".into(),
+            body: b"on".to_vec(),
+            created_at: chrono::Utc::now(),
+            attempts: 0,
+        };
+        let properties = device_message_properties(&row);
+        assert_eq!(properties.delivery_mode(), &Some(2));
+        assert_eq!(properties.message_id().as_ref().map(|id| id.as_str()), Some("cmd-1"));
+        assert_eq!(properties.expiration(), &None);
+    }
+}

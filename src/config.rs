@@ -36,6 +36,10 @@ pub const KEYS: &[&str] = &[
     "LOG_FORMAT",
 ];
 
+/// The database when `DATABASE_URL` is not set: the local server's, created
+/// at start-up if missing, so the worker starts with nothing exported.
+pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@localhost:5432/worker_iot_core";
+
 /// Longest main queue name: leaves room for `.retry.<delay>` within AMQP's
 /// 255-byte limit on names.
 const MAX_QUEUE_NAME: usize = 200;
@@ -61,7 +65,7 @@ pub struct Settings {
     /// How long published outbox rows are kept.
     pub outbox_retention: Duration,
     pub amqp_url: String,
-    pub database_url: Option<String>,
+    pub database_url: String,
     pub log_format: LogFormat,
 }
 
@@ -100,8 +104,6 @@ pub enum ConfigError {
         origin: Source,
         allowed: String,
     },
-    #[error("missing setting {key}: expected {allowed}")]
-    Missing { key: &'static str, allowed: String },
     #[error("cannot read settings file SETTINGS_FILE={path:?}: {reason}")]
     File { path: String, reason: String },
 }
@@ -110,7 +112,7 @@ impl ConfigError {
     /// The key the error is about (`SETTINGS_FILE` for an unreadable file).
     pub fn key(&self) -> &'static str {
         match self {
-            ConfigError::Invalid { key, .. } | ConfigError::Missing { key, .. } => key,
+            ConfigError::Invalid { key, .. } => key,
             ConfigError::File { .. } => "SETTINGS_FILE",
         }
     }
@@ -251,7 +253,7 @@ impl Settings {
     }
 
     fn from_layers(layers: &Layers) -> Result<Settings, ConfigError> {
-        let rabbitmq_hostname = layers.string("RABBITMQ_HOSTNAME", "rabbitmq");
+        let rabbitmq_hostname = layers.string("RABBITMQ_HOSTNAME", "localhost");
         if rabbitmq_hostname.is_empty()
             || !rabbitmq_hostname
                 .chars()
@@ -305,11 +307,12 @@ impl Settings {
             return Err(layers.invalid("AMQP_URL", "a URL such as amqp://user:password@host:5672/%2f"));
         }
 
-        let database_url = layers.get("DATABASE_URL").map(|(url, _)| url.to_owned());
-        if let Some(url) = &database_url
-            && !(url.starts_with("postgres://") || url.starts_with("postgresql://"))
-        {
-            return Err(layers.invalid("DATABASE_URL", DATABASE_URL_ALLOWED));
+        let database_url = layers.string("DATABASE_URL", DEFAULT_DATABASE_URL);
+        if !(database_url.starts_with("postgres://") || database_url.starts_with("postgresql://")) {
+            return Err(layers.invalid(
+                "DATABASE_URL",
+                "a URL such as postgres://user:password@host:5432/database",
+            ));
         }
 
         let outbox_relay = match layers.string("OUTBOX_RELAY", "on").as_str() {
@@ -343,17 +346,6 @@ impl Settings {
         })
     }
 
-    /// The database URL, which the worker and `create_db` cannot do without.
-    ///
-    /// # Errors
-    /// [`ConfigError::Missing`] when `DATABASE_URL` is not set.
-    pub fn database_url(&self) -> Result<&str, ConfigError> {
-        self.database_url.as_deref().ok_or(ConfigError::Missing {
-            key: "DATABASE_URL",
-            allowed: DATABASE_URL_ALLOWED.into(),
-        })
-    }
-
     /// The size of the PostgreSQL pool: one connection per message in
     /// flight plus one for bookkeeping (redelivery counts) and one for the
     /// outbox relay, up to
@@ -364,8 +356,6 @@ impl Settings {
         (u32::from(self.prefetch_count) + 2).min(self.database_max_connections)
     }
 }
-
-const DATABASE_URL_ALLOWED: &str = "a URL such as postgres://user:password@host:5432/database";
 
 impl fmt::Display for Settings {
     /// The effective configuration, one `KEY = value` per line, with
@@ -388,10 +378,7 @@ impl fmt::Display for Settings {
                 (self.outbox_retention.as_secs() / 86_400).to_string(),
             ),
             ("AMQP_URL", mask_password(&self.amqp_url)),
-            (
-                "DATABASE_URL",
-                self.database_url.as_deref().map_or("(not set)".into(), mask_password),
-            ),
+            ("DATABASE_URL", mask_password(&self.database_url)),
             ("LOG_FORMAT", format!("{:?}", self.log_format).to_lowercase()),
         ];
         for (key, value) in rows {
@@ -441,13 +428,13 @@ mod tests {
     fn defaults() {
         let s = load(None, &[]).unwrap();
         assert_eq!(s.queue, "local_iot_core");
-        assert_eq!(s.amqp_url, "amqp://guest:guest@rabbitmq:5672/%2f");
+        assert_eq!(s.amqp_url, "amqp://guest:guest@localhost:5672/%2f");
+        assert_eq!(s.database_url, DEFAULT_DATABASE_URL);
         assert_eq!(s.max_message_bytes, 262_144);
         assert_eq!(s.shutdown_grace, Duration::from_secs(10));
         assert_eq!(s.metrics_addr.port(), 9464);
         assert!(s.events_to_omit.is_empty());
         assert_eq!(s.log_format, LogFormat::Text);
-        assert!(s.database_url().is_err());
         assert!(s.outbox_relay);
         assert_eq!(s.outbox_retention, Duration::from_secs(7 * 24 * 3600));
     }
@@ -540,12 +527,9 @@ mod tests {
     }
 
     #[test]
-    fn bad_files_and_missing_database_url() {
+    fn bad_files() {
         assert_eq!(load(Some("{oops"), &[]).unwrap_err().key(), "SETTINGS_FILE");
         assert_eq!(load(Some("[1]"), &[]).unwrap_err().key(), "SETTINGS_FILE");
-        let err = load(None, &[]).unwrap().database_url().unwrap_err();
-        assert_eq!(err.key(), "DATABASE_URL");
-        assert!(err.to_string().contains("postgres://"), "{err}");
     }
 
     #[test]

@@ -162,6 +162,34 @@ impl Metrics {
     }
 }
 
+/// Asks `/readyz` on `addr` (an unspecified address means this host), for
+/// `worker-iot-core --healthcheck`. `Ok(true)` for a 200 answer.
+///
+/// # Errors
+/// The connection error, or a timeout after 3 s.
+pub async fn probe_ready(addr: SocketAddr) -> std::io::Result<bool> {
+    let mut target = addr;
+    if target.ip().is_unspecified() {
+        target.set_ip(if addr.is_ipv4() {
+            std::net::Ipv4Addr::LOCALHOST.into()
+        } else {
+            std::net::Ipv6Addr::LOCALHOST.into()
+        });
+    }
+    let ask = async {
+        let mut stream = tokio::net::TcpStream::connect(target).await?;
+        stream
+            .write_all(b"GET /readyz HTTP/1.0\r\nHost: localhost\r\n\r\n")
+            .await?;
+        let mut response = Vec::new();
+        stream.read_to_end(&mut response).await?;
+        Ok::<_, std::io::Error>(response.starts_with(b"HTTP/1.1 200") || response.starts_with(b"HTTP/1.0 200"))
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(3), ask)
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no answer within 3 s"))?
+}
+
 /// Binds `addr` and serves `/metrics`, `/healthz` and `/readyz` until
 /// `shutdown`. Returns the bound address (useful with port 0).
 ///

@@ -222,14 +222,18 @@ pub async fn peek(connection: &Connection, queue: &str) -> Result<Vec<Delivery>,
     Ok(out)
 }
 
-/// The `--list` summary: groups by fingerprint, most numerous first.
+/// The `--list` summary of the messages `filter` matches: groups by
+/// fingerprint, most numerous first.
 ///
 /// # Errors
 /// A broker error or a missing queue.
-pub async fn list(connection: &Connection, dlq: &str) -> Result<Vec<Group>, RequeueError> {
+pub async fn list(connection: &Connection, dlq: &str, filter: &Filter) -> Result<Vec<Group>, RequeueError> {
     let mut groups: BTreeMap<String, Group> = BTreeMap::new();
     for delivery in peek(connection, dlq).await? {
         let p = Parked::inspect(&delivery);
+        if !filter.matches(&p) {
+            continue;
+        }
         let group = groups.entry(p.fingerprint.clone()).or_insert_with(|| Group {
             fingerprint: p.fingerprint.clone(),
             count: 0,

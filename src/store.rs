@@ -103,6 +103,22 @@ pub async fn create_database(url: &str) -> Result<bool, StoreError> {
     Ok(!exists)
 }
 
+/// `database 'name' on host:port as user`, for messages that must say
+/// which database they touch (no password).
+///
+/// # Errors
+/// [`StoreError::Url`] for a URL that is not a PostgreSQL URL.
+pub fn describe_database(url: &str) -> Result<String, StoreError> {
+    let options: PgConnectOptions = url.parse().map_err(StoreError::Url)?;
+    Ok(format!(
+        "database '{}' on {}:{} as user '{}'",
+        options.get_database().unwrap_or("postgres"),
+        options.get_host(),
+        options.get_port(),
+        options.get_username()
+    ))
+}
+
 /// Drops every table the worker owns (see [`TABLES`]).
 ///
 /// # Errors

@@ -232,6 +232,15 @@ impl Topology {
 
     /// The retry queue for delayed retry `n` (1-based): the `n`-th delay,
     /// the last one repeating.
+    /// Every queue the worker declares for main queue `queue`: `Q`, its
+    /// retry queues, `Q.dlq`.
+    pub fn queue_names(&self, queue: &str) -> Vec<String> {
+        let mut names = vec![queue.to_owned()];
+        names.extend(self.retry_delays.iter().map(|d| retry_queue_name(queue, &d.name)));
+        names.push(dlq_name(queue));
+        names
+    }
+
     pub fn retry_delay(&self, n: u32) -> &RetryDelay {
         let index = usize::try_from(n.saturating_sub(1)).unwrap_or(usize::MAX);
         // `parse` guarantees at least one delay.

@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::broker::{self, Publisher};
-use crate::config::{ConfigError, Settings};
+use crate::config::Settings;
 use crate::metrics::{self, Metrics};
 use crate::pipeline::{DeliveryObserver, Pipeline};
 use crate::relay::Relay;
@@ -38,8 +38,6 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Why the worker stopped other than by a shutdown request.
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
-    #[error(transparent)]
-    Config(#[from] ConfigError),
     #[error(transparent)]
     Topology(#[from] TopologyError),
     #[error(transparent)]
@@ -109,7 +107,15 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
 /// A [`WorkerError`] for bad settings, an unusable topology or database.
 pub async fn run_with(settings: Settings, shutdown: CancellationToken, options: Options) -> Result<(), WorkerError> {
     let topology = Arc::new(Topology::load(&settings.topology_file)?);
-    let pool = store::connect(settings.database_url()?, settings.pool_size()).await?;
+    // A fresh machine with local services has no database yet. Creating it
+    // needs rights the worker may lack in production; connecting then
+    // says what is wrong.
+    match store::create_database(&settings.database_url).await {
+        Ok(true) => tracing::info!("database created"),
+        Ok(false) => {}
+        Err(e) => tracing::debug!(error.message = %e, "could not make sure the database exists"),
+    }
+    let pool = store::connect(&settings.database_url, settings.pool_size()).await?;
     store::migrate(&pool).await?;
     tracing::info!("database migrated");
     match store::prune_redelivery_counts(&pool).await {
@@ -130,7 +136,7 @@ pub async fn run_with(settings: Settings, shutdown: CancellationToken, options: 
         let relay = Relay {
             pool: pool.clone(),
             amqp_url: settings.amqp_url.clone(),
-            database_url: settings.database_url().unwrap_or_default().to_owned(),
+            database_url: settings.database_url.clone(),
             retention: settings.outbox_retention,
             metrics: options.metrics.clone(),
         };

@@ -352,3 +352,160 @@ async fn bad_flags_and_missing_queues_fail_with_a_clear_message() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot reach RabbitMQ"));
     env.cleanup().await;
 }
+
+/// Parks 6 transient MEASUREMENT failures and 4 DEVICE_UP validation
+/// failures.
+async fn park_two_groups(env: &TestEnv) {
+    park_measurements(env, 6).await;
+    for i in 0..4 {
+        let id = format!("u-{i}");
+        let body = json!({"type": "DEVICE_UP", "id": id, "data": {"device_id": "d1", "ip": 7}}).to_string();
+        park(
+            env,
+            body.as_bytes(),
+            &id,
+            ErrorKind::Validation,
+            "data.ip must be a string",
+        )
+        .await;
+    }
+}
+
+/// `(count, error_kind)` of each group of `--list --json ARGS`, after
+/// checking the record kinds and the summary's total.
+fn listed(env: &TestEnv, args: &[&str]) -> Vec<(u64, String)> {
+    let mut all = vec!["--list", "--json"];
+    all.extend_from_slice(args);
+    let lines = json_lines(&run_requeue(env, &all));
+    let (summary, groups) = lines.split_last().expect("a summary line");
+    assert_eq!(summary["record"], "summary");
+    assert!(groups.iter().all(|g| g["record"] == "group"), "{groups:?}");
+    let counts: Vec<(u64, String)> = groups
+        .iter()
+        .map(|g| {
+            (
+                g["count"].as_u64().unwrap(),
+                g["error_kind"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        summary["summary"]["messages"].as_u64().unwrap(),
+        counts.iter().map(|(n, _)| n).sum::<u64>()
+    );
+    counts
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn list_honours_the_filters() {
+    let env = TestEnv::new(FAST_TOPOLOGY).await;
+    park_two_groups(&env).await;
+    let validation = vec![(4, "validation".to_owned())];
+    let transient = vec![(6, "transient".to_owned())];
+    assert_eq!(listed(&env, &[]), [transient.clone(), validation.clone()].concat());
+    assert_eq!(listed(&env, &["--type", "DEVICE_UP"]), validation);
+    assert_eq!(listed(&env, &["--error-kind", "transient"]), transient);
+    assert_eq!(listed(&env, &["--grep", "must be a string"]), validation);
+    assert_eq!(listed(&env, &["--type", "DEVICE_UP", "--error-kind", "transient"]), []);
+    assert_eq!(env.queue_len(&env.dlq()).await, 10, "listing moves nothing");
+    env.cleanup().await;
+}
+
+/// Runs requeue in a pseudo-terminal (util-linux `script`), typing
+/// `input`; returns the exit status and everything the terminal showed.
+async fn requeue_on_a_terminal(env: &TestEnv, args: &[&str], input: &str) -> (Option<i32>, String) {
+    use tokio::io::AsyncWriteExt;
+    let command = std::iter::once(REQUEUE)
+        .chain(["--queue", env.queue.as_str()])
+        .chain(args.iter().copied())
+        .collect::<Vec<_>>()
+        .join(" ");
+    std::fs::write(env.dir.join("none.json"), "{}").unwrap();
+    let mut child = tokio::process::Command::new("script")
+        .args(["-qec", &command, "/dev/null"])
+        .env("AMQP_URL", amqp_url())
+        .env("SETTINGS_FILE", env.dir.join("none.json"))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("run requeue under script");
+    let mut stdin = child.stdin.take().expect("stdin");
+    stdin.write_all(input.as_bytes()).await.expect("type the answer");
+    // Kept open until requeue ends: script stops at end of input.
+    let output = tokio::time::timeout(WAIT, child.wait_with_output())
+        .await
+        .expect("requeue on a terminal ends")
+        .expect("script output");
+    drop(stdin);
+    (
+        output.status.code(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bare_drain_on_a_terminal_asks_first() {
+    let env = TestEnv::new(FAST_TOPOLOGY).await;
+    park_measurements(&env, 5).await;
+    let dlq = env.dlq();
+    let question = format!("move all 5 messages from {dlq} to {}? [y/N]", env.queue);
+
+    let (status, screen) = requeue_on_a_terminal(&env, &[], "n\n").await;
+    assert!(screen.contains(&question), "{screen}");
+    assert_eq!(status, Some(1), "{screen}");
+    assert!(screen.contains("cancelled: nothing moved"), "{screen}");
+    assert_eq!(env.queue_len(&dlq).await, 5, "no means nothing moves");
+
+    // A filtered drain does not ask; its dry-run lines stay on the screen
+    // above the progress bar.
+    let (status, screen) = requeue_on_a_terminal(&env, &["--dry-run", "--type", "MEASUREMENT"], "").await;
+    assert_eq!(status, Some(0), "{screen}");
+    assert!(!screen.contains("[y/N]"), "{screen}");
+    assert_eq!(screen.matches("would move m-").count(), 5, "{screen}");
+
+    let (status, screen) = requeue_on_a_terminal(&env, &[], "y\n").await;
+    assert_eq!(status, Some(0), "{screen}");
+    assert_eq!(env.queue_len(&dlq).await, 0);
+    assert_eq!(env.queue_len(&env.queue).await, 5);
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn yes_skips_the_question_and_ctrl_c_exits_130_losing_nothing() {
+    const N: u32 = 100;
+    let env = TestEnv::new(FAST_TOPOLOGY).await;
+    park_measurements(&env, i64::from(N)).await;
+    let (status, screen) = requeue_on_a_terminal(&env, &["--yes", "--limit", "1"], "").await;
+    assert_eq!(status, Some(0), "{screen}");
+    assert!(!screen.contains("[y/N]"), "{screen}");
+
+    let child = tokio::process::Command::from(requeue_command(&env, &["--rate", "20"]))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start requeue");
+    wait_for("a few messages moved", WAIT, || async {
+        (env.queue_len(&env.queue).await >= 5).then_some(())
+    })
+    .await;
+    let pid = child.id().expect("running").to_string();
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-INT", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let output = tokio::time::timeout(WAIT, child.wait_with_output())
+        .await
+        .expect("requeue stops on SIGINT")
+        .unwrap();
+    assert_eq!(output.status.code(), Some(130));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("interrupted"));
+    let (moved, parked) = (env.queue_len(&env.queue).await, env.queue_len(&env.dlq()).await);
+    assert!(moved < N, "stopped before the end");
+    assert_eq!(moved + parked, N, "every message is in one queue or the other");
+    env.cleanup().await;
+}

@@ -1,13 +1,18 @@
 //! `delete_db --yes`: drop every table the worker owns.
 
-use anyhow::{Context, bail};
+use std::process::ExitCode;
+
+use anyhow::Context;
 use clap::Parser;
 use worker_iot_core::config::Settings;
 use worker_iot_core::store;
 
 /// Drop every table worker-iot-core owns (events, commands, devices,
-/// measurements, beacon_readings, outbox and the migration history).
+/// measurements, beacon_readings, outbox, delivery_attempts and the
+/// migration history) in the database of DATABASE_URL. Says which database
+/// on which server first; without --yes it only says so and exits 2.
 #[derive(Parser)]
+#[command(version)]
 struct Args {
     /// Confirm that the data may be destroyed.
     #[arg(long)]
@@ -15,22 +20,33 @@ struct Args {
 }
 
 #[tokio::main]
-async fn main() -> std::process::ExitCode {
-    worker_iot_core::cli::exit_code("delete_db", run().await)
-}
-
-async fn run() -> anyhow::Result<()> {
+async fn main() -> ExitCode {
     let args = Args::parse();
+    let settings = match Settings::load() {
+        Ok((settings, _)) => settings,
+        Err(e) => {
+            eprintln!("delete_db: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let target = match store::describe_database(&settings.database_url) {
+        Ok(target) => target,
+        Err(e) => {
+            eprintln!("delete_db: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let tables = store::TABLES.join(", ");
     if !args.yes {
-        bail!(
-            "this drops {} and all their data: run again with --yes",
-            store::TABLES.join(", ")
-        );
+        eprintln!("delete_db: this would drop {tables} and all their data from {target}: run again with --yes");
+        return ExitCode::from(2);
     }
-    let (settings, _) = Settings::load()?;
-    store::drop_tables(settings.database_url()?)
+    println!("dropping {tables} from {target}");
+    let result = store::drop_tables(&settings.database_url)
         .await
-        .context("dropping the tables")?;
-    println!("dropped {}", store::TABLES.join(", "));
-    Ok(())
+        .context("dropping the tables");
+    if result.is_ok() {
+        println!("dropped");
+    }
+    worker_iot_core::cli::exit_code("delete_db", result)
 }

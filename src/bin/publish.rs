@@ -18,7 +18,10 @@ use worker_iot_core::envelope::Kind;
 use worker_iot_core::samples;
 
 #[derive(Parser)]
-#[command(about = "Send sample events, commands and invalid data to the worker's queue")]
+#[command(
+    version,
+    about = "Send sample events, commands and invalid data to the worker's queue"
+)]
 struct Args {
     /// Queue to publish to (default: RABBITMQ_LOCAL_QUEUE_NAME).
     #[arg(long, global = true)]

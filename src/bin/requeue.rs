@@ -2,6 +2,7 @@
 //! The logic is in `worker_iot_core::requeue`; this parses flags and prints.
 
 use std::io::IsTerminal;
+use std::process::ExitCode;
 
 use anyhow::{Context, bail};
 use clap::Parser;
@@ -56,9 +57,14 @@ struct Args {
     /// One JSON line per message (or group) and a summary line.
     #[arg(long)]
     json: bool,
-    /// Summarise the DLQ grouped by fingerprint; moves nothing.
-    #[arg(long, conflicts_with_all = ["to", "limit", "rate", "dry_run", "keep_retry_count"])]
+    /// Summarise the DLQ grouped by fingerprint (only messages matching the
+    /// filters); moves nothing.
+    #[arg(long, conflicts_with_all = ["to", "limit", "rate", "dry_run", "keep_retry_count", "yes"])]
     list: bool,
+    /// Do not ask before a drain of the whole DLQ (no filter, no --limit);
+    /// only a terminal is asked.
+    #[arg(long, short = 'y')]
+    yes: bool,
 }
 
 /// `println!` that ends the process quietly when stdout is closed
@@ -98,40 +104,49 @@ fn parse_kind(text: &str) -> Result<String, String> {
 }
 
 #[tokio::main]
-async fn main() -> std::process::ExitCode {
-    worker_iot_core::cli::exit_code("requeue", run().await)
+async fn main() -> ExitCode {
+    match run().await {
+        Ok(code) => code,
+        Err(e) => worker_iot_core::cli::exit_code("requeue", Err::<(), _>(e)),
+    }
 }
 
-async fn run() -> anyhow::Result<()> {
+async fn run() -> anyhow::Result<ExitCode> {
     let args = Args::parse();
     let (settings, _) = Settings::load()?;
     let queue = args.queue.clone().unwrap_or(settings.queue);
     let dlq = dlq_name(&queue);
+    let filter = Filter {
+        types: args.types.clone(),
+        error_kinds: args.error_kinds.clone(),
+        fingerprint: args.fingerprint.clone(),
+        grep: args.grep.clone(),
+    };
     let connection = broker::connect(&settings.amqp_url, "requeue")
         .await
         .with_context(|| format!("cannot reach RabbitMQ at {}", mask_password(&settings.amqp_url)))?;
 
     if args.list {
-        let groups = requeue::list(&connection, &dlq).await?;
+        let groups = requeue::list(&connection, &dlq, &filter).await?;
         print_groups(&groups, &dlq, args.json);
         connection.close(200, "done".into()).await.ok();
-        return Ok(());
+        return Ok(ExitCode::SUCCESS);
     }
 
     let options = DrainOptions {
         dlq: dlq.clone(),
         target: args.to.clone().unwrap_or(queue),
-        filter: Filter {
-            types: args.types.clone(),
-            error_kinds: args.error_kinds.clone(),
-            fingerprint: args.fingerprint.clone(),
-            grep: args.grep.clone(),
-        },
+        filter,
         limit: args.limit,
         rate: args.rate,
         dry_run: args.dry_run,
         keep_retry_count: args.keep_retry_count,
     };
+    let total = requeue::depth(&connection, &dlq).await?;
+    if !confirmed(&args, &options, total)? {
+        connection.close(200, "cancelled".into()).await.ok();
+        bail!("cancelled: nothing moved");
+    }
     let stop = CancellationToken::new();
     let ctrl_c = stop.clone();
     tokio::spawn(async move {
@@ -139,25 +154,21 @@ async fn run() -> anyhow::Result<()> {
             ctrl_c.cancel();
         }
     });
-    let total = requeue::depth(&connection, &dlq).await?;
-    let bar = (!args.json && std::io::stderr().is_terminal()).then(|| {
-        let bar = ProgressBar::new(u64::from(total));
-        bar.set_style(
-            ProgressStyle::with_template("{spinner} [{bar:40}] {pos}/{len} {msg}")
-                .unwrap_or_else(|_| ProgressStyle::default_bar())
-                .progress_chars("=> "),
-        );
-        bar
-    });
+    let bar = (!args.json && std::io::stderr().is_terminal()).then(|| progress_bar(total));
     let json = args.json;
     let result = requeue::drain(&connection, &options, &stop, |action, parked| {
+        if json {
+            emit!("{}", message_line(action, parked));
+        } else if action == Action::WouldMove {
+            match &bar {
+                // Above the bar, so the lines stay on the screen.
+                Some(bar) => bar.println(format!("would move {}", describe(parked))),
+                None => emit!("would move {}", describe(parked)),
+            }
+        }
         if let Some(bar) = &bar {
             bar.inc(1);
             bar.set_message(format!("{action:?}"));
-        } else if json {
-            emit!("{}", message_line(action, parked));
-        } else if action == Action::WouldMove {
-            emit!("would move {}", describe(parked));
         }
     })
     .await;
@@ -168,14 +179,44 @@ async fn run() -> anyhow::Result<()> {
     let summary = result.with_context(|| format!("draining {dlq} stopped"))?;
     print_summary(&summary, &options, json);
     if summary.interrupted {
-        bail!(
-            "interrupted: {} moved, {} kept, {} not visited",
-            summary.moved,
-            summary.kept,
-            summary.left
+        eprintln!(
+            "requeue: interrupted: {} moved, {} kept, {} not visited",
+            summary.moved, summary.kept, summary.left
         );
+        return Ok(ExitCode::from(130));
     }
-    Ok(())
+    Ok(ExitCode::SUCCESS)
+}
+
+/// A drain of everything (no filter, no limit, not a dry run) asks first
+/// when a person is at a terminal, unless `--yes`. Scripts are not asked.
+fn confirmed(args: &Args, options: &DrainOptions, total: u32) -> anyhow::Result<bool> {
+    let filter = &options.filter;
+    let bare = filter.types.is_empty()
+        && filter.error_kinds.is_empty()
+        && filter.fingerprint.is_none()
+        && filter.grep.is_none()
+        && options.limit.is_none();
+    if args.yes || args.dry_run || !bare || total == 0 || !std::io::stdin().is_terminal() {
+        return Ok(true);
+    }
+    eprint!(
+        "move all {total} messages from {} to {}? [y/N] ",
+        options.dlq, options.target
+    );
+    let mut answer = String::new();
+    std::io::stdin().read_line(&mut answer).context("reading the answer")?;
+    Ok(matches!(answer.trim(), "y" | "Y" | "yes" | "YES" | "Yes"))
+}
+
+fn progress_bar(total: u32) -> ProgressBar {
+    let bar = ProgressBar::new(u64::from(total));
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} [{bar:40}] {pos}/{len} {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    bar
 }
 
 fn describe(p: &Parked) -> String {
@@ -196,6 +237,7 @@ fn message_line(action: Action, p: &Parked) -> serde_json::Value {
         Action::Kept => "kept",
     };
     json!({
+        "record": "message",
         "action": action,
         "message_id": p.message_id,
         "type": p.message_type,
@@ -210,7 +252,7 @@ fn print_summary(summary: &Summary, options: &DrainOptions, json: bool) {
     if json {
         emit!(
             "{}",
-            json!({"summary": {
+            json!({"record": "summary", "summary": {
                 "dry_run": options.dry_run,
                 "moved": summary.moved,
                 "kept": summary.kept,
@@ -241,6 +283,7 @@ fn print_groups(groups: &[Group], dlq: &str, json: bool) {
             emit!(
                 "{}",
                 json!({
+                    "record": "group",
                     "fingerprint": g.fingerprint,
                     "count": g.count,
                     "error_kind": g.kind,
@@ -253,7 +296,7 @@ fn print_groups(groups: &[Group], dlq: &str, json: bool) {
         }
         emit!(
             "{}",
-            json!({"summary": {"queue": dlq, "messages": total, "groups": groups.len()}})
+            json!({"record": "summary", "summary": {"queue": dlq, "messages": total, "groups": groups.len()}})
         );
         return;
     }

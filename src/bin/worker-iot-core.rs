@@ -1,16 +1,41 @@
-//! The worker binary: settings, banner, logging, signals; the rest is
-//! `worker_iot_core::worker::run`.
+//! The worker binary: arguments, settings, banner, logging, signals; the
+//! rest is `worker_iot_core::worker::run`.
 
 use std::process::ExitCode;
 
+use clap::Parser;
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 use worker_iot_core::config::{LogFormat, Settings};
+use worker_iot_core::topology::Topology;
 use worker_iot_core::worker::WorkerError;
-use worker_iot_core::{banner, worker};
+use worker_iot_core::{banner, metrics, worker};
+
+/// The worker of worker-iot-core: takes events and commands from the
+/// RabbitMQ queue RABBITMQ_LOCAL_QUEUE_NAME, applies each in a PostgreSQL
+/// transaction, acks after commit, retries and parks what fails, and relays
+/// commands' device messages from the outbox.
+///
+/// Settings come from _storage/settings.json (SETTINGS_FILE) and the
+/// environment; with nothing set it uses RabbitMQ and PostgreSQL on
+/// localhost and creates the database worker_iot_core if missing.
+#[derive(Parser)]
+#[command(version)]
+struct Args {
+    /// Check the settings and the topology file, print the effective
+    /// configuration and exit: 0 when valid, 2 when not. Touches neither the
+    /// broker nor the database.
+    #[arg(long, conflicts_with = "healthcheck")]
+    check_config: bool,
+    /// Ask a running worker's /readyz on METRICS_ADDR and exit 0 when it is
+    /// ready, 1 when not (for container health checks).
+    #[arg(long)]
+    healthcheck: bool,
+}
 
 #[tokio::main]
 async fn main() -> ExitCode {
+    let args = Args::parse();
     let (settings, warnings) = match Settings::load() {
         Ok(loaded) => loaded,
         Err(e) => {
@@ -18,6 +43,12 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if args.healthcheck {
+        return healthcheck(&settings).await;
+    }
+    if args.check_config {
+        return check_config(&settings, &warnings.unknown_keys);
+    }
     init_logging(settings.log_format);
     println!("{}", banner::banner());
     println!("Effective configuration:\n{settings}");
@@ -37,11 +68,46 @@ async fn main() -> ExitCode {
     }
 }
 
+/// Validates without connecting: settings (already loaded) and topology.
+fn check_config(settings: &Settings, unknown_keys: &[String]) -> ExitCode {
+    println!("Effective configuration:\n{settings}");
+    for key in unknown_keys {
+        println!("warning: unknown key {key:?} in the settings file is ignored");
+    }
+    match Topology::load(&settings.topology_file) {
+        Ok(topology) => {
+            let queues = topology.queue_names(&settings.queue);
+            println!("Topology ({:?}): {}", topology.queue_type, queues.join(", "));
+            println!("configuration is valid");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("worker-iot-core: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// 0 when the worker on `METRICS_ADDR` answers /readyz with 200.
+async fn healthcheck(settings: &Settings) -> ExitCode {
+    match metrics::probe_ready(settings.metrics_addr).await {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => {
+            eprintln!("worker-iot-core: not ready");
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("worker-iot-core: /readyz on {}: {e}", settings.metrics_addr);
+            ExitCode::FAILURE
+        }
+    }
+}
+
 /// 2 when the worker refuses to start because of its configuration
 /// (settings, topology file, a queue declared otherwise), 1 otherwise.
 fn exit_code_for(error: &WorkerError) -> ExitCode {
     match error {
-        WorkerError::Config(_) | WorkerError::Topology(_) => ExitCode::from(2),
+        WorkerError::Topology(_) => ExitCode::from(2),
         WorkerError::Store(_) | WorkerError::Metrics(_) => ExitCode::FAILURE,
     }
 }

@@ -299,6 +299,7 @@ async fn main() {
     let rounds: usize = env_or("BENCH_ROUNDS", "3").parse().expect("BENCH_ROUNDS");
     let prefetches: Vec<u16> = env_or("BENCH_PREFETCH", "1,8,32,128")
         .split(',')
+        .filter(|p| !p.trim().is_empty())
         .map(|p| p.trim().parse().expect("BENCH_PREFETCH"))
         .collect();
     let amqp_url = env_or("AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2f");

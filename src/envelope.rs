@@ -241,9 +241,10 @@ pub fn check_type_name(name: &str) -> Result<(), String> {
     }
 }
 
+/// Any `message_id` the property can hold (1–255 bytes) is used whole:
+/// cutting or ignoring a long one would merge different messages.
 fn valid_amqp_id(id: &str) -> bool {
-    let chars = id.chars().count();
-    (1..=MAX_FIELD_CHARS).contains(&chars)
+    (1..=255).contains(&id.len())
 }
 
 fn check_length(field: &'static str, value: &str, min: usize) -> Result<(), DecodeError> {

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use backon::{ExponentialBuilder, Retryable};
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use futures_util::FutureExt;
 use lapin::message::Delivery;
 use lapin::options::BasicAckOptions;
@@ -78,6 +78,8 @@ pub struct Pipeline {
     pub observer: Option<DeliveryObserver>,
     /// Identifies this worker process in the redelivery counts.
     pub boot_id: String,
+    /// The connection's negotiated frame size: a copy's headers must fit.
+    pub frame_max: usize,
 }
 
 /// See [`Pipeline::observer`].
@@ -92,9 +94,13 @@ impl Pipeline {
         if let Some(observer) = &self.observer {
             observer(delivery);
         }
+        // The time of an envelope without `time`: the same on every attempt.
+        let received = headers::first_received(&delivery.properties).unwrap_or_else(Utc::now);
         if !delivery.redelivered {
             let _shared = self.isolation.read().await;
-            return self.settle(delivery, self.process(delivery).await).await;
+            return self
+                .settle(delivery, received, self.process(delivery, received).await)
+                .await;
         }
         let _alone = self.isolation.write().await;
         // Crash-loop protection: redeliveries are counted durably before the
@@ -114,10 +120,10 @@ impl Pipeline {
                     deliveries: redeliveries.saturating_add(1),
                 }),
             ),
-            Ok(_) => self.process(delivery).await,
+            Ok(_) => self.process(delivery, received).await,
             Err(e) => ("-".to_owned(), Err(Failure::Database(e))),
         };
-        let outcome = self.settle(delivery, processed).await?;
+        let outcome = self.settle(delivery, received, processed).await?;
         if let Err(e) = store::forget_redeliveries(&self.pool, &key).await {
             tracing::debug!(error.message = %e, "could not forget a redelivery count");
         }
@@ -129,11 +135,12 @@ impl Pipeline {
     async fn settle(
         &self,
         delivery: &Delivery,
+        received: DateTime<Utc>,
         (handler_name, result): (String, Result<Outcome, Failure>),
     ) -> Result<Outcome, SettleError> {
         let outcome = match result {
             Ok(outcome) => outcome,
-            Err(failure) => self.divert(delivery, handler_name, &failure).await?,
+            Err(failure) => self.divert(delivery, received, handler_name, &failure).await?,
         };
         delivery
             .acker
@@ -145,9 +152,9 @@ impl Pipeline {
 
     /// Decodes and applies; returns the handler name (or `-`) with the
     /// result, for the failure headers.
-    async fn process(&self, delivery: &Delivery) -> (String, Result<Outcome, Failure>) {
+    async fn process(&self, delivery: &Delivery, received: DateTime<Utc>) -> (String, Result<Outcome, Failure>) {
         let amqp_id = delivery.properties.message_id().as_ref().map(|id| id.as_str());
-        let message = match envelope::decode(&delivery.data, amqp_id, Utc::now(), self.max_message_bytes) {
+        let message = match envelope::decode(&delivery.data, amqp_id, received, self.max_message_bytes) {
             Ok(message) => message,
             Err(e) => return ("-".into(), Err(e.into())),
         };
@@ -208,7 +215,13 @@ impl Pipeline {
 
     /// Stage 2 or parking: publishes the failed delivery, with the failure
     /// headers, to its retry queue or the DLQ, and waits for the confirm.
-    async fn divert(&self, delivery: &Delivery, handler: String, failure: &Failure) -> Result<Outcome, SettleError> {
+    async fn divert(
+        &self,
+        delivery: &Delivery,
+        received: DateTime<Utc>,
+        handler: String,
+        failure: &Failure,
+    ) -> Result<Outcome, SettleError> {
         let retries = headers::retry_count(delivery.properties.headers().as_ref());
         let disposition = failure.disposition(retries, &self.topology);
         let (routing_key, kind, retry_count, outcome) = match disposition {
@@ -227,11 +240,12 @@ impl Pipeline {
             error: &error,
             retry_count,
             now_ms: Utc::now().timestamp_millis(),
+            received_ms: received.timestamp_millis(),
             exchange: delivery.exchange.as_str(),
             routing_key: delivery.routing_key.as_str(),
             failed_by: &self.failed_by,
         };
-        let properties = headers::with_failure(&delivery.properties, &record);
+        let properties = headers::fit_frame(headers::with_failure(&delivery.properties, &record), self.frame_max);
         self.publisher
             .publish("", &routing_key, &delivery.data, properties)
             .await?;

@@ -84,6 +84,9 @@ impl Relay {
     /// first (bounded by the confirm timeout).
     pub async fn run(self, shutdown: CancellationToken) {
         let mut wake = Wake::new(self.database_url.clone());
+        // Listen before the first claim: a row committed in between would
+        // otherwise wait for the next poll.
+        wake.listener = wake.listen().await;
         let mut housekeeping = Housekeeping {
             stats_due: Instant::now(),
             cleanup_due: Instant::now(),

@@ -317,9 +317,15 @@ pub async fn drain(
                 .publish("", &options.target, &delivery.data, properties)
                 .await?;
         } else {
-            // Unchanged, byte for byte, to the tail of the DLQ.
+            // Unchanged, byte for byte, to the tail of the DLQ (unless the
+            // broker would refuse it back: see `headers::safe_copy`).
             publisher
-                .publish("", &options.dlq, &delivery.data, delivery.properties.clone())
+                .publish(
+                    "",
+                    &options.dlq,
+                    &delivery.data,
+                    headers::safe_copy_noted(&delivery.properties),
+                )
                 .await?;
         }
         // Only now, with the copy confirmed, may the original go.
@@ -356,10 +362,12 @@ async fn pace(started: Instant, moved: u64, rate: f64) {
     tokio::time::sleep_until(due.into()).await;
 }
 
-/// The properties of a requeued copy: everything kept, plus
+/// The properties of a requeued copy: everything kept (made safe by
+/// [`headers::safe_copy`]: persistent, no expiration, no `user_id`), plus
 /// `iot-requeue-count` and `iot-requeued-at`; `iot-retry-count` removed
 /// unless `keep_retry_count`, so the message gets a full set of attempts.
 pub fn requeued_properties(properties: &BasicProperties, keep_retry_count: bool) -> BasicProperties {
+    let properties = headers::safe_copy_noted(properties);
     let mut map = properties
         .headers()
         .as_ref()
@@ -372,7 +380,7 @@ pub fn requeued_properties(properties: &BasicProperties, keep_retry_count: bool)
     let previous = headers::read_i64(Some(&h), headers::REQUEUE_COUNT).unwrap_or(0);
     headers::put_long(&mut h, headers::REQUEUE_COUNT, previous.saturating_add(1));
     headers::put_long(&mut h, headers::REQUEUED_AT, Utc::now().timestamp_millis());
-    properties.clone().with_headers(h)
+    properties.with_headers(h)
 }
 
 /// Formats unix milliseconds for people.

@@ -262,6 +262,7 @@ impl Supervisor {
             isolation: RwLock::new(()),
             observer: self.options.observer.clone(),
             boot_id: self.boot_id.clone(),
+            frame_max: usize::try_from(connection.configuration().frame_max()).unwrap_or(usize::MAX),
         });
         let tracker = TaskTracker::new();
         // Cancelled by a task whose delivery could not be settled.

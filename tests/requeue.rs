@@ -54,6 +54,7 @@ async fn park(env: &TestEnv, body: &[u8], message_id: &str, kind: ErrorKind, err
         error,
         retry_count: 2,
         now_ms: 1_790_000_000_000,
+        received_ms: 1_790_000_000_000,
         exchange: "",
         routing_key: &env.queue,
         failed_by: "test/0",

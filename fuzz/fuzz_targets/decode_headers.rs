@@ -38,6 +38,7 @@ struct Input {
     delays_ms: Vec<u32>,
     error: String,
     now_ms: i64,
+    received_ms: i64,
 }
 
 const KEYS: [&str; 6] = [
@@ -109,12 +110,14 @@ fuzz_target!(|input: Input| {
         error: &input.error,
         retry_count: retries,
         now_ms: input.now_ms,
+        received_ms: input.received_ms,
         exchange: "amq.topic",
         routing_key: "iot.x",
         failed_by: "fuzz/0",
     };
     let copy = headers::with_failure(&BasicProperties::default().with_headers(table), &record);
     let h = copy.headers().as_ref();
+    assert_eq!(copy.delivery_mode(), &Some(2), "every copy is persistent");
     assert_eq!(headers::retry_count(h), retries);
     assert_eq!(headers::read_i64(h, headers::LAST_FAILURE_AT), Some(input.now_ms));
     let error = headers::read_string(h, headers::ERROR).expect("iot-error written");

@@ -1,0 +1,239 @@
+//! Every copy the worker or `requeue` republishes is at least as safe as
+//! the queue it goes to, and always publishable (SPEC §4); a missing `time`
+//! is the first receipt on every attempt, and a long AMQP `message_id` is
+//! used whole (SPEC §2.1).
+
+mod common;
+
+use std::time::Duration;
+
+use common::{FAST_TOPOLOGY, TestEnv, amqp_url};
+use lapin::BasicProperties;
+use lapin::message::Delivery;
+use serde_json::json;
+use worker_iot_core::broker::{self, Publisher};
+use worker_iot_core::headers::{self, ERROR, ERROR_KIND, ORIGINAL_EXPIRATION};
+
+const WAIT: Duration = Duration::from_secs(60);
+const REQUEUE: &str = env!("CARGO_BIN_EXE_requeue");
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parked_copy_is_persistent_and_never_expires() {
+    let env = TestEnv::new(FAST_TOPOLOGY).await;
+    // What pika, amqplib and lapin send by default: no delivery_mode.
+    let transient = BasicProperties::default()
+        .with_message_id("not-json-1".into())
+        .with_expiration("3000".into());
+    env.publish(b"not json", transient).await;
+    let worker = env.spawn_worker(&[]);
+    env.wait_for_queue_len(&env.dlq(), 1, WAIT).await;
+    worker.stop().await;
+
+    let parked = env.drain(&env.dlq()).await;
+    let properties = &parked[0].delivery.properties;
+    assert_eq!(properties.delivery_mode(), &Some(2), "persistent");
+    assert_eq!(properties.expiration(), &None, "cannot expire out of the DLQ");
+    let h = properties.headers().as_ref();
+    assert_eq!(headers::read_string(h, ORIGINAL_EXPIRATION).as_deref(), Some("3000"));
+    assert_eq!(headers::read_string(h, ERROR_KIND).as_deref(), Some("decode"));
+    assert_eq!(parked[0].delivery.data, b"not json");
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn producer_headers_near_the_frame_size_are_cut_not_looped_on() {
+    let env = TestEnv::new(FAST_TOPOLOGY).await;
+    // Fits the negotiated 128 KiB frame as sent, but not with the iot-*
+    // headers added.
+    let mut table = lapin::types::FieldTable::default();
+    headers::put_str(&mut table, "x-blob", &"b".repeat(130_000));
+    headers::put_str(&mut table, "x-small", "kept");
+    let heavy = BasicProperties::default()
+        .with_message_id("heavy-1".into())
+        .with_headers(table);
+    env.publish(b"not json", heavy).await;
+    let worker = env.spawn_worker(&[]);
+    env.wait_for_queue_len(&env.dlq(), 1, WAIT).await;
+    assert_eq!(worker.metrics.connections(), 1, "no session was rebuilt");
+    worker.stop().await;
+
+    let parked = peek_parked(&env).await;
+    let h = parked.properties.headers().as_ref();
+    assert!(headers::read_string(h, "x-blob").is_none());
+    assert_eq!(headers::read_string(h, "x-small").as_deref(), Some("kept"));
+    let error = headers::read_string(h, ERROR).unwrap();
+    assert!(error.contains("header \"x-blob\" (130012 bytes) removed"), "{error}");
+    env.cleanup().await;
+}
+
+/// A broker user of the test's own, removed at the end.
+struct OtherUser(String);
+
+impl OtherUser {
+    fn create(env: &TestEnv) -> OtherUser {
+        let name = format!("{}_user", env.queue);
+        let ctl = |args: &[&str]| {
+            let status = std::process::Command::new("rabbitmqctl")
+                .arg("-q")
+                .args(args)
+                .stdout(std::process::Stdio::null())
+                .status()
+                .expect("run rabbitmqctl");
+            assert!(status.success(), "rabbitmqctl {args:?}");
+        };
+        ctl(&["add_user", &name, "pw"]);
+        let user = OtherUser(name);
+        ctl(&["set_permissions", "-p", "/", &user.0, ".*", ".*", ".*"]);
+        user
+    }
+
+    fn url(&self) -> String {
+        amqp_url().replacen("guest:guest@", &format!("{}:pw@", self.0), 1)
+    }
+}
+
+impl Drop for OtherUser {
+    fn drop(&mut self) {
+        std::process::Command::new("rabbitmqctl")
+            .args(["-q", "delete_user", &self.0])
+            .status()
+            .ok();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_id_of_another_user_is_removed_not_looped_on() {
+    let env = TestEnv::new(FAST_TOPOLOGY).await;
+    let user = OtherUser::create(&env);
+    let connection = broker::connect(&user.url(), "other-user")
+        .await
+        .expect("connect as the other user");
+    let publisher = Publisher::open(&connection).await.expect("publisher");
+    let signed = BasicProperties::default()
+        .with_message_id("signed-1".into())
+        .with_user_id(user.0.as_str().into());
+    publisher
+        .publish("", &env.queue, b"{broken", signed.clone())
+        .await
+        .expect("the broker takes user_id from its own user");
+    let good = json!({"type": "DEVICE_UP", "id": "up-1", "data": {"device_id": "d1"}}).to_string();
+    env.publish(good.as_bytes(), BasicProperties::default()).await;
+
+    let worker = env.spawn_worker(&[]);
+    env.wait_for_queue_len(&env.dlq(), 1, WAIT).await;
+    env.wait_for_rows("events", 1, WAIT).await;
+    assert_eq!(worker.metrics.connections(), 1, "no session was rebuilt");
+    worker.stop().await;
+
+    let parked = peek_parked(&env).await;
+    assert_eq!(parked.properties.user_id(), &None);
+    let error = headers::read_string(parked.properties.headers().as_ref(), ERROR).unwrap();
+    assert!(error.contains(&format!("user_id \"{}\" removed", user.0)), "{error}");
+
+    // requeue cycles (keeps) a non-matching message the same way: one
+    // published by the other user straight into the DLQ no longer blocks a
+    // drain.
+    publisher
+        .publish("", &env.dlq(), b"{broken too", signed)
+        .await
+        .expect("publish to the DLQ as the other user");
+    std::fs::write(env.dir.join("none.json"), "{}").unwrap();
+    let out = std::process::Command::new(REQUEUE)
+        .args(["--queue", &env.queue, "--type", "NO_SUCH_TYPE"])
+        .env("AMQP_URL", amqp_url())
+        .env("SETTINGS_FILE", env.dir.join("none.json"))
+        .output()
+        .expect("run requeue");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let kept = env.drain(&env.dlq()).await;
+    assert_eq!(kept.len(), 2, "both stay in the DLQ");
+    assert!(kept.iter().all(|m| m.delivery.properties.user_id().is_none()));
+    connection.close(200, "".into()).await.ok();
+    env.cleanup().await;
+}
+
+/// The DLQ's only message, left in place.
+async fn peek_parked(env: &TestEnv) -> Delivery {
+    let mut all = worker_iot_core::requeue::peek(&env.connection, &env.dlq())
+        .await
+        .unwrap();
+    assert_eq!(all.len(), 1);
+    all.remove(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_amqp_message_ids_are_used_whole() {
+    let env = TestEnv::new(FAST_TOPOLOGY).await;
+    let body = json!({"type": "DEVICE_UP", "data": {"device_id": "d1"}}).to_string();
+    for tail in ['a', 'b'] {
+        let id = format!("{}{tail}", "x".repeat(199));
+        env.publish(
+            body.as_bytes(),
+            BasicProperties::default().with_message_id(id.as_str().into()),
+        )
+        .await;
+    }
+    let max = "y".repeat(255);
+    env.publish(
+        body.as_bytes(),
+        BasicProperties::default().with_message_id(max.as_str().into()),
+    )
+    .await;
+    let worker = env.spawn_worker(&[]);
+    env.wait_for_rows("events", 3, WAIT).await;
+    worker.stop().await;
+    let ids: Vec<String> = sqlx::query_scalar("SELECT message_id FROM events ORDER BY message_id")
+        .fetch_all(&env.pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        ids,
+        [format!("{}a", "x".repeat(199)), format!("{}b", "x".repeat(199)), max]
+    );
+    env.cleanup().await;
+}
+
+#[cfg(feature = "test-handlers")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_time_is_the_first_receipt_on_every_attempt() {
+    use std::sync::{Arc, Mutex};
+    use worker_iot_core::headers::FIRST_RECEIVED_AT;
+
+    let env = TestEnv::new(FAST_TOPOLOGY).await;
+    // Fails twice in process on its first delivery, once more on the retry.
+    let body = json!({"type": "TEST_FLAKY", "id": "no-time", "data": {"fail_first": 4}}).to_string();
+    env.publish(body.as_bytes(), BasicProperties::default()).await;
+    let retried: Arc<Mutex<Vec<BasicProperties>>> = Arc::default();
+    let seen = retried.clone();
+    let observer = Arc::new(move |delivery: &Delivery| {
+        seen.lock().unwrap().push(delivery.properties.clone());
+    });
+    let worker = env.spawn_worker_with(env.settings(&[]), Some(observer));
+    env.wait_for_rows("events", 1, WAIT).await;
+    worker.stop().await;
+
+    let deliveries = retried.lock().unwrap().clone();
+    assert!(deliveries.len() >= 2, "{} deliveries", deliveries.len());
+    let first_receipt = headers::read_i64(deliveries[1].headers().as_ref(), FIRST_RECEIVED_AT)
+        .expect("the retry copy carries the first receipt");
+    for copy in &deliveries[1..] {
+        assert_eq!(copy.delivery_mode(), &Some(2), "retry copies are persistent");
+        assert_eq!(
+            headers::read_i64(copy.headers().as_ref(), FIRST_RECEIVED_AT),
+            Some(first_receipt)
+        );
+    }
+    let (occurred_ms, received_ms): (f64, f64) = sqlx::query_as(
+        "SELECT (EXTRACT(EPOCH FROM occurred_at) * 1000)::float8, (EXTRACT(EPOCH FROM received_at) * 1000)::float8 FROM events",
+    )
+    .fetch_one(&env.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        occurred_ms.round() as i64,
+        first_receipt,
+        "occurred_at is the first receipt"
+    );
+    assert!(received_ms - occurred_ms >= 50.0, "applied on a later attempt");
+    env.cleanup().await;
+}

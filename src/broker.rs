@@ -30,13 +30,30 @@ pub enum PublishError {
     Timeout(String),
 }
 
-/// Opens a connection named `name` (shown in the management UI).
+/// Heartbeat interval asked for when the URL names none: a silent network
+/// partition from the broker is noticed within about two intervals, not
+/// the operating system's TCP timeout.
+pub const HEARTBEAT_SECONDS: u16 = 10;
+
+/// Opens a connection named `name` (shown in the management UI), with
+/// heartbeats every [`HEARTBEAT_SECONDS`] unless the URL sets `heartbeat`.
 ///
 /// # Errors
 /// The connection error.
 pub async fn connect(url: &str, name: &str) -> Result<Connection, lapin::Error> {
     let properties = ConnectionProperties::default().with_connection_name(LongString::from(name));
-    Connection::connect(url, properties).await
+    Connection::connect(&with_heartbeat(url), properties).await
+}
+
+/// `url` with `heartbeat=HEARTBEAT_SECONDS` added to its query, unless it
+/// has one.
+fn with_heartbeat(url: &str) -> String {
+    let query = url.split_once('?').map_or("", |(_, q)| q);
+    if query.split('&').any(|pair| pair.starts_with("heartbeat=")) {
+        return url.to_owned();
+    }
+    let separator = if url.contains('?') { '&' } else { '?' };
+    format!("{url}{separator}heartbeat={HEARTBEAT_SECONDS}")
 }
 
 /// A channel in confirm mode. Every publish waits for the broker's confirm
@@ -130,5 +147,20 @@ impl PendingConfirm {
             // as no confirm rather than as success.
             Ok(Ok(Confirmation::Nack(_) | Confirmation::NotRequested)) => Err(PublishError::Nacked(routing_key)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn heartbeats_are_asked_for_unless_the_url_sets_them() {
+        assert_eq!(with_heartbeat("amqp://h/%2f"), "amqp://h/%2f?heartbeat=10");
+        assert_eq!(
+            with_heartbeat("amqp://h/%2f?frame_max=8192"),
+            "amqp://h/%2f?frame_max=8192&heartbeat=10"
+        );
+        assert_eq!(with_heartbeat("amqp://h/%2f?heartbeat=30"), "amqp://h/%2f?heartbeat=30");
     }
 }

@@ -8,9 +8,9 @@
 //!   caller treats it as a broker fault and the broker redelivers it;
 //! * nothing is ever rejected with requeue, so nothing can loop.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::panic::AssertUnwindSafe;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use backon::{ExponentialBuilder, Retryable};
@@ -80,6 +80,45 @@ pub struct Pipeline {
     pub boot_id: String,
     /// The connection's negotiated frame size: a copy's headers must fit.
     pub frame_max: usize,
+    /// Redelivered deliveries in flight, by [`delivery_key`].
+    pub redelivered_in_flight: Mutex<HashMap<String, u32>>,
+}
+
+/// One redelivered copy of a message in flight in this process; leaving
+/// (on drop) takes it off the count.
+struct InFlightCopy<'a> {
+    copies: &'a Mutex<HashMap<String, u32>>,
+    key: &'a str,
+}
+
+impl<'a> InFlightCopy<'a> {
+    fn enter(copies: &'a Mutex<HashMap<String, u32>>, key: &'a str) -> InFlightCopy<'a> {
+        *lock(copies).entry(key.to_owned()).or_insert(0) += 1;
+        InFlightCopy { copies, key }
+    }
+
+    /// Whether no other copy of the message is in flight here.
+    fn is_last(&self) -> bool {
+        lock(self.copies).get(self.key).is_none_or(|n| *n <= 1)
+    }
+}
+
+impl Drop for InFlightCopy<'_> {
+    fn drop(&mut self) {
+        let mut copies = lock(self.copies);
+        if let Some(n) = copies.get_mut(self.key) {
+            *n -= 1;
+            if *n == 0 {
+                copies.remove(self.key);
+            }
+        }
+    }
+}
+
+/// The map stays consistent even if a holder panicked: every update is a
+/// single step.
+fn lock(copies: &Mutex<HashMap<String, u32>>) -> std::sync::MutexGuard<'_, HashMap<String, u32>> {
+    copies.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// See [`Pipeline::observer`].
@@ -102,6 +141,10 @@ impl Pipeline {
                 .settle(delivery, received, self.process(delivery, received).await)
                 .await;
         }
+        let key = delivery_key(delivery);
+        // Copies with the same id and body share one count row: only the
+        // last of them in flight here forgets it.
+        let copy = InFlightCopy::enter(&self.redelivered_in_flight, &key);
         let _alone = self.isolation.write().await;
         // Crash-loop protection: redeliveries are counted durably before the
         // message runs, and it is parked once its deliveries reach
@@ -111,9 +154,8 @@ impl Pipeline {
         // quorum queues x-delivery-limit stays as the broker's backstop; it
         // dead-letters only after limit + 1 deliveries, so the worker parks
         // first, with headers.
-        let key = delivery_key(delivery);
         let limit = self.topology.delivery_limit.min(self.topology.max_attempts);
-        let processed = match store::count_redelivery(&self.pool, &key, &self.boot_id).await {
+        let processed = match store::deadline(store::count_redelivery(&self.pool, &key, &self.boot_id)).await {
             Ok(redeliveries) if redeliveries.saturating_add(1) >= limit => (
                 "-".to_owned(),
                 Err(Failure::CrashLoop {
@@ -124,10 +166,29 @@ impl Pipeline {
             Err(e) => ("-".to_owned(), Err(Failure::Database(e))),
         };
         let outcome = self.settle(delivery, received, processed).await?;
-        if let Err(e) = store::forget_redeliveries(&self.pool, &key).await {
+        if copy.is_last()
+            && let Err(e) = store::deadline(store::forget_redeliveries(&self.pool, &key)).await
+        {
             tracing::debug!(error.message = %e, "could not forget a redelivery count");
         }
         Ok(outcome)
+    }
+
+    /// A redelivered delivery whose run was cut off by the end of the
+    /// shutdown grace period: that was no crash, so the count its run added
+    /// is taken back (a slow message must not be parked as a crash loop by
+    /// rolling restarts). Bounded, since the process is stopping.
+    pub async fn cut_off(&self, delivery: &Delivery) {
+        if !delivery.redelivered {
+            return;
+        }
+        let key = delivery_key(delivery);
+        let uncount = store::uncount_redelivery(&self.pool, &key, &self.boot_id);
+        match tokio::time::timeout(Duration::from_secs(1), uncount).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::debug!(error.message = %e, "could not take back a redelivery count"),
+            Err(_) => tracing::debug!("taking back a redelivery count timed out"),
+        }
     }
 
     /// Acks a delivery that ended well; diverts a failed one to its retry
@@ -200,7 +261,7 @@ impl Pipeline {
             tx.commit().await?;
             Ok(Outcome::Processed)
         };
-        match AssertUnwindSafe(transaction).catch_unwind().await {
+        match AssertUnwindSafe(store::deadline(transaction)).catch_unwind().await {
             Ok(result) => result,
             Err(panic) => {
                 let text = panic

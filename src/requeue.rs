@@ -202,23 +202,37 @@ pub async fn depth(connection: &Connection, queue: &str) -> Result<u32, RequeueE
     }
 }
 
-/// Reads up to `depth` messages without acking them, then closes the
-/// channel so the broker puts them back in place.
+/// Reads up to `depth` messages without acking them, handing each to
+/// `visit` and dropping it, then closes the channel so the broker puts them
+/// back in place. Memory holds one message at a time, whatever the depth.
 ///
 /// # Errors
 /// A broker error.
-pub async fn peek(connection: &Connection, queue: &str) -> Result<Vec<Delivery>, RequeueError> {
+pub async fn peek_each(
+    connection: &Connection,
+    queue: &str,
+    mut visit: impl FnMut(Delivery),
+) -> Result<(), RequeueError> {
     let snapshot = depth(connection, queue).await?;
     let channel = connection.create_channel().await?;
-    let mut out = Vec::with_capacity(snapshot as usize);
-    while out.len() < snapshot as usize {
+    for _ in 0..snapshot {
         match get(&channel, queue).await? {
-            Some(delivery) => out.push(delivery),
+            Some(delivery) => visit(delivery),
             None => break,
         }
     }
     // Unacked messages go back to their places when the channel closes.
     channel.close(200, "peeked".into()).await.ok();
+    Ok(())
+}
+
+/// Every message of [`peek_each`], collected (for small queues and tests).
+///
+/// # Errors
+/// A broker error.
+pub async fn peek(connection: &Connection, queue: &str) -> Result<Vec<Delivery>, RequeueError> {
+    let mut out = Vec::new();
+    peek_each(connection, queue, |delivery| out.push(delivery)).await?;
     Ok(out)
 }
 
@@ -229,10 +243,10 @@ pub async fn peek(connection: &Connection, queue: &str) -> Result<Vec<Delivery>,
 /// A broker error or a missing queue.
 pub async fn list(connection: &Connection, dlq: &str, filter: &Filter) -> Result<Vec<Group>, RequeueError> {
     let mut groups: BTreeMap<String, Group> = BTreeMap::new();
-    for delivery in peek(connection, dlq).await? {
+    peek_each(connection, dlq, |delivery| {
         let p = Parked::inspect(&delivery);
         if !filter.matches(&p) {
-            continue;
+            return;
         }
         let group = groups.entry(p.fingerprint.clone()).or_insert_with(|| Group {
             fingerprint: p.fingerprint.clone(),
@@ -252,7 +266,8 @@ pub async fn list(connection: &Connection, dlq: &str, filter: &Filter) -> Result
         }
         group.first_failure_ms = min_some(group.first_failure_ms, p.first_failure_ms);
         group.last_failure_ms = group.last_failure_ms.max(p.last_failure_ms);
-    }
+    })
+    .await?;
     let mut groups: Vec<Group> = groups.into_values().collect();
     groups.sort_by(|a, b| b.count.cmp(&a.count).then_with(|| a.fingerprint.cmp(&b.fingerprint)));
     Ok(groups)
@@ -280,12 +295,13 @@ pub async fn drain(
     depth(connection, &options.target).await?;
     let mut summary = Summary::default();
     if options.dry_run {
-        for delivery in peek(connection, &options.dlq).await? {
+        peek_each(connection, &options.dlq, |delivery| {
             let parked = Parked::inspect(&delivery);
             let moves = options.filter.matches(&parked) && options.limit.is_none_or(|l| summary.moved < l);
             count(&mut summary, moves, &parked);
             report(if moves { Action::WouldMove } else { Action::Kept }, &parked);
-        }
+        })
+        .await?;
         return Ok(summary);
     }
 

@@ -48,14 +48,46 @@ pub async fn connect(url: &str, size: u32) -> Result<PgPool, StoreError> {
     let options: PgConnectOptions = url.parse().map_err(StoreError::Url)?;
     // A row lock or a runaway statement must not hold a delivery (and the
     // messages queued behind a redelivered one) forever: both errors are
-    // transient, so the message is retried later.
-    let options = options.options([("lock_timeout", "5s"), ("statement_timeout", "30s")]);
+    // transient, so the message is retried later. The server also ends the
+    // session of a worker it cannot reach (keepalives) or whose transaction
+    // went quiet, so a partitioned worker does not hold row locks for the
+    // others; the worker's own side is [`deadline`].
+    let options = options.options([
+        ("lock_timeout", "5s"),
+        ("statement_timeout", "10s"),
+        ("idle_in_transaction_session_timeout", "15s"),
+        ("tcp_keepalives_idle", "5"),
+        ("tcp_keepalives_interval", "2"),
+        ("tcp_keepalives_count", "3"),
+    ]);
     PgPoolOptions::new()
         .max_connections(size)
         .acquire_timeout(Duration::from_secs(5))
         .connect_with(options)
         .await
         .map_err(StoreError::Connect)
+}
+
+/// How long the worker waits for one piece of database work (a whole
+/// message transaction, or one bookkeeping statement). Server-side
+/// timeouts cannot fire when the server is unreachable, and sqlx sets no
+/// TCP keepalive: this deadline is what notices a silent partition.
+pub const DEADLINE: Duration = Duration::from_secs(12);
+
+/// Runs `work` within [`DEADLINE`]; past it, a transient I/O error (the
+/// work is dropped: its transaction, if any, is rolled back by the server).
+///
+/// # Errors
+/// `work`'s error, or the deadline's.
+pub async fn deadline<T, E: From<sqlx::Error>>(work: impl Future<Output = Result<T, E>>) -> Result<T, E> {
+    match tokio::time::timeout(DEADLINE, work).await {
+        Ok(result) => result,
+        Err(_) => Err(sqlx::Error::Io(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("no answer from PostgreSQL within {DEADLINE:?}"),
+        ))
+        .into()),
+    }
 }
 
 /// Runs pending migrations.
@@ -214,6 +246,25 @@ pub async fn count_redelivery(pool: &PgPool, key: &str, boot_id: &str) -> Result
     .fetch_one(pool)
     .await?;
     Ok(u32::try_from(n).unwrap_or(0))
+}
+
+/// Takes back the count that this process (`boot_id`) added for `key`,
+/// once: the run it counted was cut off by a shutdown, not a crash. The row
+/// is marked so that a second cut-off copy takes nothing more back, and the
+/// next process counts afresh.
+///
+/// # Errors
+/// The database error.
+pub async fn uncount_redelivery(pool: &PgPool, key: &str, boot_id: &str) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE delivery_attempts SET redeliveries = redeliveries - 1, boot_id = 'cut-off ' || boot_id
+         WHERE delivery_key = $1 AND boot_id = $2",
+    )
+    .bind(key)
+    .bind(boot_id)
+    .execute(pool)
+    .await?;
+    Ok(())
 }
 
 /// Deletes redelivery counts not touched for a week: left behind when a

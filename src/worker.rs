@@ -263,6 +263,7 @@ impl Supervisor {
             observer: self.options.observer.clone(),
             boot_id: self.boot_id.clone(),
             frame_max: usize::try_from(connection.configuration().frame_max()).unwrap_or(usize::MAX),
+            redelivered_in_flight: std::sync::Mutex::default(),
         });
         let tracker = TaskTracker::new();
         // Cancelled by a task whose delivery could not be settled.
@@ -281,7 +282,7 @@ impl Supervisor {
                         let metrics = self.options.metrics.clone();
                         tracker.spawn(async move {
                             tokio::select! {
-                                () = hard_stop.cancelled() => {}
+                                () = hard_stop.cancelled() => pipeline.cut_off(&delivery).await,
                                 result = pipeline.handle(&delivery) => match result {
                                     Ok(outcome) => metrics.record(outcome),
                                     Err(e) => {

@@ -94,6 +94,50 @@ async fn kill_9_three_times_under_load_applies_every_message_exactly_once() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_workers_on_one_queue_with_a_kill_9_apply_every_message_once() {
+    const N: i64 = 3000;
+    let env = TestEnv::new(&topology("quorum", r#""50ms", "100ms""#, 5)).await;
+    let poison = 10;
+    for i in 0..N {
+        let body = if i % 300 == 0 {
+            json!({"type": "DEVICE_UP", "id": format!("bad-{i}"), "data": {"device_id": "has space"}})
+                .to_string()
+                .into_bytes()
+        } else {
+            measurement(&format!("m-{i}"), i)
+        };
+        env.publish(&body, BasicProperties::default()).await;
+    }
+    let settings = env.settings_json();
+    let mut first = env.spawn_binary(WORKER, &settings, &[], "first");
+    let mut second = env.spawn_binary(WORKER, &settings, &[], "second");
+    wait_for("progress with both workers", Duration::from_secs(120), || async {
+        (env.consumers(&env.queue).await == Some(2) && env.count("measurements").await >= 800).then_some(())
+    })
+    .await;
+    first.signal("KILL");
+    assert!(!first.wait_exit(Duration::from_secs(10)).await.success());
+    let at_kill = env.count("measurements").await;
+    assert!(at_kill < N - poison, "killed under load ({at_kill} applied)");
+    let mut first = env.spawn_binary(WORKER, &settings, &[], "first-again");
+    env.wait_for_rows("measurements", N - poison, Duration::from_secs(180))
+        .await;
+    env.wait_for_queue_len(&env.dlq(), poison as u32, Duration::from_secs(60))
+        .await;
+    for worker in [&mut first, &mut second] {
+        worker.signal("TERM");
+        assert!(worker.wait_exit(Duration::from_secs(20)).await.success());
+    }
+    assert_eq!(env.count("events").await, N - poison, "each applied once");
+    assert_eq!(env.queue_len(&env.queue).await, 0);
+    let parked = env.drain(&env.dlq()).await;
+    assert!(parked.iter().all(|m| {
+        headers::read_string(m.delivery.properties.headers().as_ref(), ERROR_KIND).as_deref() == Some("validation")
+    }));
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cut_broker_connection_is_rebuilt_and_everything_is_processed_once() {
     const N: i64 = 3000;
     let env = TestEnv::new(&topology("classic", r#""50ms""#, 5)).await;
@@ -168,6 +212,85 @@ async fn a_database_outage_sends_messages_to_retry_queues_and_loses_none() {
     assert_eq!(env.queue_len(&env.dlq()).await, 0);
     assert_eq!(env.queue_len(&env.queue).await, 0);
     assert_eq!(env.count("events").await, N);
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_database_partition_is_noticed_within_seconds() {
+    const N: i64 = 100;
+    let env = TestEnv::new(&topology("classic", r#""1s", "2s""#, 10)).await;
+    let proxy = Proxy::start(upstream_of(&env.database_url)).await;
+    for i in 0..N {
+        env.publish(&measurement(&format!("m-{i}"), i), BasicProperties::default())
+            .await;
+    }
+    let proxied = proxy.url_for(&env.database_url);
+    let worker = env.spawn_worker_with(
+        env.settings(&[("DATABASE_URL", &proxied), ("RABBITMQ_PREFETCH_COUNT", "4")]),
+        None,
+    );
+    wait_for("progress before the partition", Duration::from_secs(60), || async {
+        (env.count("measurements").await >= 10).then_some(())
+    })
+    .await;
+    // No FIN, no RST: the sockets stay open and nothing answers, so only
+    // the worker's own deadlines can notice.
+    proxy.stall();
+    let stalled_at = Instant::now();
+    wait_for(
+        "a stuck transaction to fail as transient",
+        Duration::from_secs(40),
+        || async { (worker.metrics.retried() >= 1).then_some(()) },
+    )
+    .await;
+    let noticed = stalled_at.elapsed();
+    proxy.heal();
+    env.wait_for_rows("measurements", N, Duration::from_secs(120)).await;
+    let metrics = worker.metrics.clone();
+    worker.stop().await;
+
+    assert!(noticed < Duration::from_secs(20), "noticed after {noticed:?}");
+    for kind in ErrorKind::ALL {
+        assert_eq!(metrics.parked(kind), 0, "nothing parked as {kind}");
+    }
+    assert_eq!(env.queue_len(&env.dlq()).await, 0);
+    assert_eq!(env.queue_len(&env.queue).await, 0);
+    assert_eq!(env.count("events").await, N, "each applied once");
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rolling_restarts_do_not_park_a_slow_message_as_a_crash_loop() {
+    // delivery_limit 3: without taking back the counts of runs cut off by a
+    // shutdown, the third redelivery would park it as crash_loop.
+    let env = TestEnv::new(&topology("classic", r#""50ms""#, 5)).await;
+    let body = json!({"type": "TEST_SLOW", "id": "slow-1", "data": {"seconds": 4}}).to_string();
+    env.publish(body.as_bytes(), BasicProperties::default()).await;
+    let settings = env.settings_json();
+    for round in 0..4 {
+        let mut worker = env.spawn_binary(WORKER, &settings, &[("SHUTDOWN_GRACE_MS", "100")], &format!("r{round}"));
+        let pid = worker.child.id().expect("running");
+        wait_for("the slow message to run", WAIT_START, || async {
+            let taken = env.consumers(&env.queue).await == Some(1) && env.queue_len(&env.queue).await == 0;
+            // From the second start on it is a redelivery, counted by this process.
+            let counted: i64 = sqlx::query_scalar("SELECT count(*) FROM delivery_attempts WHERE boot_id LIKE $1")
+                .bind(format!("{pid}-%"))
+                .fetch_one(&env.pool)
+                .await
+                .unwrap();
+            (taken && (round == 0 || counted == 1)).then_some(())
+        })
+        .await;
+        worker.signal("TERM");
+        assert!(worker.wait_exit(Duration::from_secs(20)).await.success());
+    }
+    let mut worker = env.spawn_binary(WORKER, &settings, &[], "final");
+    env.wait_for_rows("events", 1, Duration::from_secs(60)).await;
+    worker.signal("TERM");
+    assert!(worker.wait_exit(Duration::from_secs(20)).await.success());
+    assert_eq!(env.queue_len(&env.dlq()).await, 0, "not parked");
+    assert_eq!(env.count("measurements").await, 1, "applied once");
+    assert_eq!(env.count("delivery_attempts").await, 0, "count forgotten once settled");
     env.cleanup().await;
 }
 

@@ -19,6 +19,11 @@ struct State {
     connections: Mutex<CancellationToken>,
     /// While set, new connections are accepted and closed at once.
     refusing: AtomicBool,
+    /// Cancelled (and replaced) by `heal`'s counterpart `stall`: open
+    /// connections stop forwarding but stay open, as in a silent partition.
+    stalled: Mutex<CancellationToken>,
+    /// While set, new connections are accepted and held, never forwarded.
+    stalling: AtomicBool,
 }
 
 impl Proxy {
@@ -29,6 +34,8 @@ impl Proxy {
         let state = Arc::new(State {
             connections: Mutex::new(CancellationToken::new()),
             refusing: AtomicBool::new(false),
+            stalled: Mutex::new(CancellationToken::new()),
+            stalling: AtomicBool::new(false),
         });
         let stop = CancellationToken::new();
         let (loop_state, loop_stop) = (state.clone(), stop.clone());
@@ -45,12 +52,22 @@ impl Proxy {
                     continue; // dropping `client` closes it
                 }
                 let cut = loop_state.connections.lock().unwrap().clone();
+                let stall = loop_state.stalled.lock().unwrap().clone();
+                if loop_state.stalling.load(Ordering::SeqCst) {
+                    // Held open, silent, until cut.
+                    tokio::spawn(async move {
+                        cut.cancelled().await;
+                        drop(client);
+                    });
+                    continue;
+                }
                 tokio::spawn(async move {
                     let Ok(mut server) = TcpStream::connect(upstream).await else {
                         return;
                     };
                     tokio::select! {
                         () = cut.cancelled() => {}
+                        () = stall.cancelled() => cut.cancelled().await,
                         _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
                     }
                 });
@@ -65,6 +82,22 @@ impl Proxy {
         let mut connections = self.state.connections.lock().unwrap();
         connections.cancel();
         *connections = CancellationToken::new();
+    }
+
+    /// A silent partition: open connections stop forwarding without being
+    /// closed, and new ones are accepted and never answered.
+    pub fn stall(&self) {
+        self.state.stalling.store(true, Ordering::SeqCst);
+        let mut stalled = self.state.stalled.lock().unwrap();
+        stalled.cancel();
+        *stalled = CancellationToken::new();
+    }
+
+    /// Ends a partition: the stalled connections are closed (as the peers'
+    /// TCP stacks would eventually do) and new ones are forwarded again.
+    pub fn heal(&self) {
+        self.state.stalling.store(false, Ordering::SeqCst);
+        self.cut();
     }
 
     /// Refuses (or accepts again) new connections.

@@ -1,0 +1,82 @@
+//! A broker restart (`rabbitmqctl stop_app` / `start_app`) keeps what is
+//! parked, what waits in a retry queue and what is queued (SPEC §8). Its
+//! own test binary, so no other test shares the restart.
+#![cfg(feature = "test-handlers")]
+
+mod common;
+
+use std::time::Duration;
+
+use common::{TestEnv, amqp_url, wait_for};
+use lapin::BasicProperties;
+use serde_json::json;
+use worker_iot_core::broker::{self, Publisher};
+
+const TOPOLOGY: &str = r#"
+queue_type = "quorum"
+delivery_limit = 5
+[retry]
+delays = ["3s"]
+max_attempts = 5
+in_process_attempts = 1
+"#;
+const WAIT: Duration = Duration::from_secs(60);
+
+fn rabbitmqctl(args: &[&str]) {
+    let status = std::process::Command::new("rabbitmqctl")
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .status()
+        .expect("run rabbitmqctl");
+    assert!(status.success(), "rabbitmqctl {args:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parked_retrying_and_queued_messages_survive_a_broker_restart() {
+    const N: usize = 5;
+    let mut env = TestEnv::new(TOPOLOGY).await;
+    let retry_queue = format!("{}.retry.3s", env.queue);
+    // Producers that leave delivery_mode unset, as pika, amqplib and lapin do.
+    let transient = BasicProperties::default;
+    for i in 0..N {
+        env.publish(format!("not json {i}").as_bytes(), transient()).await;
+        let flaky = json!({"type": "TEST_FLAKY", "id": format!("flaky-{i}"), "data": {"fail_first": 1}});
+        env.publish(flaky.to_string().as_bytes(), transient()).await;
+    }
+    let worker = env.spawn_worker(&[]);
+    env.wait_for_queue_len(&env.dlq(), N as u32, WAIT).await;
+    env.wait_for_queue_len(&retry_queue, N as u32, WAIT).await;
+    worker.stop().await;
+    for i in 0..N {
+        let m = json!({"type": "MEASUREMENT", "id": format!("m-{i}"), "data": {"device_id": "d1", "sensor": "t", "value": i}});
+        env.publish(m.to_string().as_bytes(), transient()).await;
+    }
+
+    rabbitmqctl(&["stop_app"]);
+    rabbitmqctl(&["start_app"]);
+    rabbitmqctl(&["await_startup"]);
+    env.connection = wait_for("the broker to accept connections again", WAIT, || async {
+        broker::connect(&amqp_url(), "test").await.ok()
+    })
+    .await;
+    env.publisher = Publisher::open(&env.connection).await.expect("publisher");
+    assert_eq!(env.queue_len(&env.dlq()).await, N as u32, "parked copies kept");
+    let waiting = env.queue_len(&retry_queue).await + env.queue_len(&env.queue).await;
+    assert_eq!(
+        waiting,
+        2 * N as u32,
+        "retry copies (or their expiry back to Q) and queued messages kept"
+    );
+
+    let worker = env.spawn_worker(&[]);
+    env.wait_for_rows("events", 2 * N as i64, WAIT).await;
+    worker.stop().await;
+    assert_eq!(
+        env.count("measurements").await,
+        2 * N as i64,
+        "flaky and measurements, once each"
+    );
+    assert_eq!(env.queue_len(&env.dlq()).await, N as u32);
+    assert_eq!(env.queue_len(&env.queue).await, 0);
+    env.cleanup().await;
+}

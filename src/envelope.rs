@@ -107,6 +107,11 @@ pub enum DecodeError {
     Missing(&'static str),
     #[error("field `{field}` {problem}")]
     Invalid { field: &'static str, problem: String },
+    #[error(
+        "the AMQP message_id property is not valid UTF-8 (shown with U+FFFD for the bad bytes) and the body has no `id`: \
+         it cannot identify the message"
+    )]
+    UnreadableMessageId,
 }
 
 /// Decodes one message body.
@@ -171,6 +176,11 @@ pub fn decode(
 
     let (id, id_source) = match (id, amqp_message_id) {
         (Some(id), _) => (id, IdSource::Envelope),
+        // The client decodes bad bytes as U+FFFD (vendor/amq-protocol-types):
+        // two different ids could read alike, so this one cannot deduplicate.
+        (None, Some(amqp)) if amqp.contains(char::REPLACEMENT_CHARACTER) => {
+            return Err(DecodeError::UnreadableMessageId);
+        }
         (None, Some(amqp)) if valid_amqp_id(amqp) => (amqp.to_owned(), IdSource::AmqpProperty),
         (None, _) => (body_hash(body), IdSource::BodyHash),
     };
@@ -434,6 +444,18 @@ mod tests {
             "time"
         );
         assert!(dec(r#"{"type":"A","data":1,"time":"9999-12-31T23:59:59Z"}"#).is_ok());
+    }
+
+    #[test]
+    fn an_unreadable_amqp_id_is_refused_unless_the_body_has_one() {
+        let body = br#"{"type":"A","data":1}"#;
+        let lossy = "\u{fffd}\u{fffd}";
+        assert_eq!(
+            decode(body, Some(lossy), now(), 1024),
+            Err(DecodeError::UnreadableMessageId)
+        );
+        let with_id = br#"{"type":"A","id":"x","data":1}"#;
+        assert_eq!(decode(with_id, Some(lossy), now(), 1024).unwrap().id, "x");
     }
 
     #[test]

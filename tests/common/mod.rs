@@ -4,6 +4,7 @@
 #![allow(dead_code)] // each test binary uses a different part of it
 
 pub mod proxy;
+pub mod raw_amqp;
 
 use std::collections::BTreeMap;
 use std::future::Future;

@@ -5,6 +5,7 @@
 
 use std::time::Duration;
 
+use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::LongString;
 use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, PublisherConfirm};
@@ -28,6 +29,17 @@ pub enum PublishError {
     Unroutable(String),
     #[error("no confirm for the message published to '{0}' within {CONFIRM_TIMEOUT:?}")]
     Timeout(String),
+}
+
+/// The delays between attempts to reconnect (broker sessions, the outbox
+/// relay): 100 ms doubling to 10 s, jittered, without end.
+pub fn reconnect_backoff() -> ExponentialBackoff {
+    ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(100))
+        .with_max_delay(Duration::from_secs(10))
+        .with_jitter()
+        .without_max_times()
+        .build()
 }
 
 /// Heartbeat interval asked for when the URL names none: a silent network

@@ -27,6 +27,7 @@ pub struct Metrics {
     unsettled: AtomicU64,
     outbox_published: AtomicU64,
     outbox_unroutable: AtomicU64,
+    outbox_errors: AtomicU64,
     outbox_pending: AtomicU64,
     outbox_failed: AtomicU64,
     outbox_oldest_pending_ms: AtomicU64,
@@ -73,6 +74,16 @@ impl Metrics {
     /// Counts one device message returned unroutable.
     pub fn record_outbox_unroutable(&self) {
         self.outbox_unroutable.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts one database or broker error of the outbox relay (it backs
+    /// off and tries again).
+    pub fn record_outbox_error(&self) {
+        self.outbox_errors.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn outbox_errors(&self) -> u64 {
+        self.outbox_errors.load(Ordering::Relaxed)
     }
 
     /// Sets the outbox gauges.
@@ -146,6 +157,8 @@ impl Metrics {
              # TYPE iot_outbox_published_total counter\niot_outbox_published_total {}\n\
              # HELP iot_outbox_unroutable_total Device messages the broker returned as unroutable.\n\
              # TYPE iot_outbox_unroutable_total counter\niot_outbox_unroutable_total {}\n\
+             # HELP iot_outbox_relay_errors_total Database or broker errors of the outbox relay (it backs off).\n\
+             # TYPE iot_outbox_relay_errors_total counter\niot_outbox_relay_errors_total {}\n\
              # HELP iot_outbox_pending_rows Outbox rows waiting to be published.\n\
              # TYPE iot_outbox_pending_rows gauge\niot_outbox_pending_rows {}\n\
              # HELP iot_outbox_failed_rows Outbox rows given up on (returned unroutable too often).\n\
@@ -154,6 +167,7 @@ impl Metrics {
              # TYPE iot_outbox_oldest_pending_seconds gauge\niot_outbox_oldest_pending_seconds {:.3}\n",
             self.outbox_published(),
             self.outbox_unroutable(),
+            self.outbox_errors(),
             self.outbox_pending.load(Ordering::Relaxed),
             self.outbox_failed.load(Ordering::Relaxed),
             self.outbox_oldest_pending_ms.load(Ordering::Relaxed) as f64 / 1000.0,

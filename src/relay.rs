@@ -25,7 +25,6 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
 use futures_util::future::join_all;
 use lapin::BasicProperties;
 use lapin::types::ShortString;
@@ -33,7 +32,7 @@ use sqlx::PgPool;
 use sqlx::postgres::PgListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::broker::{self, PendingConfirm, PublishError, Publisher};
+use crate::broker::{self, PendingConfirm, PublishError, Publisher, reconnect_backoff as backoff};
 use crate::metrics::Metrics;
 use crate::outbox::{self, Row};
 
@@ -117,6 +116,7 @@ impl Relay {
                 Ok(Err(e)) => format!("RabbitMQ: {e}"),
                 Err(_) => format!("RabbitMQ: no connection within {CONNECT_TIMEOUT:?}"),
             };
+            self.metrics.record_outbox_error();
             let delay = delays.next().unwrap_or(Duration::from_secs(10));
             tracing::warn!(error.message = %error, ?delay, "outbox relay: broker session ended; reconnecting");
             tokio::select! {
@@ -143,6 +143,7 @@ impl Relay {
                 Ok(_) => database_delays = backoff(),
                 Err(RelayError::Broker(e)) => return Err(e),
                 Err(RelayError::Database(e)) => {
+                    self.metrics.record_outbox_error();
                     let delay = database_delays.next().unwrap_or(Duration::from_secs(10));
                     tracing::warn!(error.message = %e, ?delay, "outbox relay: database error; trying again");
                     tokio::select! {
@@ -289,15 +290,6 @@ fn device_message_properties(row: &Row) -> BasicProperties {
 fn retry_delay(attempts: i32) -> Duration {
     let exponent = u32::try_from(attempts).unwrap_or(0).min(16);
     Duration::from_secs(1u64 << exponent).min(MAX_RETRY_DELAY)
-}
-
-fn backoff() -> ExponentialBackoff {
-    ExponentialBuilder::default()
-        .with_min_delay(Duration::from_millis(100))
-        .with_max_delay(Duration::from_secs(10))
-        .with_jitter()
-        .without_max_times()
-        .build()
 }
 
 /// Waits for an outbox notification, the poll interval, or shutdown.

@@ -11,12 +11,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use backon::{BackoffBuilder, ExponentialBuilder};
 use futures_util::StreamExt;
 use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 use sqlx::PgPool;
 use tokio::sync::RwLock;
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -132,16 +132,9 @@ pub async fn run_with(settings: Settings, shutdown: CancellationToken, options: 
 
     // The relay stops with the worker, and also when the supervisor fails.
     let relay_stop = shutdown.child_token();
-    let relay = settings.outbox_relay.then(|| {
-        let relay = Relay {
-            pool: pool.clone(),
-            amqp_url: settings.amqp_url.clone(),
-            database_url: settings.database_url.clone(),
-            retention: settings.outbox_retention,
-            metrics: options.metrics.clone(),
-        };
-        tokio::spawn(relay.run(relay_stop.clone()))
-    });
+    let relay = settings
+        .outbox_relay
+        .then(|| spawn_relay(&settings, &pool, &options, relay_stop.clone()));
 
     let supervisor = Supervisor {
         boot_id: format!("{}-{}", std::process::id(), chrono::Utc::now().timestamp_micros()),
@@ -154,12 +147,7 @@ pub async fn run_with(settings: Settings, shutdown: CancellationToken, options: 
     let result = supervisor.run().await;
     relay_stop.cancel();
     if let Some(relay) = relay {
-        // A batch still waiting for confirms is dropped: its transaction
-        // rolls back and its rows are published again later.
-        let abort = relay.abort_handle();
-        if tokio::time::timeout(RELAY_STOP_TIMEOUT, relay).await.is_err() {
-            abort.abort();
-        }
+        stop_relay(relay).await;
     }
     // A connection dropped mid-statement (work cut off after the grace
     // period) is only released when the statement ends: do not wait for it.
@@ -167,6 +155,27 @@ pub async fn run_with(settings: Settings, shutdown: CancellationToken, options: 
     tokio::time::timeout(CLOSE_TIMEOUT, pool.close()).await.ok();
     tracing::info!("stopped");
     result
+}
+
+fn spawn_relay(settings: &Settings, pool: &PgPool, options: &Options, stop: CancellationToken) -> JoinHandle<()> {
+    let relay = Relay {
+        pool: pool.clone(),
+        amqp_url: settings.amqp_url.clone(),
+        database_url: settings.database_url.clone(),
+        retention: settings.outbox_retention,
+        metrics: options.metrics.clone(),
+    };
+    tokio::spawn(relay.run(stop))
+}
+
+/// Waits a little for the relay to finish its batch. A batch still waiting
+/// for confirms is then dropped: its transaction rolls back and its rows
+/// are published again later.
+async fn stop_relay(relay: JoinHandle<()>) {
+    let abort = relay.abort_handle();
+    if tokio::time::timeout(RELAY_STOP_TIMEOUT, relay).await.is_err() {
+        abort.abort();
+    }
 }
 
 struct Supervisor {
@@ -181,14 +190,7 @@ struct Supervisor {
 
 impl Supervisor {
     async fn run(&self) -> Result<(), WorkerError> {
-        let backoff = || {
-            ExponentialBuilder::default()
-                .with_min_delay(Duration::from_millis(100))
-                .with_max_delay(Duration::from_secs(10))
-                .with_jitter()
-                .without_max_times()
-                .build()
-        };
+        let backoff = broker::reconnect_backoff;
         let mut delays = backoff();
         loop {
             let healthy_before = self.options.metrics.processed();

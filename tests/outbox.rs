@@ -342,6 +342,49 @@ async fn rows_pending_while_the_broker_is_cut_are_delivered_when_it_returns() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_relay_rides_out_a_database_outage() {
+    const N: usize = 30;
+    let env = TestEnv::new(TOPOLOGY).await;
+    let device = Device::bind(&env).await;
+    let proxy = Proxy::start(upstream_of(&env.database_url)).await;
+    let worker = env.spawn_worker_with(
+        env.settings(&[("DATABASE_URL", &proxy.url_for(&env.database_url))]),
+        None,
+    );
+    worker.wait_ready(&env).await;
+    let first = publish_commands(&env, &device, N).await;
+    wait_all_published(&env, N as i64, Duration::from_secs(30)).await;
+
+    proxy.set_refusing(true);
+    proxy.cut();
+    // Rows committed by another writer while the worker cannot reach the
+    // database (the test's own connection does not go through the proxy).
+    let mut conn = env.pool.acquire().await.expect("connection");
+    for i in 0..N {
+        worker_iot_core::outbox::enqueue(&mut conn, &format!("outage-{i}"), &format!("led.{}", device.id), b"off")
+            .await
+            .expect("enqueue");
+    }
+    drop(conn);
+    wait_for("the relay to meet the outage", Duration::from_secs(30), || async {
+        (worker.metrics.outbox_errors() >= 1).then_some(())
+    })
+    .await;
+    assert_eq!(outbox_rows(&env, "published_at IS NULL").await, N as i64);
+    proxy.set_refusing(false);
+    wait_all_published(&env, 2 * N as i64, Duration::from_secs(60)).await;
+    env.wait_for_queue_len(&device.queue, 2 * N as u32, Duration::from_secs(30))
+        .await;
+    worker.stop().await;
+
+    let received: BTreeSet<String> = env.drain(&device.queue).await.iter().map(message_id).collect();
+    assert_eq!(received.len(), 2 * N);
+    assert!(first.is_subset(&received));
+    assert!((0..N).all(|i| received.contains(&format!("outage-{i}"))));
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_workers_relay_one_outbox_without_publishing_a_row_twice() {
     const N: usize = 400;
     let env = TestEnv::new(TOPOLOGY).await;

@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use anyhow::{Context, bail};
 use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
+use lapin::Connection;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 use worker_iot_core::broker;
@@ -147,6 +148,12 @@ async fn run() -> anyhow::Result<ExitCode> {
         connection.close(200, "cancelled".into()).await.ok();
         bail!("cancelled: nothing moved");
     }
+    drain(&connection, &options, total, args.json).await
+}
+
+/// Drains with a progress bar on a terminal (dry-run lines above it) or
+/// one line per message; prints the summary. Exit 130 when interrupted.
+async fn drain(connection: &Connection, options: &DrainOptions, total: u32, json: bool) -> anyhow::Result<ExitCode> {
     let stop = CancellationToken::new();
     let ctrl_c = stop.clone();
     tokio::spawn(async move {
@@ -154,9 +161,8 @@ async fn run() -> anyhow::Result<ExitCode> {
             ctrl_c.cancel();
         }
     });
-    let bar = (!args.json && std::io::stderr().is_terminal()).then(|| progress_bar(total));
-    let json = args.json;
-    let result = requeue::drain(&connection, &options, &stop, |action, parked| {
+    let bar = (!json && std::io::stderr().is_terminal()).then(|| progress_bar(total));
+    let result = requeue::drain(connection, options, &stop, |action, parked| {
         if json {
             emit!("{}", message_line(action, parked));
         } else if action == Action::WouldMove {
@@ -176,8 +182,8 @@ async fn run() -> anyhow::Result<ExitCode> {
         bar.finish_and_clear();
     }
     connection.close(200, "done".into()).await.ok();
-    let summary = result.with_context(|| format!("draining {dlq} stopped"))?;
-    print_summary(&summary, &options, json);
+    let summary = result.with_context(|| format!("draining {} stopped", options.dlq))?;
+    print_summary(&summary, options, json);
     if summary.interrupted {
         eprintln!(
             "requeue: interrupted: {} moved, {} kept, {} not visited",

@@ -3,6 +3,7 @@
 //! The worker never relies on lapin's automatic recovery (SPEC §10): on any
 //! connection or channel error it drops the connection and builds a new one.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
@@ -47,14 +48,69 @@ pub fn reconnect_backoff() -> ExponentialBackoff {
 /// the operating system's TCP timeout.
 pub const HEARTBEAT_SECONDS: u16 = 10;
 
-/// Opens a connection named `name` (shown in the management UI), with
-/// heartbeats every [`HEARTBEAT_SECONDS`] unless the URL sets `heartbeat`.
+/// How long one broker of the list may take to accept a connection.
+pub const CONNECT_TIMEOUT_PER_BROKER: Duration = Duration::from_secs(5);
+
+/// Opens a connection named `name` (shown in the management UI) to one of
+/// the brokers in `urls` (see [`connect_to_any`]).
 ///
 /// # Errors
-/// The connection error.
-pub async fn connect(url: &str, name: &str) -> Result<Connection, lapin::Error> {
+/// The last broker's connection error.
+pub async fn connect(urls: &str, name: &str) -> Result<Connection, lapin::Error> {
+    connect_to_any(urls, name, &AtomicUsize::new(0))
+        .await
+        .map(|(connection, _)| connection)
+}
+
+/// Opens a connection to the first broker of `urls` (comma-separated
+/// `amqp://` URLs of one cluster) that accepts it within
+/// [`CONNECT_TIMEOUT_PER_BROKER`], trying them in turn from index `next`,
+/// which it advances past every broker it tries: a caller that keeps `next`
+/// across reconnects goes to another node first.
+/// Heartbeats every [`HEARTBEAT_SECONDS`] unless a URL sets `heartbeat`.
+/// Returns the connection and the broker's `host:port`.
+///
+/// # Errors
+/// The last broker's connection error.
+pub async fn connect_to_any(urls: &str, name: &str, next: &AtomicUsize) -> Result<(Connection, String), lapin::Error> {
+    let list: Vec<&str> = urls.split(',').map(str::trim).filter(|u| !u.is_empty()).collect();
     let properties = ConnectionProperties::default().with_connection_name(LongString::from(name));
-    Connection::connect(&with_heartbeat(url), properties).await
+    let unreachable = |what: String| {
+        lapin::Error::from(lapin::ErrorKind::IOError(std::sync::Arc::new(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            what,
+        ))))
+    };
+    let mut last_error = unreachable("AMQP_URL names no broker".into());
+    for _ in 0..list.len().max(1) {
+        let index = next.fetch_add(1, Ordering::Relaxed) % list.len().max(1);
+        let Some(url) = list.get(index) else { break };
+        let url_with_heartbeat = with_heartbeat(url);
+        let attempt = Connection::connect(&url_with_heartbeat, properties.clone());
+        match tokio::time::timeout(CONNECT_TIMEOUT_PER_BROKER, attempt).await {
+            Ok(Ok(connection)) => return Ok((connection, broker_address(url))),
+            Ok(Err(e)) => {
+                tracing::debug!(broker = %broker_address(url), error.message = %e, "broker refused; trying the next");
+                last_error = e;
+            }
+            Err(_) => {
+                let what = format!(
+                    "no answer from {} within {CONNECT_TIMEOUT_PER_BROKER:?}",
+                    broker_address(url)
+                );
+                tracing::debug!(error.message = %what, "trying the next broker");
+                last_error = unreachable(what);
+            }
+        }
+    }
+    Err(last_error)
+}
+
+/// `host:port` of an AMQP URL, for logs (never the credentials).
+pub fn broker_address(url: &str) -> String {
+    let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
+    let authority = rest.split(['/', '?']).next().unwrap_or(rest);
+    authority.rsplit('@').next().unwrap_or(authority).to_owned()
 }
 
 /// `url` with `heartbeat=HEARTBEAT_SECONDS` added to its query, unless it
@@ -165,6 +221,12 @@ impl PendingConfirm {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn broker_addresses_hide_credentials() {
+        assert_eq!(broker_address("amqp://u:p@node-1:5681/%2f"), "node-1:5681");
+        assert_eq!(broker_address("amqps://node-2?heartbeat=5"), "node-2");
+    }
 
     #[test]
     fn heartbeats_are_asked_for_unless_the_url_sets_them() {

@@ -303,8 +303,16 @@ impl Settings {
             Some((url, _)) => url.to_owned(),
             None => format!("amqp://guest:guest@{rabbitmq_hostname}:5672/%2f"),
         };
-        if !(amqp_url.starts_with("amqp://") || amqp_url.starts_with("amqps://")) {
-            return Err(layers.invalid("AMQP_URL", "a URL such as amqp://user:password@host:5672/%2f"));
+        // Several brokers of one cluster: comma-separated URLs, tried in turn.
+        let urls: Vec<&str> = amqp_url.split(',').map(str::trim).collect();
+        if urls
+            .iter()
+            .any(|u| !(u.starts_with("amqp://") || u.starts_with("amqps://")))
+        {
+            return Err(layers.invalid(
+                "AMQP_URL",
+                "a URL such as amqp://user:password@host:5672/%2f, or several of one cluster separated by commas",
+            ));
         }
 
         let database_url = layers.string("DATABASE_URL", DEFAULT_DATABASE_URL);
@@ -377,7 +385,14 @@ impl fmt::Display for Settings {
                 "OUTBOX_RETENTION_DAYS",
                 (self.outbox_retention.as_secs() / 86_400).to_string(),
             ),
-            ("AMQP_URL", mask_password(&self.amqp_url)),
+            (
+                "AMQP_URL",
+                self.amqp_url
+                    .split(',')
+                    .map(mask_password)
+                    .collect::<Vec<_>>()
+                    .join(","),
+            ),
             ("DATABASE_URL", mask_password(&self.database_url)),
             ("LOG_FORMAT", format!("{:?}", self.log_format).to_lowercase()),
         ];
@@ -510,6 +525,20 @@ mod tests {
         );
         assert_eq!(invalid_key(load(None, &[("METRICS_ADDR", "nowhere")])), "METRICS_ADDR");
         assert_eq!(invalid_key(load(None, &[("AMQP_URL", "http://x")])), "AMQP_URL");
+        assert_eq!(
+            invalid_key(load(None, &[("AMQP_URL", "amqp://a:5672/%2f,,amqp://b")])),
+            "AMQP_URL"
+        );
+        let two = load(
+            None,
+            &[("AMQP_URL", "amqp://u:pw1@a:5681/%2f, amqp://u:pw2@b:5682/%2f")],
+        )
+        .unwrap();
+        let shown = two.to_string();
+        assert!(
+            shown.contains("amqp://u:****@a:5681/%2f,amqp://u:****@b:5682/%2f"),
+            "{shown}"
+        );
         assert_eq!(
             invalid_key(load(None, &[("DATABASE_URL", "mysql://x")])),
             "DATABASE_URL"

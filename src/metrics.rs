@@ -24,6 +24,8 @@ pub struct Metrics {
     retried: AtomicU64,
     parked: [AtomicU64; ErrorKind::ALL.len()],
     connections: AtomicU64,
+    /// `host:port` of the broker of the current (or last) session.
+    node: std::sync::Mutex<String>,
     unsettled: AtomicU64,
     outbox_published: AtomicU64,
     outbox_unroutable: AtomicU64,
@@ -56,9 +58,18 @@ impl Metrics {
     }
 
     /// Counts one broker connection established (the first and every
-    /// reconnection).
-    pub fn record_connection(&self) {
+    /// reconnection), to the broker at `node` (`host:port`).
+    pub fn record_connection(&self, node: &str) {
         self.connections.fetch_add(1, Ordering::Relaxed);
+        node.clone_into(&mut self.node.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
+    }
+
+    /// `host:port` of the broker the worker is (or was last) connected to.
+    pub fn node(&self) -> String {
+        self.node
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 
     /// Counts one delivery that could not be settled (left for redelivery).
@@ -145,10 +156,13 @@ impl Metrics {
         out.push_str(&format!(
             "# HELP iot_broker_connections_total Broker connections opened.\n# TYPE iot_broker_connections_total counter\n\
              iot_broker_connections_total {}\n\
+             # HELP iot_broker_node_info The broker (host:port) of the current session.\n# TYPE iot_broker_node_info gauge\n\
+             iot_broker_node_info{{node=\"{}\"}} 1\n\
              # HELP iot_unsettled_total Deliveries left unacked for redelivery.\n# TYPE iot_unsettled_total counter\n\
              iot_unsettled_total {}\n\
              # HELP iot_ready 1 when connected and consuming.\n# TYPE iot_ready gauge\niot_ready {}\n",
             self.connections(),
+            self.node(),
             self.unsettled.load(Ordering::Relaxed),
             u8::from(self.is_ready()),
         ));

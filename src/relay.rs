@@ -23,6 +23,7 @@
 //! consume session; database errors make it wait and try again.
 
 use std::sync::Arc;
+use std::sync::atomic::AtomicUsize;
 use std::time::{Duration, Instant};
 
 use futures_util::future::join_all;
@@ -51,7 +52,10 @@ const CLEANUP_INTERVAL: Duration = Duration::from_secs(3600);
 const CLEANUP_CHUNK: i64 = 10_000;
 /// How often the gauges are refreshed at most.
 const STATS_INTERVAL: Duration = Duration::from_secs(1);
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Bounds the broker connect (each broker of the list has its own 5 s).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+/// Bounds connecting the `LISTEN` connection; the relay polls meanwhile.
+const LISTEN_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Why a batch stopped.
 #[derive(Debug, thiserror::Error)]
@@ -91,9 +95,11 @@ impl Relay {
             cleanup_due: Instant::now(),
         };
         let mut delays = backoff();
+        let next_broker = AtomicUsize::new(0);
         loop {
             let connect = tokio::time::timeout(CONNECT_TIMEOUT, async {
-                let connection = broker::connect(&self.amqp_url, "worker-iot-core outbox relay").await?;
+                let relay = "worker-iot-core outbox relay";
+                let (connection, _) = broker::connect_to_any(&self.amqp_url, relay, &next_broker).await?;
                 let publisher = Publisher::open(&connection).await?;
                 Ok::<_, lapin::Error>((connection, publisher))
             });
@@ -335,7 +341,7 @@ impl Wake {
             listener.listen(outbox::CHANNEL).await?;
             Ok::<_, sqlx::Error>(listener)
         };
-        match tokio::time::timeout(CONNECT_TIMEOUT, connect).await {
+        match tokio::time::timeout(LISTEN_TIMEOUT, connect).await {
             Ok(Ok(listener)) => Some(listener),
             Ok(Err(e)) => {
                 tracing::debug!(error.message = %e, "outbox relay: cannot LISTEN; polling");

@@ -9,6 +9,7 @@
 //! absorbed by the inbox.
 
 use std::sync::Arc;
+use std::sync::atomic::AtomicUsize;
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -32,8 +33,9 @@ use crate::topology::{Topology, TopologyError};
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 /// How long the outbox relay may take to finish its batch at shutdown.
 const RELAY_STOP_TIMEOUT: Duration = Duration::from_secs(2);
-/// How long opening a broker connection may take before it is retried.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long opening a broker connection may take before it is retried
+/// (each broker of the list has `broker::CONNECT_TIMEOUT_PER_BROKER`).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Why the worker stopped other than by a shutdown request.
 #[derive(Debug, thiserror::Error)]
@@ -138,6 +140,7 @@ pub async fn run_with(settings: Settings, shutdown: CancellationToken, options: 
 
     let supervisor = Supervisor {
         boot_id: format!("{}-{}", std::process::id(), chrono::Utc::now().timestamp_micros()),
+        next_broker: AtomicUsize::new(0),
         settings,
         topology,
         pool: pool.clone(),
@@ -181,6 +184,8 @@ async fn stop_relay(relay: JoinHandle<()>) {
 struct Supervisor {
     /// Unique to this run of the worker (see `store::count_redelivery`).
     boot_id: String,
+    /// The broker of `AMQP_URL`'s list to try first at the next connect.
+    next_broker: AtomicUsize,
     settings: Settings,
     topology: Arc<Topology>,
     pool: PgPool,
@@ -219,8 +224,11 @@ impl Supervisor {
     /// failure, then drain in-flight work within the grace period.
     async fn session(&self) -> Result<(), SessionError> {
         let settings = &self.settings;
-        let connect = tokio::time::timeout(CONNECT_TIMEOUT, broker::connect(&settings.amqp_url, "worker-iot-core"));
-        let connection = tokio::select! {
+        let connect = tokio::time::timeout(
+            CONNECT_TIMEOUT,
+            broker::connect_to_any(&settings.amqp_url, "worker-iot-core", &self.next_broker),
+        );
+        let (connection, node) = tokio::select! {
             () = self.shutdown.cancelled() => return Ok(()),
             connected = connect => connected.map_err(|_| SessionError::ConnectTimeout)??,
         };
@@ -247,9 +255,9 @@ impl Supervisor {
                 FieldTable::default(),
             )
             .await?;
-        self.options.metrics.record_connection();
+        self.options.metrics.record_connection(&node);
         self.options.metrics.set_ready(true);
-        tracing::info!(queue = %settings.queue, queue_type = ?self.topology.queue_type,
+        tracing::info!(%node, queue = %settings.queue, queue_type = ?self.topology.queue_type,
                        prefetch = settings.prefetch_count, "topology declared; consuming");
 
         let pipeline = Arc::new(Pipeline {

@@ -36,6 +36,7 @@ use tokio_util::sync::CancellationToken;
 use crate::broker::{self, PendingConfirm, PublishError, Publisher, reconnect_backoff as backoff};
 use crate::metrics::Metrics;
 use crate::outbox::{self, Row};
+use crate::store;
 
 /// Rows claimed and published per transaction.
 pub const BATCH_SIZE: i64 = 100;
@@ -143,7 +144,12 @@ impl Relay {
     ) -> Result<(), PublishError> {
         let mut database_delays = backoff();
         while !shutdown.is_cancelled() {
-            match self.relay_batch(publisher).await {
+            // A silent database partition must not hang the relay.
+            let result = store::deadline(self.relay_batch(publisher)).await;
+            // Rate-limited inside, and done under a backlog too, so the
+            // gauges stay fresh exactly when the outbox lags.
+            self.housekeeping(housekeeping).await;
+            match result {
                 // A full batch: more rows may be waiting.
                 Ok(claimed) if claimed == BATCH_SIZE as usize => continue,
                 Ok(_) => database_delays = backoff(),
@@ -159,7 +165,6 @@ impl Relay {
                     continue;
                 }
             }
-            self.housekeeping(housekeeping).await;
             wake.wait(shutdown).await;
         }
         Ok(())
@@ -254,14 +259,14 @@ impl Relay {
         let now = Instant::now();
         if now >= due.stats_due {
             due.stats_due = now + STATS_INTERVAL;
-            match outbox::stats(&self.pool).await {
+            match store::deadline(outbox::stats(&self.pool)).await {
                 Ok(stats) => self.metrics.set_outbox_stats(stats),
                 Err(e) => tracing::debug!(error.message = %e, "outbox relay: cannot read outbox statistics"),
             }
         }
         if now >= due.cleanup_due {
             due.cleanup_due = now + CLEANUP_INTERVAL;
-            match self.delete_expired().await {
+            match store::deadline(self.delete_expired()).await {
                 Ok(0) => {}
                 Ok(rows) => tracing::info!(rows, "deleted published outbox rows past their retention"),
                 Err(e) => tracing::warn!(error.message = %e, "outbox relay: retention cleanup failed"),

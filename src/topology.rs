@@ -230,8 +230,6 @@ impl Topology {
         Ok(())
     }
 
-    /// The retry queue for delayed retry `n` (1-based): the `n`-th delay,
-    /// the last one repeating.
     /// Every queue the worker declares for main queue `queue`: `Q`, its
     /// retry queues, `Q.dlq`.
     pub fn queue_names(&self, queue: &str) -> Vec<String> {
@@ -241,6 +239,8 @@ impl Topology {
         names
     }
 
+    /// The retry queue for delayed retry `n` (1-based): the `n`-th delay,
+    /// the last one repeating.
     pub fn retry_delay(&self, n: u32) -> &RetryDelay {
         let index = usize::try_from(n.saturating_sub(1)).unwrap_or(usize::MAX);
         // `parse` guarantees at least one delay.

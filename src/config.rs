@@ -385,14 +385,7 @@ impl fmt::Display for Settings {
                 "OUTBOX_RETENTION_DAYS",
                 (self.outbox_retention.as_secs() / 86_400).to_string(),
             ),
-            (
-                "AMQP_URL",
-                self.amqp_url
-                    .split(',')
-                    .map(mask_password)
-                    .collect::<Vec<_>>()
-                    .join(","),
-            ),
+            ("AMQP_URL", mask_passwords(&self.amqp_url)),
             ("DATABASE_URL", mask_password(&self.database_url)),
             ("LOG_FORMAT", format!("{:?}", self.log_format).to_lowercase()),
         ];
@@ -401,6 +394,14 @@ impl fmt::Display for Settings {
         }
         Ok(())
     }
+}
+
+/// [`mask_password`] for each URL of a comma-separated list.
+pub fn mask_passwords(urls: &str) -> String {
+    urls.split(',')
+        .map(|url| mask_password(url.trim()))
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// Replaces the password of `scheme://user:password@host` with `****`.

@@ -91,6 +91,25 @@ pub enum TopologyError {
         wanted: String,
         detail: String,
     },
+    #[error(
+        "queue '{queue}' exists with other arguments ({detail}): on a quorum topology the retry queues \
+         and the DLQ are quorum queues with at-least-once dead-lettering, and a queue's type cannot \
+         change. Migrate without losing a message: (1) stop every worker of '{main}'; (2) wait until \
+         each '{main}.retry.*' queue is empty (its messages go back to '{main}' when their delay ends) \
+         and delete it: rabbitmqctl delete_queue '{main}.retry.<delay>' --if-empty; (3) declare a \
+         holding queue, for example rabbitmqadmin declare queue name='{main}.hold.dlq' durable=true, \
+         and move the parked messages there: requeue --queue '{main}' --to '{main}.hold.dlq' \
+         --keep-retry-count --yes; (4) rabbitmqctl delete_queue '{main}.dlq' --if-empty; (5) start \
+         the worker, which declares the new queues; (6) move the parked messages back: requeue \
+         --queue '{main}.hold' --to '{main}.dlq' --keep-retry-count --yes, then rabbitmqctl \
+         delete_queue '{main}.hold.dlq' --if-empty. Or set queue_type = \"classic\" to keep the \
+         single-node topology"
+    )]
+    NeedsMigration {
+        queue: String,
+        main: String,
+        detail: String,
+    },
     #[error("declaring {object} failed: {source}")]
     Broker {
         object: String,
@@ -185,16 +204,34 @@ impl Topology {
             main.push(("x-delivery-limit", Arg::Long(i64::from(self.delivery_limit))));
         }
         declare_queue(channel, queue, &main).await?;
+        // On a quorum topology the retry queues and the DLQ are quorum queues
+        // too (replicated), and a retry queue hands an expired message back
+        // to Q at least once: at-most-once dead-lettering drops it when Q has
+        // no leader yet, as after a broker restart ("leader not known").
+        let quorum = self.queue_type == QueueType::Quorum;
         for retry in &self.retry_delays {
             let ttl = i64::try_from(retry.delay.as_millis()).unwrap_or(i64::MAX);
-            let args = [
+            let mut args = vec![
                 ("x-message-ttl", Arg::Long(ttl)),
                 ("x-dead-letter-exchange", Arg::Str(String::new())),
                 ("x-dead-letter-routing-key", Arg::Str(queue.to_owned())),
             ];
-            declare_queue(channel, &retry_queue_name(queue, &retry.name), &args).await?;
+            if quorum {
+                args.extend(QUORUM_AT_LEAST_ONCE.map(|(key, value)| (key, Arg::Str(value.into()))));
+            }
+            let name = retry_queue_name(queue, &retry.name);
+            declare_queue(channel, &name, &args)
+                .await
+                .map_err(|e| needs_migration(e, quorum, queue))?;
         }
-        declare_queue(channel, &dlq, &[]).await?;
+        let dlq_args = if quorum {
+            vec![("x-queue-type", Arg::Str("quorum".into()))]
+        } else {
+            Vec::new()
+        };
+        declare_queue(channel, &dlq, &dlq_args)
+            .await
+            .map_err(|e| needs_migration(e, quorum, queue))?;
         for binding in &self.bindings {
             if !binding.exchange.starts_with("amq.") {
                 channel
@@ -280,6 +317,14 @@ pub fn parse_delay(text: &str) -> Result<Duration, String> {
     Ok(delay)
 }
 
+/// A retry queue's arguments on a quorum topology, beyond TTL and
+/// dead-letter target: at-least-once dead-lettering needs `reject-publish`.
+const QUORUM_AT_LEAST_ONCE: [(&str, &str); 3] = [
+    ("x-queue-type", "quorum"),
+    ("x-dead-letter-strategy", "at-least-once"),
+    ("x-overflow", "reject-publish"),
+];
+
 enum Arg {
     Str(String),
     Long(i64),
@@ -315,6 +360,19 @@ async fn declare_queue(channel: &Channel, queue: &str, args: &[(&str, Arg)]) -> 
                 source,
             }),
         ),
+    }
+}
+
+/// A conflict on a retry queue or the DLQ of a quorum topology: a queue
+/// declared before they became quorum queues, which must be migrated.
+fn needs_migration(error: TopologyError, quorum: bool, main: &str) -> TopologyError {
+    match error {
+        TopologyError::Conflict { queue, detail, .. } if quorum => TopologyError::NeedsMigration {
+            queue,
+            main: main.to_owned(),
+            detail,
+        },
+        other => other,
     }
 }
 

@@ -72,16 +72,27 @@ async fn declares_the_whole_topology(queue_type: &str) {
         .await
         .expect("main queue has the spec's arguments");
     for (suffix, ttl) in [("50ms", 50), ("100ms", 100)] {
-        let args = table(&[
+        let mut args = vec![
             ("x-message-ttl", AMQPValue::LongLongInt(ttl)),
             ("x-dead-letter-exchange", text("")),
             ("x-dead-letter-routing-key", text(q)),
-        ]);
-        declared_with(&env, &format!("{q}.retry.{suffix}"), args)
+        ];
+        if queue_type == "quorum" {
+            // Replicated, and handed back to Q at least once.
+            args.push(("x-queue-type", text("quorum")));
+            args.push(("x-dead-letter-strategy", text("at-least-once")));
+            args.push(("x-overflow", text("reject-publish")));
+        }
+        declared_with(&env, &format!("{q}.retry.{suffix}"), table(&args))
             .await
             .expect("retry queue arguments");
     }
-    declared_with(&env, &env.dlq(), FieldTable::default())
+    let dlq_args = if queue_type == "quorum" {
+        table(&[("x-queue-type", text("quorum"))])
+    } else {
+        FieldTable::default()
+    };
+    declared_with(&env, &env.dlq(), dlq_args)
         .await
         .expect("DLQ has no TTL and no limit");
     // The check can fail: a wrong TTL on a retry queue is refused.
@@ -89,6 +100,10 @@ async fn declares_the_whole_topology(queue_type: &str) {
         ("x-message-ttl", AMQPValue::LongLongInt(999)),
         ("x-dead-letter-exchange", text("")),
         ("x-dead-letter-routing-key", text(q)),
+        (
+            "x-queue-type",
+            text(if queue_type == "quorum" { "quorum" } else { "classic" }),
+        ),
     ]);
     assert!(declared_with(&env, &format!("{q}.retry.50ms"), wrong).await.is_err());
 
@@ -160,6 +175,74 @@ async fn a_conflicting_existing_queue_stops_start_up_with_a_clear_error() {
     assert!(err.contains("x-dead-letter-"), "names the argument: {err}");
     assert!(err.contains("current is none"), "names the existing value: {err}");
     assert!(err.contains("delete_queue"), "says what to do: {err}");
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_classic_dlq_under_a_quorum_topology_is_refused_and_migrates_without_loss() {
+    const PARKED: u32 = 7;
+    let quorum = FAST_TOPOLOGY.replace("queue_type = \"classic\"", "queue_type = \"quorum\"");
+    let env = TestEnv::undeclared(&quorum).await;
+    // An older deployment: classic DLQ with parked messages.
+    declared_with(&env, &env.dlq(), FieldTable::default()).await.unwrap();
+    for i in 0..PARKED {
+        env.publish_to(
+            &env.dlq(),
+            format!("parked {i}").as_bytes(),
+            BasicProperties::default().with_delivery_mode(2),
+        )
+        .await;
+    }
+    let mut worker = env.spawn_binary(WORKER, &env.settings_json(), &[], "refused");
+    assert_eq!(worker.wait_exit(Duration::from_secs(60)).await.code(), Some(2));
+    let err = worker.stderr_text();
+    assert!(
+        err.contains(&format!("queue '{}' exists with other arguments", env.dlq())),
+        "{err}"
+    );
+    assert!(err.contains("Migrate without losing a message"), "{err}");
+    assert_eq!(env.queue_len(&env.dlq()).await, PARKED, "nothing touched");
+
+    // The steps of the message (the retry queues were never declared here).
+    let hold = format!("{}.hold", env.queue);
+    declared_with(&env, &format!("{hold}.dlq"), FieldTable::default())
+        .await
+        .unwrap();
+    let requeue = |args: &[&str]| {
+        std::fs::write(env.dir.join("none.json"), "{}").unwrap();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_requeue"))
+            .args(args)
+            .env("AMQP_URL", common::amqp_url())
+            .env("SETTINGS_FILE", env.dir.join("none.json"))
+            .output()
+            .expect("run requeue");
+        assert!(
+            out.status.success(),
+            "requeue {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let hold_dlq = format!("{hold}.dlq");
+    requeue(&["--queue", &env.queue, "--to", &hold_dlq, "--keep-retry-count", "--yes"]);
+    let channel = env.connection.create_channel().await.unwrap();
+    let if_empty = lapin::options::QueueDeleteOptions {
+        if_empty: true,
+        ..Default::default()
+    };
+    channel.queue_delete(env.dlq().as_str().into(), if_empty).await.unwrap();
+    let mut worker = env.spawn_binary(WORKER, &env.settings_json(), &[], "migrated");
+    wait_consuming(&env, &mut worker).await;
+    requeue(&["--queue", &hold, "--to", &env.dlq(), "--keep-retry-count", "--yes"]);
+    worker.signal("TERM");
+    assert!(worker.wait_exit(Duration::from_secs(20)).await.success());
+
+    let quorum_dlq = table(&[("x-queue-type", text("quorum"))]);
+    declared_with(&env, &env.dlq(), quorum_dlq)
+        .await
+        .expect("the DLQ is a quorum queue now");
+    assert_eq!(env.queue_len(&env.dlq()).await, PARKED, "every parked message is back");
+    assert_eq!(env.queue_len(&hold_dlq).await, 0);
+    channel.queue_delete(hold_dlq.as_str().into(), if_empty).await.unwrap();
     env.cleanup().await;
 }
 

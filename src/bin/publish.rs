@@ -94,7 +94,7 @@ async fn run() -> anyhow::Result<()> {
     let connection = broker::connect(&settings.amqp_url, "publish").await.with_context(|| {
         format!(
             "connecting to {}",
-            worker_iot_core::config::mask_password(&settings.amqp_url)
+            worker_iot_core::config::mask_passwords(&settings.amqp_url)
         )
     })?;
     let publisher = Publisher::open(&connection).await?;

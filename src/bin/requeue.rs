@@ -11,7 +11,7 @@ use lapin::Connection;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 use worker_iot_core::broker;
-use worker_iot_core::config::{Settings, mask_password};
+use worker_iot_core::config::{Settings, mask_passwords};
 use worker_iot_core::failure::ErrorKind;
 use worker_iot_core::requeue::{self, Action, DrainOptions, Filter, Group, Parked, Summary, format_ms};
 use worker_iot_core::topology::dlq_name;
@@ -125,7 +125,7 @@ async fn run() -> anyhow::Result<ExitCode> {
     };
     let connection = broker::connect(&settings.amqp_url, "requeue")
         .await
-        .with_context(|| format!("cannot reach RabbitMQ at {}", mask_password(&settings.amqp_url)))?;
+        .with_context(|| format!("cannot reach RabbitMQ at {}", mask_passwords(&settings.amqp_url)))?;
 
     if args.list {
         let groups = requeue::list(&connection, &dlq, &filter).await?;

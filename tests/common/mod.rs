@@ -320,6 +320,8 @@ async fn remove_resources(queue: &str, database: &str) {
                 ".retry.50ms",
                 ".retry.100ms",
                 ".retry.200ms",
+                ".retry.2s",
+                ".retry.3s",
                 ".retry.1s",
                 ".retry.30s",
                 ".retry.5m",

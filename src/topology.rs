@@ -363,11 +363,19 @@ async fn declare_queue(channel: &Channel, queue: &str, args: &[(&str, Arg)]) -> 
     }
 }
 
-/// A conflict on a retry queue or the DLQ of a quorum topology: a queue
-/// declared before they became quorum queues, which must be migrated.
+/// A conflict on a retry queue or the DLQ of a quorum topology over an
+/// argument that only the quorum layout sets: a queue declared before they
+/// became quorum queues, which must be migrated. Other conflicts (a changed
+/// delay, say) keep their own message.
 fn needs_migration(error: TopologyError, quorum: bool, main: &str) -> TopologyError {
+    let quorum_only = |argument: &str| QUORUM_AT_LEAST_ONCE.iter().any(|(key, _)| *key == argument);
     match error {
-        TopologyError::Conflict { queue, detail, .. } if quorum => TopologyError::NeedsMigration {
+        TopologyError::Conflict {
+            queue,
+            argument,
+            detail,
+            ..
+        } if quorum && quorum_only(&argument) => TopologyError::NeedsMigration {
             queue,
             main: main.to_owned(),
             detail,
@@ -401,6 +409,29 @@ fn conflict(queue: &str, args: &[(&str, Arg)], text: &str) -> Option<TopologyErr
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn conflict_over(argument: &str) -> TopologyError {
+        TopologyError::Conflict {
+            queue: "q.dlq".into(),
+            argument: argument.into(),
+            wanted: "'quorum'".into(),
+            detail: format!("{argument}: received … but current is none"),
+        }
+    }
+
+    #[test]
+    fn only_quorum_layout_conflicts_ask_for_a_migration() {
+        for argument in ["x-queue-type", "x-dead-letter-strategy", "x-overflow"] {
+            let error = needs_migration(conflict_over(argument), true, "q");
+            assert!(matches!(error, TopologyError::NeedsMigration { .. }), "{argument}");
+            let text = error.to_string();
+            assert!(text.contains("requeue --queue 'q' --to 'q.hold.dlq'"), "{text}");
+        }
+        let changed_delay = needs_migration(conflict_over("x-message-ttl"), true, "q");
+        assert!(matches!(changed_delay, TopologyError::Conflict { .. }));
+        let classic = needs_migration(conflict_over("x-queue-type"), false, "q");
+        assert!(matches!(classic, TopologyError::Conflict { .. }));
+    }
 
     const GOOD: &str = r#"
         queue_type = "quorum"

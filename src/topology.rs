@@ -204,34 +204,7 @@ impl Topology {
             main.push(("x-delivery-limit", Arg::Long(i64::from(self.delivery_limit))));
         }
         declare_queue(channel, queue, &main).await?;
-        // On a quorum topology the retry queues and the DLQ are quorum queues
-        // too (replicated), and a retry queue hands an expired message back
-        // to Q at least once: at-most-once dead-lettering drops it when Q has
-        // no leader yet, as after a broker restart ("leader not known").
-        let quorum = self.queue_type == QueueType::Quorum;
-        for retry in &self.retry_delays {
-            let ttl = i64::try_from(retry.delay.as_millis()).unwrap_or(i64::MAX);
-            let mut args = vec![
-                ("x-message-ttl", Arg::Long(ttl)),
-                ("x-dead-letter-exchange", Arg::Str(String::new())),
-                ("x-dead-letter-routing-key", Arg::Str(queue.to_owned())),
-            ];
-            if quorum {
-                args.extend(QUORUM_AT_LEAST_ONCE.map(|(key, value)| (key, Arg::Str(value.into()))));
-            }
-            let name = retry_queue_name(queue, &retry.name);
-            declare_queue(channel, &name, &args)
-                .await
-                .map_err(|e| needs_migration(e, quorum, queue))?;
-        }
-        let dlq_args = if quorum {
-            vec![("x-queue-type", Arg::Str("quorum".into()))]
-        } else {
-            Vec::new()
-        };
-        declare_queue(channel, &dlq, &dlq_args)
-            .await
-            .map_err(|e| needs_migration(e, quorum, queue))?;
+        self.declare_retry_queues_and_dlq(channel, queue).await?;
         for binding in &self.bindings {
             if !binding.exchange.starts_with("amq.") {
                 channel
@@ -264,6 +237,39 @@ impl Topology {
                     source,
                 })?;
         }
+        Ok(())
+    }
+
+    /// The retry queues and the DLQ of main queue `queue`.
+    async fn declare_retry_queues_and_dlq(&self, channel: &Channel, queue: &str) -> Result<(), TopologyError> {
+        // On a quorum topology the retry queues and the DLQ are quorum queues
+        // too (replicated), and a retry queue hands an expired message back
+        // to Q at least once: at-most-once dead-lettering drops it when Q has
+        // no leader yet, as after a broker restart ("leader not known").
+        let quorum = self.queue_type == QueueType::Quorum;
+        for retry in &self.retry_delays {
+            let ttl = i64::try_from(retry.delay.as_millis()).unwrap_or(i64::MAX);
+            let mut args = vec![
+                ("x-message-ttl", Arg::Long(ttl)),
+                ("x-dead-letter-exchange", Arg::Str(String::new())),
+                ("x-dead-letter-routing-key", Arg::Str(queue.to_owned())),
+            ];
+            if quorum {
+                args.extend(QUORUM_AT_LEAST_ONCE.map(|(key, value)| (key, Arg::Str(value.into()))));
+            }
+            let name = retry_queue_name(queue, &retry.name);
+            declare_queue(channel, &name, &args)
+                .await
+                .map_err(|e| needs_migration(e, quorum, queue))?;
+        }
+        let dlq_args = if quorum {
+            vec![("x-queue-type", Arg::Str("quorum".into()))]
+        } else {
+            Vec::new()
+        };
+        declare_queue(channel, &dlq_name(queue), &dlq_args)
+            .await
+            .map_err(|e| needs_migration(e, quorum, queue))?;
         Ok(())
     }
 

@@ -8,12 +8,13 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::proxy::{Proxy, upstream_of};
-use common::{TestEnv, WorkerProcess, amqp_url, wait_for};
+use common::{RunningWorker, TestEnv, WorkerProcess, amqp_url, wait_for};
 use lapin::BasicProperties;
 use rand::Rng;
 use serde_json::json;
 use worker_iot_core::failure::ErrorKind;
 use worker_iot_core::headers::{self, ERROR_KIND};
+use worker_iot_core::metrics::Metrics;
 
 const WORKER: &str = env!("CARGO_BIN_EXE_worker-iot-core");
 const WAIT_START: Duration = Duration::from_secs(60);
@@ -174,21 +175,8 @@ async fn a_cut_broker_connection_is_rebuilt_and_everything_is_processed_once() {
 async fn a_database_outage_sends_messages_to_retry_queues_and_loses_none() {
     const N: i64 = 300;
     let env = TestEnv::new(&topology("classic", r#""100ms", "200ms""#, 100)).await;
-    let proxy = Proxy::start(upstream_of(&env.database_url)).await;
-    for i in 0..N {
-        env.publish(&measurement(&format!("m-{i}"), i), BasicProperties::default())
-            .await;
-    }
-    let proxied = proxy.url_for(&env.database_url);
     // One message at a time, so the outage finds most of them unprocessed.
-    let worker = env.spawn_worker_with(
-        env.settings(&[("DATABASE_URL", &proxied), ("RABBITMQ_PREFETCH_COUNT", "1")]),
-        None,
-    );
-    wait_for("progress before the outage", Duration::from_secs(60), || async {
-        (env.count("measurements").await >= 20).then_some(())
-    })
-    .await;
+    let (proxy, worker) = behind_a_database_proxy(&env, N, "1", 20).await;
     proxy.set_refusing(true);
     proxy.cut();
     // Stage 1 gives up within about a second; the outage lasts until many
@@ -206,12 +194,7 @@ async fn a_database_outage_sends_messages_to_retry_queues_and_loses_none() {
     worker.stop().await;
 
     assert!(during < N);
-    for kind in ErrorKind::ALL {
-        assert_eq!(metrics.parked(kind), 0, "nothing parked as {kind}");
-    }
-    assert_eq!(env.queue_len(&env.dlq()).await, 0);
-    assert_eq!(env.queue_len(&env.queue).await, 0);
-    assert_eq!(env.count("events").await, N);
+    each_applied_once_none_parked(&env, &metrics, N).await;
     env.cleanup().await;
 }
 
@@ -219,20 +202,7 @@ async fn a_database_outage_sends_messages_to_retry_queues_and_loses_none() {
 async fn a_silent_database_partition_is_noticed_within_seconds() {
     const N: i64 = 100;
     let env = TestEnv::new(&topology("classic", r#""1s", "2s""#, 10)).await;
-    let proxy = Proxy::start(upstream_of(&env.database_url)).await;
-    for i in 0..N {
-        env.publish(&measurement(&format!("m-{i}"), i), BasicProperties::default())
-            .await;
-    }
-    let proxied = proxy.url_for(&env.database_url);
-    let worker = env.spawn_worker_with(
-        env.settings(&[("DATABASE_URL", &proxied), ("RABBITMQ_PREFETCH_COUNT", "4")]),
-        None,
-    );
-    wait_for("progress before the partition", Duration::from_secs(60), || async {
-        (env.count("measurements").await >= 10).then_some(())
-    })
-    .await;
+    let (proxy, worker) = behind_a_database_proxy(&env, N, "4", 10).await;
     // No FIN, no RST: the sockets stay open and nothing answers, so only
     // the worker's own deadlines can notice.
     proxy.stall();
@@ -250,13 +220,38 @@ async fn a_silent_database_partition_is_noticed_within_seconds() {
     worker.stop().await;
 
     assert!(noticed < Duration::from_secs(20), "noticed after {noticed:?}");
+    each_applied_once_none_parked(&env, &metrics, N).await;
+    env.cleanup().await;
+}
+
+/// Publishes `n` measurements and starts a worker whose database is behind
+/// a proxy the test can cut or stall, once it applied `progress` of them.
+async fn behind_a_database_proxy(env: &TestEnv, n: i64, prefetch: &str, progress: i64) -> (Proxy, RunningWorker) {
+    let proxy = Proxy::start(upstream_of(&env.database_url)).await;
+    for i in 0..n {
+        env.publish(&measurement(&format!("m-{i}"), i), BasicProperties::default())
+            .await;
+    }
+    let proxied = proxy.url_for(&env.database_url);
+    let worker = env.spawn_worker_with(
+        env.settings(&[("DATABASE_URL", &proxied), ("RABBITMQ_PREFETCH_COUNT", prefetch)]),
+        None,
+    );
+    wait_for("progress before the fault", Duration::from_secs(60), || async {
+        (env.count("measurements").await >= progress).then_some(())
+    })
+    .await;
+    (proxy, worker)
+}
+
+/// After a database fault: every message applied once, none parked.
+async fn each_applied_once_none_parked(env: &TestEnv, metrics: &Metrics, n: i64) {
     for kind in ErrorKind::ALL {
         assert_eq!(metrics.parked(kind), 0, "nothing parked as {kind}");
     }
     assert_eq!(env.queue_len(&env.dlq()).await, 0);
     assert_eq!(env.queue_len(&env.queue).await, 0);
-    assert_eq!(env.count("events").await, N, "each applied once");
-    env.cleanup().await;
+    assert_eq!(env.count("events").await, n, "each applied once");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -38,8 +38,7 @@ use tokio_util::sync::CancellationToken;
 use worker_iot_core::broker::{self, Publisher};
 use worker_iot_core::config::Settings;
 use worker_iot_core::store;
-use worker_iot_core::topology::Topology;
-use worker_iot_core::worker::{self, Options};
+use worker_iot_core::{Options, Topology};
 
 const TOPOLOGY: &str = "queue_type = \"classic\"\ndelivery_limit = 5\n[retry]\ndelays = [\"1s\"]\nmax_attempts = 5\n";
 
@@ -96,7 +95,11 @@ async fn worker_rate(settings: &Settings, publisher: &Publisher, pool: &PgPool, 
     fill(publisher, &settings.queue, n, round).await;
     let shutdown = CancellationToken::new();
     let started = Instant::now();
-    let handle = tokio::spawn(worker::run_with(settings.clone(), shutdown.clone(), Options::default()));
+    let handle = tokio::spawn(worker_iot_core::run_with(
+        settings.clone(),
+        shutdown.clone(),
+        Options::default(),
+    ));
     loop {
         let done: i64 = sqlx::query_scalar("SELECT count(*) FROM measurements")
             .fetch_one(pool)
@@ -126,7 +129,11 @@ where
 {
     let shutdown = CancellationToken::new();
     let started = Instant::now();
-    let handle = tokio::spawn(worker::run_with(settings.clone(), shutdown.clone(), Options::default()));
+    let handle = tokio::spawn(worker_iot_core::run_with(
+        settings.clone(),
+        shutdown.clone(),
+        Options::default(),
+    ));
     while !done().await {
         assert!(started.elapsed() < Duration::from_secs(600), "the worker stalled");
         tokio::time::sleep(Duration::from_millis(10)).await;
@@ -323,17 +330,11 @@ async fn main() {
     store::migrate(&pool).await.unwrap();
     let connection = broker::connect(&amqp_url, "bench").await.unwrap();
     let setup = connection.create_channel().await.unwrap();
-    Topology::parse(TOPOLOGY)
-        .unwrap()
-        .declare(&setup, &queue)
-        .await
-        .unwrap();
     let baseline_queue = format!("{queue}_baseline");
-    Topology::parse(TOPOLOGY)
-        .unwrap()
-        .declare(&setup, &baseline_queue)
-        .await
-        .unwrap();
+    let topologies = [&queue, &baseline_queue].map(|q| Topology::parse(TOPOLOGY, q).unwrap());
+    for topology in &topologies {
+        topology.declare(&setup).await.unwrap();
+    }
     let publisher = Publisher::open(&connection).await.unwrap();
     let topology_file = std::env::temp_dir().join(format!("{queue}.toml"));
     std::fs::write(&topology_file, TOPOLOGY).unwrap();
@@ -377,8 +378,8 @@ async fn main() {
         outbox_bench(&settings_from(&env), &publisher, &pool, rounds).await;
     }
 
-    for base in [&queue, &baseline_queue] {
-        for q in [base.clone(), format!("{base}.dlq"), format!("{base}.retry.1s")] {
+    for topology in &topologies {
+        for q in topology.queues() {
             setup
                 .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
                 .await

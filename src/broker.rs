@@ -6,8 +6,8 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
 use lapin::types::LongString;
 use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, PublisherConfirm};
 
@@ -32,15 +32,16 @@ pub enum PublishError {
     Timeout(String),
 }
 
-/// The delays between attempts to reconnect (broker sessions, the outbox
-/// relay): 100 ms doubling to 10 s, jittered, without end.
-pub fn reconnect_backoff() -> ExponentialBackoff {
-    ExponentialBuilder::default()
-        .with_min_delay(Duration::from_millis(100))
-        .with_max_delay(Duration::from_secs(10))
-        .with_jitter()
-        .without_max_times()
-        .build()
+/// The code and text of a channel-level error the broker sent (a missing
+/// queue, a conflicting declaration, …), when `error` is one.
+pub fn soft_error(error: &lapin::Error) -> Option<(&AMQPSoftError, &str)> {
+    match error.kind() {
+        lapin::ErrorKind::ProtocolError(amqp) => match amqp.kind() {
+            AMQPErrorKind::Soft(code) => Some((code, amqp.get_message().as_str())),
+            AMQPErrorKind::Hard(_) => None,
+        },
+        _ => None,
+    }
 }
 
 /// Heartbeat interval asked for when the URL names none: a silent network

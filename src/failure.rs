@@ -1,14 +1,14 @@
 //! Why a message failed, and what that means for it (SPEC §2.3).
 //!
-//! [`Failure::disposition`] is the one place that decides a failed
-//! message's fate. Its matches have no `_` arm on purpose: a new failure
-//! must choose between retry and park.
+//! [`Failure::is_transient`] and [`Failure::kind`] classify a failure; the
+//! retry policy (`retry`) turns that into the message's fate. Their matches
+//! have no `_` arm on purpose: a new failure must choose between retry and
+//! park.
 
 use std::fmt;
 
 use crate::envelope::DecodeError;
 use crate::handlers::ValidationError;
-use crate::topology::Topology;
 
 /// The `iot-error-kind` header values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -79,13 +79,22 @@ pub enum Failure {
     CrashLoop { deliveries: u32 },
 }
 
-/// What happens to a failed delivery.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Disposition {
-    /// Publish to the retry queue of delayed retry `retry` (1-based), then ack.
-    RetryLater { retry: u32 },
-    /// Publish to the DLQ with this kind, then ack.
-    Park { kind: ErrorKind },
+/// A delivery that failed, with what is known of it: the message type when
+/// the envelope could be decoded that far.
+#[derive(Debug)]
+pub struct Failed {
+    pub message_type: Option<String>,
+    pub failure: Failure,
+}
+
+impl Failed {
+    /// A failure before the message type was known.
+    pub fn untyped(failure: impl Into<Failure>) -> Failed {
+        Failed {
+            message_type: None,
+            failure: failure.into(),
+        }
+    }
 }
 
 impl Failure {
@@ -112,28 +121,6 @@ impl Failure {
             Failure::Database(_) if self.is_transient() => ErrorKind::Transient,
             Failure::Database(_) => ErrorKind::Permanent,
         }
-    }
-
-    /// The fate of a delivery that failed with `self`, after `retries`
-    /// delayed retries so far (its `iot-retry-count`).
-    pub fn disposition(&self, retries: u32, topology: &Topology) -> Disposition {
-        retry_decision(self.is_transient(), self.kind(), retries, topology.max_attempts)
-    }
-}
-
-/// The pure retry policy: permanent failures park at once; transient ones
-/// retry until the delivery that failed was the `max_attempts`-th.
-pub fn retry_decision(transient: bool, kind: ErrorKind, retries: u32, max_attempts: u32) -> Disposition {
-    if !transient {
-        return Disposition::Park { kind };
-    }
-    // This delivery was attempt `retries + 1`.
-    if retries.saturating_add(1) >= max_attempts {
-        Disposition::Park {
-            kind: ErrorKind::AttemptsExhausted,
-        }
-    } else {
-        Disposition::RetryLater { retry: retries + 1 }
     }
 }
 
@@ -175,47 +162,6 @@ mod tests {
     }
 
     #[test]
-    fn permanent_failures_park_at_once() {
-        let d = retry_decision(false, ErrorKind::Validation, 0, 5);
-        assert_eq!(
-            d,
-            Disposition::Park {
-                kind: ErrorKind::Validation
-            }
-        );
-    }
-
-    #[test]
-    fn transient_failures_retry_until_max_attempts() {
-        assert_eq!(
-            retry_decision(true, ErrorKind::Transient, 0, 3),
-            Disposition::RetryLater { retry: 1 }
-        );
-        assert_eq!(
-            retry_decision(true, ErrorKind::Transient, 1, 3),
-            Disposition::RetryLater { retry: 2 }
-        );
-        assert_eq!(
-            retry_decision(true, ErrorKind::Transient, 2, 3),
-            Disposition::Park {
-                kind: ErrorKind::AttemptsExhausted
-            }
-        );
-        assert_eq!(
-            retry_decision(true, ErrorKind::Transient, 0, 1),
-            Disposition::Park {
-                kind: ErrorKind::AttemptsExhausted
-            }
-        );
-        assert_eq!(
-            retry_decision(true, ErrorKind::Transient, u32::MAX, 3),
-            Disposition::Park {
-                kind: ErrorKind::AttemptsExhausted
-            }
-        );
-    }
-
-    #[test]
     fn classifies_database_errors() {
         assert!(is_transient_database_error(&sqlx::Error::PoolTimedOut));
         assert!(!is_transient_database_error(&sqlx::Error::RowNotFound));
@@ -223,73 +169,5 @@ mod tests {
         assert_eq!(f.kind(), ErrorKind::Transient);
         let f = Failure::Database(sqlx::Error::RowNotFound);
         assert_eq!(f.kind(), ErrorKind::Permanent);
-    }
-
-    mod properties {
-        use proptest::prelude::*;
-
-        use super::*;
-        use crate::topology::Topology;
-
-        fn any_kind() -> impl Strategy<Value = ErrorKind> {
-            proptest::sample::select(ErrorKind::ALL.to_vec())
-        }
-
-        proptest! {
-            /// Following the policy from the first delivery, a message that
-            /// keeps failing transiently is parked after exactly
-            /// `max_attempts` deliveries, never more.
-            #[test]
-            fn transient_failures_park_after_max_attempts(max_attempts in 1u32..=100) {
-                let mut retries = 0;
-                let mut deliveries = 1;
-                loop {
-                    match retry_decision(true, ErrorKind::Transient, retries, max_attempts) {
-                        Disposition::RetryLater { retry } => {
-                            prop_assert_eq!(retry, retries + 1, "retry count grows by one");
-                            retries = retry;
-                            deliveries += 1;
-                            prop_assert!(deliveries <= max_attempts);
-                        }
-                        Disposition::Park { kind } => {
-                            prop_assert_eq!(kind, ErrorKind::AttemptsExhausted);
-                            break;
-                        }
-                    }
-                }
-                prop_assert_eq!(deliveries, max_attempts);
-            }
-
-            /// Whatever retry count a (possibly forged) header claims, the
-            /// policy never retries past the limit.
-            #[test]
-            fn any_retry_count_at_or_past_the_limit_parks(max_attempts in 1u32..=100, retries in 0u32..=u32::MAX) {
-                let d = retry_decision(true, ErrorKind::Transient, retries, max_attempts);
-                if retries.saturating_add(1) >= max_attempts {
-                    prop_assert_eq!(d, Disposition::Park { kind: ErrorKind::AttemptsExhausted });
-                } else {
-                    prop_assert_eq!(d, Disposition::RetryLater { retry: retries + 1 });
-                }
-            }
-
-            /// Permanent failures park at once with their own kind.
-            #[test]
-            fn permanent_failures_never_retry(kind in any_kind(), retries in any::<u32>(), max_attempts in 1u32..=100) {
-                prop_assert_eq!(retry_decision(false, kind, retries, max_attempts), Disposition::Park { kind });
-            }
-
-            /// Retry n waits at least as long as retry n - 1.
-            #[test]
-            fn delays_never_decrease(mut millis in proptest::collection::vec(1u64..=86_400_000, 1..8), n in 1u32..50) {
-                millis.sort_unstable();
-                let delays: Vec<String> = millis.iter().map(|ms| format!("\"{ms}ms\"")).collect();
-                let text = format!(
-                    "queue_type = \"classic\"\ndelivery_limit = 3\n[retry]\ndelays = [{}]\nmax_attempts = 5\n",
-                    delays.join(", ")
-                );
-                let topology = Topology::parse(&text).map_err(TestCaseError::fail)?;
-                prop_assert!(topology.retry_delay(n + 1).delay >= topology.retry_delay(n).delay);
-            }
-        }
     }
 }

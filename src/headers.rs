@@ -37,8 +37,8 @@ pub const MAX_ERROR_BYTES: usize = 1024;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FailureRecord<'a> {
     pub kind: ErrorKind,
-    /// The message type whose handler failed, or `-` when it is unknown.
-    pub handler: &'a str,
+    /// The message type whose handler failed, when it is known.
+    pub message_type: Option<&'a str>,
     pub error: &'a str,
     /// `iot-retry-count` to write.
     pub retry_count: u32,
@@ -75,7 +75,7 @@ pub fn with_failure(properties: &BasicProperties, record: &FailureRecord<'_>) ->
     put_str(
         &mut headers,
         ERROR_FINGERPRINT,
-        &fingerprint(record.kind, record.handler, record.error),
+        &fingerprint(record.kind, record.message_type, record.error),
     );
     put_str(&mut headers, FAILED_BY, record.failed_by);
     properties.with_headers(headers)
@@ -290,13 +290,14 @@ pub fn put_long(headers: &mut FieldTable, key: &str, value: i64) {
     headers.insert(ShortString::from(key), AMQPValue::LongLongInt(value));
 }
 
-/// A stable 16-hex-digit hash of kind, handler and the error with its
-/// variable parts masked, so alike failures share one fingerprint.
-pub fn fingerprint(kind: ErrorKind, handler: &str, error: &str) -> String {
+/// A stable 16-hex-digit hash of kind, message type (`-` when unknown) and
+/// the error with its variable parts masked, so alike failures share one
+/// fingerprint.
+pub fn fingerprint(kind: ErrorKind, message_type: Option<&str>, error: &str) -> String {
     let mut hasher = Sha256::new();
     hasher.update(kind.as_str().as_bytes());
     hasher.update([0]);
-    hasher.update(handler.as_bytes());
+    hasher.update(message_type.unwrap_or("-").as_bytes());
     hasher.update([0]);
     hasher.update(mask_variable_parts(error).as_bytes());
     hex::encode(&hasher.finalize()[..8])
@@ -360,7 +361,7 @@ mod tests {
     fn record(error: &str) -> FailureRecord<'_> {
         FailureRecord {
             kind: ErrorKind::Transient,
-            handler: "MEASUREMENT",
+            message_type: Some("MEASUREMENT"),
             error,
             retry_count: 2,
             now_ms: 1_000,
@@ -393,7 +394,7 @@ mod tests {
         // The note does not split a group of alike failures.
         assert_eq!(
             read_string(h, ERROR_FINGERPRINT),
-            Some(fingerprint(ErrorKind::Transient, "MEASUREMENT", "boom"))
+            Some(fingerprint(ErrorKind::Transient, Some("MEASUREMENT"), "boom"))
         );
         // A safe message is copied unchanged.
         let safe = BasicProperties::default()
@@ -503,18 +504,22 @@ mod tests {
     fn fingerprints_group_alike_errors() {
         let a = fingerprint(
             ErrorKind::Validation,
-            "MEASUREMENT",
+            Some("MEASUREMENT"),
             "value 12.5 for device \"d-1\" is out of range",
         );
         let b = fingerprint(
             ErrorKind::Validation,
-            "MEASUREMENT",
+            Some("MEASUREMENT"),
             "value 99 for device \"sensor 7\" is out of range",
         );
-        let c = fingerprint(ErrorKind::Validation, "MEASUREMENT", "field `unit` must be a string");
+        let c = fingerprint(
+            ErrorKind::Validation,
+            Some("MEASUREMENT"),
+            "field `unit` must be a string",
+        );
         let d = fingerprint(
             ErrorKind::Validation,
-            "DEVICE_UP",
+            Some("DEVICE_UP"),
             "value 99 for device \"x\" is out of range",
         );
         assert_eq!(a, b);
@@ -556,7 +561,7 @@ mod tests {
                 put_str(&mut original, "x-producer", &producer);
                 let properties = BasicProperties::default().with_headers(original);
                 let record = FailureRecord {
-                    kind, handler: &handler, error: &error, retry_count: retries, now_ms, received_ms: now_ms,
+                    kind, message_type: Some(&handler), error: &error, retry_count: retries, now_ms, received_ms: now_ms,
                     exchange: "amq.topic", routing_key: "iot.a", failed_by: "h/1",
                 };
                 let copy = with_failure(&properties, &record);
@@ -567,7 +572,7 @@ mod tests {
                 prop_assert_eq!(read_string(h, ERROR_KIND).and_then(|k| ErrorKind::parse(&k)), Some(kind));
                 let written = read_string(h, ERROR).unwrap();
                 prop_assert!(written.len() <= MAX_ERROR_BYTES && error.starts_with(&written));
-                prop_assert_eq!(read_string(h, ERROR_FINGERPRINT), Some(fingerprint(kind, &handler, &error)));
+                prop_assert_eq!(read_string(h, ERROR_FINGERPRINT), Some(fingerprint(kind, Some(&handler), &error)));
                 prop_assert_eq!(read_string(h, "x-producer"), Some(producer.clone()));
             }
 

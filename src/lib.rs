@@ -1,35 +1,53 @@
 //! worker-iot-core: the message worker of an edge IoT platform.
 //!
-//! A delivery flows through the crate like this:
+//! A delivery flows through the crate like this (the README's Architecture
+//! section has the same map, with where to add things):
 //!
-//! * [`broker`] connects to RabbitMQ; [`topology`] declares the queues;
-//! * [`pipeline`] takes each delivery: [`envelope`] decodes it, [`handlers`]
-//!   maps its type to a handler that runs inside a PostgreSQL transaction
-//!   opened by the pipeline, with [`store`] recording it in the inbox first;
-//! * the delivery is acked only after commit, or after its retry or DLQ
-//!   copy (with [`headers`]) is confirmed by the broker; [`failure`] decides
-//!   which;
-//! * [`worker`] supervises the broker session, runs the consume loop and
-//!   the graceful shutdown; [`metrics`] counts outcomes and serves them;
+//! * [`worker`] starts up (topology, database, the pipeline) and supervises
+//!   broker sessions; [`session`] opens one (connect with [`broker`],
+//!   declare the [`topology`], consume) and drains it;
+//! * [`pipeline`] takes each delivery: admit ([`crash_guard`]) → process
+//!   ([`envelope`] decodes, [`handlers`] maps the type to a handler that
+//!   runs in a PostgreSQL transaction, with [`store`] recording the inbox
+//!   row first) → settle;
+//! * a failed delivery becomes a [`failure::Failed`]; the retry policy
+//!   ([`retry`]) decides its [`Disposition`], and [`divert`] plans the copy
+//!   (routing key and [`headers`]) that the pipeline publishes before it
+//!   acks;
+//! * every step is an [`Event`]: [`metrics`] counts them, tests watch them;
 //! * [`relay`] publishes the device messages that commands left in the
-//!   [`outbox`], with confirms;
-//! * [`config`] reads the settings, [`samples`] makes the exploration
-//!   messages of the `publish` tool.
+//!   [`outbox`]; [`requeue`] is the library of the `requeue` tool;
+//! * [`config`] reads the settings.
+//!
+//! The public surface is what the binaries, the tests and the fuzz targets
+//! use: the modules that define a contract (settings, the envelope, the
+//! headers, the admin tools' libraries) and the items re-exported below.
 
-pub mod banner;
 pub mod broker;
 pub mod cli;
 pub mod config;
 pub mod envelope;
-pub mod failure;
-pub mod handlers;
 pub mod headers;
-pub mod metrics;
-pub mod outbox;
-pub mod pipeline;
-pub mod relay;
 pub mod requeue;
-pub mod samples;
 pub mod store;
-pub mod topology;
-pub mod worker;
+
+mod crash_guard;
+mod divert;
+mod failure;
+mod handlers;
+mod metrics;
+mod outbox;
+mod pipeline;
+mod relay;
+mod retry;
+mod session;
+mod topology;
+mod worker;
+
+pub use failure::ErrorKind;
+pub use metrics::{Metrics, probe_ready};
+pub use outbox::enqueue as enqueue_device_message;
+pub use pipeline::{Event, EventHook, Outcome};
+pub use retry::{Disposition, next_retry};
+pub use topology::{MainQueue, QueueType, Topology, TopologyError};
+pub use worker::{Options, WorkerError, run, run_with};

@@ -12,7 +12,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::failure::ErrorKind;
 use crate::outbox::Stats;
-use crate::pipeline::Outcome;
+use crate::pipeline::{Event, Outcome};
+use crate::retry::Disposition;
 
 /// The worker's live state.
 #[derive(Default)]
@@ -45,14 +46,25 @@ impl Metrics {
         self.ready.store(ready, Ordering::SeqCst);
     }
 
-    /// Counts one settled delivery.
-    pub fn record(&self, outcome: Outcome) {
+    /// Follows the pipeline: counts each settled delivery by outcome, and
+    /// each one left unsettled.
+    pub fn observe(&self, event: &Event<'_>) {
+        match event {
+            Event::Received(_) => {}
+            Event::Settled(_, outcome) => self.record(outcome),
+            Event::Unsettled(..) => {
+                self.unsettled.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    fn record(&self, outcome: &Outcome) {
         let counter = match outcome {
             Outcome::Processed => &self.processed,
             Outcome::Duplicate => &self.duplicate,
             Outcome::Omitted => &self.omitted,
-            Outcome::Retried { .. } => &self.retried,
-            Outcome::Parked { kind } => &self.parked[kind as usize],
+            Outcome::Diverted(Disposition::RetryLater { .. }) => &self.retried,
+            Outcome::Diverted(Disposition::Park { kind }) => &self.parked[*kind as usize],
         };
         counter.fetch_add(1, Ordering::Relaxed);
     }
@@ -70,11 +82,6 @@ impl Metrics {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .clone()
-    }
-
-    /// Counts one delivery that could not be settled (left for redelivery).
-    pub fn record_unsettled(&self) {
-        self.unsettled.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Counts device messages the outbox relay published (confirmed).

@@ -1,4 +1,5 @@
-//! One delivery, from bytes to settlement (SPEC §2.3).
+//! One delivery, from bytes to settlement (SPEC §2.3): admit → process →
+//! settle.
 //!
 //! Ordering invariants, the heart of the no-loss promise:
 //!
@@ -8,42 +9,37 @@
 //!   caller treats it as a broker fault and the broker redelivers it;
 //! * nothing is ever rejected with requeue, so nothing can loop.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::panic::AssertUnwindSafe;
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::Arc;
 
-use backon::{ExponentialBuilder, Retryable};
+use backon::Retryable;
 use chrono::{DateTime, Utc};
 use futures_util::FutureExt;
 use lapin::message::Delivery;
 use lapin::options::BasicAckOptions;
-use sha2::{Digest, Sha256};
 use sqlx::PgPool;
-use tokio::sync::RwLock;
 use tokio_util::sync::CancellationToken;
 
 use crate::broker::{PublishError, Publisher};
+use crate::crash_guard::{Admission, CrashGuard};
+use crate::divert::{self, Origin, Writer};
 use crate::envelope::{self, Message};
-use crate::failure::{Disposition, ErrorKind, Failure};
+use crate::failure::{Failed, Failure};
 use crate::handlers::{self, Handler};
-use crate::headers::{self, FailureRecord};
+use crate::headers;
+use crate::retry::Disposition;
 use crate::store;
-use crate::topology::{self, Topology};
-
-const IN_PROCESS_MIN_DELAY: Duration = Duration::from_millis(50);
-const IN_PROCESS_MAX_DELAY: Duration = Duration::from_millis(500);
-/// Stage 1 sleeps at most this long in all before handing over to stage 2.
-const IN_PROCESS_TOTAL_DELAY: Duration = Duration::from_secs(2);
+use crate::topology::Topology;
 
 /// How a delivery ended. Every delivery ends in exactly one of these.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
     Processed,
     Duplicate,
     Omitted,
-    Retried { retry: u32 },
-    Parked { kind: ErrorKind },
+    /// Copied to a retry queue or the DLQ, as the retry policy decided.
+    Diverted(Disposition),
 }
 
 /// A delivery that could not be settled; it is left unacked, and the
@@ -56,191 +52,141 @@ pub enum SettleError {
     Ack(#[source] lapin::Error),
 }
 
-/// What the pipeline needs, shared by every in-flight delivery.
+/// What happens to a delivery, as the pipeline goes. Metrics and tests
+/// follow the worker through these.
+#[derive(Debug)]
+pub enum Event<'a> {
+    /// Before anything is done with it.
+    Received(&'a Delivery),
+    /// Acked, with its outcome.
+    Settled(&'a Delivery, &'a Outcome),
+    /// Left unacked for redelivery; the session ends.
+    Unsettled(&'a Delivery, &'a SettleError),
+}
+
+/// Called with every [`Event`].
+pub type EventHook = Arc<dyn Fn(&Event<'_>) + Send + Sync>;
+
+/// How deliveries are processed: built once at start-up, shared by every
+/// broker session.
 pub struct Pipeline {
+    pool: PgPool,
+    topology: Arc<Topology>,
+    events_to_omit: BTreeSet<String>,
+    max_message_bytes: usize,
+    /// `host/version`, for `iot-failed-by`.
+    failed_by: String,
+    /// Once cancelled, no new in-process retry starts.
+    shutdown: CancellationToken,
+    crash_guard: CrashGuard,
+    hooks: Vec<EventHook>,
+}
+
+/// The pipeline's settings, from the worker's.
+pub struct PipelineConfig {
     pub pool: PgPool,
-    pub publisher: Publisher,
     pub topology: Arc<Topology>,
-    /// The main queue `Q`.
-    pub queue: String,
     pub events_to_omit: BTreeSet<String>,
     pub max_message_bytes: usize,
-    /// `host/version`, for `iot-failed-by`.
     pub failed_by: String,
-    /// Once cancelled, no new in-process retry starts.
     pub shutdown: CancellationToken,
-    /// Redelivered messages take it for writing, so each runs alone: one
-    /// that crashed the process cannot take innocent messages down with it
-    /// again, and only its own redeliveries are counted.
-    pub isolation: RwLock<()>,
-    /// Called with every delivery before it is processed (tests use it to
-    /// see the headers of each attempt).
-    pub observer: Option<DeliveryObserver>,
-    /// Identifies this worker process in the redelivery counts.
-    pub boot_id: String,
-    /// The connection's negotiated frame size: a copy's headers must fit.
+    pub hooks: Vec<EventHook>,
+}
+
+/// Where one broker session's copies go: its confirmed publisher, and the
+/// connection's negotiated frame size (a copy's headers must fit).
+pub struct Outlet {
+    pub publisher: Publisher,
     pub frame_max: usize,
-    /// Redelivered deliveries in flight, by [`delivery_key`].
-    pub redelivered_in_flight: Mutex<HashMap<String, u32>>,
 }
-
-/// One redelivered copy of a message in flight in this process; leaving
-/// (on drop) takes it off the count.
-struct InFlightCopy<'a> {
-    copies: &'a Mutex<HashMap<String, u32>>,
-    key: &'a str,
-}
-
-impl<'a> InFlightCopy<'a> {
-    fn enter(copies: &'a Mutex<HashMap<String, u32>>, key: &'a str) -> InFlightCopy<'a> {
-        *lock(copies).entry(key.to_owned()).or_insert(0) += 1;
-        InFlightCopy { copies, key }
-    }
-
-    /// Whether no other copy of the message is in flight here.
-    fn is_last(&self) -> bool {
-        lock(self.copies).get(self.key).is_none_or(|n| *n <= 1)
-    }
-}
-
-impl Drop for InFlightCopy<'_> {
-    fn drop(&mut self) {
-        let mut copies = lock(self.copies);
-        if let Some(n) = copies.get_mut(self.key) {
-            *n -= 1;
-            if *n == 0 {
-                copies.remove(self.key);
-            }
-        }
-    }
-}
-
-/// The map stays consistent even if a holder panicked: every update is a
-/// single step.
-fn lock(copies: &Mutex<HashMap<String, u32>>) -> std::sync::MutexGuard<'_, HashMap<String, u32>> {
-    copies.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-/// See [`Pipeline::observer`].
-pub type DeliveryObserver = Arc<dyn Fn(&Delivery) + Send + Sync>;
 
 impl Pipeline {
-    /// Processes one delivery and settles it.
+    pub fn new(config: PipelineConfig) -> Pipeline {
+        Pipeline {
+            crash_guard: CrashGuard::new(config.pool.clone(), config.topology.crash_loop_limit()),
+            pool: config.pool,
+            topology: config.topology,
+            events_to_omit: config.events_to_omit,
+            max_message_bytes: config.max_message_bytes,
+            failed_by: config.failed_by,
+            shutdown: config.shutdown,
+            hooks: config.hooks,
+        }
+    }
+
+    pub fn crash_guard(&self) -> &CrashGuard {
+        &self.crash_guard
+    }
+
+    /// Processes one delivery and settles it, telling the hooks.
     ///
     /// # Errors
     /// A [`SettleError`] when the delivery could not be settled.
-    pub async fn handle(&self, delivery: &Delivery) -> Result<Outcome, SettleError> {
-        if let Some(observer) = &self.observer {
-            observer(delivery);
+    pub async fn handle(&self, delivery: &Delivery, outlet: &Outlet) -> Result<Outcome, SettleError> {
+        self.emit(&Event::Received(delivery));
+        let result = self.admit_process_settle(delivery, outlet).await;
+        match &result {
+            Ok(outcome) => self.emit(&Event::Settled(delivery, outcome)),
+            Err(e) => self.emit(&Event::Unsettled(delivery, e)),
         }
+        result
+    }
+
+    /// A delivery whose run was cut off by the end of the shutdown grace
+    /// period (see [`CrashGuard::cut_off`]).
+    pub async fn cut_off(&self, delivery: &Delivery) {
+        self.crash_guard.cut_off(delivery).await;
+    }
+
+    fn emit(&self, event: &Event<'_>) {
+        for hook in &self.hooks {
+            hook(event);
+        }
+    }
+
+    async fn admit_process_settle(&self, delivery: &Delivery, outlet: &Outlet) -> Result<Outcome, SettleError> {
         // The time of an envelope without `time`: the same on every attempt.
         let received = headers::first_received(&delivery.properties).unwrap_or_else(Utc::now);
-        if !delivery.redelivered {
-            let _shared = self.isolation.read().await;
-            return self
-                .settle(delivery, received, self.process(delivery, received).await)
-                .await;
-        }
-        let key = delivery_key(delivery);
-        // Copies with the same id and body share one count row: only the
-        // last of them in flight here forgets it.
-        let copy = InFlightCopy::enter(&self.redelivered_in_flight, &key);
-        let _alone = self.isolation.write().await;
-        // Crash-loop protection: redeliveries are counted durably before the
-        // message runs, and it is parked once its deliveries reach
-        // min(delivery_limit, max_attempts). Counting happens only when the
-        // message is about to run alone, so messages that were merely in
-        // flight when another one crashed the process are not blamed. On
-        // quorum queues x-delivery-limit stays as the broker's backstop; it
-        // dead-letters only after limit + 1 deliveries, so the worker parks
-        // first, with headers.
-        let limit = self.topology.delivery_limit.min(self.topology.max_attempts);
-        let processed = match store::deadline(store::count_redelivery(&self.pool, &key, &self.boot_id)).await {
-            Ok(redeliveries) if redeliveries.saturating_add(1) >= limit => (
-                "-".to_owned(),
-                Err(Failure::CrashLoop {
-                    deliveries: redeliveries.saturating_add(1),
-                }),
-            ),
-            Ok(_) => self.process(delivery, received).await,
-            Err(e) => ("-".to_owned(), Err(Failure::Database(e))),
+        let (permit, processed) = match self.crash_guard.admit(delivery).await {
+            Admission::Run(permit) => (permit, self.process(delivery, received).await),
+            Admission::Fail(permit, failure) => (permit, Err(Failed::untyped(failure))),
         };
-        let outcome = self.settle(delivery, received, processed).await?;
-        if copy.is_last()
-            && let Err(e) = store::deadline(store::forget_redeliveries(&self.pool, &key)).await
-        {
-            tracing::debug!(error.message = %e, "could not forget a redelivery count");
-        }
-        Ok(outcome)
-    }
-
-    /// A redelivered delivery whose run was cut off by the end of the
-    /// shutdown grace period: that was no crash, so the count its run added
-    /// is taken back (a slow message must not be parked as a crash loop by
-    /// rolling restarts). Bounded, since the process is stopping.
-    pub async fn cut_off(&self, delivery: &Delivery) {
-        if !delivery.redelivered {
-            return;
-        }
-        let key = delivery_key(delivery);
-        let uncount = store::uncount_redelivery(&self.pool, &key, &self.boot_id);
-        match tokio::time::timeout(Duration::from_secs(1), uncount).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::debug!(error.message = %e, "could not take back a redelivery count"),
-            Err(_) => tracing::debug!("taking back a redelivery count timed out"),
-        }
-    }
-
-    /// Acks a delivery that ended well; diverts a failed one to its retry
-    /// queue or the DLQ first.
-    async fn settle(
-        &self,
-        delivery: &Delivery,
-        received: DateTime<Utc>,
-        (handler_name, result): (String, Result<Outcome, Failure>),
-    ) -> Result<Outcome, SettleError> {
-        let outcome = match result {
+        let outcome = match processed {
             Ok(outcome) => outcome,
-            Err(failure) => self.divert(delivery, received, handler_name, &failure).await?,
+            Err(failed) => self.divert(delivery, received, &failed, outlet).await?,
         };
         delivery
             .acker
             .ack(BasicAckOptions::default())
             .await
             .map_err(SettleError::Ack)?;
+        permit.settled().await;
         Ok(outcome)
     }
 
-    /// Decodes and applies; returns the handler name (or `-`) with the
-    /// result, for the failure headers.
-    async fn process(&self, delivery: &Delivery, received: DateTime<Utc>) -> (String, Result<Outcome, Failure>) {
+    /// Decodes and applies.
+    async fn process(&self, delivery: &Delivery, received: DateTime<Utc>) -> Result<Outcome, Failed> {
         let amqp_id = delivery.properties.message_id().as_ref().map(|id| id.as_str());
-        let message = match envelope::decode(&delivery.data, amqp_id, received, self.max_message_bytes) {
-            Ok(message) => message,
-            Err(e) => return ("-".into(), Err(e.into())),
-        };
-        let name = message.message_type.clone();
+        let message =
+            envelope::decode(&delivery.data, amqp_id, received, self.max_message_bytes).map_err(Failed::untyped)?;
         if self.events_to_omit.contains(&message.message_type) {
-            return (name, Ok(Outcome::Omitted));
+            return Ok(Outcome::Omitted);
         }
         let result = match handlers::lookup(&message) {
             Ok(handler) => self.apply_with_retries(handler, &message).await,
             Err(failure) => Err(failure),
         };
-        (name, result)
+        result.map_err(|failure| Failed {
+            message_type: Some(message.message_type),
+            failure,
+        })
     }
 
-    /// Stage 1: runs the transaction again on transient failures, with
-    /// jittered exponential backoff, unless shutdown has begun.
+    /// Stage 1: runs the transaction again on transient failures, with the
+    /// policy's backoff, unless shutdown has begun.
     async fn apply_with_retries(&self, handler: &Handler, message: &Message) -> Result<Outcome, Failure> {
-        let backoff = ExponentialBuilder::default()
-            .with_min_delay(IN_PROCESS_MIN_DELAY)
-            .with_max_delay(IN_PROCESS_MAX_DELAY)
-            .with_max_times(self.topology.in_process_attempts.saturating_sub(1) as usize)
-            .with_total_delay(Some(IN_PROCESS_TOTAL_DELAY))
-            .with_jitter();
         (|| self.apply_once(handler, message))
-            .retry(backoff)
+            .retry(self.topology.retry.in_process_backoff())
             .sleep(tokio::time::sleep)
             .when(|failure| failure.is_transient() && !self.shutdown.is_cancelled())
             .notify(|failure, delay| {
@@ -274,61 +220,38 @@ impl Pipeline {
         }
     }
 
-    /// Stage 2 or parking: publishes the failed delivery, with the failure
-    /// headers, to its retry queue or the DLQ, and waits for the confirm.
+    /// Stage 2 or parking: publishes the copy the retry policy plans and
+    /// waits for the confirm.
     async fn divert(
         &self,
         delivery: &Delivery,
         received: DateTime<Utc>,
-        handler: String,
-        failure: &Failure,
+        failed: &Failed,
+        outlet: &Outlet,
     ) -> Result<Outcome, SettleError> {
-        let retries = headers::retry_count(delivery.properties.headers().as_ref());
-        let disposition = failure.disposition(retries, &self.topology);
-        let (routing_key, kind, retry_count, outcome) = match disposition {
-            Disposition::RetryLater { retry } => (
-                topology::retry_queue_name(&self.queue, &self.topology.retry_delay(retry).name),
-                failure.kind(),
-                retry,
-                Outcome::Retried { retry },
-            ),
-            Disposition::Park { kind } => (topology::dlq_name(&self.queue), kind, retries, Outcome::Parked { kind }),
-        };
-        let error = failure.to_string();
-        let record = FailureRecord {
-            kind,
-            handler: &handler,
-            error: &error,
-            retry_count,
-            now_ms: Utc::now().timestamp_millis(),
-            received_ms: received.timestamp_millis(),
+        let origin = Origin {
+            properties: &delivery.properties,
             exchange: delivery.exchange.as_str(),
             routing_key: delivery.routing_key.as_str(),
-            failed_by: &self.failed_by,
+            received,
         };
-        let properties = headers::fit_frame(headers::with_failure(&delivery.properties, &record), self.frame_max);
-        self.publisher
-            .publish("", &routing_key, &delivery.data, properties)
+        let writer = Writer {
+            failed_by: &self.failed_by,
+            frame_max: outlet.frame_max,
+        };
+        let plan = divert::plan(&origin, failed, &self.topology, writer, Utc::now());
+        outlet
+            .publisher
+            .publish("", &plan.routing_key, &delivery.data, plan.properties)
             .await?;
-        match outcome {
-            Outcome::Parked { .. } => {
+        let routing_key = &plan.routing_key;
+        let error = &failed.failure;
+        match &plan.outcome {
+            Outcome::Diverted(Disposition::Park { kind }) => {
                 tracing::warn!(%routing_key, error.kind = %kind, error.message = %error, "message parked");
             }
-            _ => {
-                tracing::info!(%routing_key, error.message = %error, "message sent to delayed retry")
-            }
+            _ => tracing::info!(%routing_key, error.message = %error, "message sent to delayed retry"),
         }
-        Ok(outcome)
+        Ok(plan.outcome)
     }
-}
-
-/// Identifies a delivery across redeliveries: its AMQP message id and body.
-fn delivery_key(delivery: &Delivery) -> String {
-    let mut hasher = Sha256::new();
-    if let Some(id) = delivery.properties.message_id() {
-        hasher.update(id.as_str().as_bytes());
-    }
-    hasher.update([0]);
-    hasher.update(&delivery.data);
-    hex::encode(hasher.finalize())
 }

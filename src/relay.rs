@@ -33,9 +33,10 @@ use sqlx::PgPool;
 use sqlx::postgres::PgListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::broker::{self, PendingConfirm, PublishError, Publisher, reconnect_backoff as backoff};
+use crate::broker::{self, PendingConfirm, PublishError, Publisher};
 use crate::metrics::Metrics;
 use crate::outbox::{self, Row};
+use crate::retry::reconnect_backoff as backoff;
 use crate::store;
 
 /// Rows claimed and published per transaction.

@@ -70,7 +70,7 @@ impl Parked {
         });
         let fingerprint = headers::read_string(h, ERROR_FINGERPRINT).unwrap_or_else(|| {
             let kind = ErrorKind::parse(&kind).unwrap_or(ErrorKind::Permanent);
-            headers::fingerprint(kind, message_type.as_deref().unwrap_or("-"), &error)
+            headers::fingerprint(kind, message_type.as_deref(), &error)
         });
         let death_time = || timestamp_of_first_death(h);
         Parked {

@@ -5,9 +5,14 @@ use std::path::Path;
 use std::time::Duration;
 
 use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::protocol::AMQPSoftError;
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{Channel, ExchangeKind};
 use serde::Deserialize;
+
+use crate::broker;
+use crate::failure::Failure;
+use crate::retry::{Disposition, RetryDelay, RetryPolicy};
 
 /// Type of the main queue.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -15,14 +20,6 @@ use serde::Deserialize;
 pub enum QueueType {
     Classic,
     Quorum,
-}
-
-/// One delayed-retry stage: messages wait in `Q.retry.<name>` for `delay`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RetryDelay {
-    /// As written in the file (`50ms`, `1s`, `5m`): the queue name suffix.
-    pub name: String,
-    pub delay: Duration,
 }
 
 /// An exchange binding that routes into the main queue.
@@ -33,19 +30,16 @@ pub struct Binding {
     pub routing_key: String,
 }
 
-/// The checked contents of the topology file.
+/// The broker layout of one main queue: its name, every name derived from
+/// it, and the checked contents of the topology file.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Topology {
+    queue: MainQueue,
     pub queue_type: QueueType,
     /// Deliveries of one message before it is parked as a crash loop
     /// (`x-delivery-limit` on quorum queues).
     pub delivery_limit: u32,
-    pub retry_delays: Vec<RetryDelay>,
-    /// Deliveries in total (first try plus delayed retries) before parking.
-    pub max_attempts: u32,
-    /// Stage 1: runs of one delivery's transaction in process (first run
-    /// included) before it goes to a retry queue.
-    pub in_process_attempts: u32,
+    pub retry: RetryPolicy,
     pub bindings: Vec<Binding>,
 }
 
@@ -119,26 +113,26 @@ pub enum TopologyError {
 }
 
 impl Topology {
-    /// Reads and checks a topology file.
+    /// Reads and checks a topology file, for main queue `queue`.
     ///
     /// # Errors
     /// [`TopologyError::File`] or [`TopologyError::Invalid`].
-    pub fn load(path: &Path) -> Result<Topology, TopologyError> {
+    pub fn load(path: &Path, queue: &str) -> Result<Topology, TopologyError> {
         let text = std::fs::read_to_string(path).map_err(|e| TopologyError::File {
             path: path.display().to_string(),
             reason: e.to_string(),
         })?;
-        Topology::parse(&text).map_err(|problem| TopologyError::Invalid {
+        Topology::parse(&text, queue).map_err(|problem| TopologyError::Invalid {
             path: path.display().to_string(),
             problem,
         })
     }
 
-    /// Parses and checks topology TOML.
+    /// Parses and checks topology TOML, for main queue `queue`.
     ///
     /// # Errors
     /// A sentence naming the field and what is allowed.
-    pub fn parse(text: &str) -> Result<Topology, String> {
+    pub fn parse(text: &str, queue: &str) -> Result<Topology, String> {
         let file: File = toml::from_str(text).map_err(|e| e.to_string())?;
         if file.retry.delays.is_empty() {
             return Err("retry.delays must list at least one delay, such as [\"1s\", \"30s\", \"5m\"]".into());
@@ -176,11 +170,14 @@ impl Topology {
             }
         }
         Ok(Topology {
+            queue: MainQueue::new(queue),
             queue_type: file.queue_type,
             delivery_limit: file.delivery_limit,
-            retry_delays,
-            max_attempts: file.retry.max_attempts,
-            in_process_attempts: file.retry.in_process_attempts,
+            retry: RetryPolicy {
+                delays: retry_delays,
+                max_attempts: file.retry.max_attempts,
+                in_process_attempts: file.retry.in_process_attempts,
+            },
             bindings: file.bindings,
         })
     }
@@ -193,8 +190,9 @@ impl Topology {
     ///
     /// # Errors
     /// [`TopologyError::Conflict`] or [`TopologyError::Broker`].
-    pub async fn declare(&self, channel: &Channel, queue: &str) -> Result<(), TopologyError> {
-        let dlq = dlq_name(queue);
+    pub async fn declare(&self, channel: &Channel) -> Result<(), TopologyError> {
+        let queue = self.queue();
+        let dlq = self.dlq();
         let mut main = vec![
             ("x-dead-letter-exchange", Arg::Str(String::new())),
             ("x-dead-letter-routing-key", Arg::Str(dlq.clone())),
@@ -204,7 +202,7 @@ impl Topology {
             main.push(("x-delivery-limit", Arg::Long(i64::from(self.delivery_limit))));
         }
         declare_queue(channel, queue, &main).await?;
-        self.declare_retry_queues_and_dlq(channel, queue).await?;
+        self.declare_retry_queues_and_dlq(channel).await?;
         for binding in &self.bindings {
             if !binding.exchange.starts_with("amq.") {
                 channel
@@ -241,13 +239,14 @@ impl Topology {
     }
 
     /// The retry queues and the DLQ of main queue `queue`.
-    async fn declare_retry_queues_and_dlq(&self, channel: &Channel, queue: &str) -> Result<(), TopologyError> {
+    async fn declare_retry_queues_and_dlq(&self, channel: &Channel) -> Result<(), TopologyError> {
+        let queue = self.queue();
         // On a quorum topology the retry queues and the DLQ are quorum queues
         // too (replicated), and a retry queue hands an expired message back
         // to Q at least once: at-most-once dead-lettering drops it when Q has
         // no leader yet, as after a broker restart ("leader not known").
         let quorum = self.queue_type == QueueType::Quorum;
-        for retry in &self.retry_delays {
+        for retry in &self.retry.delays {
             let ttl = i64::try_from(retry.delay.as_millis()).unwrap_or(i64::MAX);
             let mut args = vec![
                 ("x-message-ttl", Arg::Long(ttl)),
@@ -257,7 +256,7 @@ impl Topology {
             if quorum {
                 args.extend(QUORUM_AT_LEAST_ONCE.map(|(key, value)| (key, Arg::Str(value.into()))));
             }
-            let name = retry_queue_name(queue, &retry.name);
+            let name = self.queue.retry_queue(retry);
             declare_queue(channel, &name, &args)
                 .await
                 .map_err(|e| needs_migration(e, quorum, queue))?;
@@ -267,56 +266,89 @@ impl Topology {
         } else {
             Vec::new()
         };
-        declare_queue(channel, &dlq_name(queue), &dlq_args)
+        declare_queue(channel, &self.dlq(), &dlq_args)
             .await
             .map_err(|e| needs_migration(e, quorum, queue))?;
         Ok(())
     }
 
-    /// Every queue the worker declares for main queue `queue`: `Q`, its
-    /// retry queues, `Q.dlq`.
-    pub fn queue_names(&self, queue: &str) -> Vec<String> {
-        let mut names = vec![queue.to_owned()];
-        names.extend(self.retry_delays.iter().map(|d| retry_queue_name(queue, &d.name)));
-        names.push(dlq_name(queue));
+    /// The main queue `Q`.
+    pub fn queue(&self) -> &str {
+        self.queue.name()
+    }
+
+    /// `Q.dlq`.
+    pub fn dlq(&self) -> String {
+        self.queue.dlq()
+    }
+
+    /// The queue of delayed retry `n` (1-based).
+    pub fn retry_queue(&self, n: u32) -> String {
+        self.queue.retry_queue(self.retry.delay(n))
+    }
+
+    /// Every queue the worker declares: `Q`, its retry queues, `Q.dlq`.
+    pub fn queues(&self) -> Vec<String> {
+        let mut names = vec![self.queue().to_owned()];
+        names.extend(self.retry.delays.iter().map(|d| self.queue.retry_queue(d)));
+        names.push(self.dlq());
         names
     }
 
-    /// The retry queue for delayed retry `n` (1-based): the `n`-th delay,
-    /// the last one repeating.
-    pub fn retry_delay(&self, n: u32) -> &RetryDelay {
-        let index = usize::try_from(n.saturating_sub(1)).unwrap_or(usize::MAX);
-        // `parse` guarantees at least one delay.
-        &self.retry_delays[index.min(self.retry_delays.len() - 1)]
+    /// The fate of a delivery that failed with `failure` after `retries`
+    /// delayed retries (see [`RetryPolicy::disposition`]).
+    pub fn disposition(&self, failure: &Failure, retries: u32) -> Disposition {
+        self.retry
+            .disposition(failure, retries, |delay| self.queue.retry_queue(delay))
+    }
+
+    /// Redeliveries of one message that the worker runs before parking it
+    /// as a crash loop: `min(delivery_limit, max_attempts)`.
+    pub fn crash_loop_limit(&self) -> u32 {
+        self.delivery_limit.min(self.retry.max_attempts)
     }
 }
 
-/// `Q.dlq`: the parking lot.
-pub fn dlq_name(queue: &str) -> String {
-    format!("{queue}.dlq")
+/// The main queue's name, and the one place that derives the others from
+/// it. Tools that only know the name (`requeue`) use it without a
+/// topology file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MainQueue(String);
+
+impl MainQueue {
+    pub fn new(name: &str) -> MainQueue {
+        MainQueue(name.to_owned())
+    }
+
+    /// `Q`.
+    pub fn name(&self) -> &str {
+        &self.0
+    }
+
+    /// `Q.dlq`: the parking lot.
+    pub fn dlq(&self) -> String {
+        format!("{}.dlq", self.0)
+    }
+
+    /// `Q.retry.<delay>`.
+    pub fn retry_queue(&self, delay: &RetryDelay) -> String {
+        format!("{}.retry.{}", self.0, delay.name)
+    }
 }
 
-/// `Q.retry.<delay>`.
-pub fn retry_queue_name(queue: &str, delay_name: &str) -> String {
-    format!("{queue}.retry.{delay_name}")
-}
-
-/// Parses `250ms`, `1s`, `5m` or `1h`: from 1 ms to 24 h.
+/// Parses a delay as `humantime` does (`250ms`, `1s`, `5m`, `1h`), from
+/// 1 ms to 24 h. The text names a queue, so it must be one word.
 ///
 /// # Errors
 /// A sentence naming the value and the accepted forms.
 pub fn parse_delay(text: &str) -> Result<Duration, String> {
-    let digits = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
-    let (number, unit) = text.split_at(digits);
-    let bad = || format!("retry delay {text:?} (allowed: a whole number with ms, s, m or h, from 1ms to 24h)");
-    let n: u64 = number.parse().map_err(|_| bad())?;
-    let delay = match unit {
-        "ms" => Duration::from_millis(n),
-        "s" => Duration::from_secs(n),
-        "m" => Duration::from_secs(n.saturating_mul(60)),
-        "h" => Duration::from_secs(n.saturating_mul(3600)),
-        _ => return Err(bad()),
+    let bad = || {
+        format!("retry delay {text:?} (allowed: a duration in one word, such as 250ms, 1s, 5m or 1h, from 1ms to 24h)")
     };
+    if text.is_empty() || !text.bytes().all(|b| b.is_ascii_alphanumeric()) {
+        return Err(bad());
+    }
+    let delay = humantime::parse_duration(text).map_err(|_| bad())?;
     if delay < Duration::from_millis(1) || delay > Duration::from_secs(86_400) {
         return Err(bad());
     }
@@ -360,12 +392,16 @@ async fn declare_queue(channel: &Channel, queue: &str, args: &[(&str, Arg)]) -> 
     };
     match channel.queue_declare(queue.into(), options, table).await {
         Ok(_) => Ok(()),
-        Err(source) => Err(
-            conflict(queue, args, &source.to_string()).unwrap_or(TopologyError::Broker {
+        Err(source) => {
+            let refusal = match broker::soft_error(&source) {
+                Some((AMQPSoftError::PRECONDITIONFAILED, text)) => conflict(queue, args, text),
+                _ => None,
+            };
+            Err(refusal.unwrap_or(TopologyError::Broker {
                 object: format!("queue '{queue}'"),
                 source,
-            }),
-        ),
+            }))
+        }
     }
 }
 
@@ -390,8 +426,10 @@ fn needs_migration(error: TopologyError, quorum: bool, main: &str) -> TopologyEr
     }
 }
 
-/// Turns RabbitMQ's `PRECONDITION_FAILED - inequivalent arg 'X' for queue
-/// 'Q' in vhost '/': received … but current is …` into a [`TopologyError::Conflict`].
+/// Turns the text of RabbitMQ's PRECONDITION_FAILED (`inequivalent arg 'X'
+/// for queue 'Q' in vhost '/': received … but current is …`) into a
+/// [`TopologyError::Conflict`]. Only the argument's name and the broker's
+/// detail are read from the text.
 fn conflict(queue: &str, args: &[(&str, Arg)], text: &str) -> Option<TopologyError> {
     let start = text.find("inequivalent arg '")? + "inequivalent arg '".len();
     let argument = &text[start..][..text[start..].find('\'')?];
@@ -452,15 +490,37 @@ mod tests {
 
     #[test]
     fn parses_the_file() {
-        let t = Topology::parse(GOOD).unwrap();
+        let t = Topology::parse(GOOD, "q").unwrap();
         assert_eq!(t.queue_type, QueueType::Quorum);
-        assert_eq!(t.max_attempts, 4);
-        assert_eq!(t.retry_delays[0].delay, Duration::from_millis(50));
-        assert_eq!(t.retry_delays[2].delay, Duration::from_secs(300));
+        assert_eq!(t.retry.max_attempts, 4);
+        assert_eq!(t.retry.delays[0].delay, Duration::from_millis(50));
+        assert_eq!(t.retry.delays[2].delay, Duration::from_secs(300));
         assert_eq!(t.bindings[0].routing_key, "iot.#");
-        assert_eq!(t.retry_delay(1).name, "50ms");
-        assert_eq!(t.retry_delay(3).name, "5m");
-        assert_eq!(t.retry_delay(9).name, "5m");
+        assert_eq!(t.retry.delay(1).name, "50ms");
+        assert_eq!(t.retry.delay(3).name, "5m");
+        assert_eq!(t.retry.delay(9).name, "5m");
+    }
+
+    #[test]
+    fn names_every_queue() {
+        let t = Topology::parse(GOOD, "iot").unwrap();
+        assert_eq!(t.queue(), "iot");
+        assert_eq!(t.dlq(), "iot.dlq");
+        assert_eq!(t.retry_queue(1), "iot.retry.50ms");
+        assert_eq!(t.retry_queue(7), "iot.retry.5m");
+        assert_eq!(
+            t.queues(),
+            ["iot", "iot.retry.50ms", "iot.retry.1s", "iot.retry.5m", "iot.dlq"]
+        );
+        let transient = Failure::Database(sqlx::Error::PoolTimedOut);
+        assert_eq!(
+            t.disposition(&transient, 1),
+            Disposition::RetryLater {
+                retry: 2,
+                queue: "iot.retry.1s".into()
+            }
+        );
+        assert_eq!(t.crash_loop_limit(), 4);
     }
 
     #[test]
@@ -479,7 +539,7 @@ mod tests {
             ("max_attempts = 4", "max_attempts = 4\nmax_length = 10"),
         ] {
             let text = GOOD.replace(from, to);
-            assert!(Topology::parse(&text).is_err(), "accepted {to}");
+            assert!(Topology::parse(&text, "q").is_err(), "accepted {to}");
         }
     }
 
@@ -494,5 +554,26 @@ mod tests {
         assert!(err.contains("but current is none"), "{err}");
         assert!(err.contains("delete the queue"), "{err}");
         assert!(conflict("q", &args, "connection reset").is_none());
+    }
+
+    mod properties {
+        use proptest::prelude::*;
+
+        use super::*;
+
+        proptest! {
+            /// Retry n waits at least as long as retry n - 1.
+            #[test]
+            fn delays_never_decrease(mut millis in proptest::collection::vec(1u64..=86_400_000, 1..8), n in 1u32..50) {
+                millis.sort_unstable();
+                let delays: Vec<String> = millis.iter().map(|ms| format!("\"{ms}ms\"")).collect();
+                let text = format!(
+                    "queue_type = \"classic\"\ndelivery_limit = 3\n[retry]\ndelays = [{}]\nmax_attempts = 5\n",
+                    delays.join(", ")
+                );
+                let topology = Topology::parse(&text, "q").map_err(TestCaseError::fail)?;
+                prop_assert!(topology.retry.delay(n + 1).delay >= topology.retry.delay(n).delay);
+            }
+        }
     }
 }

@@ -1,41 +1,28 @@
-//! The worker: start-up (migrations, topology), the supervised consume
-//! loop, and the graceful shutdown of SPEC §8.
-//!
-//! Connection supervision does not rely on lapin's automatic recovery
-//! (SPEC §10): any connection or channel error, or a delivery that cannot
-//! be settled, ends the session; the supervisor then builds connection,
-//! channels, topology and consumer again from scratch, with backoff.
-//! Unacked deliveries of the lost session are redelivered by the broker and
-//! absorbed by the inbox.
+//! The worker: start-up (migrations, topology, the pipeline), the
+//! supervisor that opens broker sessions with backoff, and the graceful
+//! shutdown of SPEC §8.
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicUsize;
 use std::time::Duration;
 
-use futures_util::StreamExt;
-use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
-use lapin::types::FieldTable;
 use sqlx::PgPool;
-use tokio::sync::RwLock;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
-use crate::broker::{self, Publisher};
 use crate::config::Settings;
 use crate::metrics::{self, Metrics};
-use crate::pipeline::{DeliveryObserver, Pipeline};
+use crate::pipeline::{Event, EventHook, Pipeline, PipelineConfig};
 use crate::relay::Relay;
+use crate::retry::reconnect_backoff;
+use crate::session::{Endpoint, Session, SessionError};
 use crate::store::{self, StoreError};
 use crate::topology::{Topology, TopologyError};
 
-/// How long closing a channel or connection may take.
+/// How long closing the database pool may take.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 /// How long the outbox relay may take to finish its batch at shutdown.
 const RELAY_STOP_TIMEOUT: Duration = Duration::from_secs(2);
-/// How long opening a broker connection may take before it is retried
-/// (each broker of the list has `broker::CONNECT_TIMEOUT_PER_BROKER`).
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Why the worker stopped other than by a shutdown request.
 #[derive(Debug, thiserror::Error)]
@@ -48,29 +35,13 @@ pub enum WorkerError {
     Metrics(#[source] std::io::Error),
 }
 
-/// What ended one broker session.
-#[derive(Debug, thiserror::Error)]
-enum SessionError {
-    #[error("RabbitMQ: {0}")]
-    Broker(#[from] lapin::Error),
-    #[error("RabbitMQ: the consumer was cancelled or its channel closed")]
-    ConsumerEnded,
-    #[error("RabbitMQ: no connection within {CONNECT_TIMEOUT:?}")]
-    ConnectTimeout,
-    #[error("a delivery could not be settled; reconnecting so the broker redelivers it")]
-    SettleFailed,
-    /// Not worth retrying: the topology conflicts with the broker's.
-    #[error(transparent)]
-    Fatal(TopologyError),
-}
-
 /// Extra wiring, for tests and embedding.
 #[derive(Default, Clone)]
 pub struct Options {
     /// Shared counters and readiness; served on `METRICS_ADDR`.
     pub metrics: Arc<Metrics>,
-    /// Called with every delivery before processing.
-    pub observer: Option<DeliveryObserver>,
+    /// Called with every pipeline event, after the metrics.
+    pub events: Option<EventHook>,
     /// Serve `/metrics`, `/healthz` and `/readyz` on `METRICS_ADDR`.
     pub serve_metrics: bool,
 }
@@ -108,7 +79,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
 /// # Errors
 /// A [`WorkerError`] for bad settings, an unusable topology or database.
 pub async fn run_with(settings: Settings, shutdown: CancellationToken, options: Options) -> Result<(), WorkerError> {
-    let topology = Arc::new(Topology::load(&settings.topology_file)?);
+    let topology = Arc::new(Topology::load(&settings.topology_file, &settings.queue)?);
     // A fresh machine with local services has no database yet. Creating it
     // needs rights the worker may lack in production; connecting then
     // says what is wrong.
@@ -120,11 +91,8 @@ pub async fn run_with(settings: Settings, shutdown: CancellationToken, options: 
     let pool = store::connect(&settings.database_url, settings.pool_size()).await?;
     store::migrate(&pool).await?;
     tracing::info!("database migrated");
-    match store::prune_redelivery_counts(&pool).await {
-        Ok(0) => {}
-        Ok(n) => tracing::info!(rows = n, "pruned stale redelivery counts"),
-        Err(e) => tracing::warn!(error.message = %e, "could not prune stale redelivery counts"),
-    }
+    let pipeline = Arc::new(build_pipeline(&settings, &topology, &pool, &options, &shutdown));
+    pipeline.crash_guard().prune().await;
     if options.serve_metrics {
         let addr = metrics::serve(settings.metrics_addr, options.metrics.clone(), shutdown.clone())
             .await
@@ -139,12 +107,11 @@ pub async fn run_with(settings: Settings, shutdown: CancellationToken, options: 
         .then(|| spawn_relay(&settings, &pool, &options, relay_stop.clone()));
 
     let supervisor = Supervisor {
-        boot_id: format!("{}-{}", std::process::id(), chrono::Utc::now().timestamp_micros()),
         next_broker: AtomicUsize::new(0),
         settings,
         topology,
-        pool: pool.clone(),
-        options,
+        pipeline,
+        metrics: options.metrics,
         shutdown: shutdown.clone(),
     };
     let result = supervisor.run().await;
@@ -158,6 +125,29 @@ pub async fn run_with(settings: Settings, shutdown: CancellationToken, options: 
     tokio::time::timeout(CLOSE_TIMEOUT, pool.close()).await.ok();
     tracing::info!("stopped");
     result
+}
+
+/// The pipeline, built once: every broker session shares it. The metrics
+/// follow its events first, then the caller's hook.
+fn build_pipeline(
+    settings: &Settings,
+    topology: &Arc<Topology>,
+    pool: &PgPool,
+    options: &Options,
+    shutdown: &CancellationToken,
+) -> Pipeline {
+    let metrics = options.metrics.clone();
+    let mut hooks: Vec<EventHook> = vec![Arc::new(move |event: &Event<'_>| metrics.observe(event))];
+    hooks.extend(options.events.clone());
+    Pipeline::new(PipelineConfig {
+        pool: pool.clone(),
+        topology: topology.clone(),
+        events_to_omit: settings.events_to_omit.clone(),
+        max_message_bytes: settings.max_message_bytes,
+        failed_by: failed_by(),
+        shutdown: shutdown.clone(),
+        hooks,
+    })
 }
 
 fn spawn_relay(settings: &Settings, pool: &PgPool, options: &Options, stop: CancellationToken) -> JoinHandle<()> {
@@ -182,32 +172,29 @@ async fn stop_relay(relay: JoinHandle<()>) {
 }
 
 struct Supervisor {
-    /// Unique to this run of the worker (see `store::count_redelivery`).
-    boot_id: String,
     /// The broker of `AMQP_URL`'s list to try first at the next connect.
     next_broker: AtomicUsize,
     settings: Settings,
     topology: Arc<Topology>,
-    pool: PgPool,
-    options: Options,
+    pipeline: Arc<Pipeline>,
+    metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 }
 
 impl Supervisor {
     async fn run(&self) -> Result<(), WorkerError> {
-        let backoff = broker::reconnect_backoff;
-        let mut delays = backoff();
+        let mut delays = reconnect_backoff();
         loop {
-            let healthy_before = self.options.metrics.processed();
+            let healthy_before = self.metrics.processed();
             let result = self.session().await;
-            self.options.metrics.set_ready(false);
+            self.metrics.set_ready(false);
             match result {
                 Ok(()) => return Ok(()),
                 Err(SessionError::Fatal(e)) => return Err(e.into()),
                 Err(e) => {
-                    if self.options.metrics.processed() > healthy_before {
+                    if self.metrics.processed() > healthy_before {
                         // The session worked for a while: start the backoff over.
-                        delays = backoff();
+                        delays = reconnect_backoff();
                     }
                     let delay = delays.next().unwrap_or(Duration::from_secs(10));
                     tracing::warn!(error.message = %e, ?delay, "broker session ended; reconnecting");
@@ -220,122 +207,26 @@ impl Supervisor {
         }
     }
 
-    /// One broker session: connect, declare, consume until shutdown or a
-    /// failure, then drain in-flight work within the grace period.
+    /// One broker session: open, consume until shutdown or a failure, then
+    /// drain in-flight work within the grace period.
     async fn session(&self) -> Result<(), SessionError> {
-        let settings = &self.settings;
-        let connect = tokio::time::timeout(
-            CONNECT_TIMEOUT,
-            broker::connect_to_any(&settings.amqp_url, "worker-iot-core", &self.next_broker),
-        );
-        let (connection, node) = tokio::select! {
+        let endpoint = Endpoint {
+            amqp_url: &self.settings.amqp_url,
+            next_broker: &self.next_broker,
+            topology: &self.topology,
+            prefetch: self.settings.prefetch_count,
+        };
+        let mut session = tokio::select! {
             () = self.shutdown.cancelled() => return Ok(()),
-            connected = connect => connected.map_err(|_| SessionError::ConnectTimeout)??,
+            opened = Session::open(&endpoint) => opened?,
         };
-        let setup = connection.create_channel().await?;
-        self.topology
-            .declare(&setup, &settings.queue)
-            .await
-            .map_err(|e| match e {
-                TopologyError::Broker { source, .. } => SessionError::Broker(source),
-                other => SessionError::Fatal(other),
-            })?;
-        setup.close(200, "topology declared".into()).await.ok();
-
-        let channel = connection.create_channel().await?;
-        channel
-            .basic_qos(settings.prefetch_count, BasicQosOptions::default())
-            .await?;
-        let publisher = Publisher::open(&connection).await?;
-        let mut consumer = channel
-            .basic_consume(
-                settings.queue.as_str().into(),
-                "".into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
-        self.options.metrics.record_connection(&node);
-        self.options.metrics.set_ready(true);
-        tracing::info!(%node, queue = %settings.queue, queue_type = ?self.topology.queue_type,
-                       prefetch = settings.prefetch_count, "topology declared; consuming");
-
-        let pipeline = Arc::new(Pipeline {
-            pool: self.pool.clone(),
-            publisher,
-            topology: self.topology.clone(),
-            queue: settings.queue.clone(),
-            events_to_omit: settings.events_to_omit.clone(),
-            max_message_bytes: settings.max_message_bytes,
-            failed_by: failed_by(),
-            shutdown: self.shutdown.clone(),
-            isolation: RwLock::new(()),
-            observer: self.options.observer.clone(),
-            boot_id: self.boot_id.clone(),
-            frame_max: usize::try_from(connection.configuration().frame_max()).unwrap_or(usize::MAX),
-            redelivered_in_flight: std::sync::Mutex::default(),
-        });
-        let tracker = TaskTracker::new();
-        // Cancelled by a task whose delivery could not be settled.
-        let fault = CancellationToken::new();
-        // Cancelled when the grace period is over: in-flight work is
-        // dropped, its transaction rolled back, its delivery left unacked.
-        let hard_stop = CancellationToken::new();
-
-        let result = loop {
-            tokio::select! {
-                () = self.shutdown.cancelled() => break Ok(()),
-                () = fault.cancelled() => break Err(SessionError::SettleFailed),
-                next = consumer.next() => match next {
-                    Some(Ok(delivery)) => {
-                        let (pipeline, fault, hard_stop) = (pipeline.clone(), fault.clone(), hard_stop.clone());
-                        let metrics = self.options.metrics.clone();
-                        tracker.spawn(async move {
-                            tokio::select! {
-                                () = hard_stop.cancelled() => pipeline.cut_off(&delivery).await,
-                                result = pipeline.handle(&delivery) => match result {
-                                    Ok(outcome) => metrics.record(outcome),
-                                    Err(e) => {
-                                        tracing::error!(error.message = %e, "delivery left unacked");
-                                        metrics.record_unsettled();
-                                        fault.cancel();
-                                    }
-                                },
-                            }
-                        });
-                    }
-                    Some(Err(e)) => break Err(e.into()),
-                    None => break Err(SessionError::ConsumerEnded),
-                },
-            }
-        };
-
-        self.options.metrics.set_ready(false);
-        // Stop consuming; deliveries the broker sent that nobody took yet
-        // stay unacked and are redelivered when the channel closes.
-        let cancel = channel.basic_cancel(consumer.tag(), BasicCancelOptions::default());
-        tokio::time::timeout(CLOSE_TIMEOUT, cancel).await.ok();
-        tracker.close();
-        let grace = if result.is_ok() {
-            settings.shutdown_grace
-        } else {
-            Duration::from_secs(1)
-        };
-        if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
-            tracing::warn!(
-                in_flight = tracker.len(),
-                "unfinished deliveries are left unacked for redelivery"
-            );
-            hard_stop.cancel();
-            tracker.wait().await;
-        }
-        // A dead connection must not hold the shutdown up.
-        tokio::time::timeout(CLOSE_TIMEOUT, channel.close(200, "shutting down".into()))
-            .await
-            .ok();
-        tokio::time::timeout(CLOSE_TIMEOUT, connection.close(200, "shutting down".into()))
-            .await
-            .ok();
+        self.metrics.record_connection(&session.node);
+        self.metrics.set_ready(true);
+        tracing::info!(node = %session.node, queue = %self.topology.queue(), queue_type = ?self.topology.queue_type,
+                       prefetch = self.settings.prefetch_count, "topology declared; consuming");
+        let result = session.consume(&self.pipeline, &self.shutdown).await;
+        self.metrics.set_ready(false);
+        session.finish(result.is_ok(), self.settings.shutdown_grace).await;
         result
     }
 }

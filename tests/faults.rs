@@ -12,9 +12,9 @@ use common::{RunningWorker, TestEnv, WorkerProcess, amqp_url, wait_for};
 use lapin::BasicProperties;
 use rand::Rng;
 use serde_json::json;
-use worker_iot_core::failure::ErrorKind;
+use worker_iot_core::ErrorKind;
+use worker_iot_core::Metrics;
 use worker_iot_core::headers::{self, ERROR_KIND};
-use worker_iot_core::metrics::Metrics;
 
 const WORKER: &str = env!("CARGO_BIN_EXE_worker-iot-core");
 const WAIT_START: Duration = Duration::from_secs(60);

@@ -205,7 +205,7 @@ async fn enqueue_rows(env: &TestEnv, device: &Device, prefix: &str, n: usize) ->
     let mut ids = BTreeSet::new();
     for i in 0..n {
         let id = format!("{prefix}-{i}");
-        worker_iot_core::outbox::enqueue(&mut conn, &id, &format!("led.{}", device.id), b"on")
+        worker_iot_core::enqueue_device_message(&mut conn, &id, &format!("led.{}", device.id), b"on")
             .await
             .expect("enqueue");
         ids.insert(id);

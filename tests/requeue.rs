@@ -11,7 +11,7 @@ use common::{FAST_TOPOLOGY, TestEnv, amqp_url, wait_for};
 use lapin::BasicProperties;
 use lapin::message::Delivery;
 use serde_json::{Value, json};
-use worker_iot_core::failure::ErrorKind;
+use worker_iot_core::ErrorKind;
 use worker_iot_core::headers::{self, FailureRecord, REQUEUE_COUNT, RETRY_COUNT};
 use worker_iot_core::requeue;
 
@@ -50,7 +50,7 @@ fn json_lines(output: &Output) -> Vec<Value> {
 async fn park(env: &TestEnv, body: &[u8], message_id: &str, kind: ErrorKind, error: &str) {
     let record = FailureRecord {
         kind,
-        handler: "MEASUREMENT",
+        message_type: Some("MEASUREMENT"),
         error,
         retry_count: 2,
         now_ms: 1_790_000_000_000,
@@ -173,7 +173,7 @@ async fn a_fingerprint_and_limit_move_exactly_those_and_keep_the_rest_in_order()
         )
         .await;
     }
-    let fingerprint = headers::fingerprint(ErrorKind::Transient, "MEASUREMENT", "pool timed out after 7 ms");
+    let fingerprint = headers::fingerprint(ErrorKind::Transient, Some("MEASUREMENT"), "pool timed out after 7 ms");
     let before = contents(&env, &env.dlq()).await;
 
     let lines = json_lines(&run_requeue(

@@ -12,9 +12,9 @@ use lapin::BasicProperties;
 use lapin::message::Delivery;
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use serde_json::json;
-use worker_iot_core::failure::ErrorKind;
+use worker_iot_core::ErrorKind;
+use worker_iot_core::EventHook;
 use worker_iot_core::headers::{self, *};
-use worker_iot_core::pipeline::DeliveryObserver;
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -36,9 +36,9 @@ in_process_attempts = {in_process_attempts}
 struct Seen(Arc<Mutex<Vec<Option<FieldTable>>>>);
 
 impl Seen {
-    fn observer(&self, marker: &'static str) -> DeliveryObserver {
+    fn observer(&self, marker: &'static str) -> EventHook {
         let seen = self.0.clone();
-        Arc::new(move |delivery: &Delivery| {
+        common::on_received(move |delivery: &Delivery| {
             if String::from_utf8_lossy(&delivery.data).contains(marker) {
                 seen.lock().unwrap().push(delivery.properties.headers().clone());
             }

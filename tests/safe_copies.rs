@@ -205,7 +205,7 @@ async fn a_missing_time_is_the_first_receipt_on_every_attempt() {
     env.publish(body.as_bytes(), BasicProperties::default()).await;
     let retried: Arc<Mutex<Vec<BasicProperties>>> = Arc::default();
     let seen = retried.clone();
-    let observer = Arc::new(move |delivery: &Delivery| {
+    let observer = common::on_received(move |delivery: &Delivery| {
         seen.lock().unwrap().push(delivery.properties.clone());
     });
     let worker = env.spawn_worker_with(env.settings(&[]), Some(observer));

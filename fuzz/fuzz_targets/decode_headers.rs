@@ -8,9 +8,8 @@ use arbitrary::Arbitrary;
 use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use libfuzzer_sys::fuzz_target;
-use worker_iot_core::failure::{Disposition, ErrorKind, retry_decision};
 use worker_iot_core::headers::{self, FailureRecord};
-use worker_iot_core::topology::Topology;
+use worker_iot_core::{ErrorKind, Topology, next_retry};
 
 #[derive(Arbitrary, Debug)]
 enum Value {
@@ -78,17 +77,17 @@ fuzz_target!(|input: Input| {
 
     let kind = ErrorKind::ALL[usize::from(input.kind) % ErrorKind::ALL.len()];
     let max_attempts = u32::from(input.max_attempts % 100) + 1;
-    match retry_decision(input.transient, kind, retries, max_attempts) {
-        Disposition::RetryLater { retry } => {
+    match next_retry(input.transient, kind, retries, max_attempts) {
+        Ok(retry) => {
             assert!(input.transient, "permanent failures never retry");
             assert_eq!(retry, retries + 1);
             assert!(retry < max_attempts, "retried past max_attempts");
         }
-        Disposition::Park { kind: parked } if input.transient => {
+        Err(parked) if input.transient => {
             assert_eq!(parked, ErrorKind::AttemptsExhausted);
             assert!(retries.saturating_add(1) >= max_attempts);
         }
-        Disposition::Park { kind: parked } => assert_eq!(parked, kind),
+        Err(parked) => assert_eq!(parked, kind),
     }
 
     let mut delays: Vec<u32> = input.delays_ms.iter().take(8).map(|d| d % 86_400_000 + 1).collect();
@@ -99,14 +98,14 @@ fuzz_target!(|input: Input| {
             "queue_type = \"classic\"\ndelivery_limit = 3\n[retry]\ndelays = [{}]\nmax_attempts = {max_attempts}\n",
             list.join(", ")
         );
-        let topology = Topology::parse(&text).expect("sorted delays are a valid topology");
+        let topology = Topology::parse(&text, "q").expect("sorted delays are a valid topology");
         let retry = retries.min(1000).max(1);
-        assert!(topology.retry_delay(retry + 1).delay >= topology.retry_delay(retry).delay);
+        assert!(topology.retry.delay(retry + 1).delay >= topology.retry.delay(retry).delay);
     }
 
     let record = FailureRecord {
         kind,
-        handler: "MEASUREMENT",
+        message_type: Some("MEASUREMENT"),
         error: &input.error,
         retry_count: retries,
         now_ms: input.now_ms,

@@ -13,9 +13,9 @@ use clap::{Parser, Subcommand};
 use lapin::BasicProperties;
 use serde_json::Value;
 use worker_iot_core::broker::{self, Publisher};
+use worker_iot_core::cli::samples;
 use worker_iot_core::config::Settings;
 use worker_iot_core::envelope::Kind;
-use worker_iot_core::samples;
 
 #[derive(Parser)]
 #[command(

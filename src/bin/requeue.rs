@@ -10,11 +10,11 @@ use indicatif::{ProgressBar, ProgressStyle};
 use lapin::Connection;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
+use worker_iot_core::ErrorKind;
+use worker_iot_core::MainQueue;
 use worker_iot_core::broker;
 use worker_iot_core::config::{Settings, mask_passwords};
-use worker_iot_core::failure::ErrorKind;
 use worker_iot_core::requeue::{self, Action, DrainOptions, Filter, Group, Parked, Summary, format_ms};
-use worker_iot_core::topology::dlq_name;
 
 /// Inspect the dead-letter queue Q.dlq and drain it back to Q.
 ///
@@ -116,7 +116,7 @@ async fn run() -> anyhow::Result<ExitCode> {
     let args = Args::parse();
     let (settings, _) = Settings::load()?;
     let queue = args.queue.clone().unwrap_or(settings.queue);
-    let dlq = dlq_name(&queue);
+    let dlq = MainQueue::new(&queue).dlq();
     let filter = Filter {
         types: args.types.clone(),
         error_kinds: args.error_kinds.clone(),

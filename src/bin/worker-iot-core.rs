@@ -1,15 +1,15 @@
 //! The worker binary: arguments, settings, banner, logging, signals; the
-//! rest is `worker_iot_core::worker::run`.
+//! rest is `worker_iot_core::run`.
 
 use std::process::ExitCode;
 
 use clap::Parser;
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
+use worker_iot_core::Topology;
+use worker_iot_core::WorkerError;
+use worker_iot_core::cli::banner;
 use worker_iot_core::config::{LogFormat, Settings};
-use worker_iot_core::topology::Topology;
-use worker_iot_core::worker::WorkerError;
-use worker_iot_core::{banner, metrics, worker};
 
 /// The worker of worker-iot-core: takes events and commands from the
 /// RabbitMQ queue RABBITMQ_LOCAL_QUEUE_NAME, applies each in a PostgreSQL
@@ -58,7 +58,7 @@ async fn main() -> ExitCode {
 
     let shutdown = CancellationToken::new();
     tokio::spawn(stop_on_signal(shutdown.clone()));
-    match worker::run(settings, shutdown).await {
+    match worker_iot_core::run(settings, shutdown).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error.message = %e, "worker stopped");
@@ -74,9 +74,9 @@ fn check_config(settings: &Settings, unknown_keys: &[String]) -> ExitCode {
     for key in unknown_keys {
         println!("warning: unknown key {key:?} in the settings file is ignored");
     }
-    match Topology::load(&settings.topology_file) {
+    match Topology::load(&settings.topology_file, &settings.queue) {
         Ok(topology) => {
-            let queues = topology.queue_names(&settings.queue);
+            let queues = topology.queues();
             println!("Topology ({:?}): {}", topology.queue_type, queues.join(", "));
             println!("configuration is valid");
             ExitCode::SUCCESS
@@ -90,7 +90,7 @@ fn check_config(settings: &Settings, unknown_keys: &[String]) -> ExitCode {
 
 /// 0 when the worker on `METRICS_ADDR` answers /readyz with 200.
 async fn healthcheck(settings: &Settings) -> ExitCode {
-    match metrics::probe_ready(settings.metrics_addr).await {
+    match worker_iot_core::probe_ready(settings.metrics_addr).await {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => {
             eprintln!("worker-iot-core: not ready");

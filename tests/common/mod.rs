@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use lapin::message::BasicGetMessage;
+use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicGetOptions, QueueDeclareOptions, QueueDeleteOptions};
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Connection};
@@ -22,10 +23,16 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use worker_iot_core::broker::{self, Publisher};
 use worker_iot_core::config::Settings;
-use worker_iot_core::metrics::Metrics;
-use worker_iot_core::pipeline::DeliveryObserver;
-use worker_iot_core::topology::Topology;
-use worker_iot_core::worker::{self, Options, WorkerError};
+use worker_iot_core::{Event, EventHook, Metrics, Options, Topology, WorkerError};
+
+/// An event hook that sees every delivery before it is processed.
+pub fn on_received(see: impl Fn(&Delivery) + Send + Sync + 'static) -> EventHook {
+    Arc::new(move |event: &Event<'_>| {
+        if let Event::Received(delivery) = event {
+            see(delivery);
+        }
+    })
+}
 
 /// A topology with millisecond retries so retry paths run in seconds.
 /// `{queue}` is replaced by the test's queue name, so bindings stay private.
@@ -91,6 +98,8 @@ pub struct TestEnv {
     pub publisher: Publisher,
     pub dir: PathBuf,
     pub topology_file: PathBuf,
+    /// The topology the test started with: every queue name comes from it.
+    pub topology: Topology,
 }
 
 impl TestEnv {
@@ -99,11 +108,7 @@ impl TestEnv {
     pub async fn new(topology: &str) -> TestEnv {
         let env = TestEnv::undeclared(topology).await;
         let channel = env.connection.create_channel().await.expect("channel");
-        let parsed = Topology::parse(&topology.replace("{queue}", &env.queue)).expect("valid test topology");
-        parsed
-            .declare(&channel, &env.queue)
-            .await
-            .expect("declare test topology");
+        env.topology.declare(&channel).await.expect("declare test topology");
         channel.close(200, "".into()).await.ok();
         env
     }
@@ -130,7 +135,9 @@ impl TestEnv {
         let dir = std::env::temp_dir().join(&queue);
         std::fs::create_dir_all(&dir).expect("temp dir");
         let topology_file = dir.join("topology.toml");
-        std::fs::write(&topology_file, topology.replace("{queue}", &queue)).expect("write topology");
+        let topology_text = topology.replace("{queue}", &queue);
+        std::fs::write(&topology_file, &topology_text).expect("write topology");
+        let topology = Topology::parse(&topology_text, &queue).expect("valid test topology");
         TestEnv {
             queue,
             database,
@@ -140,12 +147,13 @@ impl TestEnv {
             publisher,
             dir,
             topology_file,
+            topology,
         }
     }
 
-    /// The queue names the worker declares for this test.
+    /// The test's DLQ.
     pub fn dlq(&self) -> String {
-        format!("{}.dlq", self.queue)
+        self.topology.dlq()
     }
 
     /// The environment a new user would set, as key/value pairs.
@@ -180,16 +188,16 @@ impl TestEnv {
         self.spawn_worker_with(self.settings(extra), None)
     }
 
-    /// Runs the worker with these settings and an optional delivery observer.
-    pub fn spawn_worker_with(&self, settings: Settings, observer: Option<DeliveryObserver>) -> RunningWorker {
+    /// Runs the worker with these settings and an optional event hook.
+    pub fn spawn_worker_with(&self, settings: Settings, events: Option<EventHook>) -> RunningWorker {
         let shutdown = CancellationToken::new();
         let metrics = Arc::new(Metrics::default());
         let options = Options {
             metrics: metrics.clone(),
-            observer,
+            events,
             serve_metrics: false,
         };
-        let handle = tokio::spawn(worker::run_with(settings, shutdown.clone(), options));
+        let handle = tokio::spawn(worker_iot_core::run_with(settings, shutdown.clone(), options));
         RunningWorker {
             shutdown,
             handle,
@@ -291,7 +299,9 @@ impl TestEnv {
 
 impl Drop for TestEnv {
     fn drop(&mut self) {
-        let (queue, database, dir) = (self.queue.clone(), self.database.clone(), self.dir.clone());
+        let mut queues = self.topology.queues();
+        queues.push(format!("{}.device", self.queue));
+        let (database, dir) = (self.database.clone(), self.dir.clone());
         // Drop cannot await, and may run while a runtime unwinds: remove
         // everything from a thread with a runtime of its own.
         let removed = std::thread::spawn(move || {
@@ -299,7 +309,7 @@ impl Drop for TestEnv {
                 .enable_all()
                 .build()
                 .expect("runtime");
-            runtime.block_on(remove_resources(&queue, &database));
+            runtime.block_on(remove_resources(&queues, &database));
             std::fs::remove_dir_all(dir).ok();
         })
         .join();
@@ -309,24 +319,11 @@ impl Drop for TestEnv {
     }
 }
 
-/// Deletes `queue` with its retry queues and DLQ, and drops `database`.
-async fn remove_resources(queue: &str, database: &str) {
+/// Deletes `queues` and drops `database`.
+async fn remove_resources(queues: &[String], database: &str) {
     if let Ok(connection) = broker::connect(&amqp_url(), "test-cleanup").await {
         if let Ok(channel) = connection.create_channel().await {
-            for suffix in [
-                "",
-                ".dlq",
-                ".device",
-                ".retry.50ms",
-                ".retry.100ms",
-                ".retry.200ms",
-                ".retry.2s",
-                ".retry.3s",
-                ".retry.1s",
-                ".retry.30s",
-                ".retry.5m",
-            ] {
-                let name = format!("{queue}{suffix}");
+            for name in queues {
                 channel
                     .queue_delete(name.as_str().into(), QueueDeleteOptions::default())
                     .await

@@ -1,0 +1,249 @@
+//! The retry policy (SPEC §2.3, §5), in one place: what happens to a failed
+//! delivery, and every backoff the worker waits by.
+//!
+//! Everything here is pure. [`RetryPolicy::disposition`] decides a failed
+//! delivery's fate from the failure and its history; the pipeline only
+//! executes that decision.
+
+use std::time::Duration;
+
+use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
+
+use crate::failure::{ErrorKind, Failure};
+
+/// Stage 1: the shortest and longest sleep between in-process runs.
+const IN_PROCESS_MIN_DELAY: Duration = Duration::from_millis(50);
+const IN_PROCESS_MAX_DELAY: Duration = Duration::from_millis(500);
+/// Stage 1 sleeps at most this long in all before handing over to stage 2.
+const IN_PROCESS_TOTAL_DELAY: Duration = Duration::from_secs(2);
+
+/// One delayed-retry stage: messages wait in `Q.retry.<name>` for `delay`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RetryDelay {
+    /// As written in the topology file (`50ms`, `1s`, `5m`): the queue
+    /// name suffix.
+    pub name: String,
+    pub delay: Duration,
+}
+
+/// The `[retry]` table of the topology file, checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RetryPolicy {
+    /// Never empty, never decreasing.
+    pub delays: Vec<RetryDelay>,
+    /// Deliveries in total (first try plus delayed retries) before parking.
+    pub max_attempts: u32,
+    /// Stage 1: runs of one delivery's transaction in process (first run
+    /// included) before it goes to a retry queue.
+    pub in_process_attempts: u32,
+}
+
+/// What happens to a failed delivery. The delivery is acked once the copy
+/// is confirmed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Disposition {
+    /// Publish to `queue`, the retry queue of delayed retry `retry`
+    /// (1-based).
+    RetryLater { retry: u32, queue: String },
+    /// Publish to the DLQ with this kind.
+    Park { kind: ErrorKind },
+}
+
+impl RetryPolicy {
+    /// The fate of a delivery that failed with `failure` after `retries`
+    /// delayed retries so far (its `iot-retry-count`). `retry_queue` names
+    /// the queue of a delay.
+    pub fn disposition(
+        &self,
+        failure: &Failure,
+        retries: u32,
+        retry_queue: impl FnOnce(&RetryDelay) -> String,
+    ) -> Disposition {
+        match next_retry(failure.is_transient(), failure.kind(), retries, self.max_attempts) {
+            Ok(retry) => Disposition::RetryLater {
+                retry,
+                queue: retry_queue(self.delay(retry)),
+            },
+            Err(kind) => Disposition::Park { kind },
+        }
+    }
+
+    /// The delay of delayed retry `n` (1-based): the `n`-th delay, the last
+    /// one repeating.
+    pub fn delay(&self, n: u32) -> &RetryDelay {
+        let index = usize::try_from(n.saturating_sub(1)).unwrap_or(usize::MAX);
+        // The topology parser guarantees at least one delay.
+        &self.delays[index.min(self.delays.len() - 1)]
+    }
+
+    /// Stage 1: jittered exponential backoff between the in-process runs of
+    /// one transaction.
+    pub fn in_process_backoff(&self) -> ExponentialBuilder {
+        ExponentialBuilder::default()
+            .with_min_delay(IN_PROCESS_MIN_DELAY)
+            .with_max_delay(IN_PROCESS_MAX_DELAY)
+            .with_max_times(self.in_process_attempts.saturating_sub(1) as usize)
+            .with_total_delay(Some(IN_PROCESS_TOTAL_DELAY))
+            .with_jitter()
+    }
+}
+
+/// The pure core of the policy: `Ok(retry)` to retry later as delayed retry
+/// `retry`, or `Err(kind)` to park. Permanent failures park at once;
+/// transient ones retry until the delivery that failed was the
+/// `max_attempts`-th.
+///
+/// # Errors
+/// The kind to park with.
+pub fn next_retry(transient: bool, kind: ErrorKind, retries: u32, max_attempts: u32) -> Result<u32, ErrorKind> {
+    if !transient {
+        return Err(kind);
+    }
+    // This delivery was attempt `retries + 1`.
+    if retries.saturating_add(1) >= max_attempts {
+        Err(ErrorKind::AttemptsExhausted)
+    } else {
+        Ok(retries + 1)
+    }
+}
+
+/// Between broker sessions, and between the outbox relay's tries after a
+/// broker or database error: 100 ms doubling to 10 s, jittered, forever.
+pub fn reconnect_backoff() -> ExponentialBackoff {
+    ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(100))
+        .with_max_delay(Duration::from_secs(10))
+        .with_jitter()
+        .without_max_times()
+        .build()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy(max_attempts: u32) -> RetryPolicy {
+        RetryPolicy {
+            delays: ["50ms", "1s"]
+                .map(|name| RetryDelay {
+                    name: name.into(),
+                    delay: humantime::parse_duration(name).unwrap(),
+                })
+                .to_vec(),
+            max_attempts,
+            in_process_attempts: 3,
+        }
+    }
+
+    #[test]
+    fn permanent_failures_park_at_once() {
+        assert_eq!(
+            next_retry(false, ErrorKind::Validation, 0, 5),
+            Err(ErrorKind::Validation)
+        );
+    }
+
+    #[test]
+    fn transient_failures_retry_until_max_attempts() {
+        assert_eq!(next_retry(true, ErrorKind::Transient, 0, 3), Ok(1));
+        assert_eq!(next_retry(true, ErrorKind::Transient, 1, 3), Ok(2));
+        assert_eq!(
+            next_retry(true, ErrorKind::Transient, 2, 3),
+            Err(ErrorKind::AttemptsExhausted)
+        );
+        assert_eq!(
+            next_retry(true, ErrorKind::Transient, 0, 1),
+            Err(ErrorKind::AttemptsExhausted)
+        );
+        assert_eq!(
+            next_retry(true, ErrorKind::Transient, u32::MAX, 3),
+            Err(ErrorKind::AttemptsExhausted)
+        );
+    }
+
+    #[test]
+    fn dispositions_name_the_queue_of_the_delay() {
+        let transient = Failure::Database(sqlx::Error::PoolTimedOut);
+        let name = |d: &RetryDelay| format!("q.retry.{}", d.name);
+        assert_eq!(
+            policy(4).disposition(&transient, 0, name),
+            Disposition::RetryLater {
+                retry: 1,
+                queue: "q.retry.50ms".into()
+            }
+        );
+        // The last delay repeats.
+        assert_eq!(
+            policy(4).disposition(&transient, 2, name),
+            Disposition::RetryLater {
+                retry: 3,
+                queue: "q.retry.1s".into()
+            }
+        );
+        assert_eq!(
+            policy(4).disposition(&transient, 3, name),
+            Disposition::Park {
+                kind: ErrorKind::AttemptsExhausted
+            }
+        );
+        let panic = Failure::Panic("boom".into());
+        assert_eq!(
+            policy(4).disposition(&panic, 0, name),
+            Disposition::Park { kind: ErrorKind::Panic }
+        );
+    }
+
+    mod properties {
+        use proptest::prelude::*;
+
+        use super::*;
+
+        fn any_kind() -> impl Strategy<Value = ErrorKind> {
+            proptest::sample::select(ErrorKind::ALL.to_vec())
+        }
+
+        proptest! {
+            /// Following the policy from the first delivery, a message that
+            /// keeps failing transiently is parked after exactly
+            /// `max_attempts` deliveries, never more.
+            #[test]
+            fn transient_failures_park_after_max_attempts(max_attempts in 1u32..=100) {
+                let mut retries = 0;
+                let mut deliveries = 1;
+                loop {
+                    match next_retry(true, ErrorKind::Transient, retries, max_attempts) {
+                        Ok(retry) => {
+                            prop_assert_eq!(retry, retries + 1, "retry count grows by one");
+                            retries = retry;
+                            deliveries += 1;
+                            prop_assert!(deliveries <= max_attempts);
+                        }
+                        Err(kind) => {
+                            prop_assert_eq!(kind, ErrorKind::AttemptsExhausted);
+                            break;
+                        }
+                    }
+                }
+                prop_assert_eq!(deliveries, max_attempts);
+            }
+
+            /// Whatever retry count a (possibly forged) header claims, the
+            /// policy never retries past the limit.
+            #[test]
+            fn any_retry_count_at_or_past_the_limit_parks(max_attempts in 1u32..=100, retries in 0u32..=u32::MAX) {
+                let d = next_retry(true, ErrorKind::Transient, retries, max_attempts);
+                if retries.saturating_add(1) >= max_attempts {
+                    prop_assert_eq!(d, Err(ErrorKind::AttemptsExhausted));
+                } else {
+                    prop_assert_eq!(d, Ok(retries + 1));
+                }
+            }
+
+            /// Permanent failures park at once with their own kind.
+            #[test]
+            fn permanent_failures_never_retry(kind in any_kind(), retries in any::<u32>(), max_attempts in 1u32..=100) {
+                prop_assert_eq!(next_retry(false, kind, retries, max_attempts), Err(kind));
+            }
+        }
+    }
+}

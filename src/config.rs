@@ -17,6 +17,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use serde_json::Value;
+use url::Url;
+use url::form_urlencoded;
 
 use crate::envelope::check_type_name;
 
@@ -30,6 +32,15 @@ pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@localhost:5432/worke
 /// Longest main queue name: leaves room for `.retry.<delay>` within AMQP's
 /// 255-byte limit on names.
 const MAX_QUEUE_NAME: usize = 200;
+
+/// What a password is replaced with when a URL is shown.
+const MASK: &str = "****";
+
+/// Query parameters of a URL that hold a secret.
+const SECRET_PARAMETERS: [&str; 2] = ["password", "sslpassword"];
+
+/// What is shown instead of a URL that does not parse.
+const UNPARSABLE: &str = "(not shown: not a valid URL)";
 
 /// Declares the settings: the [`Settings`] struct, [`KEYS`], the layered
 /// parse (`Settings::from_layers`) and the printed configuration, from one
@@ -469,20 +480,47 @@ pub fn mask_passwords(urls: &str) -> String {
         .join(",")
 }
 
-/// Replaces the password of `scheme://user:password@host` with `****`.
+/// Replaces the password of a URL with `****`: the one in
+/// `scheme://user:password@host` and the value of any `password=` or
+/// `sslpassword=` query parameter (libpq's two secrets; sqlx reads the
+/// first). A URL without a password comes back
+/// unchanged; one that does not parse is not shown at all, since its
+/// password could be anywhere in it.
 pub fn mask_password(url: &str) -> String {
-    let Some(scheme_end) = url.find("://").map(|i| i + 3) else {
-        return url.to_owned();
+    let Ok(mut parsed) = Url::parse(url) else {
+        return UNPARSABLE.to_owned();
     };
-    let rest = &url[scheme_end..];
-    let authority_end = rest.find('/').unwrap_or(rest.len());
-    let Some(at) = rest[..authority_end].rfind('@') else {
-        return url.to_owned();
-    };
-    match rest[..at].find(':') {
-        Some(colon) => format!("{}{}:****{}", &url[..scheme_end], &rest[..colon], &rest[at..]),
-        None => url.to_owned(),
+    let mut masked = false;
+    if parsed.password().is_some() {
+        if parsed.set_password(Some(MASK)).is_err() {
+            return UNPARSABLE.to_owned();
+        }
+        masked = true;
     }
+    if let Some(query) = parsed.query().and_then(mask_query_password) {
+        parsed.set_query(Some(&query));
+        masked = true;
+    }
+    if masked { parsed.into() } else { url.to_owned() }
+}
+
+/// `query` with the value of each `password` and `sslpassword` parameter
+/// replaced by `****` and every other parameter untouched; `None` when it
+/// has neither.
+fn mask_query_password(query: &str) -> Option<String> {
+    let mut found = false;
+    let pairs: Vec<String> = query
+        .split('&')
+        .map(|pair| match pair.split_once('=') {
+            // The key as a server reads it: `pass%77ord` is `password` too.
+            Some((key, _)) if form_urlencoded::parse(key.as_bytes()).any(|(k, _)| SECRET_PARAMETERS.contains(&&*k)) => {
+                found = true;
+                format!("{key}={MASK}")
+            }
+            _ => pair.to_owned(),
+        })
+        .collect();
+    found.then(|| pairs.join("&"))
 }
 
 #[cfg(test)]
@@ -643,6 +681,43 @@ mod tests {
         let s = load(None, &[("DATABASE_URL", "postgres://u:pw@db/x")]).unwrap();
         let shown = s.to_string();
         assert!(!shown.contains("pw@") && !shown.contains(":guest@"), "{shown}");
+    }
+
+    #[test]
+    fn masks_password_query_parameters() {
+        assert_eq!(
+            mask_password("postgres://u@db:5432/x?sslmode=disable&password=s3cret&application_name=w"),
+            "postgres://u@db:5432/x?sslmode=disable&password=****&application_name=w"
+        );
+        assert_eq!(
+            mask_password("postgresql://u:one@db/x?password=two"),
+            "postgresql://u:****@db/x?password=****"
+        );
+        // Encoded keys name the same parameter; other parameters keep their bytes.
+        assert_eq!(
+            mask_password("postgres://db/x?pass%77ord=s3cret&options=-c%20a%3Db"),
+            "postgres://db/x?pass%77ord=****&options=-c%20a%3Db"
+        );
+        assert_eq!(
+            mask_password("postgres://db/x?sslpassword=key&password_file=f&passwords=p"),
+            "postgres://db/x?sslpassword=****&password_file=f&passwords=p"
+        );
+        let s = load(None, &[("DATABASE_URL", "postgres://u@db/x?password=s3cret")]).unwrap();
+        let shown = s.to_string();
+        assert!(!shown.contains("s3cret"), "{shown}");
+        assert!(
+            shown.contains("DATABASE_URL               = postgres://u@db/x?password=****"),
+            "{shown}"
+        );
+    }
+
+    #[test]
+    fn an_unparsable_url_is_not_shown() {
+        assert_eq!(mask_password("amqp://u:s3cret@host:99999/%2f"), UNPARSABLE);
+        assert_eq!(
+            mask_passwords("amqp://u:pw@a/%2f, amqp://u:s3cret@[b/%2f"),
+            format!("amqp://u:****@a/%2f,{UNPARSABLE}")
+        );
     }
 
     #[test]

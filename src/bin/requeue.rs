@@ -12,6 +12,7 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 use worker_iot_core::broker;
 use worker_iot_core::config::{Settings, mask_passwords};
+use worker_iot_core::envelope::truncate_chars;
 use worker_iot_core::failure::ErrorKind;
 use worker_iot_core::requeue::{self, Action, DrainOptions, Filter, Group, Parked, Summary, format_ms};
 use worker_iot_core::topology::dlq_name;
@@ -322,7 +323,7 @@ fn print_groups(groups: &[Group], dlq: &str, json: bool) {
         } else {
             g.types.join(",")
         };
-        let sample: String = g.sample_error.chars().take(80).collect();
+        let sample = truncate_chars(&g.sample_error, 80);
         emit!(
             "{:<16}  {:>6}  {:<18}  {:<24}  {:<19}  {:<19}  {}",
             g.fingerprint,

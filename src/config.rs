@@ -4,6 +4,11 @@
 //! Every value is checked here, once, at start-up. A bad one becomes a
 //! [`ConfigError`] that names the key, the value, where it came from and what
 //! is allowed, so the worker refuses to start instead of misbehaving later.
+//!
+//! Each setting is declared once, in the `settings!` table below: its
+//! field, key, default, parser and printed form. [`KEYS`], the defaults,
+//! the validation and the printed configuration all come from that table,
+//! so adding a setting is adding one entry.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -12,29 +17,13 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use serde_json::Value;
+use url::Url;
+use url::form_urlencoded;
 
 use crate::envelope::check_type_name;
 
 /// Default settings file, relative to the working directory.
 pub const DEFAULT_SETTINGS_FILE: &str = "_storage/settings.json";
-
-/// Every key the worker reads, from the file or the environment.
-pub const KEYS: &[&str] = &[
-    "RABBITMQ_HOSTNAME",
-    "RABBITMQ_LOCAL_QUEUE_NAME",
-    "RABBITMQ_PREFETCH_COUNT",
-    "EVENTS_TO_OMIT",
-    "TOPOLOGY_FILE",
-    "MAX_MESSAGE_BYTES",
-    "SHUTDOWN_GRACE_MS",
-    "METRICS_ADDR",
-    "DATABASE_MAX_CONNECTIONS",
-    "OUTBOX_RELAY",
-    "OUTBOX_RETENTION_DAYS",
-    "AMQP_URL",
-    "DATABASE_URL",
-    "LOG_FORMAT",
-];
 
 /// The database when `DATABASE_URL` is not set: the local server's, created
 /// at start-up if missing, so the worker starts with nothing exported.
@@ -44,29 +33,144 @@ pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@localhost:5432/worke
 /// 255-byte limit on names.
 const MAX_QUEUE_NAME: usize = 200;
 
-/// The worker's effective configuration.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Settings {
-    pub rabbitmq_hostname: String,
+/// What a password is replaced with when a URL is shown.
+const MASK: &str = "****";
+
+/// Query parameters of a URL that hold a secret.
+const SECRET_PARAMETERS: [&str; 2] = ["password", "sslpassword"];
+
+/// What is shown instead of a URL that does not parse.
+const UNPARSABLE: &str = "(not shown: not a valid URL)";
+
+/// Declares the settings: the [`Settings`] struct, [`KEYS`], the layered
+/// parse (`Settings::from_layers`) and the printed configuration, from one
+/// entry per setting:
+///
+/// ```text
+/// field: Type = "KEY" {
+///     default: text a user could have written (may use earlier fields),
+///     parse: fn(&str) -> Result<Type, String>, the error saying what is allowed,
+///     show: fn(&Type) -> String, for the printed configuration,
+/// }
+/// ```
+///
+/// Entries are parsed in order, so a default may depend on an earlier field
+/// (`AMQP_URL` on `RABBITMQ_HOSTNAME`); they are printed in the same order.
+macro_rules! settings {
+    ($(
+        $(#[$doc:meta])*
+        $field:ident: $ty:ty = $key:literal {
+            default: $default:expr,
+            parse: $parse:expr,
+            show: $show:expr $(,)?
+        }
+    )*) => {
+        /// The worker's effective configuration.
+        #[derive(Debug, Clone, PartialEq)]
+        pub struct Settings {
+            $($(#[$doc])* pub $field: $ty,)*
+        }
+
+        /// Every key the worker reads, from the file or the environment.
+        pub const KEYS: &[&str] = &[$($key),*];
+
+        impl Settings {
+            fn from_layers(layers: &Layers) -> Result<Settings, ConfigError> {
+                $(
+                    let parse: fn(&str) -> Result<$ty, String> = $parse;
+                    let $field = layers.parse($key, || String::from($default), parse)?;
+                )*
+                Ok(Settings { $($field),* })
+            }
+
+            /// The printed configuration: `(key, value)` with passwords masked.
+            fn rows(&self) -> Vec<(&'static str, String)> {
+                vec![$({
+                    let show: fn(&$ty) -> String = $show;
+                    ($key, show(&self.$field))
+                }),*]
+            }
+        }
+    };
+}
+
+settings! {
+    rabbitmq_hostname: String = "RABBITMQ_HOSTNAME" {
+        default: "localhost",
+        parse: host_name,
+        show: String::clone,
+    }
     /// The main queue `Q`.
-    pub queue: String,
-    pub prefetch_count: u16,
-    pub events_to_omit: BTreeSet<String>,
-    pub topology_file: PathBuf,
-    pub max_message_bytes: usize,
-    pub shutdown_grace: Duration,
-    pub metrics_addr: SocketAddr,
+    queue: String = "RABBITMQ_LOCAL_QUEUE_NAME" {
+        default: "local_iot_core",
+        parse: queue_name,
+        show: String::clone,
+    }
+    prefetch_count: u16 = "RABBITMQ_PREFETCH_COUNT" {
+        default: "32",
+        parse: |text| integer(text, 1, 1000),
+        show: u16::to_string,
+    }
+    events_to_omit: BTreeSet<String> = "EVENTS_TO_OMIT" {
+        default: "",
+        parse: message_types,
+        show: |types| types.iter().map(String::as_str).collect::<Vec<_>>().join(","),
+    }
+    topology_file: PathBuf = "TOPOLOGY_FILE" {
+        default: "topology/topology.toml",
+        parse: topology_path,
+        show: |path| path.display().to_string(),
+    }
+    max_message_bytes: usize = "MAX_MESSAGE_BYTES" {
+        default: "262144",
+        parse: |text| integer(text, 1024, 128 * 1024 * 1024),
+        show: usize::to_string,
+    }
+    shutdown_grace: Duration = "SHUTDOWN_GRACE_MS" {
+        default: "10000",
+        parse: |text| integer(text, 0, 600_000).map(Duration::from_millis),
+        show: |grace| grace.as_millis().to_string(),
+    }
+    metrics_addr: SocketAddr = "METRICS_ADDR" {
+        default: "0.0.0.0:9464",
+        parse: |text| text.parse().map_err(|_| "an address such as 0.0.0.0:9464".into()),
+        show: SocketAddr::to_string,
+    }
     /// Upper bound of the PostgreSQL pool; the pool is one connection per
     /// message in flight (the prefetch count) plus one for bookkeeping,
     /// capped by this.
-    pub database_max_connections: u32,
+    database_max_connections: u32 = "DATABASE_MAX_CONNECTIONS" {
+        default: "64",
+        parse: |text| integer(text, 1, 1000),
+        show: u32::to_string,
+    }
     /// Whether this worker runs the outbox relay.
-    pub outbox_relay: bool,
+    outbox_relay: bool = "OUTBOX_RELAY" {
+        default: "on",
+        parse: on_off,
+        show: |on| if *on { "on" } else { "off" }.into(),
+    }
     /// How long published outbox rows are kept.
-    pub outbox_retention: Duration,
-    pub amqp_url: String,
-    pub database_url: String,
-    pub log_format: LogFormat,
+    outbox_retention: Duration = "OUTBOX_RETENTION_DAYS" {
+        default: "7",
+        parse: |text| integer(text, 1, 3650).map(|days: u64| Duration::from_secs(days * 86_400)),
+        show: |retention| (retention.as_secs() / 86_400).to_string(),
+    }
+    amqp_url: String = "AMQP_URL" {
+        default: format!("amqp://guest:guest@{rabbitmq_hostname}:5672/%2f"),
+        parse: amqp_urls,
+        show: |urls| mask_passwords(urls),
+    }
+    database_url: String = "DATABASE_URL" {
+        default: DEFAULT_DATABASE_URL,
+        parse: postgres_url,
+        show: |url| mask_password(url),
+    }
+    log_format: LogFormat = "LOG_FORMAT" {
+        default: "text",
+        parse: LogFormat::parse,
+        show: |format| format.as_str().into(),
+    }
 }
 
 /// How log lines are written.
@@ -74,6 +178,24 @@ pub struct Settings {
 pub enum LogFormat {
     Text,
     Json,
+}
+
+impl LogFormat {
+    /// The setting's spelling: `text` or `json`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LogFormat::Text => "text",
+            LogFormat::Json => "json",
+        }
+    }
+
+    fn parse(text: &str) -> Result<LogFormat, String> {
+        match text {
+            "text" => Ok(LogFormat::Text),
+            "json" => Ok(LogFormat::Json),
+            _ => Err("\"text\" or \"json\"".into()),
+        }
+    }
 }
 
 /// Where a setting's value came from, for error messages.
@@ -124,40 +246,24 @@ struct Layers {
 }
 
 impl Layers {
-    fn get(&self, key: &'static str) -> Option<(&str, Source)> {
-        self.values.get(key).map(|(v, s)| (v.as_str(), *s))
-    }
-
-    fn invalid(&self, key: &'static str, allowed: impl Into<String>) -> ConfigError {
-        let (value, source) = self.get(key).unwrap_or(("", Source::Default));
-        ConfigError::Invalid {
-            key,
-            value: value.to_owned(),
-            origin: source,
-            allowed: allowed.into(),
-        }
-    }
-
-    fn string(&self, key: &'static str, default: &str) -> String {
-        self.get(key).map_or(default, |(v, _)| v).to_owned()
-    }
-
-    fn integer<T: TryFrom<u64> + Copy>(
+    /// Parses `key`'s value, or its default when no layer sets it. A bad
+    /// value becomes [`ConfigError::Invalid`] with `parse`'s sentence.
+    fn parse<T>(
         &self,
         key: &'static str,
-        default: T,
-        min: u64,
-        max: u64,
+        default: impl FnOnce() -> String,
+        parse: fn(&str) -> Result<T, String>,
     ) -> Result<T, ConfigError> {
-        let Some((text, _)) = self.get(key) else {
-            return Ok(default);
+        let (value, origin) = match self.values.get(key) {
+            Some((value, origin)) => (value.clone(), *origin),
+            None => (default(), Source::Default),
         };
-        let allowed = || format!("an integer from {min} to {max}");
-        let n: u64 = text.trim().parse().map_err(|_| self.invalid(key, allowed()))?;
-        if !(min..=max).contains(&n) {
-            return Err(self.invalid(key, allowed()));
-        }
-        T::try_from(n).map_err(|_| self.invalid(key, allowed()))
+        parse(&value).map_err(|allowed| ConfigError::Invalid {
+            key,
+            value,
+            origin,
+            allowed,
+        })
     }
 }
 
@@ -204,45 +310,10 @@ impl Settings {
         env: impl Fn(&str) -> Option<String>,
     ) -> Result<(Settings, Warnings), ConfigError> {
         let mut warnings = Warnings::default();
-        let mut values = BTreeMap::new();
-        if let Some((path, text)) = file {
-            let object = match serde_json::from_str::<Value>(text) {
-                Ok(Value::Object(object)) => object,
-                Ok(_) => {
-                    return Err(ConfigError::File {
-                        path: path.to_owned(),
-                        reason: "expected a JSON object of settings".into(),
-                    });
-                }
-                Err(e) => {
-                    return Err(ConfigError::File {
-                        path: path.to_owned(),
-                        reason: format!("not valid JSON: {e}"),
-                    });
-                }
-            };
-            for (key, value) in object {
-                let Some(known) = KEYS.iter().find(|k| **k == key) else {
-                    warnings.unknown_keys.push(key);
-                    continue;
-                };
-                let text = match value {
-                    Value::String(s) => s,
-                    Value::Number(n) => n.to_string(),
-                    Value::Bool(b) => b.to_string(),
-                    Value::Null => continue,
-                    other => {
-                        return Err(ConfigError::Invalid {
-                            key: known,
-                            value: other.to_string(),
-                            origin: Source::File,
-                            allowed: "a string or a number".into(),
-                        });
-                    }
-                };
-                values.insert(*known, (text, Source::File));
-            }
-        }
+        let mut values = match file {
+            Some((path, text)) => file_values(path, text, &mut warnings)?,
+            None => BTreeMap::new(),
+        };
         for key in KEYS {
             if let Some(value) = env(key) {
                 values.insert(*key, (value, Source::Environment));
@@ -250,108 +321,6 @@ impl Settings {
         }
         let layers = Layers { values };
         Ok((Settings::from_layers(&layers)?, warnings))
-    }
-
-    fn from_layers(layers: &Layers) -> Result<Settings, ConfigError> {
-        let rabbitmq_hostname = layers.string("RABBITMQ_HOSTNAME", "localhost");
-        if rabbitmq_hostname.is_empty()
-            || !rabbitmq_hostname
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || "-._".contains(c))
-        {
-            return Err(layers.invalid("RABBITMQ_HOSTNAME", "a host name (letters, digits, '-', '.', '_')"));
-        }
-
-        let queue = layers.string("RABBITMQ_LOCAL_QUEUE_NAME", "local_iot_core");
-        if queue.is_empty()
-            || queue.len() > MAX_QUEUE_NAME
-            || queue.starts_with("amq.")
-            || !queue.chars().all(|c| c.is_ascii_alphanumeric() || "-._:".contains(c))
-        {
-            return Err(layers.invalid(
-                "RABBITMQ_LOCAL_QUEUE_NAME",
-                format!("1 to {MAX_QUEUE_NAME} characters of letters, digits, '-', '.', '_', ':', not starting with \"amq.\""),
-            ));
-        }
-
-        let mut events_to_omit = BTreeSet::new();
-        for name in layers.string("EVENTS_TO_OMIT", "").split(',') {
-            let name = name.trim();
-            if name.is_empty() {
-                continue;
-            }
-            if check_type_name(name).is_err() {
-                return Err(layers.invalid(
-                    "EVENTS_TO_OMIT",
-                    format!("comma-separated message types matching [A-Z][A-Z0-9_]{{0,63}}; {name:?} is not one"),
-                ));
-            }
-            events_to_omit.insert(name.to_owned());
-        }
-
-        let topology_file = PathBuf::from(layers.string("TOPOLOGY_FILE", "topology/topology.toml"));
-        if topology_file.as_os_str().is_empty() {
-            return Err(layers.invalid("TOPOLOGY_FILE", "the path of the topology file"));
-        }
-
-        let metrics_addr = layers.string("METRICS_ADDR", "0.0.0.0:9464");
-        let metrics_addr = metrics_addr
-            .parse()
-            .map_err(|_| layers.invalid("METRICS_ADDR", "an address such as 0.0.0.0:9464"))?;
-
-        let amqp_url = match layers.get("AMQP_URL") {
-            Some((url, _)) => url.to_owned(),
-            None => format!("amqp://guest:guest@{rabbitmq_hostname}:5672/%2f"),
-        };
-        // Several brokers of one cluster: comma-separated URLs, tried in turn.
-        let urls: Vec<&str> = amqp_url.split(',').map(str::trim).collect();
-        if urls
-            .iter()
-            .any(|u| !(u.starts_with("amqp://") || u.starts_with("amqps://")))
-        {
-            return Err(layers.invalid(
-                "AMQP_URL",
-                "a URL such as amqp://user:password@host:5672/%2f, or several of one cluster separated by commas",
-            ));
-        }
-
-        let database_url = layers.string("DATABASE_URL", DEFAULT_DATABASE_URL);
-        if !(database_url.starts_with("postgres://") || database_url.starts_with("postgresql://")) {
-            return Err(layers.invalid(
-                "DATABASE_URL",
-                "a URL such as postgres://user:password@host:5432/database",
-            ));
-        }
-
-        let outbox_relay = match layers.string("OUTBOX_RELAY", "on").as_str() {
-            "on" => true,
-            "off" => false,
-            _ => return Err(layers.invalid("OUTBOX_RELAY", "\"on\" or \"off\"")),
-        };
-        let retention_days: u64 = layers.integer("OUTBOX_RETENTION_DAYS", 7, 1, 3650)?;
-
-        let log_format = match layers.string("LOG_FORMAT", "text").as_str() {
-            "text" => LogFormat::Text,
-            "json" => LogFormat::Json,
-            _ => return Err(layers.invalid("LOG_FORMAT", "\"text\" or \"json\"")),
-        };
-
-        Ok(Settings {
-            rabbitmq_hostname,
-            queue,
-            prefetch_count: layers.integer("RABBITMQ_PREFETCH_COUNT", 32, 1, 1000)?,
-            events_to_omit,
-            topology_file,
-            max_message_bytes: layers.integer("MAX_MESSAGE_BYTES", 262_144, 1024, 128 * 1024 * 1024)?,
-            shutdown_grace: Duration::from_millis(layers.integer("SHUTDOWN_GRACE_MS", 10_000, 0, 600_000)?),
-            metrics_addr,
-            database_max_connections: layers.integer("DATABASE_MAX_CONNECTIONS", 64, 1, 1000)?,
-            outbox_relay,
-            outbox_retention: Duration::from_secs(retention_days * 24 * 3600),
-            amqp_url,
-            database_url,
-            log_format,
-        })
     }
 
     /// The size of the PostgreSQL pool: one connection per message in
@@ -365,34 +334,141 @@ impl Settings {
     }
 }
 
+/// The known keys of a settings file, as text; unknown keys go to
+/// `warnings`.
+fn file_values(
+    path: &str,
+    text: &str,
+    warnings: &mut Warnings,
+) -> Result<BTreeMap<&'static str, (String, Source)>, ConfigError> {
+    let object = match serde_json::from_str::<Value>(text) {
+        Ok(Value::Object(object)) => object,
+        Ok(_) => {
+            return Err(ConfigError::File {
+                path: path.to_owned(),
+                reason: "expected a JSON object of settings".into(),
+            });
+        }
+        Err(e) => {
+            return Err(ConfigError::File {
+                path: path.to_owned(),
+                reason: format!("not valid JSON: {e}"),
+            });
+        }
+    };
+    let mut values = BTreeMap::new();
+    for (key, value) in object {
+        let Some(known) = KEYS.iter().find(|k| **k == key) else {
+            warnings.unknown_keys.push(key);
+            continue;
+        };
+        let text = match value {
+            Value::String(s) => s,
+            Value::Number(n) => n.to_string(),
+            Value::Bool(b) => b.to_string(),
+            Value::Null => continue,
+            other => {
+                return Err(ConfigError::Invalid {
+                    key: known,
+                    value: other.to_string(),
+                    origin: Source::File,
+                    allowed: "a string or a number".into(),
+                });
+            }
+        };
+        values.insert(*known, (text, Source::File));
+    }
+    Ok(values)
+}
+
 impl fmt::Display for Settings {
     /// The effective configuration, one `KEY = value` per line, with
     /// passwords in URLs masked.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let omit: Vec<&str> = self.events_to_omit.iter().map(String::as_str).collect();
-        let rows: [(&str, String); 14] = [
-            ("RABBITMQ_HOSTNAME", self.rabbitmq_hostname.clone()),
-            ("RABBITMQ_LOCAL_QUEUE_NAME", self.queue.clone()),
-            ("RABBITMQ_PREFETCH_COUNT", self.prefetch_count.to_string()),
-            ("EVENTS_TO_OMIT", omit.join(",")),
-            ("TOPOLOGY_FILE", self.topology_file.display().to_string()),
-            ("MAX_MESSAGE_BYTES", self.max_message_bytes.to_string()),
-            ("SHUTDOWN_GRACE_MS", self.shutdown_grace.as_millis().to_string()),
-            ("METRICS_ADDR", self.metrics_addr.to_string()),
-            ("DATABASE_MAX_CONNECTIONS", self.database_max_connections.to_string()),
-            ("OUTBOX_RELAY", if self.outbox_relay { "on" } else { "off" }.into()),
-            (
-                "OUTBOX_RETENTION_DAYS",
-                (self.outbox_retention.as_secs() / 86_400).to_string(),
-            ),
-            ("AMQP_URL", mask_passwords(&self.amqp_url)),
-            ("DATABASE_URL", mask_password(&self.database_url)),
-            ("LOG_FORMAT", format!("{:?}", self.log_format).to_lowercase()),
-        ];
-        for (key, value) in rows {
+        for (key, value) in self.rows() {
             writeln!(f, "  {key:<26} = {value}")?;
         }
         Ok(())
+    }
+}
+
+// The parsers of the table above: each returns the value, or what is allowed.
+
+fn host_name(text: &str) -> Result<String, String> {
+    if text.is_empty() || !text.chars().all(|c| c.is_ascii_alphanumeric() || "-._".contains(c)) {
+        return Err("a host name (letters, digits, '-', '.', '_')".into());
+    }
+    Ok(text.to_owned())
+}
+
+fn queue_name(text: &str) -> Result<String, String> {
+    if text.is_empty()
+        || text.len() > MAX_QUEUE_NAME
+        || text.starts_with("amq.")
+        || !text.chars().all(|c| c.is_ascii_alphanumeric() || "-._:".contains(c))
+    {
+        return Err(format!(
+            "1 to {MAX_QUEUE_NAME} characters of letters, digits, '-', '.', '_', ':', not starting with \"amq.\""
+        ));
+    }
+    Ok(text.to_owned())
+}
+
+/// A whole number from `min` to `max` (surrounding spaces allowed).
+fn integer<T: TryFrom<u64>>(text: &str, min: u64, max: u64) -> Result<T, String> {
+    text.trim()
+        .parse::<u64>()
+        .ok()
+        .filter(|n| (min..=max).contains(n))
+        .and_then(|n| T::try_from(n).ok())
+        .ok_or_else(|| format!("an integer from {min} to {max}"))
+}
+
+/// Comma-separated message types; blanks around and between are ignored.
+fn message_types(text: &str) -> Result<BTreeSet<String>, String> {
+    let mut types = BTreeSet::new();
+    for name in text.split(',').map(str::trim).filter(|name| !name.is_empty()) {
+        if check_type_name(name).is_err() {
+            return Err(format!(
+                "comma-separated message types matching [A-Z][A-Z0-9_]{{0,63}}; {name:?} is not one"
+            ));
+        }
+        types.insert(name.to_owned());
+    }
+    Ok(types)
+}
+
+fn topology_path(text: &str) -> Result<PathBuf, String> {
+    if text.is_empty() {
+        return Err("the path of the topology file".into());
+    }
+    Ok(PathBuf::from(text))
+}
+
+/// One broker URL, or several of one cluster separated by commas (tried in
+/// turn). The value is kept as given.
+fn amqp_urls(text: &str) -> Result<String, String> {
+    let valid = |url: &str| url.starts_with("amqp://") || url.starts_with("amqps://");
+    if !text.split(',').map(str::trim).all(valid) {
+        return Err(
+            "a URL such as amqp://user:password@host:5672/%2f, or several of one cluster separated by commas".into(),
+        );
+    }
+    Ok(text.to_owned())
+}
+
+fn postgres_url(text: &str) -> Result<String, String> {
+    if !(text.starts_with("postgres://") || text.starts_with("postgresql://")) {
+        return Err("a URL such as postgres://user:password@host:5432/database".into());
+    }
+    Ok(text.to_owned())
+}
+
+fn on_off(text: &str) -> Result<bool, String> {
+    match text {
+        "on" => Ok(true),
+        "off" => Ok(false),
+        _ => Err("\"on\" or \"off\"".into()),
     }
 }
 
@@ -404,20 +480,47 @@ pub fn mask_passwords(urls: &str) -> String {
         .join(",")
 }
 
-/// Replaces the password of `scheme://user:password@host` with `****`.
+/// Replaces the password of a URL with `****`: the one in
+/// `scheme://user:password@host` and the value of any `password=` or
+/// `sslpassword=` query parameter (libpq's two secrets; sqlx reads the
+/// first). A URL without a password comes back
+/// unchanged; one that does not parse is not shown at all, since its
+/// password could be anywhere in it.
 pub fn mask_password(url: &str) -> String {
-    let Some(scheme_end) = url.find("://").map(|i| i + 3) else {
-        return url.to_owned();
+    let Ok(mut parsed) = Url::parse(url) else {
+        return UNPARSABLE.to_owned();
     };
-    let rest = &url[scheme_end..];
-    let authority_end = rest.find('/').unwrap_or(rest.len());
-    let Some(at) = rest[..authority_end].rfind('@') else {
-        return url.to_owned();
-    };
-    match rest[..at].find(':') {
-        Some(colon) => format!("{}{}:****{}", &url[..scheme_end], &rest[..colon], &rest[at..]),
-        None => url.to_owned(),
+    let mut masked = false;
+    if parsed.password().is_some() {
+        if parsed.set_password(Some(MASK)).is_err() {
+            return UNPARSABLE.to_owned();
+        }
+        masked = true;
     }
+    if let Some(query) = parsed.query().and_then(mask_query_password) {
+        parsed.set_query(Some(&query));
+        masked = true;
+    }
+    if masked { parsed.into() } else { url.to_owned() }
+}
+
+/// `query` with the value of each `password` and `sslpassword` parameter
+/// replaced by `****` and every other parameter untouched; `None` when it
+/// has neither.
+fn mask_query_password(query: &str) -> Option<String> {
+    let mut found = false;
+    let pairs: Vec<String> = query
+        .split('&')
+        .map(|pair| match pair.split_once('=') {
+            // The key as a server reads it: `pass%77ord` is `password` too.
+            Some((key, _)) if form_urlencoded::parse(key.as_bytes()).any(|(k, _)| SECRET_PARAMETERS.contains(&&*k)) => {
+                found = true;
+                format!("{key}={MASK}")
+            }
+            _ => pair.to_owned(),
+        })
+        .collect();
+    found.then(|| pairs.join("&"))
 }
 
 #[cfg(test)]
@@ -578,5 +681,55 @@ mod tests {
         let s = load(None, &[("DATABASE_URL", "postgres://u:pw@db/x")]).unwrap();
         let shown = s.to_string();
         assert!(!shown.contains("pw@") && !shown.contains(":guest@"), "{shown}");
+    }
+
+    #[test]
+    fn masks_password_query_parameters() {
+        assert_eq!(
+            mask_password("postgres://u@db:5432/x?sslmode=disable&password=s3cret&application_name=w"),
+            "postgres://u@db:5432/x?sslmode=disable&password=****&application_name=w"
+        );
+        assert_eq!(
+            mask_password("postgresql://u:one@db/x?password=two"),
+            "postgresql://u:****@db/x?password=****"
+        );
+        // Encoded keys name the same parameter; other parameters keep their bytes.
+        assert_eq!(
+            mask_password("postgres://db/x?pass%77ord=s3cret&options=-c%20a%3Db"),
+            "postgres://db/x?pass%77ord=****&options=-c%20a%3Db"
+        );
+        assert_eq!(
+            mask_password("postgres://db/x?sslpassword=key&password_file=f&passwords=p"),
+            "postgres://db/x?sslpassword=****&password_file=f&passwords=p"
+        );
+        let s = load(None, &[("DATABASE_URL", "postgres://u@db/x?password=s3cret")]).unwrap();
+        let shown = s.to_string();
+        assert!(!shown.contains("s3cret"), "{shown}");
+        assert!(
+            shown.contains("DATABASE_URL               = postgres://u@db/x?password=****"),
+            "{shown}"
+        );
+    }
+
+    #[test]
+    fn an_unparsable_url_is_not_shown() {
+        assert_eq!(mask_password("amqp://u:s3cret@host:99999/%2f"), UNPARSABLE);
+        assert_eq!(
+            mask_passwords("amqp://u:pw@a/%2f, amqp://u:s3cret@[b/%2f"),
+            format!("amqp://u:****@a/%2f,{UNPARSABLE}")
+        );
+    }
+
+    #[test]
+    fn the_printed_configuration_has_one_row_per_key_in_order() {
+        let shown = load(None, &[]).unwrap().to_string();
+        let keys: Vec<&str> = shown
+            .lines()
+            .filter_map(|line| line.split_whitespace().next())
+            .collect();
+        assert_eq!(keys, KEYS);
+        assert!(shown.contains("  EVENTS_TO_OMIT             = \n"), "{shown}");
+        assert!(shown.contains("  OUTBOX_RETENTION_DAYS      = 7\n"), "{shown}");
+        assert!(shown.contains("  LOG_FORMAT                 = text\n"), "{shown}");
     }
 }

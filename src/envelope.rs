@@ -9,7 +9,7 @@
 use std::fmt;
 
 use chrono::{DateTime, Datelike, NaiveDateTime, SecondsFormat, Utc};
-use serde::de::{self, MapAccess, Visitor};
+use serde::de;
 use serde::{Deserialize, Deserializer};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
@@ -138,11 +138,7 @@ pub fn decode(
     if json.iter().all(u8::is_ascii_whitespace) {
         return Err(DecodeError::Empty);
     }
-    let raw: RawEnvelope = match serde_json::from_slice(json) {
-        Ok(raw) => raw,
-        Err(e) => return Err(json_error(json, e)),
-    };
-    let raw = raw.0?;
+    let raw = parse_fields(json)?;
 
     let message_type = string_field("type", raw.message_type)?.ok_or(DecodeError::Missing("type"))?;
     check_type_name(&message_type).map_err(|problem| DecodeError::Invalid { field: "type", problem })?;
@@ -156,34 +152,16 @@ pub fn decode(
             });
         }
     };
-    let id = string_field("id", raw.id)?;
-    if let Some(id) = &id {
-        check_length("id", id, 1)?;
-    }
-    let actor = string_field("actor", raw.actor)?;
-    if let Some(actor) = &actor {
-        check_length("actor", actor, 0)?;
-    }
-    let target = string_field("target", raw.target)?;
-    if let Some(target) = &target {
-        check_length("target", target, 0)?;
-    }
+    let id = bounded_string_field("id", raw.id, 1)?;
+    let actor = bounded_string_field("actor", raw.actor, 0)?;
+    let target = bounded_string_field("target", raw.target, 0)?;
     let time = match string_field("time", raw.time)? {
         None => received_at,
         Some(text) => parse_time(&text).map_err(|problem| DecodeError::Invalid { field: "time", problem })?,
     };
     let data = raw.data.ok_or(DecodeError::Missing("data"))?;
 
-    let (id, id_source) = match (id, amqp_message_id) {
-        (Some(id), _) => (id, IdSource::Envelope),
-        // The client decodes bad bytes as U+FFFD (vendor/amq-protocol-types):
-        // two different ids could read alike, so this one cannot deduplicate.
-        (None, Some(amqp)) if amqp.contains(char::REPLACEMENT_CHARACTER) => {
-            return Err(DecodeError::UnreadableMessageId);
-        }
-        (None, Some(amqp)) if valid_amqp_id(amqp) => (amqp.to_owned(), IdSource::AmqpProperty),
-        (None, _) => (body_hash(body), IdSource::BodyHash),
-    };
+    let (id, id_source) = choose_id(id, amqp_message_id, body)?;
     Ok(Message {
         id,
         id_source,
@@ -194,6 +172,23 @@ pub fn decode(
         time,
         data,
     })
+}
+
+/// The message id and where it came from: the envelope's `id`, else the
+/// AMQP `message_id`, else the body's hash.
+fn choose_id(
+    id: Option<String>,
+    amqp_message_id: Option<&str>,
+    body: &[u8],
+) -> Result<(String, IdSource), DecodeError> {
+    match (id, amqp_message_id) {
+        (Some(id), _) => Ok((id, IdSource::Envelope)),
+        // The client decodes bad bytes as U+FFFD (vendor/amq-protocol-types):
+        // two different ids could read alike, so this one cannot deduplicate.
+        (None, Some(amqp)) if amqp.contains(char::REPLACEMENT_CHARACTER) => Err(DecodeError::UnreadableMessageId),
+        (None, Some(amqp)) if valid_amqp_id(amqp) => Ok((amqp.to_owned(), IdSource::AmqpProperty)),
+        (None, _) => Ok((body_hash(body), IdSource::BodyHash)),
+    }
 }
 
 /// The lowercase hex SHA-256 of a body: the id of last resort.
@@ -269,6 +264,15 @@ fn check_length(field: &'static str, value: &str, min: usize) -> Result<(), Deco
     }
 }
 
+/// [`string_field`] of `min` to [`MAX_FIELD_CHARS`] characters.
+fn bounded_string_field(field: &'static str, value: Option<Value>, min: usize) -> Result<Option<String>, DecodeError> {
+    let text = string_field(field, value)?;
+    if let Some(text) = &text {
+        check_length(field, text, min)?;
+    }
+    Ok(text)
+}
+
 /// A present field must be a string; `null` counts as absent.
 fn string_field(field: &'static str, value: Option<Value>) -> Result<Option<String>, DecodeError> {
     match value {
@@ -312,64 +316,61 @@ pub fn truncate_chars(text: &str, max: usize) -> &str {
     }
 }
 
-/// The known top-level fields, read in one pass. Unknown fields are skipped;
-/// a known field given twice is refused, so two parsers can never disagree
-/// on which `type` or `id` a body carries.
-struct RawEnvelope(Result<RawFields, DecodeError>);
-
-#[derive(Default)]
+/// The known top-level fields of an envelope. Unknown fields are skipped.
+/// Every field is kept as a JSON value so that [`decode`], not serde, says
+/// what is wrong with it.
+#[derive(Deserialize)]
 struct RawFields {
+    #[serde(rename = "type")]
     message_type: Option<Value>,
     kind: Option<Value>,
     id: Option<Value>,
     actor: Option<Value>,
     target: Option<Value>,
     time: Option<Value>,
+    /// `data: null` is data (an empty reading), not a missing field.
+    #[serde(default, deserialize_with = "present")]
     data: Option<Value>,
 }
 
-impl<'de> Deserialize<'de> for RawEnvelope {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        deserializer.deserialize_map(EnvelopeVisitor)
-    }
+/// The names [`RawFields`] reads, as they appear in a body.
+const FIELDS: [&str; 7] = ["type", "kind", "id", "actor", "target", "time", "data"];
+
+fn present<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<Value>, D::Error> {
+    Value::deserialize(deserializer).map(Some)
 }
 
-struct EnvelopeVisitor;
-
-impl<'de> Visitor<'de> for EnvelopeVisitor {
-    type Value = RawEnvelope;
-
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("a JSON object")
+/// Reads the known fields of an envelope, which must be a JSON object. A
+/// known field given twice is refused, so two parsers can never disagree
+/// on which `type` or `id` a body carries.
+fn parse_fields(json: &[u8]) -> Result<RawFields, DecodeError> {
+    // A derived struct also reads an array, field by field: ask for a map,
+    // which fails for anything but an object, to say what the body is.
+    if json.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return Err(match serde_json::from_slice::<serde_json::Map<String, Value>>(json) {
+            Err(e) => json_error(json, e),
+            Ok(_) => DecodeError::NotAnObject("something else"), // not reached: checked above
+        });
     }
+    serde_json::from_slice::<RawFields>(json).map_err(|e| match duplicate_field(&e) {
+        // Broken JSON after the repeated field is reported as broken JSON,
+        // as if the whole body had been read first. (Not nesting too deep
+        // for serde_json in a known field after the repeat: that is
+        // reported as the repeat. Both park the message as `decode`.)
+        Some(field) => match serde_json::from_slice::<de::IgnoredAny>(json) {
+            Ok(_) => DecodeError::DuplicateField(field),
+            Err(e) => json_error(json, e),
+        },
+        None => json_error(json, e),
+    })
+}
 
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<RawEnvelope, A::Error> {
-        let mut fields = RawFields::default();
-        let mut duplicate = None;
-        while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
-            let (name, slot) = match key.as_ref() {
-                "type" => ("type", &mut fields.message_type),
-                "kind" => ("kind", &mut fields.kind),
-                "id" => ("id", &mut fields.id),
-                "actor" => ("actor", &mut fields.actor),
-                "target" => ("target", &mut fields.target),
-                "time" => ("time", &mut fields.time),
-                "data" => ("data", &mut fields.data),
-                _ => {
-                    map.next_value::<de::IgnoredAny>()?;
-                    continue;
-                }
-            };
-            let value = map.next_value::<Value>()?;
-            if slot.replace(value).is_some() {
-                duplicate.get_or_insert(name);
-            }
-        }
-        Ok(RawEnvelope(match duplicate {
-            Some(name) => Err(DecodeError::DuplicateField(name)),
-            None => Ok(fields),
-        }))
-    }
+/// The field serde refused as given twice (`de::Error::duplicate_field`,
+/// whose wording serde fixes), if that is the error.
+fn duplicate_field(e: &serde_json::Error) -> Option<&'static str> {
+    let text = e.to_string();
+    let name = text.strip_prefix("duplicate field `")?.split('`').next()?;
+    FIELDS.into_iter().find(|field| *field == name)
 }
 
 #[cfg(test)]

@@ -84,11 +84,14 @@ pub fn with_failure(properties: &BasicProperties, record: &FailureRecord<'_>) ->
 /// `error`, then what the copy changed, within [`MAX_ERROR_BYTES`]: the
 /// changes are kept whole and the error is cut to make room.
 fn with_changes(error: &str, changes: &[String]) -> String {
+    // Header values are limited in bytes, so cut on the last character
+    // boundary within the budget.
+    let cut = |text: &str, max: usize| text[..text.floor_char_boundary(max)].to_owned();
     if changes.is_empty() {
-        return truncate_bytes(error, MAX_ERROR_BYTES).to_owned();
+        return cut(error, MAX_ERROR_BYTES);
     }
-    let note = truncate_bytes(&format!(" [copy changed: {}]", changes.join("; ")), MAX_ERROR_BYTES / 2).to_owned();
-    format!("{}{note}", truncate_bytes(error, MAX_ERROR_BYTES - note.len()))
+    let note = cut(&format!(" [copy changed: {}]", changes.join("; ")), MAX_ERROR_BYTES / 2);
+    format!("{}{note}", cut(error, MAX_ERROR_BYTES - note.len()))
 }
 
 /// Makes a copy the worker republishes (retry, DLQ, requeue) at least as
@@ -340,18 +343,6 @@ pub fn mask_variable_parts(error: &str) -> String {
     }
     flush(&mut word, &mut out);
     out
-}
-
-/// Cuts `text` to at most `max` bytes, on a character boundary.
-pub fn truncate_bytes(text: &str, max: usize) -> &str {
-    if text.len() <= max {
-        return text;
-    }
-    let mut end = max;
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    &text[..end]
 }
 
 #[cfg(test)]

@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicGetOptions, QueueDeclareOptions};
+use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection};
 use tokio_util::sync::CancellationToken;
@@ -195,11 +196,19 @@ pub async fn depth(connection: &Connection, queue: &str) -> Result<u32, RequeueE
             channel.close(200, "".into()).await.ok();
             Ok(q.message_count())
         }
-        // RabbitMQ answers 404 NOT_FOUND for a missing queue; anything else
-        // (a lost connection, say) is a broker error.
-        Err(e) if e.to_string().contains("NOT_FOUND") => Err(RequeueError::MissingQueue(queue.to_owned())),
+        Err(e) if is_not_found(&e) => Err(RequeueError::MissingQueue(queue.to_owned())),
         Err(e) => Err(e.into()),
     }
+}
+
+/// Whether the broker answered 404 NOT_FOUND, as RabbitMQ does to a passive
+/// declare of a missing queue. Anything else (a lost connection, say) is a
+/// broker error.
+fn is_not_found(e: &lapin::Error) -> bool {
+    matches!(
+        e.kind(),
+        lapin::ErrorKind::ProtocolError(amqp) if matches!(amqp.kind(), AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND))
+    )
 }
 
 /// Reads up to `depth` messages without acking them, handing each to
@@ -293,21 +302,14 @@ pub async fn drain(
 ) -> Result<Summary, RequeueError> {
     let snapshot = u64::from(depth(connection, &options.dlq).await?);
     depth(connection, &options.target).await?;
-    let mut summary = Summary::default();
     if options.dry_run {
-        peek_each(connection, &options.dlq, |delivery| {
-            let parked = Parked::inspect(&delivery);
-            let moves = options.filter.matches(&parked) && options.limit.is_none_or(|l| summary.moved < l);
-            count(&mut summary, moves, &parked);
-            report(if moves { Action::WouldMove } else { Action::Kept }, &parked);
-        })
-        .await?;
-        return Ok(summary);
+        return dry_run(connection, options, report).await;
     }
 
     let channel = connection.create_channel().await?;
     let publisher = Publisher::open(connection).await?;
     let started = Instant::now();
+    let mut summary = Summary::default();
     let mut visited = 0;
     while visited < snapshot {
         if stop.is_cancelled() {
@@ -324,28 +326,10 @@ pub async fn drain(
         visited += 1;
         let parked = Parked::inspect(&delivery);
         let moves = !limit_reached && options.filter.matches(&parked);
-        if moves {
-            if let Some(rate) = options.rate {
-                pace(started, summary.moved, rate).await;
-            }
-            let properties = requeued_properties(&delivery.properties, options.keep_retry_count);
-            publisher
-                .publish("", &options.target, &delivery.data, properties)
-                .await?;
-        } else {
-            // Unchanged, byte for byte, to the tail of the DLQ (unless the
-            // broker would refuse it back: see `headers::safe_copy`).
-            publisher
-                .publish(
-                    "",
-                    &options.dlq,
-                    &delivery.data,
-                    headers::safe_copy_noted(&delivery.properties),
-                )
-                .await?;
+        if moves && let Some(rate) = options.rate {
+            pace(started, summary.moved, rate).await;
         }
-        // Only now, with the copy confirmed, may the original go.
-        delivery.acker.ack(BasicAckOptions::default()).await?;
+        relocate(&publisher, options, &delivery, moves).await?;
         count(&mut summary, moves, &parked);
         report(if moves { Action::Moved } else { Action::Kept }, &parked);
     }
@@ -353,6 +337,47 @@ pub async fn drain(
     channel.close(200, "drained".into()).await.ok();
     publisher.channel().close(200, "drained".into()).await.ok();
     Ok(summary)
+}
+
+/// A `--dry-run` drain: reads the snapshot without acking and reports what
+/// would move.
+async fn dry_run(
+    connection: &Connection,
+    options: &DrainOptions,
+    mut report: impl FnMut(Action, &Parked),
+) -> Result<Summary, RequeueError> {
+    let mut summary = Summary::default();
+    peek_each(connection, &options.dlq, |delivery| {
+        let parked = Parked::inspect(&delivery);
+        let moves = options.filter.matches(&parked) && options.limit.is_none_or(|l| summary.moved < l);
+        count(&mut summary, moves, &parked);
+        report(if moves { Action::WouldMove } else { Action::Kept }, &parked);
+    })
+    .await?;
+    Ok(summary)
+}
+
+/// Publishes a copy of `delivery`, to the target when it `moves` and
+/// otherwise to the DLQ's tail, and acks the original once the broker has
+/// confirmed the copy.
+async fn relocate(
+    publisher: &Publisher,
+    options: &DrainOptions,
+    delivery: &Delivery,
+    moves: bool,
+) -> Result<(), RequeueError> {
+    let (queue, properties) = if moves {
+        let properties = requeued_properties(&delivery.properties, options.keep_retry_count);
+        (&options.target, properties)
+    } else {
+        // Unchanged, byte for byte (unless the broker would refuse it
+        // back: see `headers::safe_copy`).
+        (&options.dlq, headers::safe_copy_noted(&delivery.properties))
+    };
+    publisher.publish("", queue, &delivery.data, properties).await?;
+    // Only now, with the copy confirmed, may the original go.
+    delivery.acker.ack(BasicAckOptions::default()).await?;
+    Ok(())
 }
 
 fn count(summary: &mut Summary, moved: bool, parked: &Parked) {

@@ -3,8 +3,9 @@
 
 use std::time::Duration;
 
+use sqlx::migrate::MigrateDatabase;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::{ConnectOptions, Connection, PgConnection, PgPool};
+use sqlx::{Connection, PgConnection, PgPool, Postgres};
 
 use crate::envelope::{Kind, Message};
 
@@ -100,39 +101,25 @@ pub async fn migrate(pool: &PgPool) -> Result<(), StoreError> {
 }
 
 /// Creates the database named in `url` if it does not exist (connecting to
-/// the `postgres` database on the same server to do so). Returns whether
-/// it was created.
+/// the server's `postgres` database to do so, as `createdb` does). Returns
+/// whether it was created.
 ///
 /// # Errors
-/// A [`StoreError`] when the server cannot be reached or refuses.
+/// A [`StoreError`] when the URL is not a PostgreSQL URL, or the server
+/// cannot be reached or refuses.
 pub async fn create_database(url: &str) -> Result<bool, StoreError> {
-    let options: PgConnectOptions = url.parse().map_err(StoreError::Url)?;
-    let name = options.get_database().unwrap_or("postgres").to_owned();
-    let mut admin = options
-        .database("postgres")
-        .connect()
-        .await
-        .map_err(StoreError::Connect)?;
-    let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
-        .bind(&name)
-        .fetch_one(&mut admin)
+    // Parsed first so that a bad URL is told apart from an unreachable server.
+    let _: PgConnectOptions = url.parse().map_err(StoreError::Url)?;
+    if Postgres::database_exists(url).await.map_err(StoreError::Connect)? {
+        return Ok(false);
+    }
+    Postgres::create_database(url)
         .await
         .map_err(|source| StoreError::Query {
-            what: "looking up the database",
+            what: "CREATE DATABASE",
             source,
         })?;
-    if !exists {
-        let sql = format!("CREATE DATABASE {}", quote_identifier(&name));
-        sqlx::query(sqlx::AssertSqlSafe(sql))
-            .execute(&mut admin)
-            .await
-            .map_err(|source| StoreError::Query {
-                what: "CREATE DATABASE",
-                source,
-            })?;
-    }
-    admin.close().await.ok();
-    Ok(!exists)
+    Ok(true)
 }
 
 /// `database 'name' on host:port as user`, for messages that must say
@@ -216,9 +203,4 @@ pub async fn record_in_inbox(conn: &mut PgConnection, message: &Message) -> Resu
         }
     };
     Ok(result.rows_affected() == 1)
-}
-
-/// `"name"`, with inner quotes doubled.
-fn quote_identifier(name: &str) -> String {
-    format!("\"{}\"", name.replace('"', "\"\""))
 }

@@ -1,6 +1,7 @@
 //! `requeue`: inspect the dead-letter queue and drain it back (SPEC §7).
 //! The logic is in `worker_iot_core::requeue`; this parses flags and prints.
 
+use std::collections::BTreeMap;
 use std::io::IsTerminal;
 use std::process::ExitCode;
 
@@ -8,12 +9,13 @@ use anyhow::{Context, bail};
 use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
 use lapin::Connection;
-use serde_json::json;
+use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 use worker_iot_core::ErrorKind;
 use worker_iot_core::MainQueue;
 use worker_iot_core::broker;
 use worker_iot_core::config::{Settings, mask_passwords};
+use worker_iot_core::envelope::truncate_chars;
 use worker_iot_core::requeue::{self, Action, DrainOptions, Filter, Group, Parked, Summary, format_ms};
 
 /// Inspect the dead-letter queue Q.dlq and drain it back to Q.
@@ -236,37 +238,105 @@ fn describe(p: &Parked) -> String {
     )
 }
 
-fn message_line(action: Action, p: &Parked) -> serde_json::Value {
+// The `--json` lines. Fields are declared in alphabetical order, the order
+// these lines have always had (they were once built as `serde_json::Value`
+// maps, which sort their keys): scripts that compare lines keep working.
+
+/// One message visited by a drain.
+#[derive(Serialize)]
+struct MessageLine<'a> {
+    action: &'static str,
+    error: &'a str,
+    error_kind: &'a str,
+    fingerprint: &'a str,
+    message_id: Option<&'a str>,
+    record: &'static str,
+    #[serde(rename = "type")]
+    message_type: Option<&'a str>,
+}
+
+/// The last line of a drain.
+#[derive(Serialize)]
+struct DrainSummaryLine<'a> {
+    record: &'static str,
+    summary: DrainSummary<'a>,
+}
+
+#[derive(Serialize)]
+struct DrainSummary<'a> {
+    by_fingerprint: &'a BTreeMap<String, u64>,
+    dry_run: bool,
+    kept: u64,
+    left: u64,
+    moved: u64,
+    to: &'a str,
+}
+
+/// One fingerprint group of `--list`.
+#[derive(Serialize)]
+struct GroupLine<'a> {
+    count: u64,
+    error_kind: &'a str,
+    fingerprint: &'a str,
+    first_failure_at: Option<i64>,
+    last_failure_at: Option<i64>,
+    record: &'static str,
+    sample_error: &'a str,
+    types: &'a [String],
+}
+
+/// The last line of `--list`.
+#[derive(Serialize)]
+struct ListSummaryLine<'a> {
+    record: &'static str,
+    summary: ListSummary<'a>,
+}
+
+#[derive(Serialize)]
+struct ListSummary<'a> {
+    groups: usize,
+    messages: u64,
+    queue: &'a str,
+}
+
+/// One JSON line: serialising these structs of strings and numbers cannot
+/// fail.
+fn json_line(line: &impl Serialize) -> String {
+    serde_json::to_string(line).unwrap_or_default()
+}
+
+fn message_line(action: Action, p: &Parked) -> String {
     let action = match action {
         Action::Moved => "moved",
         Action::WouldMove => "would_move",
         Action::Kept => "kept",
     };
-    json!({
-        "record": "message",
-        "action": action,
-        "message_id": p.message_id,
-        "type": p.message_type,
-        "error_kind": p.kind,
-        "fingerprint": p.fingerprint,
-        "error": p.error,
+    json_line(&MessageLine {
+        action,
+        error: &p.error,
+        error_kind: &p.kind,
+        fingerprint: &p.fingerprint,
+        message_id: p.message_id.as_deref(),
+        record: "message",
+        message_type: p.message_type.as_deref(),
     })
 }
 
 fn print_summary(summary: &Summary, options: &DrainOptions, json: bool) {
     let verb = if options.dry_run { "would move" } else { "moved" };
     if json {
-        emit!(
-            "{}",
-            json!({"record": "summary", "summary": {
-                "dry_run": options.dry_run,
-                "moved": summary.moved,
-                "kept": summary.kept,
-                "left": summary.left,
-                "to": options.target,
-                "by_fingerprint": summary.moved_by_fingerprint,
-            }})
-        );
+        let line = DrainSummaryLine {
+            record: "summary",
+            summary: DrainSummary {
+                by_fingerprint: &summary.moved_by_fingerprint,
+                dry_run: options.dry_run,
+                kept: summary.kept,
+                left: summary.left,
+                moved: summary.moved,
+                to: &options.target,
+            },
+        };
+        emit!("{}", json_line(&line));
         return;
     }
     emit!(
@@ -282,28 +352,34 @@ fn print_summary(summary: &Summary, options: &DrainOptions, json: bool) {
     }
 }
 
+fn group_line(g: &Group) -> GroupLine<'_> {
+    GroupLine {
+        count: g.count,
+        error_kind: &g.kind,
+        fingerprint: &g.fingerprint,
+        first_failure_at: g.first_failure_ms,
+        last_failure_at: g.last_failure_ms,
+        record: "group",
+        sample_error: &g.sample_error,
+        types: &g.types,
+    }
+}
+
 fn print_groups(groups: &[Group], dlq: &str, json: bool) {
     let total: u64 = groups.iter().map(|g| g.count).sum();
     if json {
         for g in groups {
-            emit!(
-                "{}",
-                json!({
-                    "record": "group",
-                    "fingerprint": g.fingerprint,
-                    "count": g.count,
-                    "error_kind": g.kind,
-                    "types": g.types,
-                    "first_failure_at": g.first_failure_ms,
-                    "last_failure_at": g.last_failure_ms,
-                    "sample_error": g.sample_error,
-                })
-            );
+            emit!("{}", json_line(&group_line(g)));
         }
-        emit!(
-            "{}",
-            json!({"record": "summary", "summary": {"queue": dlq, "messages": total, "groups": groups.len()}})
-        );
+        let line = ListSummaryLine {
+            record: "summary",
+            summary: ListSummary {
+                groups: groups.len(),
+                messages: total,
+                queue: dlq,
+            },
+        };
+        emit!("{}", json_line(&line));
         return;
     }
     emit!("{dlq}: {total} message(s) in {} group(s)\n", groups.len());
@@ -322,7 +398,7 @@ fn print_groups(groups: &[Group], dlq: &str, json: bool) {
         } else {
             g.types.join(",")
         };
-        let sample: String = g.sample_error.chars().take(80).collect();
+        let sample = truncate_chars(&g.sample_error, 80);
         emit!(
             "{:<16}  {:>6}  {:<18}  {:<24}  {:<19}  {:<19}  {}",
             g.fingerprint,
@@ -332,6 +408,70 @@ fn print_groups(groups: &[Group], dlq: &str, json: bool) {
             format_ms(g.first_failure_ms),
             format_ms(g.last_failure_ms),
             sample
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_lines_keep_their_bytes() {
+        let parked = Parked {
+            message_id: None,
+            message_type: Some("MEASUREMENT".into()),
+            kind: "validation".into(),
+            fingerprint: "0123456789abcdef".into(),
+            error: "data.value \"x\" is not a number".into(),
+            first_failure_ms: Some(1),
+            last_failure_ms: None,
+            body: String::new(),
+        };
+        assert_eq!(
+            message_line(Action::WouldMove, &parked),
+            r#"{"action":"would_move","error":"data.value \"x\" is not a number","error_kind":"validation","fingerprint":"0123456789abcdef","message_id":null,"record":"message","type":"MEASUREMENT"}"#
+        );
+        let group = Group {
+            fingerprint: "0123456789abcdef".into(),
+            count: 2,
+            kind: "decode".into(),
+            types: vec!["A".into(), "B".into()],
+            first_failure_ms: Some(1),
+            last_failure_ms: None,
+            sample_error: "é".into(),
+        };
+        assert_eq!(
+            json_line(&group_line(&group)),
+            r#"{"count":2,"error_kind":"decode","fingerprint":"0123456789abcdef","first_failure_at":1,"last_failure_at":null,"record":"group","sample_error":"é","types":["A","B"]}"#
+        );
+        let by_fingerprint = BTreeMap::from([("b".to_owned(), 2), ("a".to_owned(), 1)]);
+        let line = DrainSummaryLine {
+            record: "summary",
+            summary: DrainSummary {
+                by_fingerprint: &by_fingerprint,
+                dry_run: false,
+                kept: 4,
+                left: 0,
+                moved: 3,
+                to: "q",
+            },
+        };
+        assert_eq!(
+            json_line(&line),
+            r#"{"record":"summary","summary":{"by_fingerprint":{"a":1,"b":2},"dry_run":false,"kept":4,"left":0,"moved":3,"to":"q"}}"#
+        );
+        let line = ListSummaryLine {
+            record: "summary",
+            summary: ListSummary {
+                groups: 1,
+                messages: 2,
+                queue: "q.dlq",
+            },
+        };
+        assert_eq!(
+            json_line(&line),
+            r#"{"record":"summary","summary":{"groups":1,"messages":2,"queue":"q.dlq"}}"#
         );
     }
 }

@@ -100,13 +100,20 @@ pub struct TestEnv {
     pub topology_file: PathBuf,
     /// The topology the test started with: every queue name comes from it.
     pub topology: Topology,
+    /// The broker (or comma-separated cluster nodes) of this test.
+    pub amqp_url: String,
 }
 
 impl TestEnv {
     /// Creates the database (migrated), writes the topology file and
     /// declares it, so messages can be published before a worker starts.
     pub async fn new(topology: &str) -> TestEnv {
-        let env = TestEnv::undeclared(topology).await;
+        TestEnv::new_on(&amqp_url(), topology).await
+    }
+
+    /// Like [`TestEnv::new`], on the broker or cluster nodes `amqp_url`.
+    pub async fn new_on(amqp_url: &str, topology: &str) -> TestEnv {
+        let env = TestEnv::undeclared_on(amqp_url, topology).await;
         let channel = env.connection.create_channel().await.expect("channel");
         env.topology.declare(&channel).await.expect("declare test topology");
         channel.close(200, "".into()).await.ok();
@@ -115,6 +122,11 @@ impl TestEnv {
 
     /// Like [`TestEnv::new`], but leaves declaring the queues to the worker.
     pub async fn undeclared(topology: &str) -> TestEnv {
+        TestEnv::undeclared_on(&amqp_url(), topology).await
+    }
+
+    /// Like [`TestEnv::undeclared`], on the broker or cluster nodes `amqp_url`.
+    pub async fn undeclared_on(amqp_url: &str, topology: &str) -> TestEnv {
         let suffix = format!("{:016x}", rand::random::<u64>());
         let queue = format!("wic_test_{suffix}");
         let database = format!("wic_test_{suffix}");
@@ -130,7 +142,7 @@ impl TestEnv {
         worker_iot_core::store::migrate(&pool)
             .await
             .expect("migrate test database");
-        let connection = broker::connect(&amqp_url(), "test").await.expect("connect to RabbitMQ");
+        let connection = broker::connect(amqp_url, "test").await.expect("connect to RabbitMQ");
         let publisher = Publisher::open(&connection).await.expect("open publisher");
         let dir = std::env::temp_dir().join(&queue);
         std::fs::create_dir_all(&dir).expect("temp dir");
@@ -148,6 +160,7 @@ impl TestEnv {
             dir,
             topology_file,
             topology,
+            amqp_url: amqp_url.to_owned(),
         }
     }
 
@@ -159,7 +172,7 @@ impl TestEnv {
     /// The environment a new user would set, as key/value pairs.
     pub fn env_vars(&self, extra: &[(&str, &str)]) -> BTreeMap<String, String> {
         let mut env: BTreeMap<String, String> = [
-            ("AMQP_URL", amqp_url()),
+            ("AMQP_URL", self.amqp_url.clone()),
             ("DATABASE_URL", self.database_url.clone()),
             ("RABBITMQ_LOCAL_QUEUE_NAME", self.queue.clone()),
             ("TOPOLOGY_FILE", self.topology_file.display().to_string()),
@@ -301,7 +314,7 @@ impl Drop for TestEnv {
     fn drop(&mut self) {
         let mut queues = self.topology.queues();
         queues.push(format!("{}.device", self.queue));
-        let (database, dir) = (self.database.clone(), self.dir.clone());
+        let (database, dir, url) = (self.database.clone(), self.dir.clone(), self.amqp_url.clone());
         // Drop cannot await, and may run while a runtime unwinds: remove
         // everything from a thread with a runtime of its own.
         let removed = std::thread::spawn(move || {
@@ -309,7 +322,7 @@ impl Drop for TestEnv {
                 .enable_all()
                 .build()
                 .expect("runtime");
-            runtime.block_on(remove_resources(&queues, &database));
+            runtime.block_on(remove_resources(&url, &queues, &database));
             std::fs::remove_dir_all(dir).ok();
         })
         .join();
@@ -319,9 +332,9 @@ impl Drop for TestEnv {
     }
 }
 
-/// Deletes `queues` and drops `database`.
-async fn remove_resources(queues: &[String], database: &str) {
-    if let Ok(connection) = broker::connect(&amqp_url(), "test-cleanup").await {
+/// Deletes `queues` on the broker at `url` and drops `database`.
+async fn remove_resources(url: &str, queues: &[String], database: &str) {
+    if let Ok(connection) = broker::connect(url, "test-cleanup").await {
         if let Ok(channel) = connection.create_channel().await {
             for name in queues {
                 channel

@@ -15,12 +15,12 @@
 
 mod common;
 
-use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use common::{RunningWorker, TestEnv, wait_for};
 use lapin::BasicProperties;
 use serde_json::json;
+use tokio::sync::{Mutex, MutexGuard};
 use worker_iot_core::ErrorKind;
 use worker_iot_core::headers::{self, ERROR, ERROR_KIND};
 
@@ -38,7 +38,7 @@ in_process_attempts = 1
 "#;
 
 /// The cluster is shared: one test at a time.
-static CLUSTER: Mutex<()> = Mutex::new(());
+static CLUSTER: Mutex<()> = Mutex::const_new(());
 
 fn node_url(n: u8) -> String {
     format!("amqp://guest:guest@127.0.0.1:568{n}/%2f")
@@ -87,7 +87,7 @@ async fn is_running(n: u8) -> bool {
 /// Takes the cluster, with all three nodes running; `None` (after saying
 /// why) when there is no cluster and none is required.
 async fn take_cluster() -> Option<MutexGuard<'static, ()>> {
-    let guard = CLUSTER.lock().unwrap_or_else(PoisonError::into_inner);
+    let guard = CLUSTER.lock().await;
     if try_ctl(3, &["status"]).await.is_none() {
         assert!(
             std::env::var_os("WIC_CLUSTER_REQUIRED").is_none(),

@@ -111,6 +111,19 @@ settings! {
         parse: |text| integer(text, 1, 1000),
         show: u16::to_string,
     }
+    /// Most deliveries applied in one transaction; 1 turns batching off.
+    batch_max_size: usize = "BATCH_MAX_SIZE" {
+        default: "64",
+        parse: |text| integer(text, 1, 1000),
+        show: usize::to_string,
+    }
+    /// How long a batch may wait for more deliveries while another batch
+    /// is being committed. With nothing in flight a batch never waits.
+    batch_max_wait: Duration = "BATCH_MAX_WAIT_MS" {
+        default: "5",
+        parse: |text| integer(text, 0, 1000).map(Duration::from_millis),
+        show: |wait| wait.as_millis().to_string(),
+    }
     events_to_omit: BTreeSet<String> = "EVENTS_TO_OMIT" {
         default: "",
         parse: message_types,

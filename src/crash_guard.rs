@@ -84,18 +84,22 @@ impl CrashGuard {
         }
     }
 
+    /// Lets first deliveries run (a batch of them) alongside others.
+    pub async fn share(&self) -> Permit<'_> {
+        Permit {
+            guard: self,
+            _lock: Lock::Shared {
+                _guard: self.isolation.read().await,
+            },
+            redelivered: None,
+        }
+    }
+
     /// Lets a first delivery run alongside others; makes a redelivered one
     /// wait to run alone, then counts it, and refuses it at the limit.
     pub async fn admit<'a>(&'a self, delivery: &Delivery) -> Admission<'a> {
         if !delivery.redelivered {
-            let lock = Lock::Shared {
-                _guard: self.isolation.read().await,
-            };
-            return Admission::Run(Permit {
-                guard: self,
-                _lock: lock,
-                redelivered: None,
-            });
+            return Admission::Run(self.share().await);
         }
         // Copies with the same id and body share one count row: only the
         // last of them in flight here forgets it.

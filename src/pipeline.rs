@@ -21,6 +21,7 @@ use lapin::options::BasicAckOptions;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
+use crate::batch::{self, Applied};
 use crate::broker::{PublishError, Publisher};
 use crate::crash_guard::{Admission, CrashGuard};
 use crate::divert::{self, Origin, Writer};
@@ -66,6 +67,12 @@ pub enum Event<'a> {
 
 /// Called with every [`Event`].
 pub type EventHook = Arc<dyn Fn(&Event<'_>) + Send + Sync>;
+
+/// A decoded delivery with its handler, or how it ended without one.
+enum Prepared {
+    Apply(Message, &'static Handler),
+    Done(Result<Outcome, Failed>),
+}
 
 /// How deliveries are processed: built once at start-up, shared by every
 /// broker session.
@@ -124,12 +131,60 @@ impl Pipeline {
     /// A [`SettleError`] when the delivery could not be settled.
     pub async fn handle(&self, delivery: &Delivery, outlet: &Outlet) -> Result<Outcome, SettleError> {
         self.emit(&Event::Received(delivery));
-        let result = self.admit_process_settle(delivery, outlet).await;
-        match &result {
-            Ok(outcome) => self.emit(&Event::Settled(delivery, outcome)),
-            Err(e) => self.emit(&Event::Unsettled(delivery, e)),
+        // The time of an envelope without `time`: the same on every attempt.
+        let received = headers::first_received(&delivery.properties).unwrap_or_else(Utc::now);
+        let (permit, processed) = match self.crash_guard.admit(delivery).await {
+            Admission::Run(permit) => (permit, self.process(delivery, received).await),
+            Admission::Fail(permit, failure) => (permit, Err(Failed::untyped(failure))),
+        };
+        let outcome = self.settle(delivery, received, processed, outlet).await?;
+        permit.settled().await;
+        Ok(outcome)
+    }
+
+    /// Processes first deliveries (none redelivered) together: their
+    /// handlers run in one transaction (see [`batch`]), and each is settled
+    /// on its own, in order, once it committed. A message whose run failed
+    /// goes on alone, with the in-process attempts it has left.
+    ///
+    /// # Errors
+    /// A [`SettleError`] for the first delivery that could not be settled;
+    /// the ones after it are left unacked.
+    pub async fn handle_batch(&self, deliveries: &[Delivery], outlet: &Outlet) -> Result<(), SettleError> {
+        let permit = self.crash_guard.share().await;
+        let mut ready = Vec::with_capacity(deliveries.len());
+        for delivery in deliveries {
+            self.emit(&Event::Received(delivery));
+            let received = headers::first_received(&delivery.properties).unwrap_or_else(Utc::now);
+            match self.prepare(delivery, received) {
+                Prepared::Apply(message, handler) => ready.push((delivery, received, message, handler)),
+                Prepared::Done(processed) => {
+                    self.settle(delivery, received, processed, outlet).await?;
+                }
+            }
         }
-        result
+        let items: Vec<_> = ready
+            .iter()
+            .map(|(_, _, message, handler)| (message, *handler))
+            .collect();
+        let applied = batch::apply(&self.pool, &items).await;
+        for ((delivery, received, message, handler), applied) in ready.iter().zip(applied) {
+            let processed = match applied {
+                Applied::Done(outcome) => Ok(outcome),
+                Applied::Failed(failure) => self.go_on_alone(handler, message, failure).await,
+                Applied::Again => {
+                    self.apply_with_retries(handler, message, self.in_process_attempts())
+                        .await
+                }
+            };
+            let processed = processed.map_err(|failure| Failed {
+                message_type: Some(message.message_type.clone()),
+                failure,
+            });
+            self.settle(delivery, *received, processed, outlet).await?;
+        }
+        permit.settled().await;
+        Ok(())
     }
 
     /// A delivery whose run was cut off by the end of the shutdown grace
@@ -144,49 +199,89 @@ impl Pipeline {
         }
     }
 
-    async fn admit_process_settle(&self, delivery: &Delivery, outlet: &Outlet) -> Result<Outcome, SettleError> {
-        // The time of an envelope without `time`: the same on every attempt.
-        let received = headers::first_received(&delivery.properties).unwrap_or_else(Utc::now);
-        let (permit, processed) = match self.crash_guard.admit(delivery).await {
-            Admission::Run(permit) => (permit, self.process(delivery, received).await),
-            Admission::Fail(permit, failure) => (permit, Err(Failed::untyped(failure))),
-        };
-        let outcome = match processed {
-            Ok(outcome) => outcome,
-            Err(failed) => self.divert(delivery, received, &failed, outlet).await?,
-        };
-        delivery
-            .acker
-            .ack(BasicAckOptions::default())
-            .await
-            .map_err(SettleError::Ack)?;
-        permit.settled().await;
-        Ok(outcome)
+    /// Acks a delivery that ended well, diverts a failed one to its retry
+    /// queue or the DLQ first, and tells the hooks.
+    async fn settle(
+        &self,
+        delivery: &Delivery,
+        received: DateTime<Utc>,
+        processed: Result<Outcome, Failed>,
+        outlet: &Outlet,
+    ) -> Result<Outcome, SettleError> {
+        let result = async {
+            let outcome = match processed {
+                Ok(outcome) => outcome,
+                Err(failed) => self.divert(delivery, received, &failed, outlet).await?,
+            };
+            delivery
+                .acker
+                .ack(BasicAckOptions::default())
+                .await
+                .map_err(SettleError::Ack)?;
+            Ok(outcome)
+        }
+        .await;
+        match &result {
+            Ok(outcome) => self.emit(&Event::Settled(delivery, outcome)),
+            Err(e) => self.emit(&Event::Unsettled(delivery, e)),
+        }
+        result
     }
 
     /// Decodes and applies.
     async fn process(&self, delivery: &Delivery, received: DateTime<Utc>) -> Result<Outcome, Failed> {
-        let amqp_id = delivery.properties.message_id().as_ref().map(|id| id.as_str());
-        let message =
-            envelope::decode(&delivery.data, amqp_id, received, self.max_message_bytes).map_err(Failed::untyped)?;
-        if self.events_to_omit.contains(&message.message_type) {
-            return Ok(Outcome::Omitted);
-        }
-        let result = match handlers::lookup(&message) {
-            Ok(handler) => self.apply_with_retries(handler, &message).await,
-            Err(failure) => Err(failure),
+        let (message, handler) = match self.prepare(delivery, received) {
+            Prepared::Apply(message, handler) => (message, handler),
+            Prepared::Done(processed) => return processed,
         };
-        result.map_err(|failure| Failed {
-            message_type: Some(message.message_type),
-            failure,
-        })
+        let attempts = self.in_process_attempts();
+        self.apply_with_retries(handler, &message, attempts)
+            .await
+            .map_err(|failure| Failed {
+                message_type: Some(message.message_type),
+                failure,
+            })
     }
 
-    /// Stage 1: runs the transaction again on transient failures, with the
-    /// policy's backoff, unless shutdown has begun.
-    async fn apply_with_retries(&self, handler: &Handler, message: &Message) -> Result<Outcome, Failure> {
+    /// Decodes a delivery and finds its handler, or says how it ended
+    /// without one (omitted, undecodable, unknown type).
+    fn prepare(&self, delivery: &Delivery, received: DateTime<Utc>) -> Prepared {
+        let amqp_id = delivery.properties.message_id().as_ref().map(|id| id.as_str());
+        let message = match envelope::decode(&delivery.data, amqp_id, received, self.max_message_bytes) {
+            Ok(message) => message,
+            Err(e) => return Prepared::Done(Err(Failed::untyped(e))),
+        };
+        if self.events_to_omit.contains(&message.message_type) {
+            return Prepared::Done(Ok(Outcome::Omitted));
+        }
+        match handlers::lookup(&message) {
+            Ok(handler) => Prepared::Apply(message, handler),
+            Err(failure) => Prepared::Done(Err(Failed {
+                message_type: Some(message.message_type),
+                failure,
+            })),
+        }
+    }
+
+    fn in_process_attempts(&self) -> u32 {
+        self.topology.retry.in_process_attempts
+    }
+
+    /// A message whose run in a batch failed: its first in-process attempt.
+    /// A transient failure is tried again alone with the attempts left.
+    async fn go_on_alone(&self, handler: &Handler, message: &Message, failure: Failure) -> Result<Outcome, Failure> {
+        let left = self.in_process_attempts().saturating_sub(1);
+        if !failure.is_transient() || left == 0 || self.shutdown.is_cancelled() {
+            return Err(failure);
+        }
+        self.apply_with_retries(handler, message, left).await
+    }
+
+    /// Stage 1: runs the transaction up to `runs` times while it fails
+    /// transiently, with the policy's backoff, unless shutdown has begun.
+    async fn apply_with_retries(&self, handler: &Handler, message: &Message, runs: u32) -> Result<Outcome, Failure> {
         (|| self.apply_once(handler, message))
-            .retry(self.topology.retry.in_process_backoff())
+            .retry(self.topology.retry.in_process_backoff(runs))
             .sleep(tokio::time::sleep)
             .when(|failure| failure.is_transient() && !self.shutdown.is_cancelled())
             .notify(|failure, delay| {
@@ -200,23 +295,15 @@ impl Pipeline {
     async fn apply_once(&self, handler: &Handler, message: &Message) -> Result<Outcome, Failure> {
         let transaction = async {
             let mut tx = self.pool.begin().await?;
-            if !store::record_in_inbox(&mut tx, message).await? {
-                return Ok(Outcome::Duplicate);
+            let outcome = batch::apply_one(&mut tx, handler, message).await?;
+            if outcome == Outcome::Processed {
+                tx.commit().await?;
             }
-            (handler.apply)(&mut tx, message).await?;
-            tx.commit().await?;
-            Ok(Outcome::Processed)
+            Ok(outcome)
         };
         match AssertUnwindSafe(store::deadline(transaction)).catch_unwind().await {
             Ok(result) => result,
-            Err(panic) => {
-                let text = panic
-                    .downcast_ref::<&str>()
-                    .map(|s| (*s).to_owned())
-                    .or_else(|| panic.downcast_ref::<String>().cloned())
-                    .unwrap_or_else(|| "non-string panic payload".into());
-                Err(Failure::Panic(text))
-            }
+            Err(panic) => Err(Failure::Panic(batch::panic_text(&*panic))),
         }
     }
 

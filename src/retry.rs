@@ -76,13 +76,14 @@ impl RetryPolicy {
         &self.delays[index.min(self.delays.len() - 1)]
     }
 
-    /// Stage 1: jittered exponential backoff between the in-process runs of
-    /// one transaction.
-    pub fn in_process_backoff(&self) -> ExponentialBuilder {
+    /// Stage 1: jittered exponential backoff between at most `runs`
+    /// in-process runs of one transaction (`in_process_attempts`, or fewer
+    /// when a run in a batch already failed).
+    pub fn in_process_backoff(&self, runs: u32) -> ExponentialBuilder {
         ExponentialBuilder::default()
             .with_min_delay(IN_PROCESS_MIN_DELAY)
             .with_max_delay(IN_PROCESS_MAX_DELAY)
-            .with_max_times(self.in_process_attempts.saturating_sub(1) as usize)
+            .with_max_times(runs.min(self.in_process_attempts).saturating_sub(1) as usize)
             .with_total_delay(Some(IN_PROCESS_TOTAL_DELAY))
             .with_jitter()
     }

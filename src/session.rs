@@ -8,14 +8,15 @@
 //! absorbed by the inbox.
 
 use std::sync::Arc;
-use std::sync::atomic::AtomicUsize;
-use std::time::Duration;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use lapin::message::Delivery;
 use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection, Consumer};
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -68,6 +69,47 @@ pub struct Session {
     pub node: String,
 }
 
+/// How first deliveries are grouped into one transaction.
+#[derive(Debug, Clone, Copy)]
+pub struct Batching {
+    /// `BATCH_MAX_SIZE`: 1 runs every delivery on its own.
+    pub max_size: usize,
+    /// `BATCH_MAX_WAIT_MS`: how long a batch may wait for more deliveries
+    /// while another batch is being applied.
+    pub max_wait: Duration,
+}
+
+/// First deliveries waiting to be handed over as a batch.
+#[derive(Default)]
+struct Pending {
+    deliveries: Vec<Delivery>,
+    /// When the first of them arrived.
+    since: Option<Instant>,
+}
+
+impl Pending {
+    fn push(&mut self, delivery: Delivery) {
+        self.since.get_or_insert_with(Instant::now);
+        self.deliveries.push(delivery);
+    }
+
+    /// A batch goes when it is full, when nothing else is being applied
+    /// (so a lone message never waits: low load keeps low latency), or
+    /// when it has waited `max_wait` for the batch in flight.
+    fn is_due(&self, batching: &Batching, batches_in_flight: usize) -> bool {
+        let Some(since) = self.since else { return false };
+        self.deliveries.len() >= batching.max_size || batches_in_flight == 0 || since.elapsed() >= batching.max_wait
+    }
+}
+
+/// Sleeps until `at`; forever without one (the select's guard skips it).
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
 /// The deliveries a session is working on.
 struct InFlight {
     tracker: TaskTracker,
@@ -76,6 +118,9 @@ struct InFlight {
     /// Cancelled when the grace period is over: in-flight work is dropped,
     /// its transaction rolled back, its delivery left unacked.
     hard_stop: CancellationToken,
+    /// Batches being applied, and a signal when one is done.
+    batches: Arc<AtomicUsize>,
+    batch_done: Arc<Notify>,
 }
 
 impl Session {
@@ -120,13 +165,16 @@ impl Session {
                 tracker: TaskTracker::new(),
                 fault: CancellationToken::new(),
                 hard_stop: CancellationToken::new(),
+                batches: Arc::default(),
+                batch_done: Arc::default(),
             },
             node,
         })
     }
 
     /// Hands every delivery to `pipeline` until `shutdown`, a broker fault
-    /// or a delivery that could not be settled.
+    /// or a delivery that could not be settled. First deliveries go in
+    /// batches (see [`Batching`]); redelivered ones run alone.
     ///
     /// # Errors
     /// What ended the session, other than `shutdown`.
@@ -134,18 +182,51 @@ impl Session {
         &mut self,
         pipeline: &Arc<Pipeline>,
         shutdown: &CancellationToken,
+        batching: Batching,
     ) -> Result<(), SessionError> {
+        let mut pending = Pending::default();
         loop {
+            let flush_at = pending.since.map(|since| since + batching.max_wait);
             tokio::select! {
                 () = shutdown.cancelled() => return Ok(()),
                 () = self.in_flight.fault.cancelled() => return Err(SessionError::SettleFailed),
-                next = self.consumer.next() => match next {
-                    Some(Ok(delivery)) => self.in_flight.spawn(pipeline.clone(), self.outlet.clone(), delivery),
-                    Some(Err(e)) => return Err(e.into()),
-                    None => return Err(SessionError::ConsumerEnded),
-                },
+                () = sleep_until(flush_at), if flush_at.is_some() => {}
+                () = self.in_flight.batch_done.notified() => {}
+                next = self.consumer.next() => {
+                    self.take(next, pipeline, &mut pending)?;
+                    // What the broker already sent joins the batch, without waiting.
+                    while pending.deliveries.len() < batching.max_size {
+                        match self.consumer.next().now_or_never() {
+                            Some(next) => self.take(next, pipeline, &mut pending)?,
+                            None => break,
+                        }
+                    }
+                }
+            }
+            if pending.is_due(&batching, self.in_flight.batches()) {
+                self.in_flight
+                    .spawn_batch(pipeline.clone(), self.outlet.clone(), std::mem::take(&mut pending));
             }
         }
+    }
+
+    /// One item of the consumer stream: a redelivered delivery runs alone
+    /// at once, a first one waits in `pending`.
+    fn take(
+        &self,
+        next: Option<Result<Delivery, lapin::Error>>,
+        pipeline: &Arc<Pipeline>,
+        pending: &mut Pending,
+    ) -> Result<(), SessionError> {
+        match next {
+            Some(Ok(delivery)) if delivery.redelivered => {
+                self.in_flight.spawn(pipeline.clone(), self.outlet.clone(), delivery);
+            }
+            Some(Ok(delivery)) => pending.push(delivery),
+            Some(Err(e)) => return Err(e.into()),
+            None => return Err(SessionError::ConsumerEnded),
+        }
+        Ok(())
     }
 
     /// Stops consuming, lets in-flight work finish within `grace` (after a
@@ -184,6 +265,37 @@ impl InFlight {
                     fault.cancel();
                 },
             }
+        });
+    }
+
+    fn batches(&self) -> usize {
+        self.batches.load(Ordering::SeqCst)
+    }
+
+    /// Applies `pending` as one batch (a single delivery the usual way). A
+    /// batch cut off by the end of the grace period leaves its deliveries
+    /// unacked: they are first deliveries, with no count to take back.
+    fn spawn_batch(&self, pipeline: Arc<Pipeline>, outlet: Arc<Outlet>, pending: Pending) {
+        let deliveries = pending.deliveries;
+        let (fault, hard_stop) = (self.fault.clone(), self.hard_stop.clone());
+        let (batches, done) = (self.batches.clone(), self.batch_done.clone());
+        batches.fetch_add(1, Ordering::SeqCst);
+        self.tracker.spawn(async move {
+            let apply = async {
+                match deliveries.as_slice() {
+                    [delivery] => pipeline.handle(delivery, &outlet).await.map(drop),
+                    _ => pipeline.handle_batch(&deliveries, &outlet).await,
+                }
+            };
+            tokio::select! {
+                () = hard_stop.cancelled() => {}
+                result = apply => if let Err(e) = result {
+                    tracing::error!(error.message = %e, "delivery left unacked");
+                    fault.cancel();
+                },
+            }
+            batches.fetch_sub(1, Ordering::SeqCst);
+            done.notify_one();
         });
     }
 

@@ -15,7 +15,7 @@ use crate::metrics::{self, Metrics};
 use crate::pipeline::{Event, EventHook, Pipeline, PipelineConfig};
 use crate::relay::Relay;
 use crate::retry::reconnect_backoff;
-use crate::session::{Endpoint, Session, SessionError};
+use crate::session::{Batching, Endpoint, Session, SessionError};
 use crate::store::{self, StoreError};
 use crate::topology::{Topology, TopologyError};
 
@@ -224,7 +224,11 @@ impl Supervisor {
         self.metrics.set_ready(true);
         tracing::info!(node = %session.node, queue = %self.topology.queue(), queue_type = ?self.topology.queue_type,
                        prefetch = self.settings.prefetch_count, "topology declared; consuming");
-        let result = session.consume(&self.pipeline, &self.shutdown).await;
+        let batching = Batching {
+            max_size: self.settings.batch_max_size,
+            max_wait: self.settings.batch_max_wait,
+        };
+        let result = session.consume(&self.pipeline, &self.shutdown, batching).await;
         self.metrics.set_ready(false);
         session.finish(result.is_ok(), self.settings.shutdown_grace).await;
         result

@@ -1,0 +1,127 @@
+//! Micro-batching against the real broker and database: several first
+//! deliveries share one transaction, and each still ends as SPEC §2.3 says.
+#![cfg(feature = "test-handlers")]
+
+mod common;
+
+use std::time::Duration;
+
+use common::{FAST_TOPOLOGY, TestEnv};
+use lapin::BasicProperties;
+use serde_json::json;
+use worker_iot_core::ErrorKind;
+use worker_iot_core::headers::{self, ERROR_KIND};
+
+const WAIT: Duration = Duration::from_secs(60);
+
+fn body(value: serde_json::Value) -> Vec<u8> {
+    value.to_string().into_bytes()
+}
+
+fn measurement(id: &str) -> Vec<u8> {
+    body(json!({"type": "MEASUREMENT", "id": id, "data": {"device_id": "d1", "sensor": "t", "value": 1}}))
+}
+
+/// A slow message first (0.3 s): while it runs, the others arrive and wait
+/// (up to `BATCH_MAX_WAIT_MS`, 1 s), then go together as one batch.
+async fn publish_behind_a_slow_one(env: &TestEnv, bodies: &[Vec<u8>]) {
+    let slow = body(json!({"type": "TEST_SLOW", "id": "slow", "data": {"seconds": 0.3}}));
+    env.publish(&slow, BasicProperties::default()).await;
+    for b in bodies {
+        env.publish(b, BasicProperties::default()).await;
+    }
+}
+
+/// The transaction of each event row, told apart by its start time
+/// (`received_at` defaults to `now()`, the start of the transaction; `xmin`
+/// would differ per savepoint).
+async fn transactions(env: &TestEnv, ids: &[&str]) -> Vec<String> {
+    let mut out = Vec::new();
+    for id in ids {
+        let started: String = sqlx::query_scalar("SELECT received_at::text FROM events WHERE message_id = $1")
+            .bind(id)
+            .fetch_one(&env.pool)
+            .await
+            .unwrap_or_else(|e| panic!("event {id}: {e}"));
+        out.push(started);
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_with_poison_a_duplicate_and_a_transient_failure_settles_each_message() {
+    let env = TestEnv::new(FAST_TOPOLOGY).await;
+    let mates = [
+        measurement("m-1"),
+        body(
+            json!({"type": "MEASUREMENT", "id": "poison", "data": {"device_id": "d1", "sensor": "t", "value": "hot"}}),
+        ),
+        measurement("m-1"),
+        body(json!({"type": "TEST_FLAKY", "id": "flaky", "data": {"fail_first": 1}})),
+        measurement("m-2"),
+        b"not json".to_vec(),
+        measurement("m-3"),
+    ];
+    publish_behind_a_slow_one(&env, &mates).await;
+    let worker = env.spawn_worker(&[("BATCH_MAX_SIZE", "50"), ("BATCH_MAX_WAIT_MS", "1000")]);
+    env.wait_for_rows("events", 5, WAIT).await;
+    env.wait_for_queue_len(&env.dlq(), 2, WAIT).await;
+    env.wait_for_queue_len(&env.queue, 0, WAIT).await;
+    let metrics = worker.metrics.clone();
+    worker.stop().await;
+
+    // One transaction for the batch-mates that applied; the transient one
+    // left the batch and committed alone, on its second (in-process) run.
+    let batch = transactions(&env, &["m-1", "m-2", "m-3"]).await;
+    assert!(
+        batch.iter().all(|x| *x == batch[0]),
+        "m-1, m-2, m-3 in one transaction: {batch:?}"
+    );
+    let flaky = transactions(&env, &["flaky"]).await;
+    assert_ne!(flaky[0], batch[0], "the transient failure committed on its own");
+    let run: f64 = sqlx::query_scalar("SELECT value FROM measurements WHERE message_id = 'flaky'")
+        .fetch_one(&env.pool)
+        .await
+        .expect("flaky applied");
+    assert_eq!(run, 2.0, "applied on its second run, in process");
+
+    assert_eq!(env.count("events").await, 5, "slow, m-1, m-2, m-3, flaky: each once");
+    assert_eq!(env.count("measurements").await, 5);
+    assert_eq!(metrics.processed(), 5);
+    assert_eq!(metrics.duplicates(), 1, "the second m-1");
+    assert_eq!(metrics.retried(), 0, "no delayed retry was needed");
+    assert_eq!(metrics.parked(ErrorKind::Validation), 1);
+    assert_eq!(metrics.parked(ErrorKind::Decode), 1);
+    let mut kinds: Vec<String> = env
+        .drain(&env.dlq())
+        .await
+        .iter()
+        .filter_map(|m| headers::read_string(m.delivery.properties.headers().as_ref(), ERROR_KIND))
+        .collect();
+    kinds.sort();
+    assert_eq!(kinds, ["decode", "validation"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panic_in_a_batch_parks_that_message_and_applies_the_others_once() {
+    let env = TestEnv::new(FAST_TOPOLOGY).await;
+    let mates = [
+        measurement("m-1"),
+        body(json!({"type": "TEST_PANIC", "id": "boom", "data": {}})),
+        measurement("m-2"),
+    ];
+    publish_behind_a_slow_one(&env, &mates).await;
+    let worker = env.spawn_worker(&[("BATCH_MAX_SIZE", "50"), ("BATCH_MAX_WAIT_MS", "1000")]);
+    env.wait_for_rows("events", 3, WAIT).await;
+    env.wait_for_queue_len(&env.dlq(), 1, WAIT).await;
+    env.wait_for_queue_len(&env.queue, 0, WAIT).await;
+    let metrics = worker.metrics.clone();
+    worker.stop().await;
+
+    assert_eq!(env.count("measurements").await, 3, "slow, m-1, m-2: each once");
+    assert_eq!(metrics.processed(), 3);
+    assert_eq!(metrics.parked(ErrorKind::Panic), 1);
+    let parked = env.drain(&env.dlq()).await;
+    let kind = headers::read_string(parked[0].delivery.properties.headers().as_ref(), ERROR_KIND);
+    assert_eq!(kind.as_deref(), Some("panic"));
+}

@@ -1,8 +1,10 @@
 //! Several first deliveries applied in one transaction (micro-batching).
 //!
-//! Each message runs inside its own savepoint: a message whose handler
-//! fails is rolled back to it and leaves the batch, and its batch-mates
-//! commit. A failure of the batch itself (a lost connection, a failed
+//! Messages whose handler has a bulk path (`MEASUREMENT`) are checked
+//! first, and the ones that pass are written with one inbox statement and
+//! one statement of the handler's. Every other message runs inside its own
+//! savepoint: a message whose handler fails is rolled back to it and leaves
+//! the batch, and its batch-mates commit. A failure of the batch itself (a lost connection, a failed
 //! commit, the deadline, a panic) rolls everything back; the messages then
 //! run again one by one, where the inbox makes a commit of unknown outcome
 //! safe to repeat.
@@ -12,7 +14,7 @@ use std::panic::AssertUnwindSafe;
 use futures_util::FutureExt;
 use sqlx::{PgConnection, PgPool};
 
-use crate::envelope::Message;
+use crate::envelope::{Kind, Message};
 use crate::failure::Failure;
 use crate::handlers::Handler;
 use crate::pipeline::Outcome;
@@ -32,6 +34,8 @@ pub enum Applied {
 /// Why a batch failed as a whole.
 enum Abort {
     Database(sqlx::Error),
+    /// A bulk path failed: its messages, like the others, run alone.
+    Bulk(Failure),
     /// The handler of message `index` panicked.
     Panic {
         index: usize,
@@ -49,10 +53,8 @@ impl From<sqlx::Error> for Abort {
 pub async fn apply(pool: &PgPool, items: &[(&Message, &Handler)]) -> Vec<Applied> {
     match store::deadline(run(pool, items)).await {
         Ok(applied) => applied,
-        Err(Abort::Database(e)) => {
-            tracing::debug!(error.message = %e, size = items.len(), "batch rolled back; its messages run alone");
-            items.iter().map(|_| Applied::Again).collect()
-        }
+        Err(Abort::Database(e)) => again(items, &e),
+        Err(Abort::Bulk(failure)) => again(items, &failure),
         Err(Abort::Panic { index, text }) => (0..items.len())
             .map(|i| {
                 if i == index {
@@ -65,33 +67,110 @@ pub async fn apply(pool: &PgPool, items: &[(&Message, &Handler)]) -> Vec<Applied
     }
 }
 
+fn again(items: &[(&Message, &Handler)], error: &dyn std::fmt::Display) -> Vec<Applied> {
+    tracing::debug!(error.message = %error, size = items.len(), "batch rolled back; its messages run alone");
+    items.iter().map(|_| Applied::Again).collect()
+}
+
 async fn run(pool: &PgPool, items: &[(&Message, &Handler)]) -> Result<Vec<Applied>, Abort> {
     let mut tx = pool.begin().await?;
-    let mut applied = Vec::with_capacity(items.len());
+    let mut applied: Vec<Option<Applied>> = items.iter().map(|_| None).collect();
+    for (handler, indexes) in bulk_groups(items, &mut applied) {
+        apply_bulk(&mut tx, handler, items, &indexes, &mut applied).await?;
+    }
     for (index, (message, handler)) in items.iter().enumerate() {
-        sqlx::raw_sql("SAVEPOINT message").execute(&mut *tx).await?;
-        let result = AssertUnwindSafe(apply_one(&mut tx, handler, message))
-            .catch_unwind()
-            .await
-            .map_err(|panic| Abort::Panic {
-                index,
-                text: panic_text(&*panic),
-            })?;
-        match result {
-            Ok(outcome) => {
-                sqlx::raw_sql("RELEASE SAVEPOINT message").execute(&mut *tx).await?;
-                applied.push(Applied::Done(outcome));
-            }
-            Err(failure) => {
-                sqlx::raw_sql("ROLLBACK TO SAVEPOINT message; RELEASE SAVEPOINT message")
-                    .execute(&mut *tx)
-                    .await?;
-                applied.push(Applied::Failed(failure));
-            }
+        if applied[index].is_none() {
+            applied[index] = Some(apply_in_savepoint(&mut tx, index, handler, message).await?);
         }
     }
     tx.commit().await?;
-    Ok(applied)
+    Ok(applied.into_iter().map(|a| a.unwrap_or(Applied::Again)).collect())
+}
+
+/// The items that take a handler's bulk path, by handler. An item its
+/// `check` refuses fails at once; items without a bulk path stay `None`.
+fn bulk_groups<'h>(
+    items: &[(&Message, &'h Handler)],
+    applied: &mut [Option<Applied>],
+) -> Vec<(&'h Handler, Vec<usize>)> {
+    let mut groups: Vec<(&Handler, Vec<usize>)> = Vec::new();
+    for (index, (message, handler)) in items.iter().enumerate() {
+        let Some(bulk) = handler.bulk.as_ref().filter(|_| handler.kind == Kind::Event) else {
+            continue;
+        };
+        if let Err(failure) = (bulk.check)(message) {
+            applied[index] = Some(Applied::Failed(failure));
+            continue;
+        }
+        match groups.iter_mut().find(|(h, _)| std::ptr::eq(*h, *handler)) {
+            Some((_, indexes)) => indexes.push(index),
+            None => groups.push((handler, vec![index])),
+        }
+    }
+    groups
+}
+
+/// Inbox rows for the group in one statement, then the new ones through
+/// the handler's `apply_many`; the first copy of an id in the batch is
+/// the one applied.
+async fn apply_bulk(
+    tx: &mut PgConnection,
+    handler: &Handler,
+    items: &[(&Message, &Handler)],
+    indexes: &[usize],
+    applied: &mut [Option<Applied>],
+) -> Result<(), Abort> {
+    let messages: Vec<&Message> = indexes.iter().map(|i| items[*i].0).collect();
+    let mut new_ids = store::record_events_in_inbox(tx, &messages).await?;
+    let mut fresh = Vec::with_capacity(messages.len());
+    for (index, message) in indexes.iter().zip(&messages) {
+        let outcome = if new_ids.remove(&message.id) {
+            fresh.push(*message);
+            Outcome::Processed
+        } else {
+            Outcome::Duplicate
+        };
+        applied[*index] = Some(Applied::Done(outcome));
+    }
+    let apply_many = handler.bulk.as_ref().map(|bulk| bulk.apply_many);
+    if let (Some(apply_many), false) = (apply_many, fresh.is_empty()) {
+        let applied_many = AssertUnwindSafe(apply_many(tx, &fresh)).catch_unwind().await;
+        match applied_many {
+            Ok(Ok(())) => {}
+            Ok(Err(failure)) => return Err(Abort::Bulk(failure)),
+            Err(panic) => return Err(Abort::Bulk(Failure::Panic(panic_text(&*panic)))),
+        }
+    }
+    Ok(())
+}
+
+/// One message in its own savepoint: rolled back to it if it fails.
+async fn apply_in_savepoint(
+    tx: &mut PgConnection,
+    index: usize,
+    handler: &Handler,
+    message: &Message,
+) -> Result<Applied, Abort> {
+    sqlx::raw_sql("SAVEPOINT message").execute(&mut *tx).await?;
+    let result = AssertUnwindSafe(apply_one(tx, handler, message))
+        .catch_unwind()
+        .await
+        .map_err(|panic| Abort::Panic {
+            index,
+            text: panic_text(&*panic),
+        })?;
+    match result {
+        Ok(outcome) => {
+            sqlx::raw_sql("RELEASE SAVEPOINT message").execute(&mut *tx).await?;
+            Ok(Applied::Done(outcome))
+        }
+        Err(failure) => {
+            sqlx::raw_sql("ROLLBACK TO SAVEPOINT message; RELEASE SAVEPOINT message")
+                .execute(&mut *tx)
+                .await?;
+            Ok(Applied::Failed(failure))
+        }
+    }
 }
 
 /// One message inside an open transaction: its inbox row, then its

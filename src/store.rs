@@ -204,3 +204,36 @@ pub async fn record_in_inbox(conn: &mut PgConnection, message: &Message) -> Resu
     };
     Ok(result.rows_affected() == 1)
 }
+
+/// Records many events in the inbox in one statement, in message id order
+/// (so two batches sharing ids lock them in the same order). Returns the
+/// ids that were new; an id already there (or twice in `events`) is a
+/// duplicate.
+///
+/// # Errors
+/// The database error.
+pub async fn record_events_in_inbox(
+    conn: &mut PgConnection,
+    events: &[&Message],
+) -> Result<std::collections::HashSet<String>, sqlx::Error> {
+    let column = |f: fn(&Message) -> Option<&str>| events.iter().map(|m| f(m)).collect::<Vec<_>>();
+    let data: Vec<_> = events.iter().map(|m| sqlx::types::Json(&m.data)).collect();
+    let times: Vec<_> = events.iter().map(|m| m.time).collect();
+    sqlx::query_scalar(
+        "INSERT INTO events (message_id, type, actor, target, occurred_at, data)
+         SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::timestamptz[], $6::jsonb[])
+             AS e (message_id, type, actor, target, occurred_at, data)
+         ORDER BY message_id
+         ON CONFLICT (message_id) DO NOTHING
+         RETURNING message_id",
+    )
+    .bind(column(|m| Some(m.id.as_str())))
+    .bind(column(|m| Some(m.message_type.as_str())))
+    .bind(column(|m| m.actor.as_deref()))
+    .bind(column(|m| m.target.as_deref()))
+    .bind(times)
+    .bind(data)
+    .fetch_all(conn)
+    .await
+    .map(|ids: Vec<String>| ids.into_iter().collect())
+}

@@ -5,6 +5,7 @@ use futures_util::future::BoxFuture;
 use serde_json::Value;
 use sqlx::PgConnection;
 
+use super::Bulk;
 use super::fields::{Fields, ValidationError};
 use crate::envelope::Message;
 use crate::failure::Failure;
@@ -50,6 +51,51 @@ pub fn apply<'a>(conn: &'a mut PgConnection, message: &'a Message) -> BoxFuture<
         .await?;
         Ok(())
     })
+}
+
+/// The bulk path: one `INSERT … SELECT FROM UNNEST` for many readings.
+pub const BULK: Bulk = Bulk {
+    check: |message| parse(&message.data).map(drop).map_err(Failure::from),
+    apply_many,
+};
+
+fn apply_many<'a>(conn: &'a mut PgConnection, messages: &'a [&'a Message]) -> BoxFuture<'a, Result<(), Failure>> {
+    Box::pin(async move {
+        let mut columns = Columns::default();
+        for message in messages {
+            let m = parse(&message.data)?;
+            columns.message_id.push(message.id.as_str());
+            columns.device_id.push(m.device_id);
+            columns.sensor.push(m.sensor);
+            columns.value.push(m.value);
+            columns.unit.push(m.unit);
+            columns.measured_at.push(m.time.unwrap_or(message.time));
+        }
+        sqlx::query(
+            "INSERT INTO measurements (message_id, device_id, sensor, value, unit, measured_at)
+             SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::float8[], $5::text[], $6::timestamptz[])",
+        )
+        .bind(columns.message_id)
+        .bind(columns.device_id)
+        .bind(columns.sensor)
+        .bind(columns.value)
+        .bind(columns.unit)
+        .bind(columns.measured_at)
+        .execute(conn)
+        .await?;
+        Ok(())
+    })
+}
+
+/// The `measurements` columns of many readings, for `UNNEST`.
+#[derive(Default)]
+struct Columns<'a> {
+    message_id: Vec<&'a str>,
+    device_id: Vec<&'a str>,
+    sensor: Vec<&'a str>,
+    value: Vec<f64>,
+    unit: Vec<Option<&'a str>>,
+    measured_at: Vec<DateTime<Utc>>,
 }
 
 #[cfg(test)]

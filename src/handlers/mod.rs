@@ -32,33 +32,49 @@ pub const DEVICE_EXCHANGE: &str = "amq.topic";
 /// Applies one message's effect inside the caller's transaction.
 pub type ApplyFn = for<'a> fn(&'a mut PgConnection, &'a Message) -> BoxFuture<'a, Result<(), Failure>>;
 
+/// Applies many checked messages of one type inside the caller's
+/// transaction, with the same effect as `apply` on each: all of them, or
+/// an error for the lot.
+pub type ApplyManyFn = for<'a> fn(&'a mut PgConnection, &'a [&'a Message]) -> BoxFuture<'a, Result<(), Failure>>;
+
+/// A handler's bulk path, for batches: `check` validates one message
+/// without the database (a message it refuses stays out of the bulk), and
+/// `apply_many` applies the checked ones. Only for events, whose inbox rows
+/// are then written in bulk too.
+pub struct Bulk {
+    pub check: fn(&Message) -> Result<(), Failure>,
+    pub apply_many: ApplyManyFn,
+}
+
 /// One row of the handler mapping.
 pub struct Handler {
     pub message_type: &'static str,
     pub kind: Kind,
     pub apply: ApplyFn,
+    /// A faster path for many messages at once, where it pays off.
+    pub bulk: Option<Bulk>,
 }
 
 /// The handler mapping: every message type the worker knows.
 #[rustfmt::skip]
 pub static HANDLERS: &[Handler] = &[
-    Handler { message_type: "DEVICE_UP",          kind: Kind::Event,   apply: device_up::apply },
-    Handler { message_type: "DEVICE_DOWN",        kind: Kind::Event,   apply: device_down::apply },
-    Handler { message_type: "MEASUREMENT",        kind: Kind::Event,   apply: measurement::apply },
-    Handler { message_type: "IBEACON_CHANGE",     kind: Kind::Event,   apply: ibeacon_change::apply },
-    Handler { message_type: "IBEACON_READ",       kind: Kind::Event,   apply: record_only::apply },
-    Handler { message_type: "HTTP_COAP_REQUEST",  kind: Kind::Event,   apply: record_only::apply },
-    Handler { message_type: "COAP_HTTP_RESPONSE", kind: Kind::Event,   apply: record_only::apply },
-    Handler { message_type: "SET_LED",            kind: Kind::Command, apply: set_led::apply },
-    Handler { message_type: "SET_PUBLISH_PERIOD", kind: Kind::Command, apply: set_publish_period::apply },
+    Handler { message_type: "DEVICE_UP",          kind: Kind::Event,   apply: device_up::apply,           bulk: None },
+    Handler { message_type: "DEVICE_DOWN",        kind: Kind::Event,   apply: device_down::apply,         bulk: None },
+    Handler { message_type: "MEASUREMENT",        kind: Kind::Event,   apply: measurement::apply,         bulk: Some(measurement::BULK) },
+    Handler { message_type: "IBEACON_CHANGE",     kind: Kind::Event,   apply: ibeacon_change::apply,      bulk: None },
+    Handler { message_type: "IBEACON_READ",       kind: Kind::Event,   apply: record_only::apply,         bulk: None },
+    Handler { message_type: "HTTP_COAP_REQUEST",  kind: Kind::Event,   apply: record_only::apply,         bulk: None },
+    Handler { message_type: "COAP_HTTP_RESPONSE", kind: Kind::Event,   apply: record_only::apply,         bulk: None },
+    Handler { message_type: "SET_LED",            kind: Kind::Command, apply: set_led::apply,             bulk: None },
+    Handler { message_type: "SET_PUBLISH_PERIOD", kind: Kind::Command, apply: set_publish_period::apply,  bulk: None },
     #[cfg(feature = "test-handlers")]
-    Handler { message_type: "TEST_ABORT",         kind: Kind::Event,   apply: test_only::abort },
+    Handler { message_type: "TEST_ABORT",         kind: Kind::Event,   apply: test_only::abort,           bulk: None },
     #[cfg(feature = "test-handlers")]
-    Handler { message_type: "TEST_PANIC",         kind: Kind::Event,   apply: test_only::panic },
+    Handler { message_type: "TEST_PANIC",         kind: Kind::Event,   apply: test_only::panic,           bulk: None },
     #[cfg(feature = "test-handlers")]
-    Handler { message_type: "TEST_FLAKY",         kind: Kind::Event,   apply: test_only::flaky },
+    Handler { message_type: "TEST_FLAKY",         kind: Kind::Event,   apply: test_only::flaky,           bulk: None },
     #[cfg(feature = "test-handlers")]
-    Handler { message_type: "TEST_SLOW",          kind: Kind::Event,   apply: test_only::slow },
+    Handler { message_type: "TEST_SLOW",          kind: Kind::Event,   apply: test_only::slow,            bulk: None },
 ];
 
 /// The handler for a message's kind and type.

@@ -107,7 +107,7 @@ settings! {
         show: String::clone,
     }
     prefetch_count: u16 = "RABBITMQ_PREFETCH_COUNT" {
-        default: "32",
+        default: "256",
         parse: |text| integer(text, 1, 1000),
         show: u16::to_string,
     }
@@ -150,10 +150,11 @@ settings! {
         show: SocketAddr::to_string,
     }
     /// Upper bound of the PostgreSQL pool; the pool is one connection per
-    /// message in flight (the prefetch count) plus one for bookkeeping,
-    /// capped by this.
+    /// message in flight (the prefetch count) plus two for bookkeeping,
+    /// capped by this. With batching, a few connections serve many
+    /// messages in flight.
     database_max_connections: u32 = "DATABASE_MAX_CONNECTIONS" {
-        default: "64",
+        default: "16",
         parse: |text| integer(text, 1, 1000),
         show: u32::to_string,
     }
@@ -568,6 +569,8 @@ mod tests {
         assert!(s.events_to_omit.is_empty());
         assert_eq!(s.log_format, LogFormat::Text);
         assert!(s.outbox_relay);
+        assert_eq!((s.prefetch_count, s.batch_max_size, s.pool_size()), (256, 64, 16));
+        assert_eq!(s.batch_max_wait, Duration::from_millis(5));
         assert_eq!(s.outbox_retention, Duration::from_secs(7 * 24 * 3600));
     }
 

@@ -31,6 +31,7 @@ pub mod headers;
 pub mod requeue;
 pub mod store;
 
+mod acks;
 mod batch;
 mod crash_guard;
 mod divert;

@@ -17,10 +17,10 @@ use backon::Retryable;
 use chrono::{DateTime, Utc};
 use futures_util::FutureExt;
 use lapin::message::Delivery;
-use lapin::options::BasicAckOptions;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
+use crate::acks::Acks;
 use crate::batch::{self, Applied};
 use crate::broker::{PublishError, Publisher};
 use crate::crash_guard::{Admission, CrashGuard};
@@ -100,11 +100,13 @@ pub struct PipelineConfig {
     pub hooks: Vec<EventHook>,
 }
 
-/// Where one broker session's copies go: its confirmed publisher, and the
-/// connection's negotiated frame size (a copy's headers must fit).
+/// Where one broker session's settlements go: its confirmed publisher for
+/// copies, the connection's negotiated frame size (a copy's headers must
+/// fit), and the consumer channel's acks.
 pub struct Outlet {
     pub publisher: Publisher,
     pub frame_max: usize,
+    pub acks: Acks,
 }
 
 impl Pipeline {
@@ -152,6 +154,7 @@ impl Pipeline {
     /// the ones after it are left unacked.
     pub async fn handle_batch(&self, deliveries: &[Delivery], outlet: &Outlet) -> Result<(), SettleError> {
         let permit = self.crash_guard.share().await;
+        let mut settled = Vec::with_capacity(deliveries.len());
         let mut ready = Vec::with_capacity(deliveries.len());
         for delivery in deliveries {
             self.emit(&Event::Received(delivery));
@@ -159,7 +162,8 @@ impl Pipeline {
             match self.prepare(delivery, received) {
                 Prepared::Apply(message, handler) => ready.push((delivery, received, message, handler)),
                 Prepared::Done(processed) => {
-                    self.settle(delivery, received, processed, outlet).await?;
+                    self.resolve_into(&mut settled, delivery, received, processed, outlet)
+                        .await?;
                 }
             }
         }
@@ -181,8 +185,10 @@ impl Pipeline {
                 message_type: Some(message.message_type.clone()),
                 failure,
             });
-            self.settle(delivery, *received, processed, outlet).await?;
+            self.resolve_into(&mut settled, delivery, *received, processed, outlet)
+                .await?;
         }
+        self.ack(&settled, outlet).await?;
         permit.settled().await;
         Ok(())
     }
@@ -199,8 +205,8 @@ impl Pipeline {
         }
     }
 
-    /// Acks a delivery that ended well, diverts a failed one to its retry
-    /// queue or the DLQ first, and tells the hooks.
+    /// Settles one delivery: diverts it if it failed, acks it, and tells
+    /// the hooks.
     async fn settle(
         &self,
         delivery: &Delivery,
@@ -208,24 +214,60 @@ impl Pipeline {
         processed: Result<Outcome, Failed>,
         outlet: &Outlet,
     ) -> Result<Outcome, SettleError> {
-        let result = async {
-            let outcome = match processed {
-                Ok(outcome) => outcome,
-                Err(failed) => self.divert(delivery, received, &failed, outlet).await?,
-            };
-            delivery
-                .acker
-                .ack(BasicAckOptions::default())
-                .await
-                .map_err(SettleError::Ack)?;
-            Ok(outcome)
+        let mut settled = Vec::with_capacity(1);
+        self.resolve_into(&mut settled, delivery, received, processed, outlet)
+            .await?;
+        self.ack(&settled, outlet).await?;
+        let (_, outcome) = settled.pop().expect("one delivery settled");
+        Ok(outcome)
+    }
+
+    /// Adds a delivery to `settled` once it may be acked: at once when it
+    /// ended well, after its copy was confirmed when it failed. When the
+    /// copy fails, the ones settled so far are acked first.
+    async fn resolve_into<'d>(
+        &self,
+        settled: &mut Vec<(&'d Delivery, Outcome)>,
+        delivery: &'d Delivery,
+        received: DateTime<Utc>,
+        processed: Result<Outcome, Failed>,
+        outlet: &Outlet,
+    ) -> Result<(), SettleError> {
+        let diverted = match processed {
+            Ok(outcome) => Ok(outcome),
+            Err(failed) => self.divert(delivery, received, &failed, outlet).await,
+        };
+        match diverted {
+            Ok(outcome) => {
+                settled.push((delivery, outcome));
+                Ok(())
+            }
+            Err(e) => {
+                self.ack(settled, outlet).await.ok();
+                self.emit(&Event::Unsettled(delivery, &e));
+                Err(e)
+            }
         }
-        .await;
-        match &result {
-            Ok(outcome) => self.emit(&Event::Settled(delivery, outcome)),
-            Err(e) => self.emit(&Event::Unsettled(delivery, e)),
+    }
+
+    /// Acks settled deliveries together (see [`Acks`]) and tells the hooks.
+    async fn ack(&self, settled: &[(&Delivery, Outcome)], outlet: &Outlet) -> Result<(), SettleError> {
+        let tags: Vec<u64> = settled.iter().map(|(delivery, _)| delivery.delivery_tag).collect();
+        match outlet.acks.ack(&tags).await {
+            Ok(()) => {
+                for (delivery, outcome) in settled {
+                    self.emit(&Event::Settled(delivery, outcome));
+                }
+                Ok(())
+            }
+            Err(e) => {
+                let e = SettleError::Ack(e);
+                for (delivery, _) in settled {
+                    self.emit(&Event::Unsettled(delivery, &e));
+                }
+                Err(e)
+            }
         }
-        result
     }
 
     /// Decodes and applies.

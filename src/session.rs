@@ -20,6 +20,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::acks::Acks;
 use crate::broker::{self, Publisher};
 use crate::pipeline::{Outlet, Pipeline};
 use crate::topology::{Topology, TopologyError};
@@ -147,6 +148,7 @@ impl Session {
         let outlet = Arc::new(Outlet {
             publisher: Publisher::open(&connection).await?,
             frame_max: usize::try_from(connection.configuration().frame_max()).unwrap_or(usize::MAX),
+            acks: Acks::new(channel.clone()),
         });
         let consumer = channel
             .basic_consume(
@@ -218,6 +220,9 @@ impl Session {
         pipeline: &Arc<Pipeline>,
         pending: &mut Pending,
     ) -> Result<(), SessionError> {
+        if let Some(Ok(delivery)) = &next {
+            self.outlet.acks.received(delivery.delivery_tag);
+        }
         match next {
             Some(Ok(delivery)) if delivery.redelivered => {
                 self.in_flight.spawn(pipeline.clone(), self.outlet.clone(), delivery);

@@ -12,6 +12,7 @@
 use std::collections::BTreeSet;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use backon::Retryable;
 use chrono::{DateTime, Utc};
@@ -58,10 +59,25 @@ pub enum SettleError {
 pub enum Event<'a> {
     /// Before anything is done with it.
     Received(&'a Delivery),
-    /// Acked, with its outcome.
-    Settled(&'a Delivery, &'a Outcome),
+    /// Acked, with its outcome and how the handling went.
+    Settled(&'a Delivery, &'a Outcome, &'a Handling),
     /// Left unacked for redelivery; the session ends.
     Unsettled(&'a Delivery, &'a SettleError),
+    /// Dropped unfinished at the end of the grace period (see
+    /// [`Pipeline::cut_off`]): left unacked for redelivery.
+    CutOff(&'a Delivery),
+}
+
+/// How a settled delivery was handled: what metrics need besides the
+/// outcome.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Handling {
+    /// The envelope's `type`, once decoded (`None` when it was not).
+    pub message_type: Option<String>,
+    /// Runs of the transaction after the first, in process (stage 1).
+    pub in_process_retries: u32,
+    /// From receipt to settlement.
+    pub elapsed: Duration,
 }
 
 /// Called with every [`Event`].
@@ -123,10 +139,13 @@ impl Pipeline {
     /// # Errors
     /// A [`SettleError`] when the delivery could not be settled.
     pub async fn handle(&self, delivery: &Delivery, outlet: &Outlet) -> Result<Outcome, SettleError> {
+        let started = Instant::now();
         self.emit(&Event::Received(delivery));
-        let result = self.admit_process_settle(delivery, outlet).await;
+        let mut handling = Handling::default();
+        let result = self.admit_process_settle(delivery, outlet, &mut handling).await;
+        handling.elapsed = started.elapsed();
         match &result {
-            Ok(outcome) => self.emit(&Event::Settled(delivery, outcome)),
+            Ok(outcome) => self.emit(&Event::Settled(delivery, outcome, &handling)),
             Err(e) => self.emit(&Event::Unsettled(delivery, e)),
         }
         result
@@ -135,6 +154,7 @@ impl Pipeline {
     /// A delivery whose run was cut off by the end of the shutdown grace
     /// period (see [`CrashGuard::cut_off`]).
     pub async fn cut_off(&self, delivery: &Delivery) {
+        self.emit(&Event::CutOff(delivery));
         self.crash_guard.cut_off(delivery).await;
     }
 
@@ -144,11 +164,16 @@ impl Pipeline {
         }
     }
 
-    async fn admit_process_settle(&self, delivery: &Delivery, outlet: &Outlet) -> Result<Outcome, SettleError> {
+    async fn admit_process_settle(
+        &self,
+        delivery: &Delivery,
+        outlet: &Outlet,
+        handling: &mut Handling,
+    ) -> Result<Outcome, SettleError> {
         // The time of an envelope without `time`: the same on every attempt.
         let received = headers::first_received(&delivery.properties).unwrap_or_else(Utc::now);
         let (permit, processed) = match self.crash_guard.admit(delivery).await {
-            Admission::Run(permit) => (permit, self.process(delivery, received).await),
+            Admission::Run(permit) => (permit, self.process(delivery, received, handling).await),
             Admission::Fail(permit, failure) => (permit, Err(Failed::untyped(failure))),
         };
         let outcome = match processed {
@@ -164,16 +189,26 @@ impl Pipeline {
         Ok(outcome)
     }
 
-    /// Decodes and applies.
-    async fn process(&self, delivery: &Delivery, received: DateTime<Utc>) -> Result<Outcome, Failed> {
+    /// Decodes and applies, noting the type and the in-process retries in
+    /// `handling`.
+    async fn process(
+        &self,
+        delivery: &Delivery,
+        received: DateTime<Utc>,
+        handling: &mut Handling,
+    ) -> Result<Outcome, Failed> {
         let amqp_id = delivery.properties.message_id().as_ref().map(|id| id.as_str());
         let message =
             envelope::decode(&delivery.data, amqp_id, received, self.max_message_bytes).map_err(Failed::untyped)?;
+        handling.message_type = Some(message.message_type.clone());
         if self.events_to_omit.contains(&message.message_type) {
             return Ok(Outcome::Omitted);
         }
         let result = match handlers::lookup(&message) {
-            Ok(handler) => self.apply_with_retries(handler, &message).await,
+            Ok(handler) => {
+                self.apply_with_retries(handler, &message, &mut handling.in_process_retries)
+                    .await
+            }
             Err(failure) => Err(failure),
         };
         result.map_err(|failure| Failed {
@@ -184,12 +219,18 @@ impl Pipeline {
 
     /// Stage 1: runs the transaction again on transient failures, with the
     /// policy's backoff, unless shutdown has begun.
-    async fn apply_with_retries(&self, handler: &Handler, message: &Message) -> Result<Outcome, Failure> {
+    async fn apply_with_retries(
+        &self,
+        handler: &Handler,
+        message: &Message,
+        retries: &mut u32,
+    ) -> Result<Outcome, Failure> {
         (|| self.apply_once(handler, message))
             .retry(self.topology.retry.in_process_backoff())
             .sleep(tokio::time::sleep)
             .when(|failure| failure.is_transient() && !self.shutdown.is_cancelled())
             .notify(|failure, delay| {
+                *retries += 1;
                 tracing::debug!(message_id = %message.id, error.message = %failure, ?delay, "transient failure, retrying in process");
             })
             .await

@@ -210,6 +210,21 @@ async fn wait_readyz(addr: SocketAddr, status: u16, reason: &str) {
     .await;
 }
 
+/// Runs `worker-iot-core --healthcheck` against `addr`: its exit code and
+/// standard error.
+async fn healthcheck(env: &TestEnv, addr: SocketAddr) -> (Option<i32>, String) {
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_worker-iot-core"))
+        .arg("--healthcheck")
+        .envs(env.env_vars(&[("METRICS_ADDR", &addr.to_string())]))
+        .output()
+        .await
+        .expect("run worker-iot-core --healthcheck");
+    (
+        output.status.code(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readyz_follows_the_broker_and_the_database() {
     let env = TestEnv::new(common::FAST_TOPOLOGY).await;
@@ -222,11 +237,15 @@ async fn readyz_follows_the_broker_and_the_database() {
     let (worker, addr) = spawn_serving(settings).await;
     wait_readyz(addr, 200, "ready").await;
     assert_eq!(get(addr, "/healthz").await, (200, "ok\n".into()));
+    assert_eq!(healthcheck(&env, addr).await, (Some(0), String::new()));
 
     broker.set_refusing(true);
     broker.cut();
     wait_readyz(addr, 503, "not connected to RabbitMQ").await;
     assert_eq!(get(addr, "/healthz").await.0, 200, "alive while not ready");
+    let (code, stderr) = healthcheck(&env, addr).await;
+    assert_eq!(code, Some(1));
+    assert!(stderr.contains("503 not ready: not connected to RabbitMQ"), "{stderr}");
     let (_, text) = get(addr, "/metrics").await;
     assert_eq!(samples(&text, "iot_ready"), expected(&[("", 0.0)]), "{text}");
     broker.set_refusing(false);

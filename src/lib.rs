@@ -15,6 +15,8 @@
 //!   (routing key and [`headers`]) that the pipeline publishes before it
 //!   acks;
 //! * every step is an [`Event`]: [`metrics`] counts them, tests watch them;
+//!   [`http`] serves the metrics and the readiness ([`health`] checks the
+//!   database);
 //! * [`relay`] publishes the device messages that commands left in the
 //!   [`outbox`]; [`requeue`] is the library of the `requeue` tool;
 //! * [`config`] reads the settings.
@@ -37,6 +39,8 @@ mod crash_guard;
 mod divert;
 mod failure;
 mod handlers;
+mod health;
+mod http;
 mod metrics;
 mod outbox;
 mod pipeline;
@@ -47,9 +51,10 @@ mod topology;
 mod worker;
 
 pub use failure::ErrorKind;
-pub use metrics::{Metrics, probe_ready};
+pub use http::probe_ready;
+pub use metrics::Metrics;
 pub use outbox::enqueue as enqueue_device_message;
-pub use pipeline::{Event, EventHook, Outcome};
+pub use pipeline::{Event, EventHook, Handling, Outcome};
 pub use retry::{Disposition, next_retry};
 pub use topology::{MainQueue, QueueType, Topology, TopologyError};
 pub use worker::{Options, WorkerError, run, run_with};

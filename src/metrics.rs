@@ -1,116 +1,326 @@
-//! Counters and readiness, served as `/metrics` (Prometheus text format),
-//! `/healthz` and `/readyz` on `METRICS_ADDR` by a deliberately tiny HTTP
-//! server. Tests read the same [`Metrics`] directly.
+//! The worker's metrics and readiness, rendered in the Prometheus text
+//! format by [`crate::http`] on `METRICS_ADDR`.
+//!
+//! Every [`Metrics`] owns its recorder: a `metrics-exporter-prometheus`
+//! [`PrometheusRecorder`] that this module records into directly through
+//! the [`metrics::Recorder`] trait, not the process-wide recorder of the
+//! `counter!` macros. Tests run several workers in one process, each with
+//! its own `Metrics`; a global recorder would add their counts together,
+//! and `metrics::with_local_recorder` is per thread, so it would miss what
+//! tokio runs on other threads.
+//!
+//! A few aggregate counts are also kept in atomics, for the supervisor and
+//! the tests ([`Metrics::processed`], [`Metrics::parked`], …).
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Mutex, PoisonError};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
+use metrics::{Counter, Gauge, Key, KeyName, Label, Level, Metadata, Recorder, SharedString, Unit};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
 
 use crate::failure::ErrorKind;
+use crate::handlers::HANDLERS;
 use crate::outbox::Stats;
-use crate::pipeline::{Event, Outcome};
-use crate::retry::Disposition;
+use crate::pipeline::{Event, Handling, Outcome};
+use crate::retry::{Disposition, RetryPolicy};
 
-/// The worker's live state.
-#[derive(Default)]
+/// The metric names, each with its type, unit and help (the README's
+/// Observability table says the same).
+mod name {
+    pub const DELIVERIES: &str = "iot_deliveries_total";
+    pub const HANDLING: &str = "iot_delivery_handling_seconds";
+    pub const IN_PROCESS_RETRIES: &str = "iot_in_process_retries_total";
+    pub const DELAYED_RETRIES: &str = "iot_delayed_retries_total";
+    pub const UNSETTLED: &str = "iot_deliveries_unsettled_total";
+    pub const IN_FLIGHT: &str = "iot_deliveries_in_flight";
+    pub const CONNECTIONS: &str = "iot_broker_connections_total";
+    pub const RECONNECTS: &str = "iot_broker_reconnects_total";
+    pub const NODE: &str = "iot_broker_node_info";
+    pub const READY: &str = "iot_ready";
+    pub const DATABASE_UP: &str = "iot_database_up";
+    pub const POOL_SIZE: &str = "iot_db_pool_connections";
+    pub const POOL_IN_USE: &str = "iot_db_pool_connections_in_use";
+    pub const POOL_MAX: &str = "iot_db_pool_max_connections";
+    pub const BUILD_INFO: &str = "iot_build_info";
+    pub const OUTBOX_PUBLISHED: &str = "iot_outbox_published_total";
+    pub const OUTBOX_UNROUTABLE: &str = "iot_outbox_unroutable_total";
+    pub const OUTBOX_ERRORS: &str = "iot_outbox_relay_errors_total";
+    pub const OUTBOX_PENDING: &str = "iot_outbox_pending_rows";
+    pub const OUTBOX_FAILED: &str = "iot_outbox_failed_rows";
+    pub const OUTBOX_OLDEST: &str = "iot_outbox_oldest_pending_seconds";
+}
+
+/// Upper bounds of the handling-duration histogram, in seconds.
+const HANDLING_BUCKETS: [f64; 13] = [
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+];
+
+/// Passed with each registration; the Prometheus recorder ignores it.
+static METADATA: Metadata<'static> = Metadata::new(module_path!(), Level::INFO, Some(module_path!()));
+
+/// The `type` label of a message type: the type itself when a handler
+/// knows it, `unknown` otherwise (undecodable or unhandled), so a producer
+/// cannot create series at will.
+fn type_label(message_type: Option<&str>) -> &'static str {
+    message_type
+        .and_then(|t| HANDLERS.iter().find(|h| h.message_type == t))
+        .map_or("unknown", |h| h.message_type)
+}
+
+/// The worker's live state: metrics and readiness.
 pub struct Metrics {
-    ready: AtomicBool,
+    recorder: PrometheusRecorder,
+    handle: PrometheusHandle,
     processed: AtomicU64,
     duplicate: AtomicU64,
-    omitted: AtomicU64,
     retried: AtomicU64,
     parked: [AtomicU64; ErrorKind::ALL.len()],
     connections: AtomicU64,
-    /// `host:port` of the broker of the current (or last) session.
-    node: std::sync::Mutex<String>,
-    unsettled: AtomicU64,
     outbox_published: AtomicU64,
     outbox_unroutable: AtomicU64,
     outbox_errors: AtomicU64,
-    outbox_pending: AtomicU64,
-    outbox_failed: AtomicU64,
-    outbox_oldest_pending_ms: AtomicU64,
+    in_flight: Gauge,
+    /// Connected to the broker and consuming.
+    consuming: AtomicBool,
+    /// The last database check: `Err` holds why it failed.
+    database: Mutex<Result<(), String>>,
+    /// `host:port` of the broker of the current (or last) session.
+    node: Mutex<String>,
+    /// Where `/metrics` is served, once bound.
+    http_addr: Mutex<Option<SocketAddr>>,
+}
+
+impl Default for Metrics {
+    fn default() -> Metrics {
+        Metrics::new()
+    }
 }
 
 impl Metrics {
-    /// Whether the worker is connected and consuming.
-    pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::SeqCst)
+    /// A fresh set, with its own recorder.
+    pub fn new() -> Metrics {
+        let recorder = PrometheusBuilder::new()
+            .set_buckets_for_metric(Matcher::Full(name::HANDLING.into()), &HANDLING_BUCKETS)
+            // The buckets are a non-empty constant.
+            .expect("histogram buckets are not empty")
+            .build_recorder();
+        describe(&recorder);
+        let handle = recorder.handle();
+        let in_flight = recorder.register_gauge(&Key::from_name(name::IN_FLIGHT), &METADATA);
+        let metrics = Metrics {
+            recorder,
+            handle,
+            processed: AtomicU64::new(0),
+            duplicate: AtomicU64::new(0),
+            retried: AtomicU64::new(0),
+            parked: Default::default(),
+            connections: AtomicU64::new(0),
+            outbox_published: AtomicU64::new(0),
+            outbox_unroutable: AtomicU64::new(0),
+            outbox_errors: AtomicU64::new(0),
+            in_flight,
+            consuming: AtomicBool::new(false),
+            database: Mutex::new(Err("not checked yet".into())),
+            node: Mutex::new(String::new()),
+            http_addr: Mutex::new(None),
+        };
+        // Series that exist from the start, so a dashboard or an alert
+        // sees 0 rather than nothing.
+        let version = Label::new("version", env!("CARGO_PKG_VERSION"));
+        metrics.gauge(name::BUILD_INFO, vec![version]).set(1.0);
+        for counter in [
+            name::CONNECTIONS,
+            name::RECONNECTS,
+            name::OUTBOX_PUBLISHED,
+            name::OUTBOX_UNROUTABLE,
+            name::OUTBOX_ERRORS,
+        ] {
+            metrics.counter(counter, vec![]).absolute(0);
+        }
+        metrics.in_flight.set(0.0);
+        metrics.refresh_readiness();
+        metrics
     }
 
-    pub fn set_ready(&self, ready: bool) {
-        self.ready.store(ready, Ordering::SeqCst);
+    fn counter(&self, name: &'static str, labels: Vec<Label>) -> Counter {
+        self.recorder
+            .register_counter(&Key::from_parts(name, labels), &METADATA)
     }
 
-    /// Follows the pipeline: counts each settled delivery by outcome, and
-    /// each one left unsettled.
-    pub fn observe(&self, event: &Event<'_>) {
+    fn gauge(&self, name: &'static str, labels: Vec<Label>) -> Gauge {
+        self.recorder.register_gauge(&Key::from_parts(name, labels), &METADATA)
+    }
+
+    /// Follows the pipeline: counts each delivery by type and outcome,
+    /// times it, counts its retries, and keeps the in-flight gauge.
+    /// `retry` names the delay of a delayed retry.
+    pub(crate) fn observe(&self, event: &Event<'_>, retry: &RetryPolicy) {
         match event {
-            Event::Received(_) => {}
-            Event::Settled(_, outcome) => self.record(outcome),
+            Event::Received(_) => self.in_flight.increment(1.0),
+            Event::Settled(_, outcome, handling) => {
+                self.in_flight.decrement(1.0);
+                self.record(outcome, handling, retry);
+            }
             Event::Unsettled(..) => {
-                self.unsettled.fetch_add(1, Ordering::Relaxed);
+                self.in_flight.decrement(1.0);
+                self.counter(name::UNSETTLED, vec![Label::new("reason", "settle_failed")])
+                    .increment(1);
+            }
+            Event::CutOff(_) => {
+                self.in_flight.decrement(1.0);
+                self.counter(name::UNSETTLED, vec![Label::new("reason", "cut_off")])
+                    .increment(1);
             }
         }
     }
 
-    fn record(&self, outcome: &Outcome) {
-        let counter = match outcome {
-            Outcome::Processed => &self.processed,
-            Outcome::Duplicate => &self.duplicate,
-            Outcome::Omitted => &self.omitted,
-            Outcome::Diverted(Disposition::RetryLater { .. }) => &self.retried,
-            Outcome::Diverted(Disposition::Park { kind }) => &self.parked[*kind as usize],
+    fn record(&self, outcome: &Outcome, handling: &Handling, retry: &RetryPolicy) {
+        let message_type = type_label(handling.message_type.as_deref());
+        let (label, kind) = match outcome {
+            Outcome::Processed => {
+                self.processed.fetch_add(1, Ordering::Relaxed);
+                ("processed", None)
+            }
+            Outcome::Duplicate => {
+                self.duplicate.fetch_add(1, Ordering::Relaxed);
+                ("duplicate", None)
+            }
+            Outcome::Omitted => ("omitted", None),
+            Outcome::Diverted(Disposition::RetryLater { retry: n, .. }) => {
+                self.retried.fetch_add(1, Ordering::Relaxed);
+                let delay = Label::new("delay", retry.delay(*n).name.clone());
+                self.counter(name::DELAYED_RETRIES, vec![delay]).increment(1);
+                ("retried", None)
+            }
+            Outcome::Diverted(Disposition::Park { kind }) => {
+                self.parked[*kind as usize].fetch_add(1, Ordering::Relaxed);
+                ("parked", Some(*kind))
+            }
         };
-        counter.fetch_add(1, Ordering::Relaxed);
+        let mut labels = vec![Label::new("type", message_type), Label::new("outcome", label)];
+        if let Some(kind) = kind {
+            labels.push(Label::new("kind", kind.as_str()));
+        }
+        self.counter(name::DELIVERIES, labels).increment(1);
+        let labels = vec![Label::new("type", message_type), Label::new("outcome", label)];
+        self.recorder
+            .register_histogram(&Key::from_parts(name::HANDLING, labels), &METADATA)
+            .record(handling.elapsed.as_secs_f64());
+        if handling.in_process_retries > 0 {
+            self.counter(name::IN_PROCESS_RETRIES, vec![Label::new("type", message_type)])
+                .increment(u64::from(handling.in_process_retries));
+        }
+    }
+
+    /// Whether `/readyz` answers 200: connected to the broker, consuming,
+    /// and the database reachable.
+    pub fn is_ready(&self) -> bool {
+        self.readiness().is_ok()
+    }
+
+    /// `Ok` when ready; otherwise every reason it is not, for `/readyz`.
+    ///
+    /// # Errors
+    /// The reasons, joined by `; `.
+    pub fn readiness(&self) -> Result<(), String> {
+        let mut reasons = Vec::new();
+        if !self.consuming.load(Ordering::SeqCst) {
+            reasons.push("not connected to RabbitMQ (not consuming)".to_owned());
+        }
+        if let Err(e) = &*self.database.lock().unwrap_or_else(PoisonError::into_inner) {
+            reasons.push(format!("database unreachable: {e}"));
+        }
+        if reasons.is_empty() {
+            Ok(())
+        } else {
+            Err(reasons.join("; "))
+        }
+    }
+
+    /// Set by the supervisor: a broker session is consuming (or not).
+    pub(crate) fn set_consuming(&self, consuming: bool) {
+        self.consuming.store(consuming, Ordering::SeqCst);
+        self.refresh_readiness();
+    }
+
+    /// Set by the database check: the result of the last check.
+    pub(crate) fn set_database(&self, result: Result<(), String>) {
+        let up = result.is_ok();
+        *self.database.lock().unwrap_or_else(PoisonError::into_inner) = result;
+        self.gauge(name::DATABASE_UP, vec![]).set(f64::from(u8::from(up)));
+        self.refresh_readiness();
+    }
+
+    fn refresh_readiness(&self) {
+        self.gauge(name::READY, vec![])
+            .set(f64::from(u8::from(self.is_ready())));
     }
 
     /// Counts one broker connection established (the first and every
     /// reconnection), to the broker at `node` (`host:port`).
-    pub fn record_connection(&self, node: &str) {
-        self.connections.fetch_add(1, Ordering::Relaxed);
-        node.clone_into(&mut self.node.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
+    pub(crate) fn record_connection(&self, node: &str) {
+        if self.connections.fetch_add(1, Ordering::Relaxed) > 0 {
+            self.counter(name::RECONNECTS, vec![]).increment(1);
+        }
+        self.counter(name::CONNECTIONS, vec![]).increment(1);
+        let mut current = self.node.lock().unwrap_or_else(PoisonError::into_inner);
+        if *current != node {
+            if !current.is_empty() {
+                self.gauge(name::NODE, vec![Label::new("node", current.clone())])
+                    .set(0.0);
+            }
+            node.clone_into(&mut current);
+        }
+        self.gauge(name::NODE, vec![Label::new("node", node.to_owned())])
+            .set(1.0);
     }
 
     /// `host:port` of the broker the worker is (or was last) connected to.
     pub fn node(&self) -> String {
-        self.node
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone()
+        self.node.lock().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+
+    /// Sets the pool gauges: open connections, of which `idle` are idle,
+    /// out of at most `max`.
+    pub(crate) fn set_pool(&self, size: u32, idle: usize, max: u32) {
+        let idle = u32::try_from(idle).unwrap_or(u32::MAX);
+        self.gauge(name::POOL_SIZE, vec![]).set(f64::from(size));
+        self.gauge(name::POOL_IN_USE, vec![])
+            .set(f64::from(size.saturating_sub(idle)));
+        self.gauge(name::POOL_MAX, vec![]).set(f64::from(max));
     }
 
     /// Counts device messages the outbox relay published (confirmed).
-    pub fn record_outbox_published(&self, rows: u64) {
+    pub(crate) fn record_outbox_published(&self, rows: u64) {
         self.outbox_published.fetch_add(rows, Ordering::Relaxed);
+        self.counter(name::OUTBOX_PUBLISHED, vec![]).increment(rows);
     }
 
     /// Counts one device message returned unroutable.
-    pub fn record_outbox_unroutable(&self) {
+    pub(crate) fn record_outbox_unroutable(&self) {
         self.outbox_unroutable.fetch_add(1, Ordering::Relaxed);
+        self.counter(name::OUTBOX_UNROUTABLE, vec![]).increment(1);
     }
 
     /// Counts one database or broker error of the outbox relay (it backs
     /// off and tries again).
-    pub fn record_outbox_error(&self) {
+    pub(crate) fn record_outbox_error(&self) {
         self.outbox_errors.fetch_add(1, Ordering::Relaxed);
+        self.counter(name::OUTBOX_ERRORS, vec![]).increment(1);
+    }
+
+    /// Sets the outbox gauges.
+    pub(crate) fn set_outbox_stats(&self, stats: Stats) {
+        let rows = |n: i64| n.max(0) as f64;
+        self.gauge(name::OUTBOX_PENDING, vec![]).set(rows(stats.pending));
+        self.gauge(name::OUTBOX_FAILED, vec![]).set(rows(stats.failed));
+        self.gauge(name::OUTBOX_OLDEST, vec![])
+            .set(stats.oldest_pending.as_secs_f64());
     }
 
     pub fn outbox_errors(&self) -> u64 {
         self.outbox_errors.load(Ordering::Relaxed)
-    }
-
-    /// Sets the outbox gauges.
-    pub fn set_outbox_stats(&self, stats: Stats) {
-        let rows = |n: i64| u64::try_from(n).unwrap_or(0);
-        self.outbox_pending.store(rows(stats.pending), Ordering::Relaxed);
-        self.outbox_failed.store(rows(stats.failed), Ordering::Relaxed);
-        let age_ms = u64::try_from(stats.oldest_pending.as_millis()).unwrap_or(u64::MAX);
-        self.outbox_oldest_pending_ms.store(age_ms, Ordering::Relaxed);
     }
 
     pub fn outbox_published(&self) -> u64 {
@@ -129,6 +339,7 @@ impl Metrics {
         self.duplicate.load(Ordering::Relaxed)
     }
 
+    /// Deliveries sent to a retry queue (delayed retries).
     pub fn retried(&self) -> u64 {
         self.retried.load(Ordering::Relaxed)
     }
@@ -137,133 +348,178 @@ impl Metrics {
         self.parked[kind as usize].load(Ordering::Relaxed)
     }
 
+    /// Broker connections opened, the first included.
     pub fn connections(&self) -> u64 {
         self.connections.load(Ordering::Relaxed)
     }
 
+    /// Where `/metrics`, `/healthz` and `/readyz` are served, once bound
+    /// (useful with port 0).
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        *self.http_addr.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub(crate) fn set_http_addr(&self, addr: SocketAddr) {
+        *self.http_addr.lock().unwrap_or_else(PoisonError::into_inner) = Some(addr);
+    }
+
     /// The Prometheus text exposition.
     pub fn render(&self) -> String {
-        let mut out = String::from(
-            "# HELP iot_deliveries_total Deliveries settled, by outcome.\n# TYPE iot_deliveries_total counter\n",
-        );
-        let line = |out: &mut String, labels: &str, value: u64| {
-            out.push_str(&format!("iot_deliveries_total{{{labels}}} {value}\n"));
-        };
-        line(&mut out, "outcome=\"processed\"", self.processed());
-        line(&mut out, "outcome=\"duplicate\"", self.duplicates());
-        line(&mut out, "outcome=\"omitted\"", self.omitted.load(Ordering::Relaxed));
-        line(&mut out, "outcome=\"retried\"", self.retried());
-        for kind in ErrorKind::ALL {
-            line(
-                &mut out,
-                &format!("outcome=\"parked\",kind=\"{kind}\""),
-                self.parked(kind),
-            );
-        }
-        out.push_str(&format!(
-            "# HELP iot_broker_connections_total Broker connections opened.\n# TYPE iot_broker_connections_total counter\n\
-             iot_broker_connections_total {}\n\
-             # HELP iot_broker_node_info The broker (host:port) of the current session.\n# TYPE iot_broker_node_info gauge\n\
-             iot_broker_node_info{{node=\"{}\"}} 1\n\
-             # HELP iot_unsettled_total Deliveries left unacked for redelivery.\n# TYPE iot_unsettled_total counter\n\
-             iot_unsettled_total {}\n\
-             # HELP iot_ready 1 when connected and consuming.\n# TYPE iot_ready gauge\niot_ready {}\n",
-            self.connections(),
-            self.node(),
-            self.unsettled.load(Ordering::Relaxed),
-            u8::from(self.is_ready()),
-        ));
-        out.push_str(&format!(
-            "# HELP iot_outbox_published_total Device messages the outbox relay published (confirmed).\n\
-             # TYPE iot_outbox_published_total counter\niot_outbox_published_total {}\n\
-             # HELP iot_outbox_unroutable_total Device messages the broker returned as unroutable.\n\
-             # TYPE iot_outbox_unroutable_total counter\niot_outbox_unroutable_total {}\n\
-             # HELP iot_outbox_relay_errors_total Database or broker errors of the outbox relay (it backs off).\n\
-             # TYPE iot_outbox_relay_errors_total counter\niot_outbox_relay_errors_total {}\n\
-             # HELP iot_outbox_pending_rows Outbox rows waiting to be published.\n\
-             # TYPE iot_outbox_pending_rows gauge\niot_outbox_pending_rows {}\n\
-             # HELP iot_outbox_failed_rows Outbox rows given up on (returned unroutable too often).\n\
-             # TYPE iot_outbox_failed_rows gauge\niot_outbox_failed_rows {}\n\
-             # HELP iot_outbox_oldest_pending_seconds Age of the oldest pending outbox row.\n\
-             # TYPE iot_outbox_oldest_pending_seconds gauge\niot_outbox_oldest_pending_seconds {:.3}\n",
-            self.outbox_published(),
-            self.outbox_unroutable(),
-            self.outbox_errors(),
-            self.outbox_pending.load(Ordering::Relaxed),
-            self.outbox_failed.load(Ordering::Relaxed),
-            self.outbox_oldest_pending_ms.load(Ordering::Relaxed) as f64 / 1000.0,
-        ));
-        out
+        self.handle.render()
+    }
+
+    /// Folds recent histogram samples into the buckets, so they do not
+    /// pile up between scrapes; call every few seconds.
+    pub(crate) fn upkeep(&self) {
+        self.handle.run_upkeep();
     }
 }
 
-/// Asks `/readyz` on `addr` (an unspecified address means this host), for
-/// `worker-iot-core --healthcheck`. `Ok(true)` for a 200 answer.
-///
-/// # Errors
-/// The connection error, or a timeout after 3 s.
-pub async fn probe_ready(addr: SocketAddr) -> std::io::Result<bool> {
-    let mut target = addr;
-    if target.ip().is_unspecified() {
-        target.set_ip(if addr.is_ipv4() {
-            std::net::Ipv4Addr::LOCALHOST.into()
+/// The `# HELP` lines.
+fn describe(recorder: &PrometheusRecorder) {
+    let counters: [(&'static str, &'static str); 9] = [
+        (
+            name::DELIVERIES,
+            "Deliveries settled, by message type (unknown when undecodable or unhandled), outcome (processed, duplicate, omitted, retried, parked) and, when parked, kind.",
+        ),
+        (
+            name::IN_PROCESS_RETRIES,
+            "Runs of a transaction after the first, in process (stage 1), by message type.",
+        ),
+        (name::DELAYED_RETRIES, "Deliveries sent to a retry queue, by delay."),
+        (
+            name::UNSETTLED,
+            "Deliveries left unacked for redelivery: the copy or ack failed (settle_failed) or the grace period ended (cut_off).",
+        ),
+        (name::CONNECTIONS, "Broker connections opened, the first included."),
+        (name::RECONNECTS, "Broker connections opened after the first."),
+        (
+            name::OUTBOX_PUBLISHED,
+            "Device messages the outbox relay published (confirmed).",
+        ),
+        (
+            name::OUTBOX_UNROUTABLE,
+            "Device messages the broker returned as unroutable.",
+        ),
+        (
+            name::OUTBOX_ERRORS,
+            "Database or broker errors of the outbox relay (it backs off).",
+        ),
+    ];
+    for (name, help) in counters {
+        recorder.describe_counter(KeyName::from(name), None, SharedString::from(help));
+    }
+    let gauges: [(&'static str, Option<Unit>, &'static str); 12] = [
+        (name::IN_FLIGHT, None, "Deliveries being handled now."),
+        (
+            name::NODE,
+            None,
+            "The broker (host:port) of the current session: 1, and 0 for earlier ones.",
+        ),
+        (
+            name::READY,
+            None,
+            "1 when /readyz answers 200 (consuming and the database reachable).",
+        ),
+        (
+            name::DATABASE_UP,
+            None,
+            "1 when the last database check (SELECT 1) succeeded.",
+        ),
+        (name::POOL_SIZE, None, "Open database connections of the pool."),
+        (name::POOL_IN_USE, None, "Database connections of the pool in use."),
+        (name::POOL_MAX, None, "The pool's maximum size."),
+        (
+            name::BUILD_INFO,
+            None,
+            "Always 1; the version label says which build runs.",
+        ),
+        (name::OUTBOX_PENDING, None, "Outbox rows waiting to be published."),
+        (
+            name::OUTBOX_FAILED,
+            None,
+            "Outbox rows given up on (returned unroutable too often).",
+        ),
+        (
+            name::OUTBOX_OLDEST,
+            Some(Unit::Seconds),
+            "Age of the oldest pending outbox row.",
+        ),
+        (
+            name::HANDLING,
+            Some(Unit::Seconds),
+            "Time from receipt to settlement of a delivery, by message type and outcome.",
+        ),
+    ];
+    for (name, unit, help) in gauges {
+        if name == name::HANDLING {
+            recorder.describe_histogram(KeyName::from(name), unit, SharedString::from(help));
         } else {
-            std::net::Ipv6Addr::LOCALHOST.into()
-        });
+            recorder.describe_gauge(KeyName::from(name), unit, SharedString::from(help));
+        }
     }
-    let ask = async {
-        let mut stream = tokio::net::TcpStream::connect(target).await?;
-        stream
-            .write_all(b"GET /readyz HTTP/1.0\r\nHost: localhost\r\n\r\n")
-            .await?;
-        let mut response = Vec::new();
-        stream.read_to_end(&mut response).await?;
-        Ok::<_, std::io::Error>(response.starts_with(b"HTTP/1.1 200") || response.starts_with(b"HTTP/1.0 200"))
-    };
-    tokio::time::timeout(std::time::Duration::from_secs(3), ask)
-        .await
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no answer within 3 s"))?
 }
 
-/// Binds `addr` and serves `/metrics`, `/healthz` and `/readyz` until
-/// `shutdown`. Returns the bound address (useful with port 0).
-///
-/// # Errors
-/// The bind error.
-pub async fn serve(
-    addr: SocketAddr,
-    metrics: Arc<Metrics>,
-    shutdown: CancellationToken,
-) -> std::io::Result<SocketAddr> {
-    let listener = TcpListener::bind(addr).await?;
-    let local = listener.local_addr()?;
-    tokio::spawn(async move {
-        loop {
-            let accepted = tokio::select! {
-                () = shutdown.cancelled() => return,
-                accepted = listener.accept() => accepted,
-            };
-            let Ok((mut stream, _)) = accepted else { continue };
-            let metrics = metrics.clone();
-            tokio::spawn(async move {
-                let mut buf = [0u8; 1024];
-                let n = stream.read(&mut buf).await.unwrap_or(0);
-                let request = String::from_utf8_lossy(&buf[..n]);
-                let path = request.split_whitespace().nth(1).unwrap_or("/");
-                let (status, body) = match path {
-                    "/metrics" => ("200 OK", metrics.render()),
-                    "/healthz" => ("200 OK", "ok\n".to_owned()),
-                    "/readyz" if metrics.is_ready() => ("200 OK", "ready\n".to_owned()),
-                    "/readyz" => ("503 Service Unavailable", "not ready: not consuming\n".to_owned()),
-                    _ => ("404 Not Found", "try /metrics, /healthz or /readyz\n".to_owned()),
-                };
-                let response = format!(
-                    "HTTP/1.1 {status}\r\ncontent-type: text/plain; version=0.0.4\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-                    body.len()
-                );
-                stream.write_all(response.as_bytes()).await.ok();
-            });
-        }
-    });
-    Ok(local)
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unhandled_types_share_one_label() {
+        assert_eq!(type_label(Some("MEASUREMENT")), "MEASUREMENT");
+        assert_eq!(type_label(Some("NO_SUCH_TYPE")), "unknown");
+        assert_eq!(type_label(None), "unknown");
+    }
+
+    #[test]
+    fn a_fresh_set_renders_build_info_and_zero_counters() {
+        let metrics = Metrics::new();
+        let text = metrics.render();
+        let version = env!("CARGO_PKG_VERSION");
+        assert!(
+            text.contains(&format!("iot_build_info{{version=\"{version}\"}} 1\n")),
+            "{text}"
+        );
+        assert!(text.contains("iot_broker_reconnects_total 0\n"), "{text}");
+        assert!(text.contains("iot_ready 0\n"), "{text}");
+        assert!(text.contains("# TYPE iot_deliveries_in_flight gauge\n"), "{text}");
+    }
+
+    #[test]
+    fn readiness_needs_the_broker_and_the_database() {
+        let metrics = Metrics::new();
+        assert_eq!(
+            metrics.readiness(),
+            Err("not connected to RabbitMQ (not consuming); database unreachable: not checked yet".into())
+        );
+        metrics.set_consuming(true);
+        assert_eq!(metrics.readiness(), Err("database unreachable: not checked yet".into()));
+        metrics.set_database(Ok(()));
+        assert_eq!(metrics.readiness(), Ok(()));
+        assert!(metrics.render().contains("iot_ready 1\n"));
+        metrics.set_database(Err("timed out".into()));
+        assert_eq!(metrics.readiness(), Err("database unreachable: timed out".into()));
+        assert!(metrics.render().contains("iot_ready 0\n"));
+    }
+
+    #[test]
+    fn a_reconnect_to_another_node_moves_the_node_gauge() {
+        let metrics = Metrics::new();
+        metrics.record_connection("a:5672");
+        metrics.record_connection("b:5672");
+        let text = metrics.render();
+        assert!(text.contains("iot_broker_node_info{node=\"a:5672\"} 0\n"), "{text}");
+        assert!(text.contains("iot_broker_node_info{node=\"b:5672\"} 1\n"), "{text}");
+        assert!(text.contains("iot_broker_connections_total 2\n"), "{text}");
+        assert!(text.contains("iot_broker_reconnects_total 1\n"), "{text}");
+        assert_eq!(metrics.connections(), 2);
+    }
+
+    #[test]
+    fn each_set_counts_on_its_own() {
+        let (a, b) = (Metrics::new(), Metrics::new());
+        a.record_outbox_published(3);
+        assert!(a.render().contains("iot_outbox_published_total 3\n"));
+        assert!(b.render().contains("iot_outbox_published_total 0\n"));
+    }
 }

@@ -12,6 +12,7 @@
 use std::collections::BTreeSet;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use backon::Retryable;
 use chrono::{DateTime, Utc};
@@ -59,19 +60,43 @@ pub enum SettleError {
 pub enum Event<'a> {
     /// Before anything is done with it.
     Received(&'a Delivery),
-    /// Acked, with its outcome.
-    Settled(&'a Delivery, &'a Outcome),
+    /// Acked, with its outcome and how the handling went.
+    Settled(&'a Delivery, &'a Outcome, &'a Handling),
     /// Left unacked for redelivery; the session ends.
     Unsettled(&'a Delivery, &'a SettleError),
+    /// Dropped unfinished at the end of the grace period (see
+    /// [`Pipeline::cut_off`]): left unacked for redelivery.
+    CutOff(&'a Delivery),
+}
+
+/// How a settled delivery was handled: what metrics need besides the
+/// outcome.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Handling {
+    /// The envelope's `type`, once decoded (`None` when it was not).
+    pub message_type: Option<String>,
+    /// Runs of the transaction after the first, in process (stage 1).
+    pub in_process_retries: u32,
+    /// From receipt to settlement.
+    pub elapsed: Duration,
+}
+
+/// A delivery ready to be acked, with its outcome and handling so far.
+struct Settled<'d> {
+    delivery: &'d Delivery,
+    outcome: Outcome,
+    handling: Handling,
+    started: Instant,
 }
 
 /// Called with every [`Event`].
 pub type EventHook = Arc<dyn Fn(&Event<'_>) + Send + Sync>;
 
-/// A decoded delivery with its handler, or how it ended without one.
+/// A decoded delivery with its handler, or how it ended without one (with
+/// its type, when it was decoded).
 enum Prepared {
     Apply(Message, &'static Handler),
-    Done(Result<Outcome, Failed>),
+    Done(Result<Outcome, Failed>, Option<String>),
 }
 
 /// How deliveries are processed: built once at start-up, shared by every
@@ -109,6 +134,20 @@ pub struct Outlet {
     pub acks: Acks,
 }
 
+impl<'d> Settled<'d> {
+    fn new(delivery: &'d Delivery, message_type: Option<String>, started: Instant) -> Settled<'d> {
+        Settled {
+            delivery,
+            outcome: Outcome::Processed,
+            handling: Handling {
+                message_type,
+                ..Handling::default()
+            },
+            started,
+        }
+    }
+}
+
 impl Pipeline {
     pub fn new(config: PipelineConfig) -> Pipeline {
         Pipeline {
@@ -132,16 +171,25 @@ impl Pipeline {
     /// # Errors
     /// A [`SettleError`] when the delivery could not be settled.
     pub async fn handle(&self, delivery: &Delivery, outlet: &Outlet) -> Result<Outcome, SettleError> {
+        let started = Instant::now();
         self.emit(&Event::Received(delivery));
         // The time of an envelope without `time`: the same on every attempt.
         let received = headers::first_received(&delivery.properties).unwrap_or_else(Utc::now);
+        let mut handling = Handling::default();
         let (permit, processed) = match self.crash_guard.admit(delivery).await {
-            Admission::Run(permit) => (permit, self.process(delivery, received).await),
+            Admission::Run(permit) => (permit, self.process(delivery, received, &mut handling).await),
             Admission::Fail(permit, failure) => (permit, Err(Failed::untyped(failure))),
         };
-        let outcome = self.settle(delivery, received, processed, outlet).await?;
+        let mut settled = Vec::with_capacity(1);
+        let one = Settled {
+            handling,
+            ..Settled::new(delivery, None, started)
+        };
+        self.resolve_into(&mut settled, one, received, processed, outlet)
+            .await?;
+        self.ack(&settled, outlet).await?;
         permit.settled().await;
-        Ok(outcome)
+        Ok(settled.pop().expect("one delivery settled").outcome)
     }
 
     /// Processes first deliveries (none redelivered) together: their
@@ -153,6 +201,7 @@ impl Pipeline {
     /// A [`SettleError`] for the first delivery that could not be settled;
     /// the ones after it are left unacked.
     pub async fn handle_batch(&self, deliveries: &[Delivery], outlet: &Outlet) -> Result<(), SettleError> {
+        let started = Instant::now();
         let permit = self.crash_guard.share().await;
         let mut settled = Vec::with_capacity(deliveries.len());
         let mut ready = Vec::with_capacity(deliveries.len());
@@ -161,8 +210,9 @@ impl Pipeline {
             let received = headers::first_received(&delivery.properties).unwrap_or_else(Utc::now);
             match self.prepare(delivery, received) {
                 Prepared::Apply(message, handler) => ready.push((delivery, received, message, handler)),
-                Prepared::Done(processed) => {
-                    self.resolve_into(&mut settled, delivery, received, processed, outlet)
+                Prepared::Done(processed, message_type) => {
+                    let one = Settled::new(delivery, message_type, started);
+                    self.resolve_into(&mut settled, one, received, processed, outlet)
                         .await?;
                 }
             }
@@ -173,19 +223,21 @@ impl Pipeline {
             .collect();
         let applied = batch::apply(&self.pool, &items).await;
         for ((delivery, received, message, handler), applied) in ready.iter().zip(applied) {
+            let mut one = Settled::new(delivery, Some(message.message_type.clone()), started);
+            let retries = &mut one.handling.in_process_retries;
             let processed = match applied {
                 Applied::Done(outcome) => Ok(outcome),
-                Applied::Failed(failure) => self.go_on_alone(handler, message, failure).await,
+                Applied::Failed(failure) => self.go_on_alone(handler, message, failure, retries).await,
                 Applied::Again => {
-                    self.apply_with_retries(handler, message, self.in_process_attempts())
-                        .await
+                    let runs = self.in_process_attempts();
+                    self.apply_with_retries(handler, message, runs, retries).await
                 }
             };
             let processed = processed.map_err(|failure| Failed {
                 message_type: Some(message.message_type.clone()),
                 failure,
             });
-            self.resolve_into(&mut settled, delivery, *received, processed, outlet)
+            self.resolve_into(&mut settled, one, *received, processed, outlet)
                 .await?;
         }
         self.ack(&settled, outlet).await?;
@@ -196,6 +248,7 @@ impl Pipeline {
     /// A delivery whose run was cut off by the end of the shutdown grace
     /// period (see [`CrashGuard::cut_off`]).
     pub async fn cut_off(&self, delivery: &Delivery) {
+        self.emit(&Event::CutOff(delivery));
         self.crash_guard.cut_off(delivery).await;
     }
 
@@ -205,79 +258,77 @@ impl Pipeline {
         }
     }
 
-    /// Settles one delivery: diverts it if it failed, acks it, and tells
-    /// the hooks.
-    async fn settle(
-        &self,
-        delivery: &Delivery,
-        received: DateTime<Utc>,
-        processed: Result<Outcome, Failed>,
-        outlet: &Outlet,
-    ) -> Result<Outcome, SettleError> {
-        let mut settled = Vec::with_capacity(1);
-        self.resolve_into(&mut settled, delivery, received, processed, outlet)
-            .await?;
-        self.ack(&settled, outlet).await?;
-        let (_, outcome) = settled.pop().expect("one delivery settled");
-        Ok(outcome)
-    }
-
     /// Adds a delivery to `settled` once it may be acked: at once when it
     /// ended well, after its copy was confirmed when it failed. When the
     /// copy fails, the ones settled so far are acked first.
     async fn resolve_into<'d>(
         &self,
-        settled: &mut Vec<(&'d Delivery, Outcome)>,
-        delivery: &'d Delivery,
+        settled: &mut Vec<Settled<'d>>,
+        mut one: Settled<'d>,
         received: DateTime<Utc>,
         processed: Result<Outcome, Failed>,
         outlet: &Outlet,
     ) -> Result<(), SettleError> {
         let diverted = match processed {
             Ok(outcome) => Ok(outcome),
-            Err(failed) => self.divert(delivery, received, &failed, outlet).await,
+            Err(failed) => self.divert(one.delivery, received, &failed, outlet).await,
         };
         match diverted {
             Ok(outcome) => {
-                settled.push((delivery, outcome));
+                one.outcome = outcome;
+                settled.push(one);
                 Ok(())
             }
             Err(e) => {
                 self.ack(settled, outlet).await.ok();
-                self.emit(&Event::Unsettled(delivery, &e));
+                self.emit(&Event::Unsettled(one.delivery, &e));
                 Err(e)
             }
         }
     }
 
     /// Acks settled deliveries together (see [`Acks`]) and tells the hooks.
-    async fn ack(&self, settled: &[(&Delivery, Outcome)], outlet: &Outlet) -> Result<(), SettleError> {
-        let tags: Vec<u64> = settled.iter().map(|(delivery, _)| delivery.delivery_tag).collect();
+    async fn ack(&self, settled: &[Settled<'_>], outlet: &Outlet) -> Result<(), SettleError> {
+        let tags: Vec<u64> = settled.iter().map(|one| one.delivery.delivery_tag).collect();
         match outlet.acks.ack(&tags).await {
             Ok(()) => {
-                for (delivery, outcome) in settled {
-                    self.emit(&Event::Settled(delivery, outcome));
+                for one in settled {
+                    let handling = Handling {
+                        elapsed: one.started.elapsed(),
+                        ..one.handling.clone()
+                    };
+                    self.emit(&Event::Settled(one.delivery, &one.outcome, &handling));
                 }
                 Ok(())
             }
             Err(e) => {
                 let e = SettleError::Ack(e);
-                for (delivery, _) in settled {
-                    self.emit(&Event::Unsettled(delivery, &e));
+                for one in settled {
+                    self.emit(&Event::Unsettled(one.delivery, &e));
                 }
                 Err(e)
             }
         }
     }
 
-    /// Decodes and applies.
-    async fn process(&self, delivery: &Delivery, received: DateTime<Utc>) -> Result<Outcome, Failed> {
+    /// Decodes and applies, noting the type and the in-process retries in
+    /// `handling`.
+    async fn process(
+        &self,
+        delivery: &Delivery,
+        received: DateTime<Utc>,
+        handling: &mut Handling,
+    ) -> Result<Outcome, Failed> {
         let (message, handler) = match self.prepare(delivery, received) {
             Prepared::Apply(message, handler) => (message, handler),
-            Prepared::Done(processed) => return processed,
+            Prepared::Done(processed, message_type) => {
+                handling.message_type = message_type;
+                return processed;
+            }
         };
+        handling.message_type = Some(message.message_type.clone());
         let attempts = self.in_process_attempts();
-        self.apply_with_retries(handler, &message, attempts)
+        self.apply_with_retries(handler, &message, attempts, &mut handling.in_process_retries)
             .await
             .map_err(|failure| Failed {
                 message_type: Some(message.message_type),
@@ -291,17 +342,21 @@ impl Pipeline {
         let amqp_id = delivery.properties.message_id().as_ref().map(|id| id.as_str());
         let message = match envelope::decode(&delivery.data, amqp_id, received, self.max_message_bytes) {
             Ok(message) => message,
-            Err(e) => return Prepared::Done(Err(Failed::untyped(e))),
+            Err(e) => return Prepared::Done(Err(Failed::untyped(e)), None),
         };
+        let message_type = Some(message.message_type.clone());
         if self.events_to_omit.contains(&message.message_type) {
-            return Prepared::Done(Ok(Outcome::Omitted));
+            return Prepared::Done(Ok(Outcome::Omitted), message_type);
         }
         match handlers::lookup(&message) {
             Ok(handler) => Prepared::Apply(message, handler),
-            Err(failure) => Prepared::Done(Err(Failed {
-                message_type: Some(message.message_type),
-                failure,
-            })),
+            Err(failure) => Prepared::Done(
+                Err(Failed {
+                    message_type: message_type.clone(),
+                    failure,
+                }),
+                message_type,
+            ),
         }
     }
 
@@ -311,22 +366,36 @@ impl Pipeline {
 
     /// A message whose run in a batch failed: its first in-process attempt.
     /// A transient failure is tried again alone with the attempts left.
-    async fn go_on_alone(&self, handler: &Handler, message: &Message, failure: Failure) -> Result<Outcome, Failure> {
+    async fn go_on_alone(
+        &self,
+        handler: &Handler,
+        message: &Message,
+        failure: Failure,
+        retries: &mut u32,
+    ) -> Result<Outcome, Failure> {
         let left = self.in_process_attempts().saturating_sub(1);
         if !failure.is_transient() || left == 0 || self.shutdown.is_cancelled() {
             return Err(failure);
         }
-        self.apply_with_retries(handler, message, left).await
+        *retries += 1;
+        self.apply_with_retries(handler, message, left, retries).await
     }
 
     /// Stage 1: runs the transaction up to `runs` times while it fails
     /// transiently, with the policy's backoff, unless shutdown has begun.
-    async fn apply_with_retries(&self, handler: &Handler, message: &Message, runs: u32) -> Result<Outcome, Failure> {
+    async fn apply_with_retries(
+        &self,
+        handler: &Handler,
+        message: &Message,
+        runs: u32,
+        retries: &mut u32,
+    ) -> Result<Outcome, Failure> {
         (|| self.apply_once(handler, message))
             .retry(self.topology.retry.in_process_backoff(runs))
             .sleep(tokio::time::sleep)
             .when(|failure| failure.is_transient() && !self.shutdown.is_cancelled())
             .notify(|failure, delay| {
+                *retries += 1;
                 tracing::debug!(message_id = %message.id, error.message = %failure, ?delay, "transient failure, retrying in process");
             })
             .await

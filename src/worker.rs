@@ -11,7 +11,9 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Settings;
-use crate::metrics::{self, Metrics};
+use crate::health;
+use crate::http;
+use crate::metrics::Metrics;
 use crate::pipeline::{Event, EventHook, Pipeline, PipelineConfig};
 use crate::relay::Relay;
 use crate::retry::reconnect_backoff;
@@ -91,14 +93,28 @@ pub async fn run_with(settings: Settings, shutdown: CancellationToken, options: 
     let pool = store::connect(&settings.database_url, settings.pool_size()).await?;
     store::migrate(&pool).await?;
     tracing::info!("database migrated");
+    options.metrics.set_database(Ok(()));
     let pipeline = Arc::new(build_pipeline(&settings, &topology, &pool, &options, &shutdown));
     pipeline.crash_guard().prune().await;
-    if options.serve_metrics {
-        let addr = metrics::serve(settings.metrics_addr, options.metrics.clone(), shutdown.clone())
-            .await
-            .map_err(WorkerError::Metrics)?;
-        tracing::info!(%addr, "serving /metrics, /healthz and /readyz");
-    }
+    // The database check and the HTTP server stop with the worker, and
+    // also when the supervisor fails.
+    let background = shutdown.child_token();
+    tokio::spawn(health::watch(pool.clone(), options.metrics.clone(), background.clone()));
+    let server = if options.serve_metrics {
+        let server = http::serve(
+            settings.metrics_addr,
+            options.metrics.clone(),
+            pool.clone(),
+            background.clone(),
+        )
+        .await
+        .map_err(WorkerError::Metrics)?;
+        options.metrics.set_http_addr(server.addr);
+        tracing::info!(addr = %server.addr, "serving /metrics, /healthz and /readyz");
+        Some(server)
+    } else {
+        None
+    };
 
     // The relay stops with the worker, and also when the supervisor fails.
     let relay_stop = shutdown.child_token();
@@ -116,8 +132,12 @@ pub async fn run_with(settings: Settings, shutdown: CancellationToken, options: 
     };
     let result = supervisor.run().await;
     relay_stop.cancel();
+    background.cancel();
     if let Some(relay) = relay {
         stop_relay(relay).await;
+    }
+    if let Some(server) = server {
+        tokio::time::timeout(http::SHUTDOWN_GRACE, server.task).await.ok();
     }
     // A connection dropped mid-statement (work cut off after the grace
     // period) is only released when the statement ends: do not wait for it.
@@ -136,8 +156,10 @@ fn build_pipeline(
     options: &Options,
     shutdown: &CancellationToken,
 ) -> Pipeline {
-    let metrics = options.metrics.clone();
-    let mut hooks: Vec<EventHook> = vec![Arc::new(move |event: &Event<'_>| metrics.observe(event))];
+    let (metrics, retry_topology) = (options.metrics.clone(), topology.clone());
+    let mut hooks: Vec<EventHook> = vec![Arc::new(move |event: &Event<'_>| {
+        metrics.observe(event, &retry_topology.retry);
+    })];
     hooks.extend(options.events.clone());
     Pipeline::new(PipelineConfig {
         pool: pool.clone(),
@@ -187,7 +209,7 @@ impl Supervisor {
         loop {
             let healthy_before = self.metrics.processed();
             let result = self.session().await;
-            self.metrics.set_ready(false);
+            self.metrics.set_consuming(false);
             match result {
                 Ok(()) => return Ok(()),
                 Err(SessionError::Fatal(e)) => return Err(e.into()),
@@ -221,7 +243,7 @@ impl Supervisor {
             opened = Session::open(&endpoint) => opened?,
         };
         self.metrics.record_connection(&session.node);
-        self.metrics.set_ready(true);
+        self.metrics.set_consuming(true);
         tracing::info!(node = %session.node, queue = %self.topology.queue(), queue_type = ?self.topology.queue_type,
                        prefetch = self.settings.prefetch_count, "topology declared; consuming");
         let batching = Batching {
@@ -229,7 +251,7 @@ impl Supervisor {
             max_wait: self.settings.batch_max_wait,
         };
         let result = session.consume(&self.pipeline, &self.shutdown, batching).await;
-        self.metrics.set_ready(false);
+        self.metrics.set_consuming(false);
         session.finish(result.is_ok(), self.settings.shutdown_grace).await;
         result
     }

@@ -91,9 +91,9 @@ fn check_config(settings: &Settings, unknown_keys: &[String]) -> ExitCode {
 /// 0 when the worker on `METRICS_ADDR` answers /readyz with 200.
 async fn healthcheck(settings: &Settings) -> ExitCode {
     match worker_iot_core::probe_ready(settings.metrics_addr).await {
-        Ok(true) => ExitCode::SUCCESS,
-        Ok(false) => {
-            eprintln!("worker-iot-core: not ready");
+        Ok(Ok(())) => ExitCode::SUCCESS,
+        Ok(Err(answer)) => {
+            eprintln!("worker-iot-core: /readyz answered {answer}");
             ExitCode::FAILURE
         }
         Err(e) => {

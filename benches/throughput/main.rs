@@ -1,0 +1,245 @@
+//! Throughput and latency of the worker against the broker's own ceiling,
+//! measured in one run on one machine, on a classic and a quorum queue.
+//!
+//! ```sh
+//! cargo bench --bench throughput --features test-handlers
+//! BENCH_MESSAGES=3000 BENCH_ROUNDS=1 cargo bench --bench throughput --features test-handlers
+//! ```
+//!
+//! Without `--features test-handlers` the worker has no `TEST_FLAKY`
+//! handler, so the transient-once figures are skipped (with a note).
+//!
+//! For each queue type (`BENCH_QUEUE_TYPES`, default `classic,quorum`) and
+//! round (`BENCH_ROUNDS`, default 3), on a fresh queue declared with the
+//! worker's topology (retry delays `["50ms"]`, `in_process_attempts = 1`):
+//!
+//! 1. `BENCH_MESSAGES` (default 100000) messages of the `publish sample` mix
+//!    with 2 % duplicates ([`mix`]) are published, persistent and confirmed;
+//! 2. raw ceiling ([`raw`]): a bare lapin consumer (prefetch
+//!    `BENCH_RAW_PREFETCH`, default 256) drains them, acking each message;
+//!    then again from a refill, acking with `multiple` every 64 messages;
+//! 3. worker ([`drain`]): refilled, drained by the worker binary as its own
+//!    process, from its first delivery to its last message settled; the
+//!    rows, the queues and the outcomes are checked and a mismatch stops the
+//!    bench; its peak RSS (VmHWM) is read before it is stopped;
+//! 4. the same with 5 % poison messages (parked in the DLQ) and with 5 %
+//!    that fail transiently once (retried through `Q.retry.50ms`);
+//! 5. latency ([`latency`]): 100 messages per second for 10 s to a running
+//!    worker, publish → commit notified, p50 and p99.
+//!
+//! Each figure is the median of the rounds; ratios are ratios of medians.
+//! The final markdown table is ready for the README. `BATCH_*`,
+//! `RABBITMQ_PREFETCH_COUNT`, `DATABASE_MAX_CONNECTIONS`, `OUTBOX_RELAY`,
+//! `RUST_LOG` and `LOG_FORMAT` are passed to the worker unchanged; otherwise
+//! its defaults apply. Then the outbox relay section ([`outbox`];
+//! `BENCH_OUTBOX=off` skips it).
+
+mod child;
+mod drain;
+mod latency;
+mod mix;
+mod outbox;
+mod raw;
+mod report;
+mod support;
+
+use std::path::PathBuf;
+
+use lapin::Connection;
+use lapin::options::{QueueBindOptions, QueueDeleteOptions};
+use lapin::types::FieldTable;
+use sqlx::{Connection as _, PgConnection, PgPool};
+use worker_iot_core::broker::{self, Publisher};
+use worker_iot_core::{Topology, store};
+
+use crate::mix::Variant;
+use crate::raw::Ack;
+use crate::report::Figures;
+use crate::support::{durable, env_number, env_or};
+
+/// Acks of the `multiple` variant of the raw ceiling.
+const ACK_MULTIPLE_EVERY: usize = 64;
+
+/// Connections and settings shared by every section.
+pub struct Bench {
+    pub n: usize,
+    pub rounds: usize,
+    pub raw_prefetch: u16,
+    /// Prefix of every queue of this run, `wic_bench_<pid>`.
+    pub prefix: String,
+    pub amqp_url: String,
+    pub database_url: String,
+    pub server_url: String,
+    pub pool: PgPool,
+    pub connection: Connection,
+    pub publisher: Publisher,
+    /// Topology files, worker logs, the worker's working directory.
+    pub dir: PathBuf,
+    /// A queue bound to `amq.topic` for the device messages the relay
+    /// publishes for the mix's commands, so they are routable.
+    pub sink: String,
+}
+
+/// One queue type's main queue and topology file.
+pub struct Target {
+    pub queue_type: String,
+    pub topology: Topology,
+    pub file: PathBuf,
+}
+
+#[tokio::main]
+async fn main() {
+    let bench = Bench::open().await;
+    let types: Vec<String> = env_or("BENCH_QUEUE_TYPES", "classic,quorum")
+        .split(',')
+        .map(|t| t.trim().to_owned())
+        .filter(|t| !t.is_empty())
+        .collect();
+    report::header(&bench);
+    println!("mix: {}", mix::describe(&mix::build(bench.n, 1, Variant::Clean)));
+    let mut results = Vec::new();
+    for queue_type in &types {
+        let target = bench.target(queue_type).await;
+        results.push((queue_type.clone(), measure(&bench, &target).await));
+        bench.remove(&target).await;
+    }
+    report::table(&bench, &results);
+    if env_or("BENCH_OUTBOX", "on") != "off" {
+        outbox::bench(&bench).await;
+    }
+    bench.close().await;
+}
+
+/// Every figure of one queue type, `rounds` times.
+async fn measure(bench: &Bench, target: &Target) -> Figures {
+    let mut figures = Figures::default();
+    for round in 0..bench.rounds {
+        let seed = round as u64 + 1;
+        let clean = mix::build(bench.n, seed, Variant::Clean);
+        figures
+            .raw_each
+            .push(raw::rate(bench, target, &clean.bodies, Ack::Each).await);
+        let multiple = Ack::Multiple(ACK_MULTIPLE_EVERY);
+        figures
+            .raw_multiple
+            .push(raw::rate(bench, target, &clean.bodies, multiple).await);
+        let run = drain::run(bench, target, &clean, "clean").await;
+        figures.clean.push(run.rate);
+        figures.rss_clean.push(run.peak_rss_mib);
+        figures.rss_all.push(run.peak_rss_mib);
+        let poison = mix::build(bench.n, seed, Variant::Poison);
+        let run = drain::run(bench, target, &poison, "poison").await;
+        figures.poison.push(run.rate);
+        figures.rss_all.push(run.peak_rss_mib);
+        if cfg!(feature = "test-handlers") {
+            let transient = mix::build(bench.n, seed, Variant::Transient);
+            let run = drain::run(bench, target, &transient, "transient").await;
+            figures.transient.push(run.rate);
+            figures.rss_all.push(run.peak_rss_mib);
+        }
+        let (p50, p99) = latency::measure(bench, target, round).await;
+        figures.p50.push(p50);
+        figures.p99.push(p99);
+        report::round(&target.queue_type, round, &figures);
+    }
+    figures
+}
+
+impl Bench {
+    async fn open() -> Bench {
+        let amqp_url = env_or("AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2f");
+        let server_url = env_or("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/postgres");
+        let prefix = format!("wic_bench_{:08x}", std::process::id());
+        let database_url = format!("{}/{prefix}", &server_url[..server_url.rfind('/').unwrap()]);
+        store::create_database(&database_url).await.unwrap();
+        let pool = store::connect(&database_url, 2).await.unwrap();
+        store::migrate(&pool).await.unwrap();
+        let connection = broker::connect(&amqp_url, "bench").await.unwrap();
+        let publisher = Publisher::open(&connection).await.unwrap();
+        let dir = std::env::temp_dir().join(&prefix);
+        std::fs::create_dir_all(&dir).unwrap();
+        let sink = format!("{prefix}.devices");
+        declare_sink(&publisher, &sink).await;
+        Bench {
+            n: env_number("BENCH_MESSAGES", "100000"),
+            rounds: env_number("BENCH_ROUNDS", "3"),
+            raw_prefetch: env_number("BENCH_RAW_PREFETCH", "256"),
+            prefix,
+            amqp_url,
+            database_url,
+            server_url,
+            pool,
+            connection,
+            publisher,
+            dir,
+            sink,
+        }
+    }
+
+    /// Declares `queue_type`'s topology and writes it for the worker.
+    async fn target(&self, queue_type: &str) -> Target {
+        let text = format!(
+            "queue_type = \"{queue_type}\"\ndelivery_limit = 5\n\
+             [retry]\ndelays = [\"50ms\"]\nmax_attempts = 5\nin_process_attempts = 1\n"
+        );
+        let queue = format!("{}_{queue_type}", self.prefix);
+        let topology = Topology::parse(&text, &queue).expect("a valid bench topology");
+        topology.declare(self.publisher.channel()).await.unwrap();
+        let file = self.dir.join(format!("topology-{queue_type}.toml"));
+        std::fs::write(&file, text).unwrap();
+        Target {
+            queue_type: queue_type.to_owned(),
+            topology,
+            file,
+        }
+    }
+
+    async fn remove(&self, target: &Target) {
+        for queue in target.topology.queues() {
+            delete_queue(&self.publisher, &queue).await;
+        }
+    }
+
+    /// Deletes the sink, the database and the files.
+    async fn close(self) {
+        delete_queue(&self.publisher, &self.sink).await;
+        self.pool.close().await;
+        let mut admin = PgConnection::connect(&self.server_url).await.unwrap();
+        let drop = format!("DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)", self.prefix);
+        sqlx::query(sqlx::AssertSqlSafe(drop))
+            .execute(&mut admin)
+            .await
+            .unwrap();
+        std::fs::remove_dir_all(&self.dir).ok();
+    }
+}
+
+/// The routing keys of `SET_LED` (`led.<device>`) and `SET_PUBLISH_PERIOD`
+/// (`<device>.config`) device messages.
+async fn declare_sink(publisher: &Publisher, sink: &str) {
+    let channel = publisher.channel();
+    channel
+        .queue_declare(sink.into(), durable(), FieldTable::default())
+        .await
+        .unwrap();
+    for key in ["led.#", "#.config"] {
+        channel
+            .queue_bind(
+                sink.into(),
+                "amq.topic".into(),
+                key.into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+    }
+}
+
+async fn delete_queue(publisher: &Publisher, queue: &str) {
+    publisher
+        .channel()
+        .queue_delete(queue.into(), QueueDeleteOptions::default())
+        .await
+        .ok();
+}

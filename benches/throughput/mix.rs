@@ -1,0 +1,124 @@
+//! The messages of one drain and the rows they must leave behind.
+//!
+//! The base is the `publish sample` mix ([`samples::mix`]); every 50th
+//! message (2 %) is replaced by a re-send of the message 500 places earlier
+//! (a duplicate: same id, no effect). The poison variant replaces every
+//! 20th message (5 %) by one of the invalid cases of `publish invalid`
+//! (parked); the transient variant replaces them by `TEST_FLAKY` events that
+//! fail transiently on their first run (retried once through the retry
+//! queue).
+
+use std::collections::HashSet;
+
+use serde_json::{Value, json};
+use worker_iot_core::cli::samples;
+use worker_iot_core::envelope::Kind;
+
+const DUPLICATE_EVERY: usize = 50;
+const DUPLICATE_LAG: usize = 500;
+/// Poison or transient messages sit where `i % SPECIAL_EVERY == 10`: even
+/// positions, so never on a duplicate's (odd) position.
+const SPECIAL_EVERY: usize = 20;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Variant {
+    Clean,
+    /// 5 % invalid messages, parked in the DLQ.
+    Poison,
+    /// 5 % `TEST_FLAKY` messages that fail transiently once.
+    Transient,
+}
+
+/// What a drain of the mix must leave: rows, and settled deliveries by
+/// outcome.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Expected {
+    pub events: i64,
+    pub commands: i64,
+    pub measurements: i64,
+    pub duplicates: u64,
+    pub parked: u64,
+    pub retried: u64,
+}
+
+impl Expected {
+    /// Deliveries settled as processed (one per inbox row).
+    pub fn processed(&self) -> u64 {
+        (self.events + self.commands) as u64
+    }
+}
+
+pub struct Mix {
+    pub bodies: Vec<Vec<u8>>,
+    pub expected: Expected,
+}
+
+/// `n` messages of `variant`, deterministic for `seed`.
+pub fn build(n: usize, seed: u64, variant: Variant) -> Mix {
+    let mut bodies = samples::mix(n, seed);
+    for i in (DUPLICATE_LAG..n).filter(|i| i % DUPLICATE_EVERY == DUPLICATE_EVERY / 2) {
+        bodies[i] = bodies[i - DUPLICATE_LAG].clone();
+    }
+    let invalid = samples::invalid_cases();
+    let mut expected = Expected::default();
+    let mut seen = HashSet::new();
+    for (i, body) in bodies.iter_mut().enumerate() {
+        let special = variant != Variant::Clean && i % SPECIAL_EVERY == SPECIAL_EVERY / 2;
+        match variant {
+            Variant::Poison if special => {
+                body.clone_from(&invalid[(i / SPECIAL_EVERY) % invalid.len()].1);
+                expected.parked += 1;
+            }
+            Variant::Transient if special => {
+                let id = format!("flaky-{seed}-{i}");
+                *body = samples::envelope(Kind::Event, "TEST_FLAKY", json!({"fail_first": 1}), Some(&id));
+                expected.events += 1;
+                expected.measurements += 1;
+                expected.retried += 1;
+            }
+            _ => count(body, &mut seen, &mut expected),
+        }
+    }
+    Mix { bodies, expected }
+}
+
+/// Counts the rows a valid sample message leaves (none for a duplicate).
+fn count(body: &[u8], seen: &mut HashSet<String>, expected: &mut Expected) {
+    let value: Value = serde_json::from_slice(body).expect("sample bodies are JSON");
+    let id = value["id"].as_str().expect("sample messages carry an id");
+    if !seen.insert(id.to_owned()) {
+        expected.duplicates += 1;
+        return;
+    }
+    match value["kind"].as_str() {
+        Some("command") => expected.commands += 1,
+        _ => {
+            expected.events += 1;
+            if value["type"] == "MEASUREMENT" {
+                expected.measurements += 1;
+            }
+        }
+    }
+}
+
+/// "MEASUREMENT 22 %, SET_LED 11 %, …": what the clean mix holds, by type.
+pub fn describe(mix: &Mix) -> String {
+    let mut types = std::collections::BTreeMap::<String, usize>::new();
+    for body in &mix.bodies {
+        let value: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+        let name = value["type"].as_str().unwrap_or("invalid").to_owned();
+        *types.entry(name).or_default() += 1;
+    }
+    let total = mix.bodies.len().max(1) as f64;
+    let mut parts: Vec<(String, usize)> = types.into_iter().collect();
+    parts.sort_by_key(|part| std::cmp::Reverse(part.1));
+    let mut text: Vec<String> = parts
+        .iter()
+        .map(|(name, n)| format!("{name} {:.0} %", 100.0 * *n as f64 / total))
+        .collect();
+    text.push(format!(
+        "of which duplicates {:.0} %",
+        100.0 * mix.expected.duplicates as f64 / total
+    ));
+    text.join(", ")
+}

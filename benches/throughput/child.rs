@@ -118,7 +118,7 @@ impl WorkerProcess {
 
     async fn wait_ready(&mut self) {
         let started = Instant::now();
-        while !matches!(worker_iot_core::probe_ready(self.metrics).await, Ok(true)) {
+        while !matches!(worker_iot_core::probe_ready(self.metrics).await, Ok(Ok(()))) {
             if let Ok(Some(status)) = self.child.try_wait() {
                 panic!("the worker exited ({status}) before it was ready:\n{}", self.log_tail());
             }

@@ -36,23 +36,25 @@ pub fn mix(count: usize, seed: u64) -> Vec<Vec<u8>> {
         .map(|i| {
             let device = format!("dev-{}", next() % 20);
             let id = format!("sample-{seed}-{i}");
-            let (kind, message_type, data) = match next() % 9 {
-                0 => (Kind::Event, "DEVICE_UP", json!({"device_id": device, "ip": format!("10.0.0.{}", next() % 250)})),
-                1 => (Kind::Event, "DEVICE_DOWN", json!({"device_id": device})),
-                2 | 3 => (
+            // Mostly readings, as on a real edge: 75 % MEASUREMENT, 21 %
+            // device and beacon events, 4 % commands.
+            let (kind, message_type, data) = match next() % 100 {
+                0..75 => (
                     Kind::Event,
                     "MEASUREMENT",
                     json!({"device_id": device, "sensor": "temperature", "value": (next() % 400) as f64 / 10.0, "unit": "C"}),
                 ),
-                4 => (
+                75..80 => (Kind::Event, "DEVICE_UP", json!({"device_id": device, "ip": format!("10.0.0.{}", next() % 250)})),
+                80..84 => (Kind::Event, "DEVICE_DOWN", json!({"device_id": device})),
+                84..89 => (
                     Kind::Event,
                     "IBEACON_CHANGE",
                     json!({"mac_address": "0a:1b:2c:3d:4e:5f", "uuid": "f7826da6-4fa2-4e98-8024-bc5b71e0893e",
                            "major": next() % 100, "minor": next() % 100, "tx_power": -59, "rssi": -((next() % 90) as i64)}),
                 ),
-                5 => (Kind::Event, "IBEACON_READ", json!({"raw": "0201061aff4c00"})),
-                6 => (Kind::Event, "HTTP_COAP_REQUEST", json!({"path": "/sensors", "method": "GET"})),
-                7 => (
+                89..93 => (Kind::Event, "IBEACON_READ", json!({"raw": "0201061aff4c00"})),
+                93..96 => (Kind::Event, "HTTP_COAP_REQUEST", json!({"path": "/sensors", "method": "GET"})),
+                96..98 => (
                     Kind::Command,
                     "SET_LED",
                     json!({"device_id": device, "state": if next() % 2 == 0 { "on" } else { "off" }}),

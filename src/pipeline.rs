@@ -8,6 +8,12 @@
 //! * when that copy is not confirmed, the delivery is not acked at all: the
 //!   caller treats it as a broker fault and the broker redelivers it;
 //! * nothing is ever rejected with requeue, so nothing can loop.
+//!
+//! Each delivery runs in one span (`process <queue>`, kind consumer, the
+//! messaging semantic conventions), the child of the trace context in its
+//! headers ([`crate::telemetry`]); its children are each transaction (with
+//! the handler and the commit) and the publish of a retry or DLQ copy,
+//! which carries the publish span's context on.
 
 use std::collections::BTreeSet;
 use std::panic::AssertUnwindSafe;
@@ -18,8 +24,11 @@ use chrono::{DateTime, Utc};
 use futures_util::FutureExt;
 use lapin::message::Delivery;
 use lapin::options::BasicAckOptions;
+use opentelemetry::trace::Status;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, Span};
+use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::broker::{PublishError, Publisher};
 use crate::crash_guard::{Admission, CrashGuard};
@@ -30,6 +39,7 @@ use crate::handlers::{self, Handler};
 use crate::headers;
 use crate::retry::Disposition;
 use crate::store;
+use crate::telemetry;
 use crate::topology::Topology;
 
 /// How a delivery ended. Every delivery ends in exactly one of these.
@@ -40,6 +50,20 @@ pub enum Outcome {
     Omitted,
     /// Copied to a retry queue or the DLQ, as the retry policy decided.
     Diverted(Disposition),
+}
+
+impl Outcome {
+    /// A short name, for spans and logs: `processed`, `duplicate`,
+    /// `omitted`, `retry` or `parked`.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Outcome::Processed => "processed",
+            Outcome::Duplicate => "duplicate",
+            Outcome::Omitted => "omitted",
+            Outcome::Diverted(Disposition::RetryLater { .. }) => "retry",
+            Outcome::Diverted(Disposition::Park { .. }) => "parked",
+        }
+    }
 }
 
 /// A delivery that could not be settled; it is left unacked, and the
@@ -123,13 +147,56 @@ impl Pipeline {
     /// # Errors
     /// A [`SettleError`] when the delivery could not be settled.
     pub async fn handle(&self, delivery: &Delivery, outlet: &Outlet) -> Result<Outcome, SettleError> {
-        self.emit(&Event::Received(delivery));
-        let result = self.admit_process_settle(delivery, outlet).await;
-        match &result {
-            Ok(outcome) => self.emit(&Event::Settled(delivery, outcome)),
-            Err(e) => self.emit(&Event::Unsettled(delivery, e)),
+        let span = self.delivery_span(delivery);
+        async {
+            self.emit(&Event::Received(delivery));
+            let result = self.admit_process_settle(delivery, outlet).await;
+            let span = Span::current();
+            match &result {
+                Ok(outcome) => {
+                    span.record("iot.outcome", outcome.as_str());
+                    self.emit(&Event::Settled(delivery, outcome));
+                }
+                Err(e) => {
+                    span.record("iot.outcome", "unsettled");
+                    self.emit(&Event::Unsettled(delivery, e));
+                }
+            }
+            result
         }
-        result
+        .instrument(span)
+        .await
+    }
+
+    /// The span of one delivery, the child of the trace context in its
+    /// headers. At `warn`, so that every line logged about the delivery
+    /// (the least verbose is "message parked", at warn) carries its fields
+    /// whatever `RUST_LOG` says. The message id is the AMQP one until the
+    /// envelope is decoded; the type comes with decoding.
+    fn delivery_span(&self, delivery: &Delivery) -> Span {
+        let queue = self.topology.queue();
+        let headers = delivery.properties.headers().as_ref();
+        let span = tracing::warn_span!(
+            "process",
+            otel.name = %format_args!("process {queue}"),
+            otel.kind = "consumer",
+            messaging.system = "rabbitmq",
+            messaging.operation.type = "process",
+            messaging.destination.name = %queue,
+            messaging.rabbitmq.destination.routing_key = %delivery.routing_key,
+            messaging.message.id = tracing::field::Empty,
+            iot.message.type = tracing::field::Empty,
+            iot.attempt = u64::from(headers::retry_count(headers)) + 1,
+            iot.outcome = tracing::field::Empty,
+            trace_id = tracing::field::Empty,
+        );
+        if let Some(id) = delivery.properties.message_id() {
+            span.record("messaging.message.id", id.as_str());
+        }
+        if let Some(trace_id) = telemetry::continue_trace(&span, headers) {
+            span.record("trace_id", tracing::field::display(trace_id));
+        }
+        span
     }
 
     /// A delivery whose run was cut off by the end of the shutdown grace
@@ -169,6 +236,12 @@ impl Pipeline {
         let amqp_id = delivery.properties.message_id().as_ref().map(|id| id.as_str());
         let message =
             envelope::decode(&delivery.data, amqp_id, received, self.max_message_bytes).map_err(Failed::untyped)?;
+        // The delivery's span (see `handle`), named by the idempotency key.
+        let span = Span::current();
+        if amqp_id != Some(message.id.as_str()) {
+            span.record("messaging.message.id", message.id.as_str());
+        }
+        span.record("iot.message.type", message.message_type.as_str());
         if self.events_to_omit.contains(&message.message_type) {
             return Ok(Outcome::Omitted);
         }
@@ -203,10 +276,16 @@ impl Pipeline {
             if !store::record_in_inbox(&mut tx, message).await? {
                 return Ok(Outcome::Duplicate);
             }
-            (handler.apply)(&mut tx, message).await?;
-            tx.commit().await?;
+            let handler_span = tracing::info_span!(
+                "handler",
+                otel.name = %format_args!("handler {}", handler.message_type),
+                iot.message.type = handler.message_type,
+            );
+            (handler.apply)(&mut tx, message).instrument(handler_span).await?;
+            tx.commit().instrument(tracing::info_span!("commit")).await?;
             Ok(Outcome::Processed)
-        };
+        }
+        .instrument(tracing::info_span!("transaction", db.system.name = "postgresql"));
         match AssertUnwindSafe(store::deadline(transaction)).catch_unwind().await {
             Ok(result) => result,
             Err(panic) => {
@@ -240,17 +319,35 @@ impl Pipeline {
             frame_max: outlet.frame_max,
         };
         let plan = divert::plan(&origin, failed, &self.topology, writer, Utc::now());
+        let routing_key = &plan.routing_key;
+        let fingerprint = headers::read_string(plan.properties.headers().as_ref(), headers::ERROR_FINGERPRINT);
+        // The copy carries the publish span's context: the next attempt
+        // (or the requeued message) is its child, in the same trace.
+        let publish = tracing::info_span!(
+            "publish",
+            otel.name = %format_args!("publish {routing_key}"),
+            otel.kind = "producer",
+            messaging.system = "rabbitmq",
+            messaging.operation.type = "send",
+            messaging.destination.name = %routing_key,
+        );
+        let properties = telemetry::with_context_of(&publish, plan.properties);
         outlet
             .publisher
-            .publish("", &plan.routing_key, &delivery.data, plan.properties)
+            .publish("", routing_key, &delivery.data, properties)
+            .instrument(publish)
             .await?;
-        let routing_key = &plan.routing_key;
         let error = &failed.failure;
         match &plan.outcome {
             Outcome::Diverted(Disposition::Park { kind }) => {
-                tracing::warn!(%routing_key, error.kind = %kind, error.message = %error, "message parked");
+                // The final failure: the only one that makes the span an error.
+                let span = Span::current();
+                span.set_status(Status::error(error.to_string()));
+                span.set_attribute("error.type", kind.as_str());
+                tracing::warn!(%routing_key, error.kind = %kind, error.fingerprint = fingerprint.as_deref().unwrap_or("-"),
+                               error.message = %error, "message parked");
             }
-            _ => tracing::info!(%routing_key, error.message = %error, "message sent to delayed retry"),
+            _ => tracing::debug!(%routing_key, error.message = %error, "message sent to delayed retry"),
         }
         Ok(plan.outcome)
     }

@@ -21,12 +21,12 @@ use std::io::IsTerminal;
 use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable};
 use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
-use opentelemetry::trace::{TraceContextExt, TraceId, TracerProvider};
+use opentelemetry::trace::{SpanContext, TraceContextExt, TraceFlags, TraceId, TraceState, TracerProvider};
 use opentelemetry::{Context, KeyValue};
 use opentelemetry_otlp::WithExportConfig;
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
-use opentelemetry_sdk::trace::{SdkTracer, SdkTracerProvider};
+use opentelemetry_sdk::trace::{IdGenerator, RandomIdGenerator, SdkTracer, SdkTracerProvider};
 use tracing::Span;
 use tracing::level_filters::LevelFilter;
 use tracing_opentelemetry::{OpenTelemetryLayer, OpenTelemetrySpanExt};
@@ -211,6 +211,29 @@ pub fn with_context_of(span: &Span, properties: BasicProperties) -> BasicPropert
     properties.with_headers(headers)
 }
 
+/// `properties` with a `traceparent` that starts a trace: `span`'s context
+/// when it is exported, else a new random one (the consumer's spans then
+/// hang under a parent nobody exported). Returns the trace id, to look
+/// the message up by.
+pub fn start_trace(span: &Span, properties: BasicProperties) -> (BasicProperties, TraceId) {
+    let mut context = span.context();
+    if !context.span().span_context().is_valid() {
+        let ids = RandomIdGenerator::default();
+        let new = SpanContext::new(
+            ids.new_trace_id(),
+            ids.new_span_id(),
+            TraceFlags::SAMPLED,
+            true,
+            TraceState::default(),
+        );
+        context = Context::new().with_remote_span_context(new);
+    }
+    let trace_id = context.span().span_context().trace_id();
+    let mut headers = properties.headers().clone().unwrap_or_default();
+    TraceContextPropagator::new().inject_context(&context, &mut HeaderInjector(&mut headers));
+    (properties.with_headers(headers), trace_id)
+}
+
 /// The W3C `traceparent` and `tracestate` of `span`, for storing (the
 /// outbox keeps them with a device message until it is published).
 pub fn context_headers(span: &Span) -> Option<(String, Option<String>)> {
@@ -282,5 +305,13 @@ mod tests {
         let copy = with_context_of(&Span::none(), properties.clone());
         assert_eq!(copy, properties);
         assert_eq!(context_headers(&Span::none()), None);
+    }
+
+    #[test]
+    fn a_trace_can_be_started_without_export() {
+        let (properties, trace_id) = start_trace(&Span::none(), BasicProperties::default());
+        assert_eq!(header_trace_id(properties.headers().as_ref()), Some(trace_id));
+        let (_, other) = start_trace(&Span::none(), BasicProperties::default());
+        assert_ne!(trace_id, other, "a new trace each time");
     }
 }

@@ -23,7 +23,20 @@
 //! `published_at` (set after the confirm) minus `created_at` (the start of
 //! the command's transaction, so a little before its commit: the figure is
 //! an upper bound).
+//!
+//! Trace export (`BENCH_EXPORT=on`; default off): the process installs the
+//! worker binary's telemetry with `OTEL_EXPORTER_OTLP_ENDPOINT` pointing at
+//! an OTLP gRPC receiver in this process, so every span is encoded and sent
+//! as in production. Run once with and once without and compare:
+//!
+//! ```sh
+//! BENCH_MESSAGES=5000 BENCH_OUTBOX=off cargo bench --bench throughput
+//! BENCH_MESSAGES=5000 BENCH_OUTBOX=off BENCH_EXPORT=on cargo bench --bench throughput
+//! ```
 
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
@@ -32,12 +45,15 @@ use lapin::options::{
 };
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Connection};
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{TraceService, TraceServiceServer};
+use opentelemetry_proto::tonic::collector::trace::v1::{ExportTraceServiceRequest, ExportTraceServiceResponse};
 use serde_json::json;
 use sqlx::{Connection as _, PgConnection, PgPool};
 use tokio_util::sync::CancellationToken;
 use worker_iot_core::broker::{self, Publisher};
 use worker_iot_core::config::Settings;
 use worker_iot_core::store;
+use worker_iot_core::telemetry::Telemetry;
 use worker_iot_core::{Options, Topology};
 
 const TOPOLOGY: &str = "queue_type = \"classic\"\ndelivery_limit = 5\n[retry]\ndelays = [\"1s\"]\nmax_attempts = 5\n";
@@ -339,12 +355,31 @@ async fn main() {
     let topology_file = std::env::temp_dir().join(format!("{queue}.toml"));
     std::fs::write(&topology_file, TOPOLOGY).unwrap();
 
+    let export = env_or("BENCH_EXPORT", "off") == "on";
+    let (spans, endpoint) = if export {
+        let (spans, addr) = start_receiver().await;
+        (Some(spans), format!("http://{addr}"))
+    } else {
+        (None, String::new())
+    };
+    // The binary's logging and export, so both runs pay for the same logs.
+    let log_settings = settings_from(&[("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint), ("LOG_FORMAT", "text".into())]);
+    let telemetry = Telemetry::install(&log_settings).expect("telemetry");
+
     let mut baselines = Vec::new();
     for round in 0..rounds {
         baselines.push(baseline(&connection, &publisher, &baseline_queue, n, round).await);
     }
     let broker = median(baselines);
     println!("{n} messages, {rounds} rounds, medians; machine: {} cores", num_cpus());
+    println!(
+        "trace export: {}",
+        if export {
+            "on (OTLP gRPC to an in-process receiver)"
+        } else {
+            "off"
+        }
+    );
     println!("| consumer | prefetch | msg/s | vs broker drain |");
     println!("|---|---|---|---|");
     println!("| bare consumer, ack only (baseline) | 256 | {broker:.0} | 100 % |");
@@ -394,6 +429,49 @@ async fn main() {
         .await
         .unwrap();
     std::fs::remove_file(topology_file).ok();
+    telemetry.shutdown().await;
+    if let Some(spans) = spans {
+        println!("spans received over OTLP: {}", spans.load(Ordering::Relaxed));
+    }
+}
+
+/// An OTLP gRPC trace receiver that counts the spans it gets.
+#[derive(Clone, Default)]
+struct Receiver {
+    spans: Arc<AtomicUsize>,
+}
+
+#[tonic::async_trait]
+impl TraceService for Receiver {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        let count: usize = request
+            .get_ref()
+            .resource_spans
+            .iter()
+            .flat_map(|r| &r.scope_spans)
+            .map(|s| s.spans.len())
+            .sum();
+        self.spans.fetch_add(count, Ordering::Relaxed);
+        Ok(tonic::Response::new(ExportTraceServiceResponse {
+            partial_success: None,
+        }))
+    }
+}
+
+async fn start_receiver() -> (Arc<AtomicUsize>, SocketAddr) {
+    let receiver = Receiver::default();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let spans = receiver.spans.clone();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(TraceServiceServer::new(receiver))
+            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
+    );
+    (spans, addr)
 }
 
 fn settings_from(env: &[(&str, String)]) -> Settings {

@@ -297,6 +297,48 @@ impl Receiver {
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_are_pure_json_lines_naming_the_message_and_its_trace() {
+    let env = TestEnv::new(common::FAST_TOPOLOGY).await;
+    let (trace_id, _, traceparent) = producer_context();
+    let body = json!({"type": "NO_SUCH_TYPE", "id": "logged-parked", "data": {}}).to_string();
+    env.publish(body.as_bytes(), traced(&traceparent)).await;
+    let extra = [("LOG_FORMAT", "json"), ("RUST_LOG", "info")];
+    let mut worker = env.spawn_binary(WORKER, &env.settings_json(), &extra, "json");
+    env.wait_for_queue_len(&env.dlq(), 1, WAIT).await;
+    worker.signal("TERM");
+    assert!(worker.wait_exit(Duration::from_secs(30)).await.success());
+
+    let out = worker.stdout_text();
+    let lines: Vec<serde_json::Value> = out
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line:?}")))
+        .collect();
+    assert!(!out.contains('\u{1b}'), "no colour codes in a file: {out}");
+    let parked = lines
+        .iter()
+        .find(|line| line["fields"]["message"] == "message parked")
+        .unwrap_or_else(|| panic!("a parked line: {out}"));
+    let span = &parked["span"];
+    assert_eq!(span["messaging.message.id"], "logged-parked", "{parked}");
+    assert_eq!(span["iot.message.type"], "NO_SUCH_TYPE", "{parked}");
+    assert_eq!(span["trace_id"], trace_id.as_str(), "{parked}");
+    let fingerprint = parked["fields"]["error.fingerprint"].as_str().unwrap();
+    let dlq = env.drain(&env.dlq()).await;
+    let headers = dlq[0].delivery.properties.headers().as_ref();
+    assert_eq!(
+        worker_iot_core::headers::read_string(headers, "iot-error-fingerprint").as_deref(),
+        Some(fingerprint),
+        "the line matches the DLQ entry"
+    );
+    let err = worker.stderr_text();
+    assert!(
+        err.contains("Effective configuration:"),
+        "the banner goes to stderr: {err}"
+    );
+    env.cleanup().await;
+}
+
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

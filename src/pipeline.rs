@@ -171,7 +171,8 @@ impl Pipeline {
     /// The span of one delivery, the child of the trace context in its
     /// headers. At `warn`, so that every line logged about the delivery
     /// (the least verbose is "message parked", at warn) carries its fields
-    /// whatever `RUST_LOG` says. The message id is the AMQP one until the
+    /// whatever `RUST_LOG` says; its children are at `debug`, exported but
+    /// not created when nothing is exported. The message id is the AMQP one until the
     /// envelope is decoded; the type comes with decoding.
     fn delivery_span(&self, delivery: &Delivery) -> Span {
         let queue = self.topology.queue();
@@ -276,16 +277,16 @@ impl Pipeline {
             if !store::record_in_inbox(&mut tx, message).await? {
                 return Ok(Outcome::Duplicate);
             }
-            let handler_span = tracing::info_span!(
+            let handler_span = tracing::debug_span!(
                 "handler",
                 otel.name = %format_args!("handler {}", handler.message_type),
                 iot.message.type = handler.message_type,
             );
             (handler.apply)(&mut tx, message).instrument(handler_span).await?;
-            tx.commit().instrument(tracing::info_span!("commit")).await?;
+            tx.commit().instrument(tracing::debug_span!("commit")).await?;
             Ok(Outcome::Processed)
         }
-        .instrument(tracing::info_span!("transaction", db.system.name = "postgresql"));
+        .instrument(tracing::debug_span!("transaction", db.system.name = "postgresql"));
         match AssertUnwindSafe(store::deadline(transaction)).catch_unwind().await {
             Ok(result) => result,
             Err(panic) => {
@@ -323,7 +324,7 @@ impl Pipeline {
         let fingerprint = headers::read_string(plan.properties.headers().as_ref(), headers::ERROR_FINGERPRINT);
         // The copy carries the publish span's context: the next attempt
         // (or the requeued message) is its child, in the same trace.
-        let publish = tracing::info_span!(
+        let publish = tracing::debug_span!(
             "publish",
             otel.name = %format_args!("publish {routing_key}"),
             otel.kind = "producer",

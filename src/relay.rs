@@ -292,7 +292,7 @@ impl Relay {
 /// device message it caused are one trace; the device message carries this
 /// span's context on.
 fn publish_span(row: &Row) -> tracing::Span {
-    let span = tracing::info_span!(
+    let span = tracing::debug_span!(
         "publish",
         otel.name = %format_args!("publish {}", row.exchange),
         otel.kind = "producer",

@@ -32,7 +32,6 @@ use tracing::level_filters::LevelFilter;
 use tracing_opentelemetry::{OpenTelemetryLayer, OpenTelemetrySpanExt};
 use tracing_subscriber::filter::Targets;
 use tracing_subscriber::layer::SubscriberExt;
-use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
 
 use crate::config::{LogFormat, OtlpProtocol, Settings};
@@ -52,7 +51,7 @@ pub enum TelemetryError {
         source: opentelemetry_otlp::ExporterBuildError,
     },
     #[error("a tracing subscriber is already installed: {0}")]
-    AlreadyInstalled(#[from] tracing_subscriber::util::TryInitError),
+    AlreadyInstalled(#[from] tracing::subscriber::SetGlobalDefaultError),
 }
 
 /// The installed subscriber; [`Telemetry::shutdown`] flushes the spans
@@ -87,10 +86,14 @@ impl Telemetry {
         let spans = provider
             .as_ref()
             .map(|provider| otel_layer(provider).with_filter(span_filter()));
-        tracing_subscriber::registry()
+        let subscriber = tracing_subscriber::registry()
             .with(logs.with_filter(filter))
-            .with(spans)
-            .try_init()?;
+            .with(spans);
+        // Not `try_init`, which also bridges the `log` crate: sqlx's
+        // `log_enabled!` checks then call the subscriber's `enabled` outside
+        // any span creation, which leaves stale per-layer filter state and
+        // silently drops the next span (tokio-rs/tracing#2519).
+        tracing::subscriber::set_global_default(subscriber)?;
         Ok(Telemetry { provider })
     }
 
@@ -154,11 +157,13 @@ where
         .with_location(false)
 }
 
-/// The spans exported: the worker's own, at info and above; the log
-/// filter does not apply, so `RUST_LOG=warn` keeps the traces whole.
+/// The spans exported: the worker's own, at debug and above (a delivery's
+/// child spans are at debug, so that without export and with logs at
+/// `info` they are not even created); debug events become span events.
+/// The log filter does not apply, so `RUST_LOG=warn` keeps traces whole.
 pub fn span_filter() -> Targets {
     Targets::new()
-        .with_target("worker_iot_core", LevelFilter::INFO)
+        .with_target("worker_iot_core", LevelFilter::DEBUG)
         .with_default(LevelFilter::OFF)
 }
 

@@ -26,7 +26,6 @@ use rand::Rng;
 use serde_json::json;
 use tracing_subscriber::Layer;
 use tracing_subscriber::layer::SubscriberExt;
-use tracing_subscriber::util::SubscriberInitExt;
 use worker_iot_core::telemetry;
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -51,9 +50,10 @@ fn exporter() -> &'static InMemorySpanExporter {
                 .with_simple_exporter(exporter.clone())
                 .with_resource(telemetry::resource("worker-iot-core"))
                 .build();
-            tracing_subscriber::registry()
-                .with(telemetry::otel_layer(&provider).with_filter(telemetry::span_filter()))
-                .init();
+            // No `log` bridge, as in the binary (see `Telemetry::install`).
+            let subscriber = tracing_subscriber::registry()
+                .with(telemetry::otel_layer(&provider).with_filter(telemetry::span_filter()));
+            tracing::subscriber::set_global_default(subscriber).expect("one subscriber per test binary");
             (exporter, provider)
         })
         .0

@@ -13,6 +13,7 @@ use std::panic::AssertUnwindSafe;
 
 use futures_util::FutureExt;
 use sqlx::{PgConnection, PgPool};
+use tracing::Instrument;
 
 use crate::envelope::{Kind, Message};
 use crate::failure::Failure;
@@ -83,7 +84,7 @@ async fn run(pool: &PgPool, items: &[(&Message, &Handler)]) -> Result<Vec<Applie
             applied[index] = Some(apply_in_savepoint(&mut tx, index, handler, message).await?);
         }
     }
-    tx.commit().await?;
+    tx.commit().instrument(tracing::debug_span!("commit")).await?;
     Ok(applied.into_iter().map(|a| a.unwrap_or(Applied::Again)).collect())
 }
 
@@ -179,7 +180,12 @@ pub async fn apply_one(conn: &mut PgConnection, handler: &Handler, message: &Mes
     if !store::record_in_inbox(conn, message).await? {
         return Ok(Outcome::Duplicate);
     }
-    (handler.apply)(conn, message).await?;
+    let handler_span = tracing::debug_span!(
+        "handler",
+        otel.name = %format_args!("handler {}", handler.message_type),
+        iot.message.type = handler.message_type,
+    );
+    (handler.apply)(conn, message).instrument(handler_span).await?;
     Ok(Outcome::Processed)
 }
 

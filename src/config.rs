@@ -185,6 +185,47 @@ settings! {
         parse: LogFormat::parse,
         show: |format| format.as_str().into(),
     }
+    /// Where spans are exported over OTLP; `None` (empty) exports nothing.
+    otel_endpoint: Option<String> = "OTEL_EXPORTER_OTLP_ENDPOINT" {
+        default: "",
+        parse: otlp_endpoint,
+        show: |endpoint| endpoint.as_deref().map_or_else(|| "(not set: no spans exported)".into(), mask_password),
+    }
+    otel_protocol: OtlpProtocol = "OTEL_EXPORTER_OTLP_PROTOCOL" {
+        default: "grpc",
+        parse: OtlpProtocol::parse,
+        show: |protocol| protocol.as_str().into(),
+    }
+    /// `service.name` of the exported spans.
+    otel_service_name: String = "OTEL_SERVICE_NAME" {
+        default: "worker-iot-core",
+        parse: service_name,
+        show: String::clone,
+    }
+}
+
+/// How spans travel to `OTEL_EXPORTER_OTLP_ENDPOINT`. Only gRPC is built
+/// in: `http/protobuf` would need an HTTP client this build does not have,
+/// so it is refused at start-up rather than silently sent over gRPC.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OtlpProtocol {
+    Grpc,
+}
+
+impl OtlpProtocol {
+    /// The setting's spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OtlpProtocol::Grpc => "grpc",
+        }
+    }
+
+    fn parse(text: &str) -> Result<OtlpProtocol, String> {
+        match text.trim() {
+            "grpc" => Ok(OtlpProtocol::Grpc),
+            _ => Err("\"grpc\" (http/protobuf and http/json are not built in)".into()),
+        }
+    }
 }
 
 /// How log lines are written.
@@ -478,6 +519,28 @@ fn postgres_url(text: &str) -> Result<String, String> {
     Ok(text.to_owned())
 }
 
+/// Empty (no export) or an `http://` URL of an OTLP gRPC receiver. TLS is
+/// not built in, so `https://` is refused instead of failing at the first
+/// export.
+fn otlp_endpoint(text: &str) -> Result<Option<String>, String> {
+    let text = text.trim();
+    if text.is_empty() {
+        return Ok(None);
+    }
+    match Url::parse(text) {
+        Ok(url) if url.scheme() == "http" && url.host_str().is_some() => Ok(Some(text.to_owned())),
+        _ => Err("empty (no export) or a URL such as http://jaeger:4317 (https is not built in)".into()),
+    }
+}
+
+fn service_name(text: &str) -> Result<String, String> {
+    let text = text.trim();
+    if text.is_empty() || text.len() > 255 || text.chars().any(char::is_control) {
+        return Err("a service name of 1 to 255 printable characters".into());
+    }
+    Ok(text.to_owned())
+}
+
 fn on_off(text: &str) -> Result<bool, String> {
     match text {
         "on" => Ok(true),
@@ -572,6 +635,45 @@ mod tests {
         assert_eq!((s.prefetch_count, s.batch_max_size, s.pool_size()), (256, 64, 16));
         assert_eq!(s.batch_max_wait, Duration::from_millis(5));
         assert_eq!(s.outbox_retention, Duration::from_secs(7 * 24 * 3600));
+        assert_eq!(s.otel_endpoint, None);
+        assert_eq!(s.otel_protocol, OtlpProtocol::Grpc);
+        assert_eq!(s.otel_service_name, "worker-iot-core");
+    }
+
+    #[test]
+    fn otel_settings_are_checked() {
+        let s = load(
+            None,
+            &[
+                ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://jaeger:4317"),
+                ("OTEL_SERVICE_NAME", "edge-7"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(s.otel_endpoint.as_deref(), Some("http://jaeger:4317"));
+        assert_eq!(s.otel_service_name, "edge-7");
+        assert!(
+            s.to_string()
+                .contains("OTEL_EXPORTER_OTLP_ENDPOINT = http://jaeger:4317\n")
+        );
+        let err = load(None, &[("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf")]).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "invalid setting OTEL_EXPORTER_OTLP_PROTOCOL=\"http/protobuf\" (from environment): \
+             expected \"grpc\" (http/protobuf and http/json are not built in)"
+        );
+        assert_eq!(
+            invalid_key(load(None, &[("OTEL_EXPORTER_OTLP_ENDPOINT", "jaeger:4317")])),
+            "OTEL_EXPORTER_OTLP_ENDPOINT"
+        );
+        assert_eq!(
+            invalid_key(load(None, &[("OTEL_EXPORTER_OTLP_ENDPOINT", "https://jaeger:4317")])),
+            "OTEL_EXPORTER_OTLP_ENDPOINT"
+        );
+        assert_eq!(
+            invalid_key(load(None, &[("OTEL_SERVICE_NAME", " ")])),
+            "OTEL_SERVICE_NAME"
+        );
     }
 
     #[test]

@@ -19,7 +19,8 @@
 //!   database);
 //! * [`relay`] publishes the device messages that commands left in the
 //!   [`outbox`]; [`requeue`] is the library of the `requeue` tool;
-//! * [`config`] reads the settings.
+//! * [`config`] reads the settings; [`telemetry`] sets up logs and the
+//!   OpenTelemetry export, and carries trace context in AMQP headers.
 //!
 //! The public surface is what the binaries, the tests and the fuzz targets
 //! use: the modules that define a contract (settings, the envelope, the
@@ -32,6 +33,7 @@ pub mod envelope;
 pub mod headers;
 pub mod requeue;
 pub mod store;
+pub mod telemetry;
 
 mod acks;
 mod batch;

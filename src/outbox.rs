@@ -12,8 +12,10 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use sqlx::{PgConnection, PgPool};
+use tracing::Span;
 
 use crate::handlers::DEVICE_EXCHANGE;
+use crate::telemetry;
 
 /// The `LISTEN` channel a committed outbox insert notifies.
 pub const CHANNEL: &str = "iot_outbox";
@@ -28,6 +30,9 @@ pub struct Row {
     pub body: Vec<u8>,
     pub created_at: DateTime<Utc>,
     pub attempts: i32,
+    /// The writing command's trace context, when spans are exported.
+    pub traceparent: Option<String>,
+    pub tracestate: Option<String>,
 }
 
 /// What the relay's gauges show.
@@ -39,7 +44,9 @@ pub struct Stats {
     pub failed: i64,
 }
 
-/// Writes one device message to the outbox, in the caller's transaction.
+/// Writes one device message to the outbox, in the caller's transaction,
+/// with the trace context of the current span (the command's handler), so
+/// that its publish joins the command's trace.
 ///
 /// # Errors
 /// The database error.
@@ -49,13 +56,19 @@ pub async fn enqueue(
     routing_key: &str,
     body: &[u8],
 ) -> Result<(), sqlx::Error> {
-    sqlx::query("INSERT INTO outbox (message_id, exchange, routing_key, body) VALUES ($1, $2, $3, $4)")
-        .bind(message_id)
-        .bind(DEVICE_EXCHANGE)
-        .bind(routing_key)
-        .bind(body)
-        .execute(conn)
-        .await?;
+    let (traceparent, tracestate) = telemetry::context_headers(&Span::current()).unzip();
+    sqlx::query(
+        "INSERT INTO outbox (message_id, exchange, routing_key, body, traceparent, tracestate)
+         VALUES ($1, $2, $3, $4, $5, $6)",
+    )
+    .bind(message_id)
+    .bind(DEVICE_EXCHANGE)
+    .bind(routing_key)
+    .bind(body)
+    .bind(traceparent)
+    .bind(tracestate.flatten())
+    .execute(conn)
+    .await?;
     Ok(())
 }
 
@@ -67,7 +80,7 @@ pub async fn enqueue(
 /// The database error.
 pub async fn claim(conn: &mut PgConnection, limit: i64) -> Result<Vec<Row>, sqlx::Error> {
     sqlx::query_as(
-        "SELECT id, message_id, exchange, routing_key, body, created_at, attempts FROM outbox
+        "SELECT id, message_id, exchange, routing_key, body, created_at, attempts, traceparent, tracestate FROM outbox
          WHERE published_at IS NULL AND failed_at IS NULL
            AND (next_attempt_at IS NULL OR next_attempt_at <= now())
          ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",

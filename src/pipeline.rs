@@ -8,6 +8,13 @@
 //! * when that copy is not confirmed, the delivery is not acked at all: the
 //!   caller treats it as a broker fault and the broker redelivers it;
 //! * nothing is ever rejected with requeue, so nothing can loop.
+//!
+//! Each delivery runs in one span (`process <queue>`, kind consumer, the
+//! messaging semantic conventions), the child of the trace context in its
+//! headers ([`crate::telemetry`]); its children are its transaction (with
+//! the handler and the commit) and the publish of a retry or DLQ copy,
+//! which carries the publish span's context on. A batch's shared
+//! transaction has a span of its own, linked to each delivery's span.
 
 use std::collections::BTreeSet;
 use std::panic::AssertUnwindSafe;
@@ -18,8 +25,11 @@ use backon::Retryable;
 use chrono::{DateTime, Utc};
 use futures_util::FutureExt;
 use lapin::message::Delivery;
+use opentelemetry::trace::{Status, TraceContextExt};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, Span};
+use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::acks::Acks;
 use crate::batch::{self, Applied};
@@ -32,6 +42,7 @@ use crate::handlers::{self, Handler};
 use crate::headers;
 use crate::retry::Disposition;
 use crate::store;
+use crate::telemetry;
 use crate::topology::Topology;
 
 /// How a delivery ended. Every delivery ends in exactly one of these.
@@ -42,6 +53,20 @@ pub enum Outcome {
     Omitted,
     /// Copied to a retry queue or the DLQ, as the retry policy decided.
     Diverted(Disposition),
+}
+
+impl Outcome {
+    /// A short name, for spans and logs: `processed`, `duplicate`,
+    /// `omitted`, `retry` or `parked`.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Outcome::Processed => "processed",
+            Outcome::Duplicate => "duplicate",
+            Outcome::Omitted => "omitted",
+            Outcome::Diverted(Disposition::RetryLater { .. }) => "retry",
+            Outcome::Diverted(Disposition::Park { .. }) => "parked",
+        }
+    }
 }
 
 /// A delivery that could not be settled; it is left unacked, and the
@@ -87,6 +112,8 @@ struct Settled<'d> {
     outcome: Outcome,
     handling: Handling,
     started: Instant,
+    /// The delivery's `process` span.
+    span: Span,
 }
 
 /// Called with every [`Event`].
@@ -135,7 +162,7 @@ pub struct Outlet {
 }
 
 impl<'d> Settled<'d> {
-    fn new(delivery: &'d Delivery, message_type: Option<String>, started: Instant) -> Settled<'d> {
+    fn new(delivery: &'d Delivery, message_type: Option<String>, started: Instant, span: Span) -> Settled<'d> {
         Settled {
             delivery,
             outcome: Outcome::Processed,
@@ -144,6 +171,7 @@ impl<'d> Settled<'d> {
                 ..Handling::default()
             },
             started,
+            span,
         }
     }
 }
@@ -172,24 +200,61 @@ impl Pipeline {
     /// A [`SettleError`] when the delivery could not be settled.
     pub async fn handle(&self, delivery: &Delivery, outlet: &Outlet) -> Result<Outcome, SettleError> {
         let started = Instant::now();
-        self.emit(&Event::Received(delivery));
-        // The time of an envelope without `time`: the same on every attempt.
-        let received = headers::first_received(&delivery.properties).unwrap_or_else(Utc::now);
-        let mut handling = Handling::default();
-        let (permit, processed) = match self.crash_guard.admit(delivery).await {
-            Admission::Run(permit) => (permit, self.process(delivery, received, &mut handling).await),
-            Admission::Fail(permit, failure) => (permit, Err(Failed::untyped(failure))),
-        };
-        let mut settled = Vec::with_capacity(1);
-        let one = Settled {
-            handling,
-            ..Settled::new(delivery, None, started)
-        };
-        self.resolve_into(&mut settled, one, received, processed, outlet)
-            .await?;
-        self.ack(&settled, outlet).await?;
-        permit.settled().await;
-        Ok(settled.pop().expect("one delivery settled").outcome)
+        let span = self.delivery_span(delivery);
+        async {
+            self.emit(&Event::Received(delivery));
+            // The time of an envelope without `time`: the same on every attempt.
+            let received = headers::first_received(&delivery.properties).unwrap_or_else(Utc::now);
+            let mut handling = Handling::default();
+            let (permit, processed) = match self.crash_guard.admit(delivery).await {
+                Admission::Run(permit) => (permit, self.process(delivery, received, &mut handling).await),
+                Admission::Fail(permit, failure) => (permit, Err(Failed::untyped(failure))),
+            };
+            let mut settled = Vec::with_capacity(1);
+            let one = Settled {
+                handling,
+                ..Settled::new(delivery, None, started, Span::current())
+            };
+            self.resolve_into(&mut settled, one, received, processed, outlet)
+                .await?;
+            self.ack(&settled, outlet).await?;
+            permit.settled().await;
+            Ok(settled.pop().expect("one delivery settled").outcome)
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// The span of one delivery, the child of the trace context in its
+    /// headers. At `warn`, so that every line logged about the delivery
+    /// (the least verbose is "message parked", at warn) carries its fields
+    /// whatever `RUST_LOG` says; its children are at `debug`, exported but
+    /// not created when nothing is exported. The message id is the AMQP one
+    /// until the envelope is decoded; the type comes with decoding.
+    fn delivery_span(&self, delivery: &Delivery) -> Span {
+        let queue = self.topology.queue();
+        let headers = delivery.properties.headers().as_ref();
+        let span = tracing::warn_span!(
+            "process",
+            otel.name = %format_args!("process {queue}"),
+            otel.kind = "consumer",
+            messaging.system = "rabbitmq",
+            messaging.operation.type = "process",
+            messaging.destination.name = %queue,
+            messaging.rabbitmq.destination.routing_key = %delivery.routing_key,
+            messaging.message.id = tracing::field::Empty,
+            iot.message.type = tracing::field::Empty,
+            iot.attempt = u64::from(headers::retry_count(headers)) + 1,
+            iot.outcome = tracing::field::Empty,
+            trace_id = tracing::field::Empty,
+        );
+        if let Some(id) = delivery.properties.message_id() {
+            span.record("messaging.message.id", id.as_str());
+        }
+        if let Some(trace_id) = telemetry::continue_trace(&span, headers) {
+            span.record("trace_id", tracing::field::display(trace_id));
+        }
+        span
     }
 
     /// Processes first deliveries (none redelivered) together: their
@@ -206,12 +271,13 @@ impl Pipeline {
         let mut settled = Vec::with_capacity(deliveries.len());
         let mut ready = Vec::with_capacity(deliveries.len());
         for delivery in deliveries {
-            self.emit(&Event::Received(delivery));
+            let span = self.delivery_span(delivery);
+            span.in_scope(|| self.emit(&Event::Received(delivery)));
             let received = headers::first_received(&delivery.properties).unwrap_or_else(Utc::now);
-            match self.prepare(delivery, received) {
-                Prepared::Apply(message, handler) => ready.push((delivery, received, message, handler)),
+            match self.prepare(delivery, received, &span) {
+                Prepared::Apply(message, handler) => ready.push((delivery, received, message, handler, span)),
                 Prepared::Done(processed, message_type) => {
-                    let one = Settled::new(delivery, message_type, started);
+                    let one = Settled::new(delivery, message_type, started, span);
                     self.resolve_into(&mut settled, one, received, processed, outlet)
                         .await?;
                 }
@@ -219,18 +285,24 @@ impl Pipeline {
         }
         let items: Vec<_> = ready
             .iter()
-            .map(|(_, _, message, handler)| (message, *handler))
+            .map(|(_, _, message, handler, _)| (message, *handler))
             .collect();
-        let applied = batch::apply(&self.pool, &items).await;
-        for ((delivery, received, message, handler), applied) in ready.iter().zip(applied) {
-            let mut one = Settled::new(delivery, Some(message.message_type.clone()), started);
+        let applied = batch::apply(&self.pool, &items)
+            .instrument(batch_span(ready.iter().map(|(.., span)| span)))
+            .await;
+        for ((delivery, received, message, handler, span), applied) in ready.iter().zip(applied) {
+            let mut one = Settled::new(delivery, Some(message.message_type.clone()), started, span.clone());
             let retries = &mut one.handling.in_process_retries;
+            let runs = self.in_process_attempts();
             let processed = match applied {
                 Applied::Done(outcome) => Ok(outcome),
-                Applied::Failed(failure) => self.go_on_alone(handler, message, failure, retries).await,
+                Applied::Failed(failure) => {
+                    let alone = self.go_on_alone(handler, message, failure, retries);
+                    alone.instrument(span.clone()).await
+                }
                 Applied::Again => {
-                    let runs = self.in_process_attempts();
-                    self.apply_with_retries(handler, message, runs, retries).await
+                    let alone = self.apply_with_retries(handler, message, runs, retries);
+                    alone.instrument(span.clone()).await
                 }
             };
             let processed = processed.map_err(|failure| Failed {
@@ -271,7 +343,7 @@ impl Pipeline {
     ) -> Result<(), SettleError> {
         let diverted = match processed {
             Ok(outcome) => Ok(outcome),
-            Err(failed) => self.divert(one.delivery, received, &failed, outlet).await,
+            Err(failed) => self.divert(one.delivery, received, &failed, outlet, &one.span).await,
         };
         match diverted {
             Ok(outcome) => {
@@ -281,6 +353,7 @@ impl Pipeline {
             }
             Err(e) => {
                 self.ack(settled, outlet).await.ok();
+                one.span.record("iot.outcome", "unsettled");
                 self.emit(&Event::Unsettled(one.delivery, &e));
                 Err(e)
             }
@@ -297,6 +370,7 @@ impl Pipeline {
                         elapsed: one.started.elapsed(),
                         ..one.handling.clone()
                     };
+                    one.span.record("iot.outcome", one.outcome.as_str());
                     self.emit(&Event::Settled(one.delivery, &one.outcome, &handling));
                 }
                 Ok(())
@@ -304,6 +378,7 @@ impl Pipeline {
             Err(e) => {
                 let e = SettleError::Ack(e);
                 for one in settled {
+                    one.span.record("iot.outcome", "unsettled");
                     self.emit(&Event::Unsettled(one.delivery, &e));
                 }
                 Err(e)
@@ -319,7 +394,7 @@ impl Pipeline {
         received: DateTime<Utc>,
         handling: &mut Handling,
     ) -> Result<Outcome, Failed> {
-        let (message, handler) = match self.prepare(delivery, received) {
+        let (message, handler) = match self.prepare(delivery, received, &Span::current()) {
             Prepared::Apply(message, handler) => (message, handler),
             Prepared::Done(processed, message_type) => {
                 handling.message_type = message_type;
@@ -337,13 +412,18 @@ impl Pipeline {
     }
 
     /// Decodes a delivery and finds its handler, or says how it ended
-    /// without one (omitted, undecodable, unknown type).
-    fn prepare(&self, delivery: &Delivery, received: DateTime<Utc>) -> Prepared {
+    /// without one (omitted, undecodable, unknown type). Names the
+    /// delivery's `span` by the message's idempotency key and type.
+    fn prepare(&self, delivery: &Delivery, received: DateTime<Utc>, span: &Span) -> Prepared {
         let amqp_id = delivery.properties.message_id().as_ref().map(|id| id.as_str());
         let message = match envelope::decode(&delivery.data, amqp_id, received, self.max_message_bytes) {
             Ok(message) => message,
             Err(e) => return Prepared::Done(Err(Failed::untyped(e)), None),
         };
+        if amqp_id != Some(message.id.as_str()) {
+            span.record("messaging.message.id", message.id.as_str());
+        }
+        span.record("iot.message.type", message.message_type.as_str());
         let message_type = Some(message.message_type.clone());
         if self.events_to_omit.contains(&message.message_type) {
             return Prepared::Done(Ok(Outcome::Omitted), message_type);
@@ -408,10 +488,11 @@ impl Pipeline {
             let mut tx = self.pool.begin().await?;
             let outcome = batch::apply_one(&mut tx, handler, message).await?;
             if outcome == Outcome::Processed {
-                tx.commit().await?;
+                tx.commit().instrument(tracing::debug_span!("commit")).await?;
             }
             Ok(outcome)
-        };
+        }
+        .instrument(tracing::debug_span!("transaction", db.system.name = "postgresql"));
         match AssertUnwindSafe(store::deadline(transaction)).catch_unwind().await {
             Ok(result) => result,
             Err(panic) => Err(Failure::Panic(batch::panic_text(&*panic))),
@@ -419,13 +500,14 @@ impl Pipeline {
     }
 
     /// Stage 2 or parking: publishes the copy the retry policy plans and
-    /// waits for the confirm.
+    /// waits for the confirm. `span` is the delivery's.
     async fn divert(
         &self,
         delivery: &Delivery,
         received: DateTime<Utc>,
         failed: &Failed,
         outlet: &Outlet,
+        span: &Span,
     ) -> Result<Outcome, SettleError> {
         let origin = Origin {
             properties: &delivery.properties,
@@ -438,18 +520,50 @@ impl Pipeline {
             frame_max: outlet.frame_max,
         };
         let plan = divert::plan(&origin, failed, &self.topology, writer, Utc::now());
+        let routing_key = &plan.routing_key;
+        let fingerprint = headers::read_string(plan.properties.headers().as_ref(), headers::ERROR_FINGERPRINT);
+        // The copy carries the publish span's context: the next attempt
+        // (or the requeued message) is its child, in the same trace.
+        let publish = tracing::debug_span!(
+            parent: span,
+            "publish",
+            otel.name = %format_args!("publish {routing_key}"),
+            otel.kind = "producer",
+            messaging.system = "rabbitmq",
+            messaging.operation.type = "send",
+            messaging.destination.name = %routing_key,
+        );
+        let properties = telemetry::with_context_of(&publish, plan.properties);
         outlet
             .publisher
-            .publish("", &plan.routing_key, &delivery.data, plan.properties)
+            .publish("", routing_key, &delivery.data, properties)
+            .instrument(publish)
             .await?;
-        let routing_key = &plan.routing_key;
         let error = &failed.failure;
-        match &plan.outcome {
+        span.in_scope(|| match &plan.outcome {
             Outcome::Diverted(Disposition::Park { kind }) => {
-                tracing::warn!(%routing_key, error.kind = %kind, error.message = %error, "message parked");
+                // The final failure: the only one that makes the span an error.
+                span.set_status(Status::error(error.to_string()));
+                span.set_attribute("error.type", kind.as_str());
+                tracing::warn!(%routing_key, error.kind = %kind, error.fingerprint = fingerprint.as_deref().unwrap_or("-"),
+                               error.message = %error, "message parked");
             }
-            _ => tracing::info!(%routing_key, error.message = %error, "message sent to delayed retry"),
-        }
+            _ => tracing::debug!(%routing_key, error.message = %error, "message sent to delayed retry"),
+        });
         Ok(plan.outcome)
     }
+}
+
+/// The span of a batch's shared transaction: not the child of any one
+/// delivery, so it is linked to each delivery's span instead.
+fn batch_span<'a>(deliveries: impl Iterator<Item = &'a Span>) -> Span {
+    let span = tracing::debug_span!(
+        "transaction",
+        otel.name = "transaction (batch)",
+        db.system.name = "postgresql"
+    );
+    for delivery in deliveries {
+        span.add_link(delivery.context().span().span_context().clone());
+    }
+    span
 }

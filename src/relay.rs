@@ -32,12 +32,14 @@ use lapin::types::ShortString;
 use sqlx::PgPool;
 use sqlx::postgres::PgListener;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::broker::{self, PendingConfirm, PublishError, Publisher};
 use crate::metrics::Metrics;
 use crate::outbox::{self, Row};
 use crate::retry::reconnect_backoff as backoff;
 use crate::store;
+use crate::telemetry;
 
 /// Rows claimed and published per transaction.
 pub const BATCH_SIZE: i64 = 100;
@@ -184,13 +186,11 @@ impl Relay {
         let mut confirms: Vec<PendingConfirm> = Vec::with_capacity(rows.len());
         let mut broken = None;
         for row in &rows {
+            let span = publish_span(row);
+            let properties = telemetry::with_context_of(&span, device_message_properties(row));
             match publisher
-                .send(
-                    &row.exchange,
-                    &row.routing_key,
-                    &row.body,
-                    device_message_properties(row),
-                )
+                .send(&row.exchange, &row.routing_key, &row.body, properties)
+                .instrument(span)
                 .await
             {
                 Ok(confirm) => confirms.push(confirm),
@@ -285,6 +285,32 @@ impl Relay {
             }
         }
     }
+}
+
+/// The span of one device message's publish: a child of the command that
+/// wrote it (its context was stored with the row), so a command and the
+/// device message it caused are one trace; the device message carries this
+/// span's context on.
+fn publish_span(row: &Row) -> tracing::Span {
+    let span = tracing::debug_span!(
+        "publish",
+        otel.name = %format_args!("publish {}", row.exchange),
+        otel.kind = "producer",
+        messaging.system = "rabbitmq",
+        messaging.operation.type = "send",
+        messaging.destination.name = %row.exchange,
+        messaging.rabbitmq.destination.routing_key = %row.routing_key,
+        messaging.message.id = %row.message_id,
+    );
+    let mut carrier = lapin::types::FieldTable::default();
+    if let Some(traceparent) = &row.traceparent {
+        crate::headers::put_str(&mut carrier, telemetry::TRACEPARENT, traceparent);
+    }
+    if let Some(tracestate) = &row.tracestate {
+        crate::headers::put_str(&mut carrier, telemetry::TRACESTATE, tracestate);
+    }
+    telemetry::continue_trace(&span, Some(&carrier));
+    span
 }
 
 /// A device message: persistent, with the command's message id so a
@@ -392,6 +418,8 @@ mod tests {
             body: b"on".to_vec(),
             created_at: chrono::Utc::now(),
             attempts: 0,
+            traceparent: None,
+            tracestate: None,
         };
         let properties = device_message_properties(&row);
         assert_eq!(properties.delivery_mode(), &Some(2));

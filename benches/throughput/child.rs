@@ -89,6 +89,7 @@ impl WorkerProcess {
         let metrics = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let log = bench.dir.join(format!("worker-{}-{tag}.log", target.queue_type));
         let output = std::fs::File::create(&log).expect("worker log file");
+        let endpoint = bench.export.as_ref().map_or("", |export| export.endpoint.as_str());
         let child = tokio::process::Command::new(WORKER)
             // No settings file: the worker's defaults, the variables below
             // and the pass-through ones.
@@ -100,6 +101,7 @@ impl WorkerProcess {
             .env("RABBITMQ_LOCAL_QUEUE_NAME", target.topology.queue())
             .env("TOPOLOGY_FILE", &target.file)
             .env("METRICS_ADDR", metrics.to_string())
+            .env("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint)
             .stdout(output.try_clone().expect("log file handle"))
             .stderr(output)
             .kill_on_drop(true)

@@ -32,10 +32,13 @@
 //! `RABBITMQ_PREFETCH_COUNT`, `DATABASE_MAX_CONNECTIONS`, `OUTBOX_RELAY`,
 //! `RUST_LOG` and `LOG_FORMAT` are passed to the worker unchanged; otherwise
 //! its defaults apply. Then the outbox relay section ([`outbox`];
-//! `BENCH_OUTBOX=off` skips it).
+//! `BENCH_OUTBOX=off` skips it). `BENCH_EXPORT=on` makes the worker export
+//! its spans over OTLP gRPC to a receiver in the bench ([`export`]): compare
+//! a run with it and one without for the cost of tracing.
 
 mod child;
 mod drain;
+mod export;
 mod latency;
 mod mix;
 mod outbox;
@@ -78,6 +81,8 @@ pub struct Bench {
     /// A queue bound to `amq.topic` for the device messages the relay
     /// publishes for the mix's commands, so they are routable.
     pub sink: String,
+    /// The OTLP receiver the worker exports to (`BENCH_EXPORT=on`).
+    pub export: Option<export::Export>,
 }
 
 /// One queue type's main queue and topology file.
@@ -104,6 +109,10 @@ async fn main() {
         bench.remove(&target).await;
     }
     report::table(&bench, &results);
+    match &bench.export {
+        Some(export) => println!("trace export: on, {} spans received over OTLP", export.spans()),
+        None => println!("trace export: off (BENCH_EXPORT=on to export to an in-process OTLP receiver)"),
+    }
     if env_or("BENCH_OUTBOX", "on") != "off" {
         outbox::bench(&bench).await;
     }
@@ -172,6 +181,7 @@ impl Bench {
             connection,
             publisher,
             dir,
+            export: export::Export::start().await,
             sink,
         }
     }

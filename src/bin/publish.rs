@@ -6,16 +6,19 @@
 //! publish raw 'not json'
 //! publish sample --count 100
 //! publish invalid
+//! publish --trace event DEVICE_UP --data '{"device_id":"d1"}'
 //! ```
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use lapin::BasicProperties;
 use serde_json::Value;
+use tracing::Instrument;
 use worker_iot_core::broker::{self, Publisher};
 use worker_iot_core::cli::samples;
 use worker_iot_core::config::Settings;
 use worker_iot_core::envelope::Kind;
+use worker_iot_core::telemetry::{self, Telemetry};
 
 #[derive(Parser)]
 #[command(
@@ -26,6 +29,11 @@ struct Args {
     /// Queue to publish to (default: RABBITMQ_LOCAL_QUEUE_NAME).
     #[arg(long, global = true)]
     queue: Option<String>,
+    /// Start a trace per message: a new `traceparent` header, whose trace
+    /// id is printed (find it in Jaeger). With OTEL_EXPORTER_OTLP_ENDPOINT
+    /// set, the publish span is exported too.
+    #[arg(long, global = true)]
+    trace: bool,
     #[command(subcommand)]
     what: What,
 }
@@ -72,7 +80,12 @@ async fn main() -> std::process::ExitCode {
 async fn run() -> anyhow::Result<()> {
     let args = Args::parse();
     let (settings, _) = Settings::load()?;
-    let queue = args.queue.unwrap_or(settings.queue);
+    let queue = args.queue.clone().unwrap_or_else(|| settings.queue.clone());
+    let telemetry = if args.trace && settings.otel_endpoint.is_some() {
+        Some(Telemetry::install(&settings)?)
+    } else {
+        None
+    };
     let bodies: Vec<(String, Vec<u8>)> = match args.what {
         What::Event { message_type, data, id } => {
             vec![(message_type.clone(), one(Kind::Event, &message_type, &data, id)?)]
@@ -102,13 +115,28 @@ async fn run() -> anyhow::Result<()> {
         .with_content_type("application/json".into())
         .with_delivery_mode(2);
     for (name, body) in &bodies {
+        // The library's target, so the span passes the export filter.
+        let span = tracing::info_span!(target: "worker_iot_core::publish", "publish",
+            otel.name = %format_args!("publish {queue}"), otel.kind = "producer",
+            messaging.system = "rabbitmq", messaging.destination.name = %queue);
+        let properties = if args.trace {
+            let (properties, trace_id) = telemetry::start_trace(&span, properties.clone());
+            println!("{name}: trace {trace_id}");
+            properties
+        } else {
+            properties.clone()
+        };
         publisher
-            .publish("", &queue, body, properties.clone())
+            .publish("", &queue, body, properties)
+            .instrument(span)
             .await
             .with_context(|| format!("publishing {name} to {queue}"))?;
     }
     connection.close(200, "done".into()).await.ok();
     println!("published {} message(s) to {queue}", bodies.len());
+    if let Some(telemetry) = telemetry {
+        telemetry.shutdown().await;
+    }
     Ok(())
 }
 

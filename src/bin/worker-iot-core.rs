@@ -1,15 +1,15 @@
-//! The worker binary: arguments, settings, banner, logging, signals; the
-//! rest is `worker_iot_core::run`.
+//! The worker binary: arguments, settings, banner, logging and span export
+//! (flushed at exit), signals; the rest is `worker_iot_core::run`.
 
 use std::process::ExitCode;
 
 use clap::Parser;
 use tokio_util::sync::CancellationToken;
-use tracing_subscriber::EnvFilter;
 use worker_iot_core::Topology;
 use worker_iot_core::WorkerError;
 use worker_iot_core::cli::banner;
 use worker_iot_core::config::{LogFormat, Settings};
+use worker_iot_core::telemetry::Telemetry;
 
 /// The worker of worker-iot-core: takes events and commands from the
 /// RabbitMQ queue RABBITMQ_LOCAL_QUEUE_NAME, applies each in a PostgreSQL
@@ -49,22 +49,40 @@ async fn main() -> ExitCode {
     if args.check_config {
         return check_config(&settings, &warnings.unknown_keys);
     }
-    init_logging(settings.log_format);
-    println!("{}", banner::banner());
-    println!("Effective configuration:\n{settings}");
+    let telemetry = match Telemetry::install(&settings) {
+        Ok(telemetry) => telemetry,
+        Err(e) => {
+            eprintln!("worker-iot-core: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    print_banner(&settings);
     for key in &warnings.unknown_keys {
         tracing::warn!(%key, "unknown key in the settings file is ignored");
     }
 
     let shutdown = CancellationToken::new();
     tokio::spawn(stop_on_signal(shutdown.clone()));
-    match worker_iot_core::run(settings, shutdown).await {
+    let code = match worker_iot_core::run(settings, shutdown).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error.message = %e, "worker stopped");
             eprintln!("worker-iot-core: {e}");
             exit_code_for(&e)
         }
+    };
+    // After the drain: the last deliveries' spans are exported too.
+    telemetry.shutdown().await;
+    code
+}
+
+/// The banner and the effective configuration: on stdout in text mode, on
+/// stderr in JSON mode, so that stdout stays one JSON object per line.
+fn print_banner(settings: &Settings) {
+    let text = format!("{}\nEffective configuration:\n{settings}", banner::banner());
+    match settings.log_format {
+        LogFormat::Text => println!("{text}"),
+        LogFormat::Json => eprintln!("{text}"),
     }
 }
 
@@ -109,15 +127,6 @@ fn exit_code_for(error: &WorkerError) -> ExitCode {
     match error {
         WorkerError::Topology(_) => ExitCode::from(2),
         WorkerError::Store(_) | WorkerError::Metrics(_) => ExitCode::FAILURE,
-    }
-}
-
-fn init_logging(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
     }
 }
 

@@ -28,8 +28,10 @@ pub enum Applied {
     Done(Outcome),
     /// Its own run failed and was rolled back; the rest committed.
     Failed(Failure),
-    /// The batch failed as a whole: run it again, alone.
-    Again,
+    /// The batch failed as a whole: run it again, alone. With a transient
+    /// failure (a lost or silent connection, the deadline), that run was
+    /// the message's first in-process attempt, as it would have been alone.
+    Again(Option<Failure>),
 }
 
 /// Why a batch failed as a whole.
@@ -54,23 +56,30 @@ impl From<sqlx::Error> for Abort {
 pub async fn apply(pool: &PgPool, items: &[(&Message, &Handler)]) -> Vec<Applied> {
     match store::deadline(run(pool, items)).await {
         Ok(applied) => applied,
-        Err(Abort::Database(e)) => again(items, &e),
+        Err(Abort::Database(e)) => again(items, &Failure::Database(e)),
         Err(Abort::Bulk(failure)) => again(items, &failure),
         Err(Abort::Panic { index, text }) => (0..items.len())
             .map(|i| {
                 if i == index {
                     Applied::Failed(Failure::Panic(text.clone()))
                 } else {
-                    Applied::Again
+                    Applied::Again(None)
                 }
             })
             .collect(),
     }
 }
 
-fn again(items: &[(&Message, &Handler)], error: &dyn std::fmt::Display) -> Vec<Applied> {
-    tracing::debug!(error.message = %error, size = items.len(), "batch rolled back; its messages run alone");
-    items.iter().map(|_| Applied::Again).collect()
+fn again(items: &[(&Message, &Handler)], failure: &Failure) -> Vec<Applied> {
+    tracing::debug!(error.message = %failure, size = items.len(), "batch rolled back; its messages run alone");
+    let text = failure.to_string();
+    let each = || {
+        failure.is_transient().then(|| {
+            let error = std::io::Error::other(format!("the batch's transaction failed: {text}"));
+            Failure::Database(sqlx::Error::Io(error))
+        })
+    };
+    items.iter().map(|_| Applied::Again(each())).collect()
 }
 
 async fn run(pool: &PgPool, items: &[(&Message, &Handler)]) -> Result<Vec<Applied>, Abort> {
@@ -85,7 +94,7 @@ async fn run(pool: &PgPool, items: &[(&Message, &Handler)]) -> Result<Vec<Applie
         }
     }
     tx.commit().instrument(tracing::debug_span!("commit")).await?;
-    Ok(applied.into_iter().map(|a| a.unwrap_or(Applied::Again)).collect())
+    Ok(applied.into_iter().map(|a| a.unwrap_or(Applied::Again(None))).collect())
 }
 
 /// The items that take a handler's bulk path, by handler. An item its

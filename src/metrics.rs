@@ -375,89 +375,89 @@ impl Metrics {
     }
 }
 
+/// The `# HELP` lines of the counters.
+const COUNTERS: [(&str, &str); 9] = [
+    (
+        name::DELIVERIES,
+        "Deliveries settled, by message type (unknown when undecodable or unhandled), outcome (processed, duplicate, omitted, retried, parked) and, when parked, kind.",
+    ),
+    (
+        name::IN_PROCESS_RETRIES,
+        "Runs of a transaction after the first, in process (stage 1), by message type.",
+    ),
+    (name::DELAYED_RETRIES, "Deliveries sent to a retry queue, by delay."),
+    (
+        name::UNSETTLED,
+        "Deliveries left unacked for redelivery: the copy or ack failed (settle_failed) or the grace period ended (cut_off).",
+    ),
+    (name::CONNECTIONS, "Broker connections opened, the first included."),
+    (name::RECONNECTS, "Broker connections opened after the first."),
+    (
+        name::OUTBOX_PUBLISHED,
+        "Device messages the outbox relay published (confirmed).",
+    ),
+    (
+        name::OUTBOX_UNROUTABLE,
+        "Device messages the broker returned as unroutable.",
+    ),
+    (
+        name::OUTBOX_ERRORS,
+        "Database or broker errors of the outbox relay (it backs off).",
+    ),
+];
+
+/// The `# HELP` lines (and units) of the gauges.
+const GAUGES: [(&str, Option<Unit>, &str); 11] = [
+    (name::IN_FLIGHT, None, "Deliveries being handled now."),
+    (
+        name::NODE,
+        None,
+        "The broker (host:port) of the current session: 1, and 0 for earlier ones.",
+    ),
+    (
+        name::READY,
+        None,
+        "1 when /readyz answers 200 (consuming and the database reachable).",
+    ),
+    (
+        name::DATABASE_UP,
+        None,
+        "1 when the last database check (SELECT 1) succeeded.",
+    ),
+    (name::POOL_SIZE, None, "Open database connections of the pool."),
+    (name::POOL_IN_USE, None, "Database connections of the pool in use."),
+    (name::POOL_MAX, None, "The pool's maximum size."),
+    (
+        name::BUILD_INFO,
+        None,
+        "Always 1; the version label says which build runs.",
+    ),
+    (name::OUTBOX_PENDING, None, "Outbox rows waiting to be published."),
+    (
+        name::OUTBOX_FAILED,
+        None,
+        "Outbox rows given up on (returned unroutable too often).",
+    ),
+    (
+        name::OUTBOX_OLDEST,
+        Some(Unit::Seconds),
+        "Age of the oldest pending outbox row.",
+    ),
+];
+
 /// The `# HELP` lines.
 fn describe(recorder: &PrometheusRecorder) {
-    let counters: [(&'static str, &'static str); 9] = [
-        (
-            name::DELIVERIES,
-            "Deliveries settled, by message type (unknown when undecodable or unhandled), outcome (processed, duplicate, omitted, retried, parked) and, when parked, kind.",
-        ),
-        (
-            name::IN_PROCESS_RETRIES,
-            "Runs of a transaction after the first, in process (stage 1), by message type.",
-        ),
-        (name::DELAYED_RETRIES, "Deliveries sent to a retry queue, by delay."),
-        (
-            name::UNSETTLED,
-            "Deliveries left unacked for redelivery: the copy or ack failed (settle_failed) or the grace period ended (cut_off).",
-        ),
-        (name::CONNECTIONS, "Broker connections opened, the first included."),
-        (name::RECONNECTS, "Broker connections opened after the first."),
-        (
-            name::OUTBOX_PUBLISHED,
-            "Device messages the outbox relay published (confirmed).",
-        ),
-        (
-            name::OUTBOX_UNROUTABLE,
-            "Device messages the broker returned as unroutable.",
-        ),
-        (
-            name::OUTBOX_ERRORS,
-            "Database or broker errors of the outbox relay (it backs off).",
-        ),
-    ];
-    for (name, help) in counters {
+    for (name, help) in COUNTERS {
         recorder.describe_counter(KeyName::from(name), None, SharedString::from(help));
     }
-    let gauges: [(&'static str, Option<Unit>, &'static str); 12] = [
-        (name::IN_FLIGHT, None, "Deliveries being handled now."),
-        (
-            name::NODE,
-            None,
-            "The broker (host:port) of the current session: 1, and 0 for earlier ones.",
-        ),
-        (
-            name::READY,
-            None,
-            "1 when /readyz answers 200 (consuming and the database reachable).",
-        ),
-        (
-            name::DATABASE_UP,
-            None,
-            "1 when the last database check (SELECT 1) succeeded.",
-        ),
-        (name::POOL_SIZE, None, "Open database connections of the pool."),
-        (name::POOL_IN_USE, None, "Database connections of the pool in use."),
-        (name::POOL_MAX, None, "The pool's maximum size."),
-        (
-            name::BUILD_INFO,
-            None,
-            "Always 1; the version label says which build runs.",
-        ),
-        (name::OUTBOX_PENDING, None, "Outbox rows waiting to be published."),
-        (
-            name::OUTBOX_FAILED,
-            None,
-            "Outbox rows given up on (returned unroutable too often).",
-        ),
-        (
-            name::OUTBOX_OLDEST,
-            Some(Unit::Seconds),
-            "Age of the oldest pending outbox row.",
-        ),
-        (
-            name::HANDLING,
-            Some(Unit::Seconds),
-            "Time from receipt to settlement of a delivery, by message type and outcome.",
-        ),
-    ];
-    for (name, unit, help) in gauges {
-        if name == name::HANDLING {
-            recorder.describe_histogram(KeyName::from(name), unit, SharedString::from(help));
-        } else {
-            recorder.describe_gauge(KeyName::from(name), unit, SharedString::from(help));
-        }
+    for (name, unit, help) in GAUGES {
+        recorder.describe_gauge(KeyName::from(name), unit, SharedString::from(help));
     }
+    recorder.describe_histogram(
+        KeyName::from(name::HANDLING),
+        Some(Unit::Seconds),
+        SharedString::from("Time from receipt to settlement of a delivery, by message type and outcome."),
+    );
 }
 
 #[cfg(test)]

@@ -296,11 +296,11 @@ impl Pipeline {
             let runs = self.in_process_attempts();
             let processed = match applied {
                 Applied::Done(outcome) => Ok(outcome),
-                Applied::Failed(failure) => {
+                Applied::Failed(failure) | Applied::Again(Some(failure)) => {
                     let alone = self.go_on_alone(handler, message, failure, retries);
                     alone.instrument(span.clone()).await
                 }
-                Applied::Again => {
+                Applied::Again(None) => {
                     let alone = self.apply_with_retries(handler, message, runs, retries);
                     alone.instrument(span.clone()).await
                 }

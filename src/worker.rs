@@ -82,17 +82,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
 /// A [`WorkerError`] for bad settings, an unusable topology or database.
 pub async fn run_with(settings: Settings, shutdown: CancellationToken, options: Options) -> Result<(), WorkerError> {
     let topology = Arc::new(Topology::load(&settings.topology_file, &settings.queue)?);
-    // A fresh machine with local services has no database yet. Creating it
-    // needs rights the worker may lack in production; connecting then
-    // says what is wrong.
-    match store::create_database(&settings.database_url).await {
-        Ok(true) => tracing::info!("database created"),
-        Ok(false) => {}
-        Err(e) => tracing::debug!(error.message = %e, "could not make sure the database exists"),
-    }
-    let pool = store::connect(&settings.database_url, settings.pool_size()).await?;
-    store::migrate(&pool).await?;
-    tracing::info!("database migrated");
+    let pool = open_database(&settings).await?;
     options.metrics.set_database(Ok(()));
     let pipeline = Arc::new(build_pipeline(&settings, &topology, &pool, &options, &shutdown));
     pipeline.crash_guard().prune().await;
@@ -101,17 +91,7 @@ pub async fn run_with(settings: Settings, shutdown: CancellationToken, options: 
     let background = shutdown.child_token();
     tokio::spawn(health::watch(pool.clone(), options.metrics.clone(), background.clone()));
     let server = if options.serve_metrics {
-        let server = http::serve(
-            settings.metrics_addr,
-            options.metrics.clone(),
-            pool.clone(),
-            background.clone(),
-        )
-        .await
-        .map_err(WorkerError::Metrics)?;
-        options.metrics.set_http_addr(server.addr);
-        tracing::info!(addr = %server.addr, "serving /metrics, /healthz and /readyz");
-        Some(server)
+        Some(serve_http(&settings, &options, &pool, &background).await?)
     } else {
         None
     };
@@ -145,6 +125,41 @@ pub async fn run_with(settings: Settings, shutdown: CancellationToken, options: 
     tokio::time::timeout(CLOSE_TIMEOUT, pool.close()).await.ok();
     tracing::info!("stopped");
     result
+}
+
+/// The worker's database, created if missing and migrated. A fresh machine
+/// with local services has no database yet; creating it needs rights the
+/// worker may lack in production, and connecting then says what is wrong.
+async fn open_database(settings: &Settings) -> Result<PgPool, WorkerError> {
+    match store::create_database(&settings.database_url).await {
+        Ok(true) => tracing::info!("database created"),
+        Ok(false) => {}
+        Err(e) => tracing::debug!(error.message = %e, "could not make sure the database exists"),
+    }
+    let pool = store::connect(&settings.database_url, settings.pool_size()).await?;
+    store::migrate(&pool).await?;
+    tracing::info!("database migrated");
+    Ok(pool)
+}
+
+/// `/metrics`, `/healthz` and `/readyz` on `METRICS_ADDR`, until `stop`.
+async fn serve_http(
+    settings: &Settings,
+    options: &Options,
+    pool: &PgPool,
+    stop: &CancellationToken,
+) -> Result<http::Server, WorkerError> {
+    let server = http::serve(
+        settings.metrics_addr,
+        options.metrics.clone(),
+        pool.clone(),
+        stop.clone(),
+    )
+    .await
+    .map_err(WorkerError::Metrics)?;
+    options.metrics.set_http_addr(server.addr);
+    tracing::info!(addr = %server.addr, "serving /metrics, /healthz and /readyz");
+    Ok(server)
 }
 
 /// The pipeline, built once: every broker session shares it. The metrics

@@ -86,23 +86,7 @@ async fn run() -> anyhow::Result<()> {
     } else {
         None
     };
-    let bodies: Vec<(String, Vec<u8>)> = match args.what {
-        What::Event { message_type, data, id } => {
-            vec![(message_type.clone(), one(Kind::Event, &message_type, &data, id)?)]
-        }
-        What::Command { message_type, data, id } => {
-            vec![(message_type.clone(), one(Kind::Command, &message_type, &data, id)?)]
-        }
-        What::Raw { body } => vec![("raw".into(), body.into_bytes())],
-        What::Sample { count, seed } => samples::mix(count, seed)
-            .into_iter()
-            .map(|b| ("sample".into(), b))
-            .collect(),
-        What::Invalid => samples::invalid_cases()
-            .into_iter()
-            .map(|(name, b)| (name.to_owned(), b))
-            .collect(),
-    };
+    let bodies = bodies(args.what)?;
 
     let connection = broker::connect(&settings.amqp_url, "publish").await.with_context(|| {
         format!(
@@ -138,6 +122,27 @@ async fn run() -> anyhow::Result<()> {
         telemetry.shutdown().await;
     }
     Ok(())
+}
+
+/// The messages to publish, each with a name for the output.
+fn bodies(what: What) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
+    Ok(match what {
+        What::Event { message_type, data, id } => {
+            vec![(message_type.clone(), one(Kind::Event, &message_type, &data, id)?)]
+        }
+        What::Command { message_type, data, id } => {
+            vec![(message_type.clone(), one(Kind::Command, &message_type, &data, id)?)]
+        }
+        What::Raw { body } => vec![("raw".into(), body.into_bytes())],
+        What::Sample { count, seed } => samples::mix(count, seed)
+            .into_iter()
+            .map(|b| ("sample".into(), b))
+            .collect(),
+        What::Invalid => samples::invalid_cases()
+            .into_iter()
+            .map(|(name, b)| (name.to_owned(), b))
+            .collect(),
+    })
 }
 
 fn one(kind: Kind, message_type: &str, data: &str, id: Option<String>) -> anyhow::Result<Vec<u8>> {

@@ -290,21 +290,18 @@ impl Pipeline {
         let applied = batch::apply(&self.pool, &items)
             .instrument(batch_span(ready.iter().map(|(.., span)| span)))
             .await;
-        for ((delivery, received, message, handler, span), applied) in ready.iter().zip(applied) {
+        // The messages that leave the batch go on alone at the same time,
+        // each on its own connection, as they would have without batching.
+        let finished = ready
+            .iter()
+            .zip(applied)
+            .map(|((_, _, message, handler, span), applied)| {
+                self.finish_alone(handler, message, applied).instrument(span.clone())
+            });
+        let finished = futures_util::future::join_all(finished).await;
+        for ((delivery, received, message, _, span), (processed, retries)) in ready.iter().zip(finished) {
             let mut one = Settled::new(delivery, Some(message.message_type.clone()), started, span.clone());
-            let retries = &mut one.handling.in_process_retries;
-            let runs = self.in_process_attempts();
-            let processed = match applied {
-                Applied::Done(outcome) => Ok(outcome),
-                Applied::Failed(failure) | Applied::Again(Some(failure)) => {
-                    let alone = self.go_on_alone(handler, message, failure, retries);
-                    alone.instrument(span.clone()).await
-                }
-                Applied::Again(None) => {
-                    let alone = self.apply_with_retries(handler, message, runs, retries);
-                    alone.instrument(span.clone()).await
-                }
-            };
+            one.handling.in_process_retries = retries;
             let processed = processed.map_err(|failure| Failed {
                 message_type: Some(message.message_type.clone()),
                 failure,
@@ -442,6 +439,28 @@ impl Pipeline {
 
     fn in_process_attempts(&self) -> u32 {
         self.topology.retry.in_process_attempts
+    }
+
+    /// How a message of a batch ended: as the batch applied it, or after
+    /// running alone; with its in-process retries.
+    async fn finish_alone(
+        &self,
+        handler: &Handler,
+        message: &Message,
+        applied: Applied,
+    ) -> (Result<Outcome, Failure>, u32) {
+        let mut retries = 0;
+        let processed = match applied {
+            Applied::Done(outcome) => Ok(outcome),
+            Applied::Failed(failure) | Applied::Again(Some(failure)) => {
+                self.go_on_alone(handler, message, failure, &mut retries).await
+            }
+            Applied::Again(None) => {
+                let runs = self.in_process_attempts();
+                self.apply_with_retries(handler, message, runs, &mut retries).await
+            }
+        };
+        (processed, retries)
     }
 
     /// A message whose run in a batch failed: its first in-process attempt.

@@ -4,9 +4,11 @@
 
 mod common;
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use common::{FAST_TOPOLOGY, TestEnv};
+use common::{FAST_TOPOLOGY, RunningWorker, TestEnv, wait_for};
 use lapin::BasicProperties;
 use serde_json::json;
 use worker_iot_core::ErrorKind;
@@ -22,14 +24,27 @@ fn measurement(id: &str) -> Vec<u8> {
     body(json!({"type": "MEASUREMENT", "id": id, "data": {"device_id": "d1", "sensor": "t", "value": 1}}))
 }
 
-/// A slow message first (0.3 s): while it runs, the others arrive and wait
-/// (up to `BATCH_MAX_WAIT_MS`, 1 s), then go together as one batch.
-async fn publish_behind_a_slow_one(env: &TestEnv, bodies: &[Vec<u8>]) {
-    let slow = body(json!({"type": "TEST_SLOW", "id": "slow", "data": {"seconds": 0.3}}));
+/// Starts a worker on a slow message (0.5 s in its transaction), then
+/// publishes `bodies` while it runs: they arrive together and wait (up to
+/// `BATCH_MAX_WAIT_MS`, 1 s) for it, then go as one batch.
+async fn start_behind_a_slow_one(env: &TestEnv, bodies: &[Vec<u8>]) -> RunningWorker {
+    let slow = body(json!({"type": "TEST_SLOW", "id": "slow", "data": {"seconds": 0.5}}));
     env.publish(&slow, BasicProperties::default()).await;
+    let received = Arc::new(AtomicUsize::new(0));
+    let seen = received.clone();
+    let hook = common::on_received(move |_| {
+        seen.fetch_add(1, Ordering::SeqCst);
+    });
+    let settings = env.settings(&[("BATCH_MAX_SIZE", "50"), ("BATCH_MAX_WAIT_MS", "1000")]);
+    let worker = env.spawn_worker_with(settings, Some(hook));
+    wait_for("the slow message taken", WAIT, || async {
+        (received.load(Ordering::SeqCst) >= 1).then_some(())
+    })
+    .await;
     for b in bodies {
         env.publish(b, BasicProperties::default()).await;
     }
+    worker
 }
 
 /// The transaction of each event row, told apart by its start time
@@ -62,8 +77,7 @@ async fn a_batch_with_poison_a_duplicate_and_a_transient_failure_settles_each_me
         b"not json".to_vec(),
         measurement("m-3"),
     ];
-    publish_behind_a_slow_one(&env, &mates).await;
-    let worker = env.spawn_worker(&[("BATCH_MAX_SIZE", "50"), ("BATCH_MAX_WAIT_MS", "1000")]);
+    let worker = start_behind_a_slow_one(&env, &mates).await;
     env.wait_for_rows("events", 5, WAIT).await;
     env.wait_for_queue_len(&env.dlq(), 2, WAIT).await;
     env.wait_for_queue_len(&env.queue, 0, WAIT).await;
@@ -110,8 +124,7 @@ async fn a_panic_in_a_batch_parks_that_message_and_applies_the_others_once() {
         body(json!({"type": "TEST_PANIC", "id": "boom", "data": {}})),
         measurement("m-2"),
     ];
-    publish_behind_a_slow_one(&env, &mates).await;
-    let worker = env.spawn_worker(&[("BATCH_MAX_SIZE", "50"), ("BATCH_MAX_WAIT_MS", "1000")]);
+    let worker = start_behind_a_slow_one(&env, &mates).await;
     env.wait_for_rows("events", 3, WAIT).await;
     env.wait_for_queue_len(&env.dlq(), 1, WAIT).await;
     env.wait_for_queue_len(&env.queue, 0, WAIT).await;

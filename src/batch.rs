@@ -88,13 +88,26 @@ async fn run(pool: &PgPool, items: &[(&Message, &Handler)]) -> Result<Vec<Applie
     for (handler, indexes) in bulk_groups(items, &mut applied) {
         apply_bulk(&mut tx, handler, items, &indexes, &mut applied).await?;
     }
-    for (index, (message, handler)) in items.iter().enumerate() {
+    for index in lock_order(items) {
         if applied[index].is_none() {
+            let (message, handler) = items[index];
             applied[index] = Some(apply_in_savepoint(&mut tx, index, handler, message).await?);
         }
     }
     tx.commit().instrument(tracing::debug_span!("commit")).await?;
     Ok(applied.into_iter().map(|a| a.unwrap_or(Applied::Again(None))).collect())
+}
+
+/// The order the one-by-one items run in: by the device they are about
+/// (`data.device_id`), so that two batches in flight lock `devices` rows in
+/// the same order and cannot deadlock (PostgreSQL would break the cycle
+/// only after `deadlock_timeout`, a second). A message's outcome does not
+/// depend on its place: device state follows event time.
+fn lock_order(items: &[(&Message, &Handler)]) -> Vec<usize> {
+    let device = |i: &usize| items[*i].0.data.get("device_id").and_then(|d| d.as_str());
+    let mut order: Vec<usize> = (0..items.len()).collect();
+    order.sort_by(|a, b| device(a).cmp(&device(b)));
+    order
 }
 
 /// The items that take a handler's bulk path, by handler. An item its

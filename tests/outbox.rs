@@ -8,11 +8,9 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use common::proxy::{Proxy, upstream_of};
-use common::{TestEnv, amqp_url, wait_for};
+use common::{Device, TestEnv, amqp_url, wait_for};
 use lapin::BasicProperties;
 use lapin::message::BasicGetMessage;
-use lapin::options::{QueueBindOptions, QueueDeclareOptions};
-use lapin::types::FieldTable;
 use serde_json::json;
 
 const WORKER: &str = env!("CARGO_BIN_EXE_worker-iot-core");
@@ -24,44 +22,6 @@ delivery_limit = 3
 delays = ["50ms"]
 max_attempts = 3
 "#;
-
-/// A device of this test: a unique id, and a queue bound to `amq.topic`
-/// for both of its routing keys (`led.<id>` and `<id>.config`), as the
-/// MQTT plugin would bind a subscribed device.
-struct Device {
-    id: String,
-    queue: String,
-}
-
-impl Device {
-    async fn bind(env: &TestEnv) -> Device {
-        let id = format!("dev-{}", &env.queue["wic_test_".len()..]);
-        let queue = format!("{}.device", env.queue);
-        let channel = env.connection.create_channel().await.expect("channel");
-        let durable = QueueDeclareOptions {
-            durable: true,
-            ..QueueDeclareOptions::default()
-        };
-        channel
-            .queue_declare(queue.as_str().into(), durable, FieldTable::default())
-            .await
-            .expect("declare device queue");
-        for key in [format!("led.{id}"), format!("{id}.config")] {
-            channel
-                .queue_bind(
-                    queue.as_str().into(),
-                    "amq.topic".into(),
-                    key.as_str().into(),
-                    QueueBindOptions::default(),
-                    FieldTable::default(),
-                )
-                .await
-                .expect("bind device queue");
-        }
-        channel.close(200, "".into()).await.ok();
-        Device { id, queue }
-    }
-}
 
 fn set_led(id: &str, device: &str, state: &str) -> Vec<u8> {
     json!({"type": "SET_LED", "kind": "command", "id": id, "data": {"device_id": device, "state": state}})

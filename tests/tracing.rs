@@ -14,7 +14,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use common::TestEnv;
+use common::{Device, TestEnv};
 use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use opentelemetry::trace::{SpanKind, Status};
@@ -196,24 +196,10 @@ async fn only_the_failure_that_parks_a_message_is_an_error() {
 async fn a_command_s_device_message_carries_the_command_s_trace() {
     exporter();
     let env = TestEnv::new(&topology(3)).await;
-    let device = format!("dev-{}", &env.queue["wic_test_".len()..]);
-    let device_queue = format!("{}.device", env.queue);
-    let channel = env.connection.create_channel().await.unwrap();
-    channel
-        .queue_declare(device_queue.as_str().into(), Default::default(), FieldTable::default())
-        .await
-        .unwrap();
-    let key = format!("led.{device}");
-    channel
-        .queue_bind(
-            device_queue.as_str().into(),
-            "amq.topic".into(),
-            key.as_str().into(),
-            Default::default(),
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
+    let Device {
+        id: device,
+        queue: device_queue,
+    } = Device::bind(&env).await;
     let (trace_id, _, traceparent) = producer_context();
     let body = json!({"type": "SET_LED", "kind": "command", "id": "traced-led",
                       "data": {"device_id": device, "state": "on"}});

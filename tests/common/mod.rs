@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use lapin::message::BasicGetMessage;
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicGetOptions, QueueDeclareOptions, QueueDeleteOptions};
+use lapin::options::{BasicAckOptions, BasicGetOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions};
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Connection};
 use sqlx::postgres::PgPoolOptions;
@@ -449,5 +449,43 @@ impl WorkerProcess {
 
     pub fn stderr_text(&self) -> String {
         std::fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+}
+
+/// A device of this test: a unique id, and a queue bound to `amq.topic`
+/// for both of its routing keys (`led.<id>` and `<id>.config`), as the
+/// MQTT plugin would bind a subscribed device.
+pub struct Device {
+    pub id: String,
+    pub queue: String,
+}
+
+impl Device {
+    pub async fn bind(env: &TestEnv) -> Device {
+        let id = format!("dev-{}", &env.queue["wic_test_".len()..]);
+        let queue = format!("{}.device", env.queue);
+        let channel = env.connection.create_channel().await.expect("channel");
+        let durable = QueueDeclareOptions {
+            durable: true,
+            ..QueueDeclareOptions::default()
+        };
+        channel
+            .queue_declare(queue.as_str().into(), durable, FieldTable::default())
+            .await
+            .expect("declare device queue");
+        for key in [format!("led.{id}"), format!("{id}.config")] {
+            channel
+                .queue_bind(
+                    queue.as_str().into(),
+                    "amq.topic".into(),
+                    key.as_str().into(),
+                    QueueBindOptions::default(),
+                    FieldTable::default(),
+                )
+                .await
+                .expect("bind device queue");
+        }
+        channel.close(200, "".into()).await.ok();
+        Device { id, queue }
     }
 }

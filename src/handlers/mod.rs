@@ -72,6 +72,8 @@ pub static HANDLERS: &[Handler] = &[
     #[cfg(feature = "test-handlers")]
     Handler { message_type: "TEST_PANIC",         kind: Kind::Event,   apply: test_only::panic,           bulk: None },
     #[cfg(feature = "test-handlers")]
+    Handler { message_type: "TEST_PANIC_CHECK",   kind: Kind::Event,   apply: test_only::recorded,        bulk: Some(test_only::PANIC_CHECK_BULK) },
+    #[cfg(feature = "test-handlers")]
     Handler { message_type: "TEST_FLAKY",         kind: Kind::Event,   apply: test_only::flaky,           bulk: None },
     #[cfg(feature = "test-handlers")]
     Handler { message_type: "TEST_SLOW",          kind: Kind::Event,   apply: test_only::slow,            bulk: None },

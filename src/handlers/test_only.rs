@@ -61,6 +61,38 @@ pub fn panic<'a>(_: &'a mut PgConnection, message: &'a Message) -> BoxFuture<'a,
     Box::pin(async move { panic!("TEST_PANIC handler asked to panic by {}", message.id) })
 }
 
+/// `TEST_PANIC_CHECK`'s bulk path: its `check` panics when `data.panic` is
+/// true, a panic outside any handler run (as a bug in a bulk check would
+/// be); the messages that pass are recorded one by one.
+pub const PANIC_CHECK_BULK: super::Bulk = super::Bulk {
+    check: |message| {
+        assert!(
+            message.data.get("panic") != Some(&serde_json::Value::Bool(true)),
+            "TEST_PANIC_CHECK bulk check asked to panic by {}",
+            message.id
+        );
+        Ok(())
+    },
+    apply_many: record_many,
+};
+
+fn record_many<'a>(conn: &'a mut PgConnection, messages: &'a [&'a Message]) -> BoxFuture<'a, Result<(), Failure>> {
+    Box::pin(async move {
+        for message in messages {
+            record(&mut *conn, message, 1.0).await?;
+        }
+        Ok(())
+    })
+}
+
+/// `TEST_PANIC_CHECK` alone: records a measurement (its check ran first).
+pub fn recorded<'a>(conn: &'a mut PgConnection, message: &'a Message) -> BoxFuture<'a, Result<(), Failure>> {
+    Box::pin(async move {
+        (PANIC_CHECK_BULK.check)(message)?;
+        record(conn, message, 1.0).await
+    })
+}
+
 pub fn abort<'a>(_: &'a mut PgConnection, _: &'a Message) -> BoxFuture<'a, Result<(), Failure>> {
     std::process::abort()
 }

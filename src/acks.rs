@@ -2,15 +2,23 @@
 //! settled deliveries with no unsettled one below them go out as one
 //! `multiple` ack, the others one by one at once (a slow message never
 //! holds its successors' acks back).
+//!
+//! The acks keep the in-flight gauge too: up when a delivery arrives, down
+//! when it is acked, and down for every delivery left unacked when the
+//! channel's acks are dropped (the session ended; the broker redelivers
+//! them). So the gauge comes back to zero on every path: settled, cut off
+//! at the end of the grace period, stranded by a failed ack or a panic.
 
 use std::collections::BTreeSet;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use lapin::Channel;
 use lapin::options::BasicAckOptions;
+use metrics::Gauge;
 
 pub struct Acks {
     channel: Channel,
+    in_flight: Gauge,
     /// Delivery tags received and not yet settled.
     unsettled: Mutex<BTreeSet<u64>>,
     /// Held while acks are sent, so a `multiple` ack never covers a tag
@@ -20,9 +28,10 @@ pub struct Acks {
 }
 
 impl Acks {
-    pub fn new(channel: Channel) -> Acks {
+    pub fn new(channel: Channel, in_flight: Gauge) -> Acks {
         Acks {
             channel,
+            in_flight,
             unsettled: Mutex::default(),
             sending: tokio::sync::Mutex::default(),
         }
@@ -30,7 +39,9 @@ impl Acks {
 
     /// A delivery arrived: no `multiple` ack may pass it until it settles.
     pub fn received(&self, tag: u64) {
-        self.lock().insert(tag);
+        if self.lock().insert(tag) {
+            self.in_flight.increment(1.0);
+        }
     }
 
     /// The set stays consistent even if a holder panicked: every update is
@@ -48,7 +59,9 @@ impl Acks {
         let floor = {
             let mut unsettled = self.lock();
             for tag in tags {
-                unsettled.remove(tag);
+                if unsettled.remove(tag) {
+                    self.in_flight.decrement(1.0);
+                }
             }
             unsettled.first().copied().unwrap_or(u64::MAX)
         };
@@ -60,6 +73,13 @@ impl Acks {
             self.channel.basic_ack(tag, BasicAckOptions::default()).await?;
         }
         Ok(())
+    }
+}
+
+impl Drop for Acks {
+    fn drop(&mut self) {
+        let left = self.lock().len();
+        self.in_flight.decrement(left as f64);
     }
 }
 

@@ -111,7 +111,8 @@ fn lock_order(items: &[(&Message, &Handler)]) -> Vec<usize> {
 }
 
 /// The items that take a handler's bulk path, by handler. An item its
-/// `check` refuses fails at once; items without a bulk path stay `None`.
+/// `check` refuses (or panics on) fails at once; items without a bulk path
+/// stay `None`.
 fn bulk_groups<'h>(
     items: &[(&Message, &'h Handler)],
     applied: &mut [Option<Applied>],
@@ -121,7 +122,10 @@ fn bulk_groups<'h>(
         let Some(bulk) = handler.bulk.as_ref().filter(|_| handler.kind == Kind::Event) else {
             continue;
         };
-        if let Err(failure) = (bulk.check)(message) {
+        // A panic in a check is that message's failure, like a handler's.
+        let checked = std::panic::catch_unwind(AssertUnwindSafe(|| (bulk.check)(message)))
+            .unwrap_or_else(|panic| Err(Failure::Panic(panic_text(&*panic))));
+        if let Err(failure) = checked {
             applied[index] = Some(Applied::Failed(failure));
             continue;
         }

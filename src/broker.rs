@@ -4,12 +4,18 @@
 //! connection or channel error it drops the connection and builds a new one.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
+use futures_util::StreamExt;
+use futures_util::future::join_all;
+use lapin::message::BasicReturnMessage;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
 use lapin::types::LongString;
-use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, PublisherConfirm};
+use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, Event, PublisherConfirm};
+use tokio::sync::{Semaphore, SemaphorePermit, watch};
+use tokio_util::sync::{CancellationToken, DropGuard};
 
 /// How long a publish may wait for the broker's confirm.
 pub const CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
@@ -125,26 +131,100 @@ fn with_heartbeat(url: &str) -> String {
     format!("{url}{separator}heartbeat={HEARTBEAT_SECONDS}")
 }
 
-/// A channel in confirm mode. Every publish waits for the broker's confirm
-/// and uses `mandatory`, so an unroutable message is an error, not a loss.
+/// Confirm-mode channels a [`Publisher`] opens: how many groups of
+/// messages it can have in flight at once.
+pub const PUBLISH_CHANNELS: usize = 16;
+
+/// One message to publish with [`Publisher::publish_all`].
+#[derive(Debug, Clone)]
+pub struct Outgoing<'a> {
+    pub exchange: &'a str,
+    pub routing_key: &'a str,
+    pub body: &'a [u8],
+    pub properties: BasicProperties,
+}
+
+/// Called when the broker blocks the publisher's connection (with the
+/// broker's reason) and when it unblocks it (`None`).
+pub type BlockedHook = Arc<dyn Fn(Option<&str>) + Send + Sync>;
+
+/// Publishes with confirms and `mandatory`, so an unroutable message is an
+/// error, not a loss (docs/guarantees.md, "Returned messages").
+///
+/// The broker answers an unroutable message with a `basic.return` and
+/// then a confirm, but lapin hands each return to whichever confirm of the
+/// channel completes next, in no defined order. So every group of messages
+/// ([`Publisher::publish_all`]; a single publish is a group of one) gets a
+/// channel of its own for as long as its confirms are due: once they have
+/// all arrived, every return the broker sent for the group has been handed
+/// to one of them, and is matched back to its message by exchange, routing
+/// key and message id. A channel whose confirms did not all arrive is
+/// retired, so a late return can never be taken for another group's.
+///
+/// While the broker blocks the connection (a memory or disk alarm), the
+/// confirm timeout does not run: a blocked publish waits for the alarm to
+/// clear rather than fail into a redelivery and a second copy.
 #[derive(Clone)]
 pub struct Publisher {
+    inner: Arc<PublisherInner>,
+}
+
+struct PublisherInner {
+    /// For declares and inspection; never used to publish.
     channel: Channel,
+    /// Idle confirm-mode channels; a permit of `ready` per idle channel.
+    idle: Mutex<Vec<Channel>>,
+    ready: Semaphore,
+    /// Channels not retired yet; at 0 the publisher is closed.
+    live: AtomicUsize,
+    /// The broker's reason while it blocks the connection.
+    blocked: watch::Receiver<Option<String>>,
+    /// Stops the task that follows the connection's blocked state.
+    _watch: DropGuard,
 }
 
 impl Publisher {
-    /// Opens a confirm-mode channel on `connection`.
+    /// Opens [`PUBLISH_CHANNELS`] confirm-mode channels on `connection`.
     ///
     /// # Errors
     /// The channel error.
     pub async fn open(connection: &Connection) -> Result<Publisher, lapin::Error> {
-        let channel = connection.create_channel().await?;
-        channel.confirm_select(ConfirmSelectOptions::default()).await?;
-        Ok(Publisher { channel })
+        Publisher::open_watched(connection, None).await
     }
 
-    /// Publishes and waits for the confirm. `Ok` means the broker has the
-    /// message in a queue; only then may the caller ack what it copies.
+    /// Like [`Publisher::open`], telling `on_blocked` when the broker blocks
+    /// and unblocks the connection. Subscribe before the first publish: the
+    /// broker says it once, when it happens.
+    ///
+    /// # Errors
+    /// The channel error.
+    pub async fn open_watched(
+        connection: &Connection,
+        on_blocked: Option<BlockedHook>,
+    ) -> Result<Publisher, lapin::Error> {
+        let (blocked, stop) = watch_blocked(connection, on_blocked);
+        let channel = connection.create_channel().await?;
+        let mut idle = Vec::with_capacity(PUBLISH_CHANNELS);
+        for _ in 0..PUBLISH_CHANNELS {
+            let confirming = connection.create_channel().await?;
+            confirming.confirm_select(ConfirmSelectOptions::default()).await?;
+            idle.push(confirming);
+        }
+        Ok(Publisher {
+            inner: Arc::new(PublisherInner {
+                channel,
+                idle: Mutex::new(idle),
+                ready: Semaphore::new(PUBLISH_CHANNELS),
+                live: AtomicUsize::new(PUBLISH_CHANNELS),
+                blocked,
+                _watch: stop.drop_guard(),
+            }),
+        })
+    }
+
+    /// Publishes one message and waits for its confirm. `Ok` means the
+    /// broker has it in a queue; only then may the caller ack what it
+    /// copies.
     ///
     /// # Errors
     /// A [`PublishError`]: broker error, nack, return or timeout.
@@ -155,68 +235,265 @@ impl Publisher {
         body: &[u8],
         properties: BasicProperties,
     ) -> Result<(), PublishError> {
-        self.send(exchange, routing_key, body, properties).await?.wait().await
-    }
-
-    /// Sends a `mandatory` publish without waiting for its confirm, so a
-    /// batch can be sent in order and its confirms awaited together.
-    ///
-    /// # Errors
-    /// [`PublishError::Broker`] when the channel cannot take the message.
-    pub async fn send(
-        &self,
-        exchange: &str,
-        routing_key: &str,
-        body: &[u8],
-        properties: BasicProperties,
-    ) -> Result<PendingConfirm, PublishError> {
-        let options = BasicPublishOptions {
-            mandatory: true,
-            ..BasicPublishOptions::default()
+        let message = Outgoing {
+            exchange,
+            routing_key,
+            body,
+            properties,
         };
-        let confirm = self
-            .channel
-            .basic_publish(exchange.into(), routing_key.into(), options, body, properties)
-            .await
-            .map_err(|source| PublishError::Broker {
-                routing_key: routing_key.to_owned(),
-                source,
-            })?;
-        Ok(PendingConfirm {
-            confirm,
-            routing_key: routing_key.to_owned(),
-        })
+        let mut results = self.publish_all(std::slice::from_ref(&message)).await;
+        results
+            .pop()
+            .unwrap_or_else(|| Err(PublishError::Timeout(routing_key.to_owned())))
     }
 
-    /// The underlying channel.
+    /// Publishes `messages` in order on one channel, then waits for all of
+    /// their confirms: one result per message, in the same order.
+    pub async fn publish_all(&self, messages: &[Outgoing<'_>]) -> Vec<Result<(), PublishError>> {
+        let Some(mut lease) = self.checkout().await else {
+            return messages.iter().map(|m| Err(closed(m.routing_key))).collect();
+        };
+        let channel = lease.channel.clone().expect("a lease holds its channel");
+        let mut confirms = Vec::with_capacity(messages.len());
+        for message in messages {
+            let options = BasicPublishOptions {
+                mandatory: true,
+                ..BasicPublishOptions::default()
+            };
+            let sent = channel
+                .basic_publish(
+                    message.exchange.into(),
+                    message.routing_key.into(),
+                    options,
+                    message.body,
+                    message.properties.clone(),
+                )
+                .await;
+            confirms.push(sent);
+        }
+        let waits = confirms.into_iter().map(|sent| async {
+            match sent {
+                Ok(confirm) => self.confirmed(confirm).await,
+                Err(e) => Awaited::Failed(e),
+            }
+        });
+        let awaited = join_all(waits).await;
+        // Every confirm arrived: the channel holds nothing of this group.
+        // Otherwise (or when this future is dropped) the lease retires it.
+        if awaited.iter().all(|a| matches!(a, Awaited::Confirmed(_))) && channel.status().connected() {
+            lease.give_back();
+        }
+        settle_returns(messages, awaited)
+    }
+
+    /// The channel for declares and inspection (not for publishing).
     pub fn channel(&self) -> &Channel {
-        &self.channel
+        &self.inner.channel
     }
-}
 
-/// A message sent on a confirm-mode channel whose confirm is still due.
-pub struct PendingConfirm {
-    confirm: PublisherConfirm,
-    routing_key: String,
-}
+    /// Whether the broker blocks the connection now, and why.
+    pub fn blocked(&self) -> Option<String> {
+        self.inner.blocked.borrow().clone()
+    }
 
-impl PendingConfirm {
-    /// Waits, at most [`CONFIRM_TIMEOUT`], for the broker's confirm.
-    ///
-    /// # Errors
-    /// A [`PublishError`]: broker error, nack, return or timeout.
-    pub async fn wait(self) -> Result<(), PublishError> {
-        let routing_key = self.routing_key;
-        match tokio::time::timeout(CONFIRM_TIMEOUT, self.confirm).await {
-            Err(_) => Err(PublishError::Timeout(routing_key)),
-            Ok(Err(source)) => Err(PublishError::Broker { routing_key, source }),
-            Ok(Ok(Confirmation::Ack(None))) => Ok(()),
-            Ok(Ok(Confirmation::Ack(Some(_)))) => Err(PublishError::Unroutable(routing_key)),
-            // NotRequested cannot happen on a confirm-mode channel; treat it
-            // as no confirm rather than as success.
-            Ok(Ok(Confirmation::Nack(_) | Confirmation::NotRequested)) => Err(PublishError::Nacked(routing_key)),
+    async fn checkout(&self) -> Option<Lease<'_>> {
+        let permit = self.inner.ready.acquire().await.ok()?;
+        let lease = Lease {
+            inner: &self.inner,
+            channel: self.idle().pop(),
+            permit: Some(permit),
+        };
+        lease.channel.is_some().then_some(lease)
+    }
+
+    fn idle(&self) -> MutexGuard<'_, Vec<Channel>> {
+        self.inner.idle()
+    }
+
+    /// Waits for one confirm, at most [`CONFIRM_TIMEOUT`] of time in which
+    /// the connection is not blocked.
+    async fn confirmed(&self, confirm: PublisherConfirm) -> Awaited {
+        let mut blocked = self.inner.blocked.clone();
+        // False once the blocked state can no longer change.
+        let mut watching = true;
+        tokio::pin!(confirm);
+        loop {
+            if watching && blocked.borrow_and_update().is_some() {
+                tokio::select! {
+                    result = &mut confirm => return Awaited::from(result),
+                    unblocked = blocked.wait_for(Option::is_none) => watching = unblocked.is_ok(),
+                }
+            }
+            tokio::select! {
+                result = &mut confirm => return Awaited::from(result),
+                () = tokio::time::sleep(CONFIRM_TIMEOUT) => return Awaited::TimedOut,
+                // Blocked or unblocked meanwhile: the timeout starts over.
+                changed = blocked.changed(), if watching => watching = changed.is_ok(),
+            }
         }
     }
+}
+
+impl PublisherInner {
+    fn idle(&self) -> MutexGuard<'_, Vec<Channel>> {
+        self.idle.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// A channel checked out of the publisher for one group. Given back when
+/// every confirm of the group arrived; otherwise retired when dropped,
+/// since a late return on it would be handed to another group.
+struct Lease<'p> {
+    inner: &'p PublisherInner,
+    channel: Option<Channel>,
+    permit: Option<SemaphorePermit<'p>>,
+}
+
+impl Lease<'_> {
+    fn give_back(&mut self) {
+        if let Some(channel) = self.channel.take() {
+            self.inner.idle().push(channel);
+        }
+        self.permit.take();
+    }
+}
+
+impl Drop for Lease<'_> {
+    fn drop(&mut self) {
+        let Some(channel) = self.channel.take() else { return };
+        if let Some(permit) = self.permit.take() {
+            permit.forget();
+        }
+        if self.inner.live.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.inner.ready.close();
+        }
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                let close = channel.close(200, "a confirm did not arrive".into());
+                tokio::time::timeout(Duration::from_secs(1), close).await.ok();
+            });
+        }
+    }
+}
+
+/// How the wait for one confirm ended.
+enum Awaited {
+    Confirmed(Box<Confirmation>),
+    Failed(lapin::Error),
+    TimedOut,
+}
+
+impl From<Result<Confirmation, lapin::Error>> for Awaited {
+    fn from(result: Result<Confirmation, lapin::Error>) -> Awaited {
+        match result {
+            Ok(confirmation) => Awaited::Confirmed(Box::new(confirmation)),
+            Err(e) => Awaited::Failed(e),
+        }
+    }
+}
+
+fn closed(routing_key: &str) -> PublishError {
+    PublishError::Broker {
+        routing_key: routing_key.to_owned(),
+        source: lapin::ErrorKind::InvalidChannelState(lapin::ChannelState::Closed, "publisher closed").into(),
+    }
+}
+
+/// Each message's result, once all confirms of its group are in: a
+/// message is returned when a return names its exchange, routing key and
+/// message id, whichever confirm carried it. A return that names none of
+/// them (it cannot happen unless the broker changed what it sent back)
+/// marks every acked message returned: at worst sent again, never lost.
+fn settle_returns(messages: &[Outgoing<'_>], awaited: Vec<Awaited>) -> Vec<Result<(), PublishError>> {
+    let mut returned = vec![false; messages.len()];
+    for one in &awaited {
+        let Awaited::Confirmed(confirmation) = one else {
+            continue;
+        };
+        let (Confirmation::Ack(Some(back)) | Confirmation::Nack(Some(back))) = &**confirmation else {
+            continue;
+        };
+        let mut matched = false;
+        for (index, message) in messages.iter().enumerate() {
+            if is_return_of(back, message) {
+                returned[index] = true;
+                matched = true;
+            }
+        }
+        if !matched {
+            tracing::warn!(routing_key = %back.delivery.routing_key, "a returned message matches no publish of its group");
+            returned.iter_mut().for_each(|r| *r = true);
+        }
+    }
+    messages
+        .iter()
+        .zip(awaited)
+        .zip(returned)
+        .map(|((message, awaited), returned)| {
+            let routing_key = message.routing_key.to_owned();
+            let confirmation = match awaited {
+                Awaited::TimedOut => return Err(PublishError::Timeout(routing_key)),
+                Awaited::Failed(source) => return Err(PublishError::Broker { routing_key, source }),
+                Awaited::Confirmed(confirmation) => *confirmation,
+            };
+            match confirmation {
+                Confirmation::Ack(_) if returned => Err(PublishError::Unroutable(routing_key)),
+                Confirmation::Ack(_) => Ok(()),
+                // NotRequested cannot happen on a confirm-mode channel;
+                // treat it as no confirm rather than as success.
+                Confirmation::Nack(_) | Confirmation::NotRequested => Err(PublishError::Nacked(routing_key)),
+            }
+        })
+        .collect()
+}
+
+fn is_return_of(back: &BasicReturnMessage, message: &Outgoing<'_>) -> bool {
+    let delivery = &back.delivery;
+    delivery.exchange.as_str() == message.exchange
+        && delivery.routing_key.as_str() == message.routing_key
+        && delivery.properties.message_id() == message.properties.message_id()
+}
+
+/// Follows `connection`'s blocked state: the broker's reason while it
+/// blocks the connection, logged and told to `hook`. The task stops with
+/// the token or the connection.
+fn watch_blocked(
+    connection: &Connection,
+    hook: Option<BlockedHook>,
+) -> (watch::Receiver<Option<String>>, CancellationToken) {
+    let (sender, receiver) = watch::channel(None);
+    let stop = CancellationToken::new();
+    let mut events = connection.events_listener();
+    let stopped = stop.clone();
+    tokio::spawn(async move {
+        loop {
+            let event = tokio::select! {
+                () = stopped.cancelled() => break,
+                event = events.next() => event,
+            };
+            let reason = match event {
+                Some(Event::ConnectionBlocked(reason)) => Some(reason),
+                Some(Event::ConnectionUnblocked) => None,
+                Some(_) => continue,
+                None => break,
+            };
+            match &reason {
+                Some(reason) => tracing::warn!(%reason, "the broker blocks publishing (resource alarm): copies wait"),
+                None => tracing::info!("the broker unblocked publishing"),
+            }
+            if let Some(hook) = &hook {
+                hook(reason.as_deref());
+            }
+            sender.send_replace(reason);
+        }
+        // A connection that goes away is no longer blocked.
+        if sender.borrow().is_some()
+            && let Some(hook) = &hook
+        {
+            hook(None);
+        }
+    });
+    (receiver, stop)
 }
 
 #[cfg(test)]

@@ -124,18 +124,37 @@ impl Failure {
     }
 }
 
-/// SQLSTATEs and sqlx errors that a new transaction may not hit again
-/// (SPEC §10), plus 57014 (`statement_timeout` fired: the worker sets it so
-/// that no statement blocks a delivery forever). A connection lost during COMMIT leaves the outcome unknown;
-/// the inbox makes the retry safe.
+/// Whether a SQLSTATE means "try again in a new transaction" (SPEC §2.3,
+/// docs/guarantees.md): the one place that list lives.
+///
+/// * `40001` serialization failure, `40P01` deadlock, `55P03` lock not
+///   available: another transaction was in the way;
+/// * `57014` query cancelled: the worker's own `statement_timeout` fired,
+///   so that no statement blocks a delivery forever;
+/// * `25006` read-only transaction: the primary was demoted (an HA
+///   failover) or is in recovery; writes work again on the new primary;
+/// * `57P01`/`57P02`/`57P03`: the server is shutting down or starting up;
+/// * class `08`: the connection failed;
+/// * class `53`: out of resources (disk full, out of memory, too many
+///   connections);
+/// * class `58`: a system error outside PostgreSQL (an I/O error).
+///
+/// Every other code (constraint and data errors above all) is permanent:
+/// the same transaction would fail the same way.
+pub fn is_transient_sqlstate(code: &str) -> bool {
+    matches!(
+        code,
+        "40001" | "40P01" | "55P03" | "57014" | "25006" | "57P01" | "57P02" | "57P03"
+    ) || ["08", "53", "58"].iter().any(|class| code.starts_with(class))
+}
+
+/// Database errors that a new transaction may not hit again: the
+/// SQLSTATEs of [`is_transient_sqlstate`], and the sqlx errors of a lost,
+/// refused or exhausted connection. A connection lost during COMMIT leaves
+/// the outcome unknown; the inbox makes the retry safe.
 pub fn is_transient_database_error(error: &sqlx::Error) -> bool {
     match error {
-        sqlx::Error::Database(db) => db.code().is_some_and(|code| {
-            matches!(
-                code.as_ref(),
-                "40001" | "40P01" | "55P03" | "57014" | "57P01" | "57P02" | "57P03" | "53300"
-            ) || code.starts_with("08")
-        }),
+        sqlx::Error::Database(db) => db.code().is_some_and(|code| is_transient_sqlstate(&code)),
         sqlx::Error::Io(_)
         | sqlx::Error::Tls(_)
         | sqlx::Error::PoolTimedOut
@@ -169,5 +188,47 @@ mod tests {
         assert_eq!(f.kind(), ErrorKind::Transient);
         let f = Failure::Database(sqlx::Error::RowNotFound);
         assert_eq!(f.kind(), ErrorKind::Permanent);
+    }
+
+    /// One case per code: a failover or a server short of resources is
+    /// retried, never parked.
+    #[test]
+    fn failover_and_resource_sqlstates_are_transient() {
+        let transient = [
+            ("40001", "serialization failure"),
+            ("40P01", "deadlock detected"),
+            ("55P03", "lock not available"),
+            ("57014", "statement timeout"),
+            ("25006", "read-only transaction: a demoted primary"),
+            ("57P01", "admin shutdown"),
+            ("57P02", "crash shutdown"),
+            ("57P03", "cannot connect now: starting up"),
+            ("08006", "connection failure"),
+            ("08001", "unable to connect"),
+            ("53100", "disk full"),
+            ("53200", "out of memory"),
+            ("53300", "too many connections"),
+            ("53400", "configuration limit exceeded"),
+            ("58000", "system error"),
+            ("58030", "I/O error"),
+        ];
+        for (code, what) in transient {
+            assert!(is_transient_sqlstate(code), "{code} ({what}) must be retried");
+        }
+    }
+
+    #[test]
+    fn constraint_and_data_sqlstates_are_permanent() {
+        let permanent = [
+            ("23505", "unique violation"),
+            ("23503", "foreign key violation"),
+            ("22P02", "invalid text representation"),
+            ("42P01", "undefined table"),
+            ("25001", "active SQL transaction"),
+            ("57000", "operator intervention, other than the 57P0x shutdowns"),
+        ];
+        for (code, what) in permanent {
+            assert!(!is_transient_sqlstate(code), "{code} ({what}) must be parked");
+        }
     }
 }

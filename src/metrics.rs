@@ -12,6 +12,7 @@
 //! A few aggregate counts are also kept in atomics, for the supervisor and
 //! the tests ([`Metrics::processed`], [`Metrics::parked`], …).
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};
@@ -35,6 +36,7 @@ mod name {
     pub const UNSETTLED: &str = "iot_deliveries_unsettled_total";
     pub const IN_FLIGHT: &str = "iot_deliveries_in_flight";
     pub const CONNECTIONS: &str = "iot_broker_connections_total";
+    pub const BLOCKED: &str = "iot_broker_blocked";
     pub const RECONNECTS: &str = "iot_broker_reconnects_total";
     pub const NODE: &str = "iot_broker_node_info";
     pub const READY: &str = "iot_ready";
@@ -87,6 +89,8 @@ pub struct Metrics {
     database: Mutex<Result<(), String>>,
     /// `host:port` of the broker of the current (or last) session.
     node: Mutex<String>,
+    /// The publishing connections the broker blocks now, with its reason.
+    blocked: Mutex<BTreeMap<&'static str, String>>,
     /// Where `/metrics` is served, once bound.
     http_addr: Mutex<Option<SocketAddr>>,
 }
@@ -123,6 +127,7 @@ impl Metrics {
             consuming: AtomicBool::new(false),
             database: Mutex::new(Err("not checked yet".into())),
             node: Mutex::new(String::new()),
+            blocked: Mutex::default(),
             http_addr: Mutex::new(None),
         };
         // Series that exist from the start, so a dashboard or an alert
@@ -139,6 +144,7 @@ impl Metrics {
             metrics.counter(counter, vec![]).absolute(0);
         }
         metrics.in_flight.set(0.0);
+        metrics.gauge(name::BLOCKED, vec![]).set(0.0);
         metrics.refresh_readiness();
         metrics
     }
@@ -152,23 +158,25 @@ impl Metrics {
         self.recorder.register_gauge(&Key::from_parts(name, labels), &METADATA)
     }
 
+    /// The in-flight gauge, which each channel's acks keep: up when a
+    /// delivery arrives, down when it is acked or its channel is gone, so
+    /// it comes back to zero on every path.
+    pub(crate) fn in_flight(&self) -> Gauge {
+        self.in_flight.clone()
+    }
+
     /// Follows the pipeline: counts each delivery by type and outcome,
-    /// times it, counts its retries, and keeps the in-flight gauge.
-    /// `retry` names the delay of a delayed retry.
+    /// times it, and counts its retries. `retry` names the delay of a
+    /// delayed retry.
     pub(crate) fn observe(&self, event: &Event<'_>, retry: &RetryPolicy) {
         match event {
-            Event::Received(_) => self.in_flight.increment(1.0),
-            Event::Settled(_, outcome, handling) => {
-                self.in_flight.decrement(1.0);
-                self.record(outcome, handling, retry);
-            }
+            Event::Received(_) => {}
+            Event::Settled(_, outcome, handling) => self.record(outcome, handling, retry),
             Event::Unsettled(..) => {
-                self.in_flight.decrement(1.0);
                 self.counter(name::UNSETTLED, vec![Label::new("reason", "settle_failed")])
                     .increment(1);
             }
             Event::CutOff(_) => {
-                self.in_flight.decrement(1.0);
                 self.counter(name::UNSETTLED, vec![Label::new("reason", "cut_off")])
                     .increment(1);
             }
@@ -231,6 +239,9 @@ impl Metrics {
         if let Err(e) = &*self.database.lock().unwrap_or_else(PoisonError::into_inner) {
             reasons.push(format!("database unreachable: {e}"));
         }
+        for (connection, reason) in &*self.blocked.lock().unwrap_or_else(PoisonError::into_inner) {
+            reasons.push(format!("RabbitMQ blocks the {connection} connection: {reason}"));
+        }
         if reasons.is_empty() {
             Ok(())
         } else {
@@ -241,6 +252,21 @@ impl Metrics {
     /// Set by the supervisor: a broker session is consuming (or not).
     pub(crate) fn set_consuming(&self, consuming: bool) {
         self.consuming.store(consuming, Ordering::SeqCst);
+        self.refresh_readiness();
+    }
+
+    /// Set when the broker blocks the publishing `connection` (`copies` or
+    /// `outbox relay`) with `reason`, and unblocks it (`None`).
+    pub(crate) fn set_broker_blocked(&self, connection: &'static str, reason: Option<&str>) {
+        let any = {
+            let mut blocked = self.blocked.lock().unwrap_or_else(PoisonError::into_inner);
+            match reason {
+                Some(reason) => blocked.insert(connection, reason.to_owned()),
+                None => blocked.remove(connection),
+            };
+            !blocked.is_empty()
+        };
+        self.gauge(name::BLOCKED, vec![]).set(f64::from(u8::from(any)));
         self.refresh_readiness();
     }
 
@@ -407,8 +433,17 @@ const COUNTERS: [(&str, &str); 9] = [
 ];
 
 /// The `# HELP` lines (and units) of the gauges.
-const GAUGES: [(&str, Option<Unit>, &str); 11] = [
-    (name::IN_FLIGHT, None, "Deliveries being handled now."),
+const GAUGES: [(&str, Option<Unit>, &str); 12] = [
+    (
+        name::IN_FLIGHT,
+        None,
+        "Deliveries received on a live channel and not acked yet.",
+    ),
+    (
+        name::BLOCKED,
+        None,
+        "1 while the broker blocks a publishing connection of the worker (memory or disk alarm): copies and device messages wait.",
+    ),
     (
         name::NODE,
         None,

@@ -5,8 +5,8 @@
 //!
 //! One SQL statement per function. A row is *pending* while it is neither
 //! published nor failed; the relay claims pending rows with
-//! `FOR UPDATE SKIP LOCKED`, so several workers never claim the same row at
-//! the same time.
+//! `FOR UPDATE SKIP LOCKED` and a lease, so several workers never claim the
+//! same row at the same time.
 
 use std::time::Duration;
 
@@ -72,40 +72,49 @@ pub async fn enqueue(
     Ok(())
 }
 
-/// Locks up to `limit` pending rows that are due, oldest first, skipping
-/// rows another relay holds. The locks last until the caller's transaction
-/// ends.
+/// Claims up to `limit` pending rows that are due, oldest first, skipping
+/// rows another relay is claiming: counts the attempt about to be made and
+/// leases each row for `lease` (it is not due again before). Commit at
+/// once; the rows come back with their new attempt count, by id.
 ///
 /// # Errors
 /// The database error.
-pub async fn claim(conn: &mut PgConnection, limit: i64) -> Result<Vec<Row>, sqlx::Error> {
-    sqlx::query_as(
-        "SELECT id, message_id, exchange, routing_key, body, created_at, attempts, traceparent, tracestate FROM outbox
-         WHERE published_at IS NULL AND failed_at IS NULL
-           AND (next_attempt_at IS NULL OR next_attempt_at <= now())
-         ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
+pub async fn claim(conn: &mut PgConnection, limit: i64, lease: Duration) -> Result<Vec<Row>, sqlx::Error> {
+    let mut rows: Vec<Row> = sqlx::query_as(
+        "UPDATE outbox SET attempts = attempts + 1,
+                next_attempt_at = clock_timestamp() + make_interval(secs => $2)
+         WHERE id IN (
+             SELECT id FROM outbox
+             WHERE published_at IS NULL AND failed_at IS NULL
+               AND (next_attempt_at IS NULL OR next_attempt_at <= now())
+             ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED)
+         RETURNING id, message_id, exchange, routing_key, body, created_at, attempts, traceparent, tracestate",
     )
     .bind(limit)
+    .bind(lease.as_secs_f64())
     .fetch_all(conn)
-    .await
+    .await?;
+    rows.sort_by_key(|row| row.id);
+    Ok(rows)
 }
 
 /// Marks confirmed rows published, at the time of marking (after the
-/// confirm).
+/// confirm). Their attempt was counted when they were claimed.
 ///
 /// # Errors
 /// The database error.
 pub async fn mark_published(conn: &mut PgConnection, ids: &[i64]) -> Result<(), sqlx::Error> {
-    sqlx::query("UPDATE outbox SET published_at = clock_timestamp(), attempts = attempts + 1 WHERE id = ANY($1)")
+    sqlx::query("UPDATE outbox SET published_at = clock_timestamp() WHERE id = ANY($1)")
         .bind(ids)
         .execute(conn)
         .await?;
     Ok(())
 }
 
-/// Puts a row off after a failed attempt: it is due again after
-/// `retry_after`, or, when `give_up`, marked failed and never tried again
-/// (it stays in the table, with `last_error`, for an operator).
+/// Puts a row off after a failed attempt (counted when it was claimed):
+/// it is due again after `retry_after`, or, when `give_up`, marked failed
+/// and never tried again (it stays in the table, with `last_error`, for
+/// an operator).
 ///
 /// # Errors
 /// The database error.
@@ -117,7 +126,7 @@ pub async fn defer(
     give_up: bool,
 ) -> Result<(), sqlx::Error> {
     sqlx::query(
-        "UPDATE outbox SET attempts = attempts + 1, last_error = $2,
+        "UPDATE outbox SET last_error = $2,
                 next_attempt_at = clock_timestamp() + make_interval(secs => $3),
                 failed_at = CASE WHEN $4 THEN clock_timestamp() END
          WHERE id = $1",

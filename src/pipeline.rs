@@ -274,7 +274,7 @@ impl Pipeline {
             let span = self.delivery_span(delivery);
             span.in_scope(|| self.emit(&Event::Received(delivery)));
             let received = headers::first_received(&delivery.properties).unwrap_or_else(Utc::now);
-            match self.prepare(delivery, received, &span) {
+            match self.prepare_caught(delivery, received, &span) {
                 Prepared::Apply(message, handler) => ready.push((delivery, received, message, handler, span)),
                 Prepared::Done(processed, message_type) => {
                     let one = Settled::new(delivery, message_type, started, span);
@@ -391,7 +391,7 @@ impl Pipeline {
         received: DateTime<Utc>,
         handling: &mut Handling,
     ) -> Result<Outcome, Failed> {
-        let (message, handler) = match self.prepare(delivery, received, &Span::current()) {
+        let (message, handler) = match self.prepare_caught(delivery, received, &Span::current()) {
             Prepared::Apply(message, handler) => (message, handler),
             Prepared::Done(processed, message_type) => {
                 handling.message_type = message_type;
@@ -406,6 +406,15 @@ impl Pipeline {
                 message_type: Some(message.message_type),
                 failure,
             })
+    }
+
+    /// [`Pipeline::prepare`], with a panic in it (a decoder bug) taken as
+    /// the message's failure: it is parked, and its batch goes on.
+    fn prepare_caught(&self, delivery: &Delivery, received: DateTime<Utc>, span: &Span) -> Prepared {
+        std::panic::catch_unwind(AssertUnwindSafe(|| self.prepare(delivery, received, span))).unwrap_or_else(|panic| {
+            let failure = Failure::Panic(batch::panic_text(&*panic));
+            Prepared::Done(Err(Failed::untyped(failure)), None)
+        })
     }
 
     /// Decodes a delivery and finds its handler, or says how it ended

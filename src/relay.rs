@@ -1,20 +1,27 @@
 //! The outbox relay: publishes the device messages that commands left in
 //! the `outbox` table (SPEC §2.2), inside the worker process.
 //!
-//! Delivery guarantee, from the ordering of its steps:
+//! Delivery guarantee, from the ordering of its steps (docs/guarantees.md,
+//! "Commands to devices"):
 //!
-//! 1. claim pending rows, oldest first, with `FOR UPDATE SKIP LOCKED` in a
-//!    transaction (another relay skips them while this one holds them);
+//! 1. claim pending rows that are due, oldest first, in one short
+//!    transaction (`FOR UPDATE SKIP LOCKED`): each claim counts an attempt
+//!    and leases the row for [`CLAIM_LEASE`], so no other relay takes it
+//!    meanwhile;
 //! 2. publish each, in order, `mandatory`, persistent, with the command's
 //!    message id as `message_id`, then wait for the broker's confirms;
-//! 3. mark the confirmed rows `published_at` and commit.
+//! 3. mark the confirmed rows `published_at`, and put the others off until
+//!    their next attempt, in one transaction.
 //!
-//! A crash before 3 commits leaves the rows pending, so they are published
-//! again: at least once on the wire, never lost, and every row is marked
-//! exactly once. A returned (unroutable) message is not published: it is
-//! counted, logged and tried again with a growing delay, and after
-//! [`MAX_UNROUTABLE_ATTEMPTS`] returns it is marked failed (kept, with its
-//! error, for an operator). A nack is tried again, without limit.
+//! Every send is an attempt counted before it happens, so a device gets at
+//! most as many copies of a command as its row counts attempts, however
+//! slowly the broker confirms. A crash before 3 commits leaves the rows to
+//! the next claim once their lease ends: at least once on the wire, never
+//! lost, and every row is marked exactly once. A returned (unroutable)
+//! message is not published: it is counted, logged and tried again with a
+//! growing delay, and once a row has made [`MAX_UNROUTABLE_ATTEMPTS`] it is
+//! marked failed (kept, with its error, for an operator). A nack or a
+//! confirm that did not come is tried again, without limit.
 //!
 //! The relay wakes on the `NOTIFY` that a committed outbox insert sends,
 //! and at least every [`POLL_INTERVAL`] (for retries that fall due and
@@ -26,15 +33,13 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicUsize;
 use std::time::{Duration, Instant};
 
-use futures_util::future::join_all;
 use lapin::BasicProperties;
 use lapin::types::ShortString;
 use sqlx::PgPool;
 use sqlx::postgres::PgListener;
 use tokio_util::sync::CancellationToken;
-use tracing::Instrument;
 
-use crate::broker::{self, PendingConfirm, PublishError, Publisher};
+use crate::broker::{self, BlockedHook, Outgoing, PublishError, Publisher};
 use crate::metrics::Metrics;
 use crate::outbox::{self, Row};
 use crate::retry::reconnect_backoff as backoff;
@@ -45,9 +50,15 @@ use crate::telemetry;
 pub const BATCH_SIZE: i64 = 100;
 /// The longest the relay sleeps without a notification.
 pub const POLL_INTERVAL: Duration = Duration::from_secs(1);
-/// Returns (no queue bound for the routing key) before a row is marked
-/// failed; with the delays of [`retry_delay`] that is about an hour.
+/// Attempts, the last of them returned (no queue bound for the routing
+/// key), after which a row is marked failed; with the delays of
+/// [`retry_delay`] that is about an hour.
 pub const MAX_UNROUTABLE_ATTEMPTS: i32 = 20;
+/// How long a claimed row is left to the relay that claimed it. A relay
+/// that dies after claiming leaves its rows to the next claim after this;
+/// a relay that outlives it (a publish blocked by a broker alarm) may see
+/// them claimed and sent again by another, as a new, counted attempt.
+pub const CLAIM_LEASE: Duration = Duration::from_secs(30);
 /// The longest delay before a returned or nacked row is tried again.
 const MAX_RETRY_DELAY: Duration = Duration::from_secs(300);
 /// How often published rows past their retention are deleted.
@@ -104,7 +115,10 @@ impl Relay {
             let connect = tokio::time::timeout(CONNECT_TIMEOUT, async {
                 let relay = "worker-iot-core outbox relay";
                 let (connection, _) = broker::connect_to_any(&self.amqp_url, relay, &next_broker).await?;
-                let publisher = Publisher::open(&connection).await?;
+                let metrics = self.metrics.clone();
+                let on_blocked: BlockedHook =
+                    Arc::new(move |reason| metrics.set_broker_blocked("outbox relay", reason));
+                let publisher = Publisher::open_watched(&connection, Some(on_blocked)).await?;
                 Ok::<_, lapin::Error>((connection, publisher))
             });
             let connected = tokio::select! {
@@ -174,70 +188,82 @@ impl Relay {
     }
 
     /// Claims, publishes and marks one batch. Returns how many rows it
-    /// claimed.
+    /// claimed. The database steps each have [`store::DEADLINE`]; the
+    /// publish has the confirm timeout, which does not run while the broker
+    /// blocks the connection.
     async fn relay_batch(&self, publisher: &Publisher) -> Result<usize, RelayError> {
-        let mut tx = self.pool.begin().await?;
-        let rows = outbox::claim(&mut tx, BATCH_SIZE).await?;
+        let rows = store::deadline(async {
+            let mut conn = self.pool.acquire().await?;
+            outbox::claim(&mut conn, BATCH_SIZE, CLAIM_LEASE).await
+        })
+        .await?;
         if rows.is_empty() {
             return Ok(0);
         }
         // Sent one after the other, so a device gets its messages in the
         // order the commands committed; the confirms are awaited together.
-        let mut confirms: Vec<PendingConfirm> = Vec::with_capacity(rows.len());
-        let mut broken = None;
-        for row in &rows {
-            let span = publish_span(row);
-            let properties = telemetry::with_context_of(&span, device_message_properties(row));
-            match publisher
-                .send(&row.exchange, &row.routing_key, &row.body, properties)
-                .instrument(span)
-                .await
-            {
-                Ok(confirm) => confirms.push(confirm),
-                Err(e) => {
-                    broken = Some(e);
-                    break;
-                }
-            }
-        }
-        let results = join_all(confirms.into_iter().map(PendingConfirm::wait)).await;
+        let spans: Vec<_> = rows.iter().map(publish_span).collect();
+        let messages: Vec<Outgoing<'_>> = rows
+            .iter()
+            .zip(&spans)
+            .map(|(row, span)| Outgoing {
+                exchange: &row.exchange,
+                routing_key: &row.routing_key,
+                body: &row.body,
+                properties: telemetry::with_context_of(span, device_message_properties(row)),
+            })
+            .collect();
+        let results = publisher.publish_all(&messages).await;
         #[cfg(feature = "test-handlers")]
         crash_after_confirm_for_tests(&results);
-
-        let mut published = Vec::with_capacity(rows.len());
-        for (row, result) in rows.iter().zip(results) {
-            match result {
-                Ok(()) => published.push(row.id),
-                Err(PublishError::Unroutable(_)) => self.returned(&mut tx, row).await?,
-                Err(PublishError::Nacked(_)) => {
-                    outbox::defer(
-                        &mut tx,
-                        row.id,
-                        "nacked by the broker",
-                        retry_delay(row.attempts),
-                        false,
-                    )
-                    .await?;
-                }
-                Err(e @ (PublishError::Broker { .. } | PublishError::Timeout(_))) => {
-                    broken.get_or_insert(e);
-                }
-            }
-        }
-        outbox::mark_published(&mut tx, &published).await?;
-        tx.commit().await?;
-        self.metrics.record_outbox_published(published.len() as u64);
+        let broken = store::deadline(self.record(&rows, results)).await?;
         match broken {
             Some(e) => Err(e.into()),
             None => Ok(rows.len()),
         }
     }
 
+    /// Marks the confirmed rows published and puts the others off until
+    /// their next attempt, in one transaction. Returns the broker error
+    /// that ends the session, if any.
+    async fn record(
+        &self,
+        rows: &[Row],
+        results: Vec<Result<(), PublishError>>,
+    ) -> Result<Option<PublishError>, sqlx::Error> {
+        let mut tx = self.pool.begin().await?;
+        let mut published = Vec::with_capacity(rows.len());
+        let mut broken = None;
+        for (row, result) in rows.iter().zip(results) {
+            let error = match result {
+                Ok(()) => {
+                    published.push(row.id);
+                    continue;
+                }
+                Err(PublishError::Unroutable(_)) => {
+                    self.returned(&mut tx, row).await?;
+                    continue;
+                }
+                Err(PublishError::Nacked(_)) => "nacked by the broker".to_owned(),
+                Err(e @ (PublishError::Broker { .. } | PublishError::Timeout(_))) => {
+                    let error = e.to_string();
+                    broken.get_or_insert(e);
+                    error
+                }
+            };
+            outbox::defer(&mut tx, row.id, &error, retry_delay(row.attempts), false).await?;
+        }
+        outbox::mark_published(&mut tx, &published).await?;
+        tx.commit().await?;
+        self.metrics.record_outbox_published(published.len() as u64);
+        Ok(broken)
+    }
+
     /// A row whose message no queue took: tried again later, or, after
     /// [`MAX_UNROUTABLE_ATTEMPTS`], marked failed.
     async fn returned(&self, tx: &mut sqlx::PgConnection, row: &Row) -> Result<(), sqlx::Error> {
         self.metrics.record_outbox_unroutable();
-        let attempt = row.attempts + 1;
+        let attempt = row.attempts;
         let give_up = attempt >= MAX_UNROUTABLE_ATTEMPTS;
         let error = format!(
             "unroutable: no queue is bound to routing key '{}' on exchange '{}'",
@@ -324,9 +350,10 @@ fn device_message_properties(row: &Row) -> BasicProperties {
         .with_timestamp(u64::try_from(row.created_at.timestamp()).unwrap_or(0))
 }
 
-/// 1 s, 2 s, 4 s, … up to five minutes, after `attempts` earlier attempts.
-fn retry_delay(attempts: i32) -> Duration {
-    let exponent = u32::try_from(attempts).unwrap_or(0).min(16);
+/// 1 s, 2 s, 4 s, … up to five minutes, after attempt number `attempt`
+/// (1 for the first).
+fn retry_delay(attempt: i32) -> Duration {
+    let exponent = u32::try_from(attempt.saturating_sub(1)).unwrap_or(0).min(16);
     Duration::from_secs(1u64 << exponent).min(MAX_RETRY_DELAY)
 }
 
@@ -402,8 +429,9 @@ mod tests {
 
     #[test]
     fn retry_delays_double_up_to_five_minutes() {
-        let delays: Vec<u64> = (0..12).map(|n| retry_delay(n).as_secs()).collect();
+        let delays: Vec<u64> = (1..13).map(|n| retry_delay(n).as_secs()).collect();
         assert_eq!(delays, [1, 2, 4, 8, 16, 32, 64, 128, 256, 300, 300, 300]);
+        assert_eq!(retry_delay(0), Duration::from_secs(1));
         assert_eq!(retry_delay(-1), Duration::from_secs(1));
         assert_eq!(retry_delay(i32::MAX), MAX_RETRY_DELAY);
     }

@@ -7,6 +7,7 @@
 //! deliveries of the lost session are redelivered by the broker and
 //! absorbed by the inbox.
 
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -21,8 +22,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::acks::Acks;
-use crate::broker::{self, Publisher};
-use crate::pipeline::{Outlet, Pipeline};
+use crate::batch;
+use crate::broker::{self, BlockedHook, Publisher};
+use crate::metrics::Metrics;
+use crate::pipeline::{Outlet, Pipeline, SettleError};
 use crate::topology::{Topology, TopologyError};
 
 /// How long closing a channel or connection may take.
@@ -57,11 +60,16 @@ pub struct Endpoint<'a> {
     pub next_broker: &'a AtomicUsize,
     pub topology: &'a Topology,
     pub prefetch: u16,
+    /// Keeps the in-flight and blocked gauges.
+    pub metrics: &'a Arc<Metrics>,
 }
 
 /// An open session, consuming.
 pub struct Session {
     connection: Connection,
+    /// Where copies are published: a connection of its own, so that a
+    /// broker that blocks publishers never holds the consumer's acks up.
+    copies: Connection,
     channel: Channel,
     consumer: Consumer,
     outlet: Arc<Outlet>,
@@ -101,6 +109,24 @@ impl Pending {
         let Some(since) = self.since else { return false };
         self.deliveries.len() >= batching.max_size || batches_in_flight == 0 || since.elapsed() >= batching.max_wait
     }
+}
+
+/// Ends the session when a delivery task could not settle what it was
+/// given: its error, or a panic outside the stages that catch their own
+/// (decode, checks, handlers). Closing the channel hands every unacked
+/// delivery back to the broker, which redelivers it, and the crash guard
+/// parks one that keeps failing that way: none stays unacked on a live
+/// channel.
+fn unsettled(result: std::thread::Result<Result<(), SettleError>>, fault: &CancellationToken) {
+    match result {
+        Ok(Ok(())) => return,
+        Ok(Err(e)) => tracing::error!(error.message = %e, "delivery left unacked"),
+        Err(panic) => tracing::error!(
+            error.message = %batch::panic_text(&*panic),
+            "panic while settling deliveries; reconnecting so the broker redelivers them"
+        ),
+    }
+    fault.cancel();
 }
 
 /// Sleeps until `at`; forever without one (the select's guard skips it).
@@ -145,10 +171,13 @@ impl Session {
 
         let channel = connection.create_channel().await?;
         channel.basic_qos(endpoint.prefetch, BasicQosOptions::default()).await?;
+        let copies = connect_copies(endpoint).await?;
+        let metrics = endpoint.metrics.clone();
+        let on_blocked: BlockedHook = Arc::new(move |reason| metrics.set_broker_blocked("copies", reason));
         let outlet = Arc::new(Outlet {
-            publisher: Publisher::open(&connection).await?,
-            frame_max: usize::try_from(connection.configuration().frame_max()).unwrap_or(usize::MAX),
-            acks: Acks::new(channel.clone()),
+            publisher: Publisher::open_watched(&copies, Some(on_blocked)).await?,
+            frame_max: usize::try_from(copies.configuration().frame_max()).unwrap_or(usize::MAX),
+            acks: Acks::new(channel.clone(), endpoint.metrics.in_flight()),
         });
         let consumer = channel
             .basic_consume(
@@ -160,6 +189,7 @@ impl Session {
             .await?;
         Ok(Session {
             connection,
+            copies,
             channel,
             consumer,
             outlet,
@@ -253,22 +283,34 @@ impl Session {
         tokio::time::timeout(CLOSE_TIMEOUT, self.channel.close(200, "shutting down".into()))
             .await
             .ok();
-        tokio::time::timeout(CLOSE_TIMEOUT, self.connection.close(200, "shutting down".into()))
-            .await
-            .ok();
+        for connection in [&self.connection, &self.copies] {
+            tokio::time::timeout(CLOSE_TIMEOUT, connection.close(200, "shutting down".into()))
+                .await
+                .ok();
+        }
     }
+}
+
+/// The connection copies are published on, to the broker the session
+/// consumes from (the one `next_broker` tried last), or the next that
+/// answers.
+async fn connect_copies(endpoint: &Endpoint<'_>) -> Result<Connection, SessionError> {
+    let consuming_from = AtomicUsize::new(endpoint.next_broker.load(Ordering::Relaxed).wrapping_sub(1));
+    let connect = broker::connect_to_any(endpoint.amqp_url, "worker-iot-core copies", &consuming_from);
+    let (connection, _) = tokio::time::timeout(CONNECT_TIMEOUT, connect)
+        .await
+        .map_err(|_| SessionError::ConnectTimeout)??;
+    Ok(connection)
 }
 
 impl InFlight {
     fn spawn(&self, pipeline: Arc<Pipeline>, outlet: Arc<Outlet>, delivery: Delivery) {
         let (fault, hard_stop) = (self.fault.clone(), self.hard_stop.clone());
         self.tracker.spawn(async move {
+            let handle = AssertUnwindSafe(pipeline.handle(&delivery, &outlet)).catch_unwind();
             tokio::select! {
                 () = hard_stop.cancelled() => pipeline.cut_off(&delivery).await,
-                result = pipeline.handle(&delivery, &outlet) => if let Err(e) = result {
-                    tracing::error!(error.message = %e, "delivery left unacked");
-                    fault.cancel();
-                },
+                result = handle => unsettled(result.map(|handled| handled.map(drop)), &fault),
             }
         });
     }
@@ -294,10 +336,7 @@ impl InFlight {
             };
             tokio::select! {
                 () = hard_stop.cancelled() => {}
-                result = apply => if let Err(e) = result {
-                    tracing::error!(error.message = %e, "delivery left unacked");
-                    fault.cancel();
-                },
+                result = AssertUnwindSafe(apply).catch_unwind() => unsettled(result, &fault),
             }
             batches.fetch_sub(1, Ordering::SeqCst);
             done.notify_one();

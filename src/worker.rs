@@ -252,6 +252,7 @@ impl Supervisor {
             next_broker: &self.next_broker,
             topology: &self.topology,
             prefetch: self.settings.prefetch_count,
+            metrics: &self.metrics,
         };
         let mut session = tokio::select! {
             () = self.shutdown.cancelled() => return Ok(()),

@@ -99,19 +99,22 @@ async fn publish_steady(
     for (i, body) in bodies.iter().enumerate() {
         tick.tick().await;
         let at = Instant::now();
-        let confirm = bench
-            .publisher
-            .send("", target.topology.queue(), body, properties())
-            .await
-            .expect("publish");
-        confirms.push(confirm);
+        // Each publish waits for its own confirm, off the pace of the ticks.
+        let (publisher, queue, body_owned) = (
+            bench.publisher.clone(),
+            target.topology.queue().to_owned(),
+            body.clone(),
+        );
+        confirms.push(tokio::spawn(async move {
+            publisher.publish("", &queue, &body_owned, properties()).await
+        }));
         if i >= warm_up {
             let value: serde_json::Value = serde_json::from_slice(body).expect("sample bodies are JSON");
             sent.push((value["id"].as_str().expect("an id").to_owned(), at));
         }
     }
     for confirm in confirms {
-        confirm.wait().await.expect("confirm");
+        confirm.await.expect("publish task").expect("confirm");
     }
     sent
 }

@@ -4,7 +4,7 @@
 use lapin::BasicProperties;
 use lapin::options::QueueDeclareOptions;
 use lapin::types::FieldTable;
-use worker_iot_core::broker::Publisher;
+use worker_iot_core::broker::{Outgoing, Publisher};
 
 /// Publishes are sent in windows of this many, then their confirms awaited.
 const CONFIRM_WINDOW: usize = 500;
@@ -46,12 +46,17 @@ pub fn properties() -> BasicProperties {
 /// Publishes `bodies` to `queue` in order, every one confirmed.
 pub async fn fill(publisher: &Publisher, queue: &str, bodies: &[Vec<u8>]) {
     for window in bodies.chunks(CONFIRM_WINDOW) {
-        let mut pending = Vec::with_capacity(window.len());
-        for body in window {
-            pending.push(publisher.send("", queue, body, properties()).await.expect("publish"));
-        }
-        for confirm in pending {
-            confirm.wait().await.expect("confirm");
+        let messages: Vec<Outgoing<'_>> = window
+            .iter()
+            .map(|body| Outgoing {
+                exchange: "",
+                routing_key: queue,
+                body,
+                properties: properties(),
+            })
+            .collect();
+        for result in publisher.publish_all(&messages).await {
+            result.expect("publish");
         }
     }
 }

@@ -12,7 +12,7 @@
 use std::panic::AssertUnwindSafe;
 
 use futures_util::FutureExt;
-use sqlx::{PgConnection, PgPool};
+use sqlx::{Connection, PgConnection, PgPool};
 use tracing::Instrument;
 
 use crate::envelope::{Kind, Message};
@@ -83,7 +83,16 @@ fn again(items: &[(&Message, &Handler)], failure: &Failure) -> Vec<Applied> {
 }
 
 async fn run(pool: &PgPool, items: &[(&Message, &Handler)]) -> Result<Vec<Applied>, Abort> {
-    let mut tx = pool.begin().await?;
+    let mut conn = pool.acquire().await?;
+    let result = run_on(&mut conn, items).await;
+    if let Err(Abort::Database(e)) = &result {
+        store::close_if_read_only(&mut conn, e);
+    }
+    result
+}
+
+async fn run_on(conn: &mut PgConnection, items: &[(&Message, &Handler)]) -> Result<Vec<Applied>, Abort> {
+    let mut tx = conn.begin().await?;
     let mut applied: Vec<Option<Applied>> = items.iter().map(|_| None).collect();
     for (handler, indexes) in bulk_groups(items, &mut applied) {
         apply_bulk(&mut tx, handler, items, &indexes, &mut applied).await?;

@@ -274,16 +274,18 @@ impl Publisher {
         let waits = confirms.into_iter().map(|sent| async {
             match sent {
                 Ok(confirm) => self.confirmed(confirm).await,
-                Err(e) => Awaited::Failed(e),
+                Err(e) => (Awaited::Failed(e), None),
             }
         });
-        let awaited = join_all(waits).await;
+        let (awaited, returns): (Vec<Awaited>, Vec<Option<Returned>>) = join_all(waits).await.into_iter().unzip();
         // Every confirm arrived: the channel holds nothing of this group.
         // Otherwise (or when this future is dropped) the lease retires it.
-        if awaited.iter().all(|a| matches!(a, Awaited::Confirmed(_))) && channel.status().connected() {
+        let all_in = awaited.iter().all(|a| matches!(a, Awaited::Acked | Awaited::Nacked));
+        if all_in && channel.status().connected() {
             lease.give_back();
         }
-        settle_returns(messages, awaited)
+        let returns: Vec<Returned> = returns.into_iter().flatten().collect();
+        settle(messages, awaited, &returns)
     }
 
     /// The channel for declares and inspection (not for publishing).
@@ -312,7 +314,7 @@ impl Publisher {
 
     /// Waits for one confirm, at most [`CONFIRM_TIMEOUT`] of time in which
     /// the connection is not blocked.
-    async fn confirmed(&self, confirm: PublisherConfirm) -> Awaited {
+    async fn confirmed(&self, confirm: PublisherConfirm) -> (Awaited, Option<Returned>) {
         let mut blocked = self.inner.blocked.clone();
         // False once the blocked state can no longer change.
         let mut watching = true;
@@ -320,13 +322,13 @@ impl Publisher {
         loop {
             if watching && blocked.borrow_and_update().is_some() {
                 tokio::select! {
-                    result = &mut confirm => return Awaited::from(result),
+                    result = &mut confirm => return answer(result),
                     unblocked = blocked.wait_for(Option::is_none) => watching = unblocked.is_ok(),
                 }
             }
             tokio::select! {
-                result = &mut confirm => return Awaited::from(result),
-                () = tokio::time::sleep(CONFIRM_TIMEOUT) => return Awaited::TimedOut,
+                result = &mut confirm => return answer(result),
+                () = tokio::time::sleep(CONFIRM_TIMEOUT) => return (Awaited::TimedOut, None),
                 // Blocked or unblocked meanwhile: the timeout starts over.
                 changed = blocked.changed(), if watching => watching = changed.is_ok(),
             }
@@ -377,18 +379,48 @@ impl Drop for Lease<'_> {
 }
 
 /// How the wait for one confirm ended.
+#[derive(Debug)]
 enum Awaited {
-    Confirmed(Box<Confirmation>),
+    Acked,
+    Nacked,
     Failed(lapin::Error),
     TimedOut,
 }
 
-impl From<Result<Confirmation, lapin::Error>> for Awaited {
-    fn from(result: Result<Confirmation, lapin::Error>) -> Awaited {
-        match result {
-            Ok(confirmation) => Awaited::Confirmed(Box::new(confirmation)),
-            Err(e) => Awaited::Failed(e),
+/// What a `basic.return` names of the message it returns.
+#[derive(Debug, PartialEq)]
+struct Returned {
+    exchange: String,
+    routing_key: String,
+    message_id: Option<String>,
+}
+
+impl Returned {
+    fn of(back: &BasicReturnMessage) -> Returned {
+        let delivery = &back.delivery;
+        Returned {
+            exchange: delivery.exchange.to_string(),
+            routing_key: delivery.routing_key.to_string(),
+            message_id: delivery.properties.message_id().as_ref().map(ToString::to_string),
         }
+    }
+
+    fn names(&self, message: &Outgoing<'_>) -> bool {
+        self.exchange == message.exchange
+            && self.routing_key == message.routing_key
+            && self.message_id.as_deref() == message.properties.message_id().as_ref().map(|id| id.as_str())
+    }
+}
+
+/// A confirm's answer, and the return it carries (lapin hands each return
+/// to some confirm of the channel, not necessarily its own message's).
+fn answer(result: Result<Confirmation, lapin::Error>) -> (Awaited, Option<Returned>) {
+    match result {
+        Err(e) => (Awaited::Failed(e), None),
+        Ok(Confirmation::Ack(back)) => (Awaited::Acked, back.as_ref().map(Returned::of)),
+        Ok(Confirmation::Nack(back)) => (Awaited::Nacked, back.as_ref().map(Returned::of)),
+        // Cannot happen on a confirm-mode channel: no confirm, not success.
+        Ok(Confirmation::NotRequested) => (Awaited::Nacked, None),
     }
 }
 
@@ -399,29 +431,24 @@ fn closed(routing_key: &str) -> PublishError {
     }
 }
 
-/// Each message's result, once all confirms of its group are in: a
+/// Each message's result, once all confirms of its group are in: an acked
 /// message is returned when a return names its exchange, routing key and
 /// message id, whichever confirm carried it. A return that names none of
-/// them (it cannot happen unless the broker changed what it sent back)
-/// marks every acked message returned: at worst sent again, never lost.
-fn settle_returns(messages: &[Outgoing<'_>], awaited: Vec<Awaited>) -> Vec<Result<(), PublishError>> {
+/// them (the broker sends back what it was given, so it cannot happen)
+/// marks every message of the group returned: at worst sent again, never
+/// taken for delivered.
+fn settle(messages: &[Outgoing<'_>], awaited: Vec<Awaited>, returns: &[Returned]) -> Vec<Result<(), PublishError>> {
     let mut returned = vec![false; messages.len()];
-    for one in &awaited {
-        let Awaited::Confirmed(confirmation) = one else {
-            continue;
-        };
-        let (Confirmation::Ack(Some(back)) | Confirmation::Nack(Some(back))) = &**confirmation else {
-            continue;
-        };
+    for back in returns {
         let mut matched = false;
         for (index, message) in messages.iter().enumerate() {
-            if is_return_of(back, message) {
+            if back.names(message) {
                 returned[index] = true;
                 matched = true;
             }
         }
         if !matched {
-            tracing::warn!(routing_key = %back.delivery.routing_key, "a returned message matches no publish of its group");
+            tracing::warn!(routing_key = %back.routing_key, "a returned message matches no publish of its group");
             returned.iter_mut().for_each(|r| *r = true);
         }
     }
@@ -431,27 +458,15 @@ fn settle_returns(messages: &[Outgoing<'_>], awaited: Vec<Awaited>) -> Vec<Resul
         .zip(returned)
         .map(|((message, awaited), returned)| {
             let routing_key = message.routing_key.to_owned();
-            let confirmation = match awaited {
-                Awaited::TimedOut => return Err(PublishError::Timeout(routing_key)),
-                Awaited::Failed(source) => return Err(PublishError::Broker { routing_key, source }),
-                Awaited::Confirmed(confirmation) => *confirmation,
-            };
-            match confirmation {
-                Confirmation::Ack(_) if returned => Err(PublishError::Unroutable(routing_key)),
-                Confirmation::Ack(_) => Ok(()),
-                // NotRequested cannot happen on a confirm-mode channel;
-                // treat it as no confirm rather than as success.
-                Confirmation::Nack(_) | Confirmation::NotRequested => Err(PublishError::Nacked(routing_key)),
+            match awaited {
+                Awaited::Acked if returned => Err(PublishError::Unroutable(routing_key)),
+                Awaited::Acked => Ok(()),
+                Awaited::Nacked => Err(PublishError::Nacked(routing_key)),
+                Awaited::TimedOut => Err(PublishError::Timeout(routing_key)),
+                Awaited::Failed(source) => Err(PublishError::Broker { routing_key, source }),
             }
         })
         .collect()
-}
-
-fn is_return_of(back: &BasicReturnMessage, message: &Outgoing<'_>) -> bool {
-    let delivery = &back.delivery;
-    delivery.exchange.as_str() == message.exchange
-        && delivery.routing_key.as_str() == message.routing_key
-        && delivery.properties.message_id() == message.properties.message_id()
 }
 
 /// Follows `connection`'s blocked state: the broker's reason while it
@@ -499,6 +514,63 @@ fn watch_blocked(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn command(routing_key: &'static str, id: &str) -> Outgoing<'static> {
+        Outgoing {
+            exchange: "amq.topic",
+            routing_key,
+            body: b"on",
+            properties: BasicProperties::default().with_message_id(id.into()),
+        }
+    }
+
+    fn returned(routing_key: &str, id: &str) -> Returned {
+        Returned {
+            exchange: "amq.topic".into(),
+            routing_key: routing_key.into(),
+            message_id: Some(id.into()),
+        }
+    }
+
+    fn outcomes(results: &[Result<(), PublishError>]) -> Vec<&'static str> {
+        results
+            .iter()
+            .map(|r| match r {
+                Ok(()) => "ok",
+                Err(PublishError::Unroutable(_)) => "returned",
+                Err(PublishError::Nacked(_)) => "nacked",
+                Err(PublishError::Timeout(_)) => "timeout",
+                Err(PublishError::Broker { .. }) => "broker",
+            })
+            .collect()
+    }
+
+    /// The case lapin gets wrong: the return of the second message came
+    /// with the first message's confirm. Each message gets its own fate.
+    #[test]
+    fn a_return_counts_for_the_message_it_names_not_the_confirm_it_came_with() {
+        let messages = [command("led.a", "c1"), command("led.b", "c2"), command("led.c", "c3")];
+        let awaited = vec![Awaited::Acked, Awaited::Acked, Awaited::Acked];
+        let results = settle(&messages, awaited, &[returned("led.b", "c2")]);
+        assert_eq!(outcomes(&results), ["ok", "returned", "ok"]);
+    }
+
+    #[test]
+    fn a_return_naming_no_message_of_the_group_returns_them_all() {
+        let messages = [command("led.a", "c1"), command("led.b", "c2")];
+        let awaited = vec![Awaited::Acked, Awaited::Acked];
+        let results = settle(&messages, awaited, &[returned("led.x", "c9")]);
+        assert_eq!(outcomes(&results), ["returned", "returned"]);
+    }
+
+    #[test]
+    fn nacks_timeouts_and_errors_are_never_success() {
+        let messages = [command("led.a", "c1"), command("led.b", "c2"), command("led.c", "c3")];
+        let error = lapin::ErrorKind::InvalidChannelState(lapin::ChannelState::Error, "test").into();
+        let awaited = vec![Awaited::Nacked, Awaited::TimedOut, Awaited::Failed(error)];
+        let results = settle(&messages, awaited, &[]);
+        assert_eq!(outcomes(&results), ["nacked", "timeout", "broker"]);
+    }
 
     #[test]
     fn broker_addresses_hide_credentials() {

@@ -538,6 +538,26 @@ mod tests {
     }
 
     #[test]
+    fn a_blocked_publisher_shows_in_the_gauge_and_in_readiness() {
+        let metrics = Metrics::new();
+        metrics.set_consuming(true);
+        metrics.set_database(Ok(()));
+        assert!(metrics.render().contains("iot_broker_blocked 0\n"));
+        metrics.set_broker_blocked("copies", Some("low on memory"));
+        metrics.set_broker_blocked("outbox relay", Some("low on memory"));
+        assert!(metrics.render().contains("iot_broker_blocked 1\n"));
+        assert_eq!(
+            metrics.readiness(),
+            Err("RabbitMQ blocks the copies connection: low on memory; RabbitMQ blocks the outbox relay connection: low on memory".into())
+        );
+        metrics.set_broker_blocked("copies", None);
+        assert!(metrics.render().contains("iot_broker_blocked 1\n"), "the relay is still blocked");
+        metrics.set_broker_blocked("outbox relay", None);
+        assert!(metrics.render().contains("iot_broker_blocked 0\n"));
+        assert_eq!(metrics.readiness(), Ok(()));
+    }
+
+    #[test]
     fn a_reconnect_to_another_node_moves_the_node_gauge() {
         let metrics = Metrics::new();
         metrics.record_connection("a:5672");

@@ -26,7 +26,7 @@ use chrono::{DateTime, Utc};
 use futures_util::FutureExt;
 use lapin::message::Delivery;
 use opentelemetry::trace::{Status, TraceContextExt};
-use sqlx::PgPool;
+use sqlx::{Connection, PgPool};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, Span};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
@@ -513,12 +513,20 @@ impl Pipeline {
     /// the transaction back (it is dropped) and becomes [`Failure::Panic`].
     async fn apply_once(&self, handler: &Handler, message: &Message) -> Result<Outcome, Failure> {
         let transaction = async {
-            let mut tx = self.pool.begin().await?;
-            let outcome = batch::apply_one(&mut tx, handler, message).await?;
-            if outcome == Outcome::Processed {
-                tx.commit().instrument(tracing::debug_span!("commit")).await?;
+            let mut conn = self.pool.acquire().await?;
+            let result = async {
+                let mut tx = conn.begin().await?;
+                let outcome = batch::apply_one(&mut tx, handler, message).await?;
+                if outcome == Outcome::Processed {
+                    tx.commit().instrument(tracing::debug_span!("commit")).await?;
+                }
+                Ok(outcome)
             }
-            Ok(outcome)
+            .await;
+            if let Err(Failure::Database(e)) = &result {
+                store::close_if_read_only(&mut conn, e);
+            }
+            result
         }
         .instrument(tracing::debug_span!("transaction", db.system.name = "postgresql"));
         match AssertUnwindSafe(store::deadline(transaction)).catch_unwind().await {

@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use sqlx::migrate::MigrateDatabase;
+use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{Connection, PgConnection, PgPool, Postgres};
 
@@ -88,6 +89,20 @@ pub async fn deadline<T, E: From<sqlx::Error>>(work: impl Future<Output = Result
             format!("no answer from PostgreSQL within {DEADLINE:?}"),
         ))
         .into()),
+    }
+}
+
+/// A connection whose server answered 25006 (read-only transaction: the
+/// primary was demoted, or a failover sent the worker to a standby) is
+/// closed instead of going back to the pool, so the next transaction opens
+/// a new connection, to wherever the primary is now (docs/guarantees.md,
+/// "Database failover"). The message itself is retried: 25006 is
+/// transient.
+pub fn close_if_read_only(conn: &mut PoolConnection<Postgres>, error: &sqlx::Error) {
+    if let sqlx::Error::Database(db) = error
+        && db.code().as_deref() == Some("25006")
+    {
+        conn.close_on_drop();
     }
 }
 

@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 use backon::Retryable;
 use chrono::{DateTime, Utc};
 use futures_util::FutureExt;
+use futures_util::future::join_all;
 use lapin::message::Delivery;
 use opentelemetry::trace::{Status, TraceContextExt};
 use sqlx::{Connection, PgPool};
@@ -116,6 +117,13 @@ struct Settled<'d> {
     span: Span,
 }
 
+/// A delivery whose processing ended: how, and when it was received.
+struct Ended<'d> {
+    one: Settled<'d>,
+    received: DateTime<Utc>,
+    processed: Result<Outcome, Failed>,
+}
+
 /// Called with every [`Event`].
 pub type EventHook = Arc<dyn Fn(&Event<'_>) + Send + Sync>;
 
@@ -198,7 +206,7 @@ impl Pipeline {
     ///
     /// # Errors
     /// A [`SettleError`] when the delivery could not be settled.
-    pub async fn handle(&self, delivery: &Delivery, outlet: &Outlet) -> Result<Outcome, SettleError> {
+    pub async fn handle(&self, delivery: &Delivery, outlet: &Outlet) -> Result<(), SettleError> {
         let started = Instant::now();
         let span = self.delivery_span(delivery);
         async {
@@ -210,16 +218,14 @@ impl Pipeline {
                 Admission::Run(permit) => (permit, self.process(delivery, received, &mut handling).await),
                 Admission::Fail(permit, failure) => (permit, Err(Failed::untyped(failure))),
             };
-            let mut settled = Vec::with_capacity(1);
             let one = Settled {
                 handling,
                 ..Settled::new(delivery, None, started, Span::current())
             };
-            self.resolve_into(&mut settled, one, received, processed, outlet)
+            self.settle_all(vec![Ended { one, received, processed }], outlet)
                 .await?;
-            self.ack(&settled, outlet).await?;
             permit.settled().await;
-            Ok(settled.pop().expect("one delivery settled").outcome)
+            Ok(())
         }
         .instrument(span)
         .await
@@ -264,11 +270,11 @@ impl Pipeline {
     ///
     /// # Errors
     /// A [`SettleError`] for the first delivery that could not be settled;
-    /// the ones after it are left unacked.
+    /// the others are settled (see [`Pipeline::settle_all`]).
     pub async fn handle_batch(&self, deliveries: &[Delivery], outlet: &Outlet) -> Result<(), SettleError> {
         let started = Instant::now();
         let permit = self.crash_guard.share().await;
-        let mut settled = Vec::with_capacity(deliveries.len());
+        let mut ended = Vec::with_capacity(deliveries.len());
         let mut ready = Vec::with_capacity(deliveries.len());
         for delivery in deliveries {
             let span = self.delivery_span(delivery);
@@ -278,8 +284,7 @@ impl Pipeline {
                 Prepared::Apply(message, handler) => ready.push((delivery, received, message, handler, span)),
                 Prepared::Done(processed, message_type) => {
                     let one = Settled::new(delivery, message_type, started, span);
-                    self.resolve_into(&mut settled, one, received, processed, outlet)
-                        .await?;
+                    ended.push(Ended { one, received, processed });
                 }
             }
         }
@@ -298,18 +303,17 @@ impl Pipeline {
             .map(|((_, _, message, handler, span), applied)| {
                 self.finish_alone(handler, message, applied).instrument(span.clone())
             });
-        let finished = futures_util::future::join_all(finished).await;
-        for ((delivery, received, message, _, span), (processed, retries)) in ready.iter().zip(finished) {
-            let mut one = Settled::new(delivery, Some(message.message_type.clone()), started, span.clone());
+        let finished = join_all(finished).await;
+        for ((delivery, received, message, _, span), (processed, retries)) in ready.into_iter().zip(finished) {
+            let mut one = Settled::new(delivery, Some(message.message_type.clone()), started, span);
             one.handling.in_process_retries = retries;
             let processed = processed.map_err(|failure| Failed {
-                message_type: Some(message.message_type.clone()),
+                message_type: Some(message.message_type),
                 failure,
             });
-            self.resolve_into(&mut settled, one, *received, processed, outlet)
-                .await?;
+            ended.push(Ended { one, received, processed });
         }
-        self.ack(&settled, outlet).await?;
+        self.settle_all(ended, outlet).await?;
         permit.settled().await;
         Ok(())
     }
@@ -327,34 +331,49 @@ impl Pipeline {
         }
     }
 
-    /// Adds a delivery to `settled` once it may be acked: at once when it
-    /// ended well, after its copy was confirmed when it failed. When the
-    /// copy fails, the ones settled so far are acked first.
-    async fn resolve_into<'d>(
-        &self,
-        settled: &mut Vec<Settled<'d>>,
-        mut one: Settled<'d>,
-        received: DateTime<Utc>,
-        processed: Result<Outcome, Failed>,
-        outlet: &Outlet,
-    ) -> Result<(), SettleError> {
-        let diverted = match processed {
-            Ok(outcome) => Ok(outcome),
-            Err(failed) => self.divert(one.delivery, received, &failed, outlet, &one.span).await,
-        };
-        match diverted {
-            Ok(outcome) => {
-                one.outcome = outcome;
-                settled.push(one);
-                Ok(())
-            }
-            Err(e) => {
-                self.ack(settled, outlet).await.ok();
-                one.span.record("iot.outcome", "unsettled");
-                self.emit(&Event::Unsettled(one.delivery, &e));
-                Err(e)
+    /// Settles deliveries whose processing ended. Those that need no copy
+    /// are acked at once, together. Then the copies of the failed ones are
+    /// published, concurrently, and each original is acked once its copy is
+    /// confirmed: a message waiting for its copy (a broker that blocks
+    /// publishers, a slow confirm) never holds the others of its batch up.
+    ///
+    /// # Errors
+    /// The first [`SettleError`]; every other delivery is settled, and the
+    /// ones whose copy failed are left unacked for redelivery.
+    async fn settle_all(&self, ended: Vec<Ended<'_>>, outlet: &Outlet) -> Result<(), SettleError> {
+        let mut done = Vec::with_capacity(ended.len());
+        let mut failed = Vec::new();
+        for Ended { mut one, received, processed } in ended {
+            match processed {
+                Ok(outcome) => {
+                    one.outcome = outcome;
+                    done.push(one);
+                }
+                Err(failure) => failed.push((one, received, failure)),
             }
         }
+        self.ack(&done, outlet).await?;
+        let copies = failed
+            .iter()
+            .map(|(one, received, failed)| self.divert(one.delivery, *received, failed, outlet, &one.span));
+        let copies = join_all(copies).await;
+        let mut copied = Vec::with_capacity(failed.len());
+        let mut first_error = None;
+        for ((mut one, ..), copy) in failed.into_iter().zip(copies) {
+            match copy {
+                Ok(outcome) => {
+                    one.outcome = outcome;
+                    copied.push(one);
+                }
+                Err(e) => {
+                    one.span.record("iot.outcome", "unsettled");
+                    self.emit(&Event::Unsettled(one.delivery, &e));
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        self.ack(&copied, outlet).await?;
+        first_error.map_or(Ok(()), Err)
     }
 
     /// Acks settled deliveries together (see [`Acks`]) and tells the hooks.

@@ -310,7 +310,7 @@ impl InFlight {
             let handle = AssertUnwindSafe(pipeline.handle(&delivery, &outlet)).catch_unwind();
             tokio::select! {
                 () = hard_stop.cancelled() => pipeline.cut_off(&delivery).await,
-                result = handle => unsettled(result.map(|handled| handled.map(drop)), &fault),
+                result = handle => unsettled(result, &fault),
             }
         });
     }
@@ -330,7 +330,7 @@ impl InFlight {
         self.tracker.spawn(async move {
             let apply = async {
                 match deliveries.as_slice() {
-                    [delivery] => pipeline.handle(delivery, &outlet).await.map(drop),
+                    [delivery] => pipeline.handle(delivery, &outlet).await,
                     _ => pipeline.handle_batch(&deliveries, &outlet).await,
                 }
             };

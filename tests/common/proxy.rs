@@ -1,11 +1,16 @@
-//! A TCP proxy the tests can cut: real sockets between the worker and
-//! RabbitMQ or PostgreSQL, so a fault test breaks a real connection.
+//! A TCP proxy the tests can cut, stall or slow down: real sockets between
+//! the worker and RabbitMQ or PostgreSQL, so a fault test breaks a real
+//! connection.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 pub struct Proxy {
@@ -24,6 +29,9 @@ struct State {
     stalled: Mutex<CancellationToken>,
     /// While set, new connections are accepted and held, never forwarded.
     stalling: AtomicBool,
+    /// How long each chunk from upstream is held before it reaches the
+    /// client, in microseconds (0: forwarded at once).
+    downstream_delay_us: AtomicU64,
 }
 
 impl Proxy {
@@ -36,12 +44,13 @@ impl Proxy {
             refusing: AtomicBool::new(false),
             stalled: Mutex::new(CancellationToken::new()),
             stalling: AtomicBool::new(false),
+            downstream_delay_us: AtomicU64::new(0),
         });
         let stop = CancellationToken::new();
         let (loop_state, loop_stop) = (state.clone(), stop.clone());
         tokio::spawn(async move {
             loop {
-                let (mut client, _) = tokio::select! {
+                let (client, _) = tokio::select! {
                     () = loop_stop.cancelled() => return,
                     accepted = listener.accept() => match accepted {
                         Ok(accepted) => accepted,
@@ -61,14 +70,26 @@ impl Proxy {
                     });
                     continue;
                 }
+                let state = loop_state.clone();
                 tokio::spawn(async move {
+                    let mut client = client;
                     let Ok(mut server) = TcpStream::connect(upstream).await else {
                         return;
+                    };
+                    // Borrowed halves: a stall drops the forwarding but
+                    // keeps both sockets open until the cut.
+                    let (client_read, client_write) = client.split();
+                    let (server_read, server_write) = server.split();
+                    let forward = async {
+                        tokio::join!(
+                            upstream_copy(client_read, server_write),
+                            downstream_copy(server_read, client_write, &state),
+                        )
                     };
                     tokio::select! {
                         () = cut.cancelled() => {}
                         () = stall.cancelled() => cut.cancelled().await,
-                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                        _ = forward => {}
                     }
                 });
             }
@@ -100,6 +121,17 @@ impl Proxy {
         self.cut();
     }
 
+    /// Holds every chunk the upstream server sends, on open and new
+    /// connections, for `delay` before the client gets it (in order, and
+    /// without slowing the reading): a server that answers late, e.g. a
+    /// broker whose confirms arrive after the client's timeout.
+    /// `Duration::ZERO` stops delaying (chunks already held keep their
+    /// time, and later ones queue behind them).
+    pub fn delay_downstream(&self, delay: Duration) {
+        let micros = u64::try_from(delay.as_micros()).expect("a delay of less than 500,000 years");
+        self.state.downstream_delay_us.store(micros, Ordering::SeqCst);
+    }
+
     /// Refuses (or accepts again) new connections.
     pub fn set_refusing(&self, refusing: bool) {
         self.state.refusing.store(refusing, Ordering::SeqCst);
@@ -126,6 +158,40 @@ impl Drop for Proxy {
         self.stop.cancel();
         self.cut();
     }
+}
+
+/// Client to server, as it comes; the server sees the end of the client's
+/// stream when the client closes.
+async fn upstream_copy(mut from: impl AsyncRead + Unpin, mut to: impl AsyncWrite + Unpin) {
+    tokio::io::copy(&mut from, &mut to).await.ok();
+    to.shutdown().await.ok();
+}
+
+/// Server to client, each chunk released at the time it was read plus the
+/// downstream delay then in force. Reading never waits for the delay: a
+/// second task writes the chunks out in the order they were read.
+async fn downstream_copy(mut from: impl AsyncRead + Unpin, mut to: impl AsyncWrite + Unpin, state: &State) {
+    let (chunks, mut due) = mpsc::unbounded_channel::<(Instant, Vec<u8>)>();
+    let read = async move {
+        let mut buffer = vec![0; 64 * 1024];
+        while let Ok(n @ 1..) = from.read(&mut buffer).await {
+            let delay = Duration::from_micros(state.downstream_delay_us.load(Ordering::SeqCst));
+            if chunks.send((Instant::now() + delay, buffer[..n].to_vec())).is_err() {
+                return;
+            }
+        }
+        // Dropping `chunks` ends the writer once it wrote what is held.
+    };
+    let write = async move {
+        while let Some((at, chunk)) = due.recv().await {
+            tokio::time::sleep_until(at).await;
+            if to.write_all(&chunk).await.is_err() {
+                return;
+            }
+        }
+        to.shutdown().await.ok();
+    };
+    tokio::join!(read, write);
 }
 
 /// The `host:port` of a URL, resolved.

@@ -253,7 +253,7 @@ impl Publisher {
         let Some(mut lease) = self.checkout().await else {
             return messages.iter().map(|m| Err(closed(m.routing_key))).collect();
         };
-        let channel = lease.channel.clone().expect("a lease holds its channel");
+        let channel = lease.channel.clone();
         let mut confirms = Vec::with_capacity(messages.len());
         for message in messages {
             let options = BasicPublishOptions {
@@ -293,19 +293,14 @@ impl Publisher {
         &self.inner.channel
     }
 
-    /// Whether the broker blocks the connection now, and why.
-    pub fn blocked(&self) -> Option<String> {
-        self.inner.blocked.borrow().clone()
-    }
-
     async fn checkout(&self) -> Option<Lease<'_>> {
         let permit = self.inner.ready.acquire().await.ok()?;
-        let lease = Lease {
+        let channel = self.idle().pop()?;
+        Some(Lease {
             inner: &self.inner,
-            channel: self.idle().pop(),
+            channel,
             permit: Some(permit),
-        };
-        lease.channel.is_some().then_some(lease)
+        })
     }
 
     fn idle(&self) -> MutexGuard<'_, Vec<Channel>> {
@@ -347,28 +342,28 @@ impl PublisherInner {
 /// since a late return on it would be handed to another group.
 struct Lease<'p> {
     inner: &'p PublisherInner,
-    channel: Option<Channel>,
+    channel: Channel,
+    /// Taken when the channel is given back.
     permit: Option<SemaphorePermit<'p>>,
 }
 
 impl Lease<'_> {
     fn give_back(&mut self) {
-        if let Some(channel) = self.channel.take() {
-            self.inner.idle().push(channel);
+        if let Some(permit) = self.permit.take() {
+            self.inner.idle().push(self.channel.clone());
+            drop(permit);
         }
-        self.permit.take();
     }
 }
 
 impl Drop for Lease<'_> {
     fn drop(&mut self) {
-        let Some(channel) = self.channel.take() else { return };
-        if let Some(permit) = self.permit.take() {
-            permit.forget();
-        }
+        let Some(permit) = self.permit.take() else { return };
+        permit.forget();
         if self.inner.live.fetch_sub(1, Ordering::SeqCst) == 1 {
             self.inner.ready.close();
         }
+        let channel = self.channel.clone();
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             runtime.spawn(async move {
                 let close = channel.close(200, "a confirm did not arrive".into());

@@ -736,6 +736,9 @@ async fn column(env: &TestEnv, sql: &'static str) -> HashSet<String> {
 
 /// The figures the promise is judged on.
 struct Tally<'a> {
+    /// Valid messages without their effect.
+    unapplied: usize,
+    /// Unapplied and not parked either: gone.
     lost: Vec<&'a Entry>,
     valid_parked: Vec<(&'a Entry, &'a [String])>,
     bad_missing: Vec<&'a Entry>,
@@ -761,7 +764,12 @@ impl<'a> Tally<'a> {
             .chain(&verdict.measurements);
         let commands: Vec<&&Entry> = valid.iter().filter(|e| e.kind == Kind::SetLed).collect();
         Tally {
-            lost: valid.iter().copied().filter(|e| !verdict.applied(e)).collect(),
+            unapplied: valid.iter().filter(|e| !verdict.applied(e)).count(),
+            lost: valid
+                .iter()
+                .copied()
+                .filter(|e| !verdict.applied(e) && parked(e).is_none())
+                .collect(),
             valid_parked: valid
                 .iter()
                 .filter_map(|e| parked(e).map(|kinds| (*e, kinds)))
@@ -804,6 +812,7 @@ impl<'a> Tally<'a> {
             "{} valid messages parked, e.g. {parked_sample:?}",
             self.valid_parked.len()
         );
+        assert_eq!(self.unapplied, 0, "valid messages without their effect");
         assert!(
             self.bad_missing.is_empty(),
             "{} bad messages not parked, e.g. {:?}",
@@ -858,8 +867,8 @@ fn print_figures(
         workers.starts, workers.unexpected_exits
     );
     println!(
-        "soak: applied {} of {valid} valid (lost {}), strangers {}, commands without one outbox row {}, bad recorded {}",
-        valid - tally.lost.len(),
+        "soak: applied {} of {valid} valid (lost, neither applied nor parked: {}), strangers {}, commands without one outbox row {}, bad recorded {}",
+        valid - tally.unapplied,
         tally.lost.len(),
         tally.strangers,
         tally.outbox_not_once,
@@ -883,6 +892,6 @@ fn print_figures(
         "soak: duration {:.1} s (drain after the faults {:.1} s), throughput {:.0} valid msg/s applied",
         secs(elapsed),
         secs(drain),
-        (valid - tally.lost.len()) as f64 / secs(elapsed)
+        (valid - tally.unapplied) as f64 / secs(elapsed)
     );
 }

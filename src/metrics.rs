@@ -551,7 +551,10 @@ mod tests {
             Err("RabbitMQ blocks the copies connection: low on memory; RabbitMQ blocks the outbox relay connection: low on memory".into())
         );
         metrics.set_broker_blocked("copies", None);
-        assert!(metrics.render().contains("iot_broker_blocked 1\n"), "the relay is still blocked");
+        assert!(
+            metrics.render().contains("iot_broker_blocked 1\n"),
+            "the relay is still blocked"
+        );
         metrics.set_broker_blocked("outbox relay", None);
         assert!(metrics.render().contains("iot_broker_blocked 0\n"));
         assert_eq!(metrics.readiness(), Ok(()));

@@ -222,8 +222,15 @@ impl Pipeline {
                 handling,
                 ..Settled::new(delivery, None, started, Span::current())
             };
-            self.settle_all(vec![Ended { one, received, processed }], outlet)
-                .await?;
+            self.settle_all(
+                vec![Ended {
+                    one,
+                    received,
+                    processed,
+                }],
+                outlet,
+            )
+            .await?;
             permit.settled().await;
             Ok(())
         }
@@ -284,7 +291,11 @@ impl Pipeline {
                 Prepared::Apply(message, handler) => ready.push((delivery, received, message, handler, span)),
                 Prepared::Done(processed, message_type) => {
                     let one = Settled::new(delivery, message_type, started, span);
-                    ended.push(Ended { one, received, processed });
+                    ended.push(Ended {
+                        one,
+                        received,
+                        processed,
+                    });
                 }
             }
         }
@@ -311,7 +322,11 @@ impl Pipeline {
                 message_type: Some(message.message_type),
                 failure,
             });
-            ended.push(Ended { one, received, processed });
+            ended.push(Ended {
+                one,
+                received,
+                processed,
+            });
         }
         self.settle_all(ended, outlet).await?;
         permit.settled().await;
@@ -343,7 +358,12 @@ impl Pipeline {
     async fn settle_all(&self, ended: Vec<Ended<'_>>, outlet: &Outlet) -> Result<(), SettleError> {
         let mut done = Vec::with_capacity(ended.len());
         let mut failed = Vec::new();
-        for Ended { mut one, received, processed } in ended {
+        for Ended {
+            mut one,
+            received,
+            processed,
+        } in ended
+        {
             match processed {
                 Ok(outcome) => {
                     one.outcome = outcome;

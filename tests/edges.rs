@@ -248,13 +248,13 @@ async fn delete_queue(env: &TestEnv, queue: &str) {
 }
 
 /// Settings under which every delivery runs alone (no batch), so the
-/// copies of up to 32 deliveries are published at the same time on the one
+/// copies of up to 100 deliveries are published at the same time on the one
 /// confirm channel.
-const ALONE_AND_CONCURRENT: [(&str, &str); 2] = [("BATCH_MAX_SIZE", "1"), ("RABBITMQ_PREFETCH_COUNT", "32")];
+const ALONE_AND_CONCURRENT: [(&str, &str); 2] = [("BATCH_MAX_SIZE", "1"), ("RABBITMQ_PREFETCH_COUNT", "100")];
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_returned_dlq_copy_leaves_its_original_unacked() {
-    const N: usize = 50;
+    const N: usize = 100;
     let env = TestEnv::new(RETRY_TOPOLOGY).await;
     let worker = env.spawn_worker(&ALONE_AND_CONCURRENT);
     worker.wait_ready(&env).await;

@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 
 use futures_util::future::join_all;
 use lapin::BasicProperties;
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use worker_iot_core::Metrics;
-use worker_iot_core::broker::PendingConfirm;
 
 use super::TestEnv;
 
@@ -90,15 +90,35 @@ where
 
 impl TestEnv {
     /// Publishes every message to `Q` in one burst: all are sent before any
-    /// confirm is awaited, so the worker receives them together.
+    /// confirm is awaited, so the worker receives them together. On a
+    /// confirm-mode channel of its own (plain lapin, whatever the worker's
+    /// publisher offers).
     pub async fn publish_burst(&self, messages: Vec<(Vec<u8>, BasicProperties)>) {
+        let channel = self.connection.create_channel().await.expect("channel");
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .expect("confirm mode");
         let mut confirms = Vec::with_capacity(messages.len());
         for (body, properties) in messages {
-            let sent = self.publisher.send("", &self.queue, &body, properties).await;
+            let sent = channel
+                .basic_publish(
+                    "".into(),
+                    self.queue.as_str().into(),
+                    BasicPublishOptions::default(),
+                    &body,
+                    properties,
+                )
+                .await;
             confirms.push(sent.expect("send to the test's queue"));
         }
-        for confirmed in join_all(confirms.into_iter().map(PendingConfirm::wait)).await {
-            confirmed.expect("the broker confirmed the test's publish");
+        for confirmed in join_all(confirms).await {
+            let confirmation = confirmed.expect("a confirm for the test's publish");
+            assert!(
+                confirmation.is_ack(),
+                "the broker nacked a test publish: {confirmation:?}"
+            );
         }
+        channel.close(200, "".into()).await.ok();
     }
 }

@@ -491,19 +491,44 @@ async fn a_panic_in_a_bulk_check_still_drains_the_queue() {
 // ---------------------------------------------------------------------------
 // 5. The in-flight gauge returns to 0 on every path.
 
+/// Sessions of the test's database running a slow message's `pg_sleep`
+/// (a table expression for [`TestEnv::count`]).
+const SLEEPING: &str =
+    "pg_stat_activity WHERE datname = current_database() AND query LIKE 'SELECT pg_sleep%' AND state = 'active'";
+
+/// `n` measurements with a slow message (3 s in its transaction) every
+/// 200th: whenever the cut comes, a batch is likely mid-flight, and the
+/// test cuts while one is.
+fn burst_with_slow_ones(n: usize) -> Burst {
+    (0..n)
+        .map(|i| {
+            let b = if i % 200 == 100 {
+                body(json!({"type": "TEST_SLOW", "id": format!("slow-{i}"), "data": {"seconds": 3}}))
+            } else {
+                measurement(&format!("m-{i}"))
+            };
+            (b, BasicProperties::default())
+        })
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn in_flight_returns_to_zero_after_a_cut_mid_burst() {
     const N: usize = 2000;
     let env = TestEnv::new(FAST_TOPOLOGY).await;
     let proxy = Proxy::start(upstream_of(&amqp_url())).await;
-    let worker = env.spawn_worker_with(env.settings(&[("AMQP_URL", &proxy.url_for(&amqp_url()))]), None);
+    let proxied = proxy.url_for(&amqp_url());
+    // Slow batches hold their deliveries: room for the others to flow.
+    let worker = env.spawn_worker_with(
+        env.settings(&[("AMQP_URL", &proxied), ("RABBITMQ_PREFETCH_COUNT", "128")]),
+        None,
+    );
     worker.wait_ready(&env).await;
-    let burst = (0..N)
-        .map(|i| (measurement(&format!("m-{i}")), BasicProperties::default()))
-        .collect();
-    env.publish_burst(burst).await;
-    wait_for("progress before the cut", WAIT, || async {
-        (env.count("measurements").await >= 300).then_some(())
+    env.publish_burst(burst_with_slow_ones(N)).await;
+    // Cut while a batch is mid-flight: it outlasts the second a session
+    // gives its work after a fault.
+    wait_for("progress, with a slow message running", WAIT, || async {
+        (env.count("measurements").await >= 300 && env.count(SLEEPING).await >= 1).then_some(())
     })
     .await;
     proxy.cut();
@@ -554,11 +579,9 @@ async fn in_flight_returns_to_zero_after_a_shutdown_mid_batch() {
     // Waiting in Q when the worker starts, so they arrive together and batch.
     env.publish_burst(burst).await;
     let worker = env.spawn_worker(&[("SHUTDOWN_GRACE_MS", "200")]);
-    let busy =
-        "pg_stat_activity WHERE datname = current_database() AND query LIKE 'SELECT pg_sleep%' AND state = 'active'";
     let before = wait_for_seen("a batch mid-flight", WAIT, || async {
         let gauge = in_flight(&worker);
-        (env.count(busy).await >= 1 && gauge > 0.0, gauge)
+        (env.count(SLEEPING).await >= 1 && gauge > 0.0, gauge)
     })
     .await;
     let metrics = worker.metrics.clone();

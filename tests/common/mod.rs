@@ -3,6 +3,7 @@
 //! deadline instead of sleeping.
 #![allow(dead_code)] // each test binary uses a different part of it
 
+pub mod observe;
 pub mod proxy;
 pub mod raw_amqp;
 

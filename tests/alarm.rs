@@ -7,12 +7,11 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::observe::{QueueCounts, metric_value, queue_counts, rabbitmqctl, wait_for_seen};
 use common::{FAST_TOPOLOGY, RunningWorker, TestEnv};
 use lapin::BasicProperties;
-use observe::{QueueCounts, metric_value, queue_counts, wait_for_seen};
 use serde_json::json;
 use worker_iot_core::broker::CONFIRM_TIMEOUT;
 use worker_iot_core::headers::{self, ERROR_KIND};
@@ -22,21 +21,6 @@ const VALID: usize = 100;
 /// How long the alarm stays on at least: longer than the confirm timeout,
 /// after which a worker that waits for confirms would give up on a copy.
 const HOLD: Duration = Duration::from_secs(15);
-
-/// Runs `rabbitmqctl` with `args` and returns its output; panics if it fails.
-fn rabbitmqctl(args: &[&str]) -> String {
-    let output = Command::new("rabbitmqctl")
-        .args(args)
-        .output()
-        .expect("run rabbitmqctl");
-    let text = String::from_utf8_lossy(&output.stdout).trim().to_owned();
-    assert!(
-        output.status.success(),
-        "rabbitmqctl {args:?} failed: {text} {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    text
-}
 
 fn memory_alarm_on() -> bool {
     rabbitmqctl(&["eval", "rabbit_alarm:get_alarms()."]).contains("resource_limit,memory")
@@ -207,81 +191,5 @@ fn assert_parked_once(parked: &[lapin::message::BasicGetMessage]) {
     for message in parked {
         let kind = headers::read_string(message.delivery.properties.headers().as_ref(), ERROR_KIND);
         assert_eq!(kind.as_deref(), Some("decode"), "{counts}");
-    }
-}
-
-/// The same helpers as the edges-tests branch's `tests/common/observe.rs`
-/// (same names and signatures): once both are merged, use those instead.
-mod observe {
-    use std::fmt::Debug;
-    use std::future::Future;
-    use std::time::{Duration, Instant};
-
-    use worker_iot_core::Metrics;
-
-    /// A queue's messages as the broker counts them.
-    #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-    pub struct QueueCounts {
-        pub ready: u64,
-        pub unacked: u64,
-    }
-
-    /// `queue`'s ready and unacknowledged messages on the default vhost,
-    /// from `rabbitmqctl list_queues`; `None` when the queue does not exist.
-    pub async fn queue_counts(queue: &str) -> Option<QueueCounts> {
-        let output = tokio::process::Command::new("rabbitmqctl")
-            .args(["-q", "list_queues", "--no-table-headers", "name"])
-            .args(["messages_ready", "messages_unacknowledged"])
-            .output()
-            .await
-            .expect("run rabbitmqctl list_queues");
-        assert!(
-            output.status.success(),
-            "rabbitmqctl list_queues: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        let stdout = String::from_utf8_lossy(&output.stdout);
-        stdout.lines().find_map(|line| {
-            let mut fields = line.split('\t');
-            if fields.next() != Some(queue) {
-                return None;
-            }
-            let mut number = || fields.next().and_then(|f| f.trim().parse().ok());
-            Some(QueueCounts {
-                ready: number()?,
-                unacked: number()?,
-            })
-        })
-    }
-
-    /// The value of the unlabelled series `name` in `metrics`' Prometheus
-    /// text, if it has one.
-    pub fn metric_value(metrics: &Metrics, name: &str) -> Option<f64> {
-        metrics
-            .render()
-            .lines()
-            .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-    }
-
-    /// Waits until `check` says done, polling; returns what it saw then.
-    /// After `timeout`, panics naming `what` and the last thing it saw.
-    pub async fn wait_for_seen<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
-    where
-        T: Debug,
-        F: FnMut() -> Fut,
-        Fut: Future<Output = (bool, T)>,
-    {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let (done, seen) = check().await;
-            if done {
-                return seen;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "timed out after {timeout:?} waiting for {what}; last seen: {seen:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
     }
 }

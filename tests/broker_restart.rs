@@ -7,6 +7,7 @@ mod common;
 
 use std::time::Duration;
 
+use common::observe::rabbitmqctl;
 use common::{TestEnv, amqp_url, wait_for};
 use lapin::BasicProperties;
 use serde_json::json;
@@ -21,15 +22,6 @@ max_attempts = 5
 in_process_attempts = 1
 "#;
 const WAIT: Duration = Duration::from_secs(60);
-
-fn rabbitmqctl(args: &[&str]) {
-    let status = std::process::Command::new("rabbitmqctl")
-        .args(args)
-        .stdout(std::process::Stdio::null())
-        .status()
-        .expect("run rabbitmqctl");
-    assert!(status.success(), "rabbitmqctl {args:?}");
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn parked_retrying_and_queued_messages_survive_a_broker_restart() {

@@ -16,8 +16,8 @@ use common::proxy::{Proxy, upstream_of};
 use common::{Device, FAST_TOPOLOGY, RunningWorker, TestEnv, amqp_url, server_url, wait_for};
 use lapin::BasicProperties;
 use lapin::message::BasicGetMessage;
-use lapin::options::{QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions};
-use lapin::types::{FieldTable, ShortString};
+use lapin::options::{QueueDeclareOptions, QueueDeleteOptions};
+use lapin::types::ShortString;
 use serde_json::json;
 use sqlx::{Connection as _, PgConnection};
 use worker_iot_core::ErrorKind;
@@ -87,32 +87,13 @@ fn set_led(id: &str, device: &str) -> Vec<u8> {
 /// message can reach the relay before the return and confirm of an
 /// unroutable one sent just before it.
 async fn bind_transient_device(env: &TestEnv) -> Device {
-    let id = format!("dev-{}", &env.queue["wic_test_".len()..]);
-    let queue = format!("{}.device", env.queue);
-    let channel = env.connection.create_channel().await.expect("channel");
     let transient = QueueDeclareOptions {
         durable: false,
         exclusive: true,
         auto_delete: true,
         ..QueueDeclareOptions::default()
     };
-    channel
-        .queue_declare(queue.as_str().into(), transient, FieldTable::default())
-        .await
-        .expect("declare the device queue");
-    let key = format!("led.{id}");
-    channel
-        .queue_bind(
-            queue.as_str().into(),
-            "amq.topic".into(),
-            key.as_str().into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .expect("bind the device queue");
-    channel.close(200, "".into()).await.ok();
-    Device { id, queue }
+    Device::bind_with(env, transient).await
 }
 
 /// The outbox rows of the routable and the unroutable device, by state.

@@ -7,6 +7,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use common::observe::wait_for_seen;
 use common::proxy::{Proxy, upstream_of};
 use common::{Device, RunningWorker, TestEnv, amqp_url};
 use worker_iot_core::broker::CONFIRM_TIMEOUT;
@@ -131,28 +132,4 @@ async fn copies_by_message_id(env: &TestEnv, device: &Device) -> BTreeMap<String
         *copies.entry(id).or_insert(0) += 1;
     }
     copies
-}
-
-/// Waits until `check` says done, polling; returns what it saw then. After
-/// `timeout`, panics naming `what` and the last thing it saw. (The same as
-/// the edges-tests branch's `common::observe::wait_for_seen`: once both are
-/// merged, use that instead.)
-async fn wait_for_seen<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
-where
-    T: std::fmt::Debug,
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = (bool, T)>,
-{
-    let deadline = std::time::Instant::now() + timeout;
-    loop {
-        let (done, seen) = check().await;
-        if done {
-            return seen;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for {what}; last seen: {seen:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }

@@ -26,6 +26,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use common::observe::rabbitmqctl;
 use common::proxy::{Proxy, upstream_of};
 use common::{Device, TestEnv, WorkerProcess, wait_for};
 use lapin::types::ShortString;
@@ -565,15 +566,6 @@ impl Drop for BrokerApp {
             }
         }
     }
-}
-
-fn rabbitmqctl(args: &[&str]) {
-    let status = std::process::Command::new("rabbitmqctl")
-        .args(args)
-        .stdout(std::process::Stdio::null())
-        .status()
-        .expect("run rabbitmqctl");
-    assert!(status.success(), "rabbitmqctl {args:?}");
 }
 
 /// What is still to do: messages ready and unacked in `Q` and its retry

@@ -462,16 +462,22 @@ pub struct Device {
 }
 
 impl Device {
+    /// A device with a durable queue, as a subscribed device has.
     pub async fn bind(env: &TestEnv) -> Device {
-        let id = format!("dev-{}", &env.queue["wic_test_".len()..]);
-        let queue = format!("{}.device", env.queue);
-        let channel = env.connection.create_channel().await.expect("channel");
         let durable = QueueDeclareOptions {
             durable: true,
             ..QueueDeclareOptions::default()
         };
+        Device::bind_with(env, durable).await
+    }
+
+    /// A device whose queue is declared with `options`.
+    pub async fn bind_with(env: &TestEnv, options: QueueDeclareOptions) -> Device {
+        let id = format!("dev-{}", &env.queue["wic_test_".len()..]);
+        let queue = format!("{}.device", env.queue);
+        let channel = env.connection.create_channel().await.expect("channel");
         channel
-            .queue_declare(queue.as_str().into(), durable, FieldTable::default())
+            .queue_declare(queue.as_str().into(), options, FieldTable::default())
             .await
             .expect("declare device queue");
         for key in [format!("led.{id}"), format!("{id}.config")] {

@@ -57,6 +57,21 @@ pub async fn queue_counts(queue: &str) -> Option<QueueCounts> {
     })
 }
 
+/// Runs `rabbitmqctl` with `args` and returns its output; panics if it fails.
+pub fn rabbitmqctl(args: &[&str]) -> String {
+    let output = std::process::Command::new("rabbitmqctl")
+        .args(args)
+        .output()
+        .expect("run rabbitmqctl");
+    let text = String::from_utf8_lossy(&output.stdout).trim().to_owned();
+    assert!(
+        output.status.success(),
+        "rabbitmqctl {args:?} failed: {text} {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    text
+}
+
 /// The value of the unlabelled series `name` in `metrics`' Prometheus
 /// text, if it has one.
 pub fn metric_value(metrics: &Metrics, name: &str) -> Option<f64> {

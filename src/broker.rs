@@ -1,7 +1,8 @@
 //! RabbitMQ: connections and the confirmed publisher.
 //!
-//! The worker never relies on lapin's automatic recovery (SPEC §10): on any
-//! connection or channel error it drops the connection and builds a new one.
+//! The worker never relies on lapin's automatic recovery
+//! (docs/reliability.md, "Broker connection"): on any connection or channel
+//! error it drops the connection and builds a new one.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -149,7 +150,7 @@ pub struct Outgoing<'a> {
 pub type BlockedHook = Arc<dyn Fn(Option<&str>) + Send + Sync>;
 
 /// Publishes with confirms and `mandatory`, so an unroutable message is an
-/// error, not a loss (docs/guarantees.md, "Returned messages").
+/// error, not a loss (docs/reliability.md, "Returned messages").
 ///
 /// The broker answers an unroutable message with a `basic.return` and
 /// then a confirm, but lapin hands each return to whichever confirm of the

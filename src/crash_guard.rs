@@ -1,5 +1,5 @@
-//! Crash-loop protection (SPEC §2.3), the most delicate invariant of the
-//! crate, in one place.
+//! Crash-loop protection (docs/reliability.md, "Crash loops"), the most
+//! delicate invariant of the crate, in one place.
 //!
 //! A message that crashes the process is redelivered to the next one, and
 //! would crash it too, forever. So:

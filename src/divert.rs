@@ -1,5 +1,6 @@
-//! The copy a failed delivery becomes (SPEC §4): where it goes, with which
-//! properties, and the outcome it gives. Pure: the pipeline publishes the
+//! The copy a failed delivery becomes (docs/reliability.md, "Copies and
+//! their headers"): where it goes, with which properties, and the outcome
+//! it gives. Pure: the pipeline publishes the
 //! plan and acks the delivery once the copy is confirmed.
 
 use chrono::{DateTime, Utc};

@@ -1,5 +1,5 @@
-//! The message envelope (SPEC §2.1): bytes in, a typed [`Message`] or a typed
-//! [`DecodeError`] out.
+//! The message envelope (docs/reliability.md, "The envelope"): bytes in, a
+//! typed [`Message`] or a typed [`DecodeError`] out.
 //!
 //! This is the worker's attack surface: every byte a device or service sends
 //! passes through [`decode`]. It never panics, reads at most
@@ -42,8 +42,8 @@ impl fmt::Display for Kind {
     }
 }
 
-/// Where the message id came from (SPEC §2.1: `id`, else AMQP `message_id`,
-/// else SHA-256 of the body).
+/// Where the message id came from (docs/reliability.md, "The message id":
+/// `id`, else AMQP `message_id`, else SHA-256 of the body).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum IdSource {
     Envelope,

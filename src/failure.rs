@@ -1,4 +1,5 @@
-//! Why a message failed, and what that means for it (SPEC §2.3).
+//! Why a message failed, and what that means for it (docs/reliability.md,
+//! "Error classes").
 //!
 //! [`Failure::is_transient`] and [`Failure::kind`] classify a failure; the
 //! retry policy (`retry`) turns that into the message's fate. Their matches
@@ -124,8 +125,9 @@ impl Failure {
     }
 }
 
-/// Whether a SQLSTATE means "try again in a new transaction" (SPEC §2.3,
-/// docs/guarantees.md): the one place that list lives.
+/// Whether a SQLSTATE means "try again in a new transaction"
+/// (docs/reliability.md, "Error classes" and "Database failover"): the one
+/// place that list lives.
 ///
 /// * `40001` serialization failure, `40P01` deadlock, `55P03` lock not
 ///   available: another transaction was in the way;

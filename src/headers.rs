@@ -1,6 +1,7 @@
 //! The `iot-*` headers the worker writes on every message it republishes
-//! (SPEC §4), and the readers for them. Header tables come from the network:
-//! every reader tolerates any value type and never panics.
+//! (docs/reliability.md, "Copies and their headers"), and the readers for
+//! them. Header tables come from the network: every reader tolerates any
+//! value type and never panics.
 
 use chrono::{DateTime, Utc};
 use lapin::BasicProperties;
@@ -23,7 +24,8 @@ pub const REQUEUED_AT: &str = "iot-requeued-at";
 /// A producer's `expiration`, moved out of the properties of a copy.
 pub const ORIGINAL_EXPIRATION: &str = "iot-original-expiration";
 /// Unix ms when the worker first received the message: the time of an
-/// envelope without `time`, the same on every attempt (SPEC §2.1).
+/// envelope without `time`, the same on every attempt (docs/reliability.md,
+/// "The message time").
 pub const FIRST_RECEIVED_AT: &str = "iot-first-received-at";
 
 /// Room kept in a content header frame for the properties other than the
@@ -96,7 +98,7 @@ fn with_changes(error: &str, changes: &[String]) -> String {
 
 /// Makes a copy the worker republishes (retry, DLQ, requeue) at least as
 /// safe as the queue it goes to and always publishable by the worker's own
-/// broker user (SPEC §4):
+/// broker user (docs/reliability.md, "Copies and their headers"):
 ///
 /// * persistent (`delivery_mode` 2), whatever the producer set;
 /// * no per-message `expiration`: it is kept in `iot-original-expiration`
@@ -233,10 +235,10 @@ fn value_size(value: &AMQPValue) -> usize {
     }
 }
 
-/// When the message was first received (SPEC §2.1): the producer's AMQP
-/// `timestamp` (seconds), else `iot-first-received-at` carried on an
-/// earlier copy; `None` for a message seen for the first time without a
-/// timestamp.
+/// When the message was first received (docs/reliability.md, "The message
+/// time"): the producer's AMQP `timestamp` (seconds), else
+/// `iot-first-received-at` carried on an earlier copy; `None` for a message
+/// seen for the first time without a timestamp.
 pub fn first_received(properties: &BasicProperties) -> Option<DateTime<Utc>> {
     match properties.timestamp() {
         Some(seconds) => DateTime::from_timestamp(i64::try_from(*seconds).ok()?, 0),

@@ -1,7 +1,7 @@
 //! worker-iot-core: the message worker of an edge IoT platform.
 //!
-//! A delivery flows through the crate like this (the README's Architecture
-//! section has the same map, with where to add things):
+//! A delivery flows through the crate like this (docs/architecture.md has
+//! the same map in more detail, with where to add things):
 //!
 //! * [`worker`] starts up (topology, database, the pipeline) and supervises
 //!   broker sessions; [`session`] opens one (connect with [`broker`],

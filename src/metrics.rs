@@ -26,8 +26,8 @@ use crate::outbox::Stats;
 use crate::pipeline::{Event, Handling, Outcome};
 use crate::retry::{Disposition, RetryPolicy};
 
-/// The metric names, each with its type, unit and help (the README's
-/// Observability table says the same).
+/// The metric names, each with its type, unit and help (the table in
+/// docs/observability.md, "Metrics", says the same).
 mod name {
     pub const DELIVERIES: &str = "iot_deliveries_total";
     pub const HANDLING: &str = "iot_delivery_handling_seconds";

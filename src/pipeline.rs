@@ -1,4 +1,5 @@
-//! One delivery, from bytes to settlement (SPEC §2.3): admit → process →
+//! One delivery, from bytes to settlement (docs/reliability.md, "Outcomes";
+//! docs/architecture.md, "One delivery, file by file"): admit → process →
 //! settle.
 //!
 //! Ordering invariants, the heart of the no-loss promise:

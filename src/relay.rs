@@ -1,7 +1,8 @@
 //! The outbox relay: publishes the device messages that commands left in
-//! the `outbox` table (SPEC §2.2), inside the worker process.
+//! the `outbox` table (docs/reliability.md, "Message types"), inside the
+//! worker process.
 //!
-//! Delivery guarantee, from the ordering of its steps (docs/guarantees.md,
+//! Delivery guarantee, from the ordering of its steps (docs/reliability.md,
 //! "Commands to devices"):
 //!
 //! 1. claim pending rows that are due, oldest first, in one short

@@ -1,4 +1,5 @@
-//! `requeue` (SPEC §7): inspect the dead-letter queue and drain it back.
+//! `requeue` (docs/operations.md, "The dead-letter queue"): inspect the
+//! dead-letter queue and drain it back.
 //!
 //! AMQP has no way to take a message out of the middle of a queue, so a
 //! drain walks a bounded snapshot: the DLQ's depth when it starts. Each

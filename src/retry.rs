@@ -1,5 +1,5 @@
-//! The retry policy (SPEC §2.3, §5), in one place: what happens to a failed
-//! delivery, and every backoff the worker waits by.
+//! The retry policy (docs/reliability.md, "Retries"), in one place: what
+//! happens to a failed delivery, and every backoff the worker waits by.
 //!
 //! Everything here is pure. [`RetryPolicy::disposition`] decides a failed
 //! delivery's fate from the failure and its history; the pipeline only

@@ -2,8 +2,9 @@
 //! the drain of in-flight work, and close.
 //!
 //! Connection supervision does not rely on lapin's automatic recovery
-//! (SPEC §10): any connection or channel error, or a delivery that cannot
-//! be settled, ends the session, and the worker opens a new one. Unacked
+//! (docs/reliability.md, "Broker connection"): any connection or channel
+//! error, or a delivery that cannot be settled, ends the session, and the
+//! worker opens a new one. Unacked
 //! deliveries of the lost session are redelivered by the broker and
 //! absorbed by the inbox.
 

@@ -95,7 +95,7 @@ pub async fn deadline<T, E: From<sqlx::Error>>(work: impl Future<Output = Result
 /// A connection whose server answered 25006 (read-only transaction: the
 /// primary was demoted, or a failover sent the worker to a standby) is
 /// closed instead of going back to the pool, so the next transaction opens
-/// a new connection, to wherever the primary is now (docs/guarantees.md,
+/// a new connection, to wherever the primary is now (docs/reliability.md,
 /// "Database failover"). The message itself is retried: 25006 is
 /// transient.
 pub fn close_if_read_only(conn: &mut PoolConnection<Postgres>, error: &sqlx::Error) {

@@ -1,6 +1,7 @@
 //! Logs and traces: the `tracing` subscriber (text or JSON lines, filtered
 //! by `RUST_LOG`), the optional OpenTelemetry export over OTLP, and the W3C
-//! trace context carried in AMQP headers (SPEC §4).
+//! trace context carried in AMQP headers (docs/observability.md, "Trace
+//! context").
 //!
 //! Without `OTEL_EXPORTER_OTLP_ENDPOINT` no OpenTelemetry layer is
 //! installed: spans are plain `tracing` spans (they give log lines their

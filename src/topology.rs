@@ -1,5 +1,6 @@
-//! The broker layout (SPEC §3): read from `topology/topology.toml`, checked
-//! for lossy or contradictory setups, and declared idempotently at start-up.
+//! The broker layout (docs/configuration.md, "The topology file"): read
+//! from `topology/topology.toml`, checked for lossy or contradictory setups,
+//! and declared idempotently at start-up.
 
 use std::path::Path;
 use std::time::Duration;

@@ -1,6 +1,6 @@
 //! The worker: start-up (migrations, topology, the pipeline), the
 //! supervisor that opens broker sessions with backoff, and the graceful
-//! shutdown of SPEC §8.
+//! shutdown (docs/operations.md, "Shutdown").
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicUsize;

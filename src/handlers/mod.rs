@@ -1,5 +1,5 @@
-//! The handler mapping (SPEC §2.2): one handler per message type, each in
-//! its own file, registered in [`HANDLERS`].
+//! The handler mapping (docs/reliability.md, "Message types"): one handler
+//! per message type, each in its own file, registered in [`HANDLERS`].
 //!
 //! A handler validates `data` and applies its effect on the open
 //! transaction it is given. It never begins, commits or rolls back, and it

@@ -1,5 +1,5 @@
 //! A broker-wide memory alarm: RabbitMQ blocks every publisher, so the
-//! worker's retry and DLQ copies wait for the alarm to clear (SPEC §8).
+//! worker's retry and DLQ copies wait for the alarm to clear (docs/reliability.md, "Broker alarms").
 //! The alarm blocks every test's publishes too: this binary holds only
 //! alarm tests, and is run under the exclusive broker lock
 //! (`flock -x /tmp/wic-broker.lock cargo test --all-features --test alarm`).

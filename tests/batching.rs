@@ -1,5 +1,5 @@
 //! Micro-batching against the real broker and database: several first
-//! deliveries share one transaction, and each still ends as SPEC §2.3 says.
+//! deliveries share one transaction, and each still ends as docs/reliability.md, "Outcomes", says.
 #![cfg(feature = "test-handlers")]
 
 mod common;

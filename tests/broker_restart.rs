@@ -1,5 +1,5 @@
 //! A broker restart (`rabbitmqctl stop_app` / `start_app`) keeps what is
-//! parked, what waits in a retry queue and what is queued (SPEC §8). Its
+//! parked, what waits in a retry queue and what is queued (docs/reliability.md, "Failure modes"). Its
 //! own test binary, so no other test shares the restart.
 #![cfg(feature = "test-handlers")]
 

@@ -1,4 +1,4 @@
-//! A list of brokers in `AMQP_URL` (SPEC §3): the worker starts on the
+//! A list of brokers in `AMQP_URL` (docs/operations.md, "Running on a cluster"): the worker starts on the
 //! first that answers, and when its broker goes it moves to another within
 //! seconds; `publish` and `requeue` take the same list. One local broker
 //! stands in for a cluster's nodes, reached directly and through a proxy

@@ -1,7 +1,7 @@
 //! Every copy the worker or `requeue` republishes is at least as safe as
-//! the queue it goes to, and always publishable (SPEC §4); a missing `time`
+//! the queue it goes to, and always publishable (docs/reliability.md, "Copies and their headers"); a missing `time`
 //! is the first receipt on every attempt, and a long AMQP `message_id` is
-//! used whole (SPEC §2.1).
+//! used whole (docs/reliability.md, "The message id").
 
 mod common;
 

@@ -1,6 +1,6 @@
 //! A broker whose confirms arrive after the relay's confirm timeout: the
 //! relay may send a device message again, but never more often than the
-//! attempts it counts in the outbox (SPEC §8).
+//! attempts it counts in the outbox (docs/reliability.md, "Commands to devices").
 
 mod common;
 

@@ -4,7 +4,7 @@
 //! (`kill -9`), cuts their broker and database connections and restarts
 //! the broker. Once the faults stop and everything has drained, every
 //! valid message is applied exactly once, none of them is parked, and
-//! every bad one is parked (SPEC §2.3, §8).
+//! every bad one is parked (docs/reliability.md, "Outcomes" and "Failure modes").
 //!
 //! It restarts the broker, so it runs alone, under the exclusive lock:
 //!

@@ -1,4 +1,4 @@
-//! Messages the AMQP client could not decode (SPEC §8): a `message_id` that
+//! Messages the AMQP client could not decode (docs/reliability.md, "Messages the AMQP client cannot decode"): a `message_id` that
 //! is not UTF-8 and a header table nested thousands of levels deep, sent as
 //! raw frames. Each is settled without tearing the session down, on classic
 //! and quorum queues alike, and the messages around it flow.

@@ -28,7 +28,7 @@
 //!    worker, publish → commit notified, p50 and p99.
 //!
 //! Each figure is the median of the rounds; ratios are ratios of medians.
-//! The final markdown table is ready for the README. `BATCH_*`,
+//! The final markdown table is ready for docs/benchmarks.md. `BATCH_*`,
 //! `RABBITMQ_PREFETCH_COUNT`, `DATABASE_MAX_CONNECTIONS`, `OUTBOX_RELAY`,
 //! `RUST_LOG` and `LOG_FORMAT` are passed to the worker unchanged; otherwise
 //! its defaults apply. Then the outbox relay section ([`outbox`];

@@ -1,5 +1,5 @@
 //! What the bench prints: a header naming the run, a line per round, and the
-//! final markdown table for the README.
+//! final markdown table for docs/benchmarks.md.
 
 use crate::Bench;
 use crate::child::passed_through;

@@ -7,7 +7,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::observe::rabbitmqctl;
+use common::observe::{rabbitmqctl, rabbitmqctl_available};
 use common::{TestEnv, amqp_url, wait_for};
 use lapin::BasicProperties;
 use serde_json::json;
@@ -25,6 +25,9 @@ const WAIT: Duration = Duration::from_secs(60);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn parked_retrying_and_queued_messages_survive_a_broker_restart() {
+    if !rabbitmqctl_available("parked_retrying_and_queued_messages_survive_a_broker_restart") {
+        return;
+    }
     const N: usize = 5;
     let mut env = TestEnv::new(TOPOLOGY).await;
     let retry_queue = format!("{}.retry.3s", env.queue);

@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use common::observe::{QueueCounts, metric_value, queue_counts, wait_for_seen};
+use common::observe::{QueueCounts, metric_value, queue_counts, rabbitmqctl_available, wait_for_seen};
 use common::proxy::{Proxy, upstream_of};
 use common::{Device, FAST_TOPOLOGY, RunningWorker, TestEnv, amqp_url, server_url, wait_for};
 use lapin::BasicProperties;
@@ -235,6 +235,9 @@ const ALONE_AND_CONCURRENT: [(&str, &str); 2] = [("BATCH_MAX_SIZE", "1"), ("RABB
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_returned_dlq_copy_leaves_its_original_unacked() {
+    if !rabbitmqctl_available("a_returned_dlq_copy_leaves_its_original_unacked") {
+        return;
+    }
     const N: usize = 100;
     let env = TestEnv::new(RETRY_TOPOLOGY).await;
     let worker = env.spawn_worker(&ALONE_AND_CONCURRENT);
@@ -360,6 +363,9 @@ async fn steady_stream(env: &TestEnv, n: usize, sent: &AtomicUsize) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_read_only_database_window_under_load_parks_nothing() {
+    if !rabbitmqctl_available("a_read_only_database_window_under_load_parks_nothing") {
+        return;
+    }
     const N: usize = 200;
     let env = TestEnv::new(FAILOVER_TOPOLOGY).await;
     let worker = env.spawn_worker(&[]);
@@ -426,6 +432,9 @@ fn panic_check_burst() -> (Burst, BTreeSet<String>, BTreeSet<String>) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_panic_in_a_bulk_check_still_drains_the_queue() {
+    if !rabbitmqctl_available("a_panic_in_a_bulk_check_still_drains_the_queue") {
+        return;
+    }
     let env = TestEnv::new(FAST_TOPOLOGY).await;
     let (burst, panicking, applied) = panic_check_burst();
     // Waiting in Q when the worker starts, so they arrive together and batch.
@@ -495,6 +504,9 @@ fn burst_with_slow_ones(n: usize) -> Burst {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn in_flight_returns_to_zero_after_a_cut_mid_burst() {
+    if !rabbitmqctl_available("in_flight_returns_to_zero_after_a_cut_mid_burst") {
+        return;
+    }
     const N: usize = 2000;
     let env = TestEnv::new(FAST_TOPOLOGY).await;
     let proxy = Proxy::start(upstream_of(&amqp_url())).await;
@@ -554,6 +566,9 @@ fn slow_and_quick() -> Burst {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn in_flight_returns_to_zero_after_a_shutdown_mid_batch() {
+    if !rabbitmqctl_available("in_flight_returns_to_zero_after_a_shutdown_mid_batch") {
+        return;
+    }
     let env = TestEnv::new(FAST_TOPOLOGY).await;
     let burst = slow_and_quick();
     let total = burst.len() as u64;

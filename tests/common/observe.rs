@@ -57,6 +57,27 @@ pub async fn queue_counts(queue: &str) -> Option<QueueCounts> {
     })
 }
 
+/// Whether `test` can use `rabbitmqctl`, the broker's own CLI, which runs
+/// only where the broker is installed (the compose `test` container has
+/// none). Without it, the test says why it skips and should return at
+/// once, unless `WIC_RABBITMQCTL_REQUIRED` is set (CI sets it): then a
+/// missing `rabbitmqctl` fails the test.
+pub fn rabbitmqctl_available(test: &str) -> bool {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    if std::env::split_paths(&path).any(|dir| dir.join("rabbitmqctl").is_file()) {
+        return true;
+    }
+    assert!(
+        std::env::var_os("WIC_RABBITMQCTL_REQUIRED").is_none(),
+        "{test}: rabbitmqctl is not on PATH, and WIC_RABBITMQCTL_REQUIRED is set"
+    );
+    eprintln!(
+        "skipped: {test}: rabbitmqctl is not on PATH (it comes with the broker; \
+         the compose test image has none)"
+    );
+    false
+}
+
 /// Runs `rabbitmqctl` with `args` and returns its output; panics if it fails.
 pub fn rabbitmqctl(args: &[&str]) -> String {
     let output = std::process::Command::new("rabbitmqctl")

@@ -162,8 +162,10 @@ impl Relay {
     ) -> Result<(), PublishError> {
         let mut database_delays = backoff();
         while !shutdown.is_cancelled() {
-            // A silent database partition must not hang the relay.
-            let result = store::deadline(self.relay_batch(publisher)).await;
+            // Each database step has its own deadline, so a silent database
+            // partition cannot hang the relay; the publish has the confirm
+            // timeout, which waits out a broker that blocks publishers.
+            let result = self.relay_batch(publisher).await;
             // Rate-limited inside, and done under a backlog too, so the
             // gauges stay fresh exactly when the outbox lags.
             self.housekeeping(housekeeping).await;

@@ -1,14 +1,25 @@
-//! Settings (SPEC §6): built-in defaults, then `_storage/settings.json`
-//! (path from `SETTINGS_FILE`), then environment variables of the same name.
+//! Settings (docs/configuration.md): built-in defaults, then
+//! `_storage/settings.json` (path from `SETTINGS_FILE`), then environment
+//! variables of the same name.
 //!
 //! Every value is checked here, once, at start-up. A bad one becomes a
-//! [`ConfigError`] that names the key, the value, where it came from and what
-//! is allowed, so the worker refuses to start instead of misbehaving later.
+//! [`ConfigError`] that names the key, the value (with any password
+//! masked), where it came from and what is allowed, so a binary refuses to
+//! start instead of misbehaving later. A binary checks only the settings it
+//! uses ([`Settings::load_for`]): a bad worker-only setting does not stop
+//! `publish`.
 //!
 //! Each setting is declared once, in the `settings!` table below: its
 //! field, key, default, parser and printed form. [`KEYS`], the defaults,
 //! the validation and the printed configuration all come from that table,
 //! so adding a setting is adding one entry.
+//!
+//! Passwords travel as [`SecretUrl`]s, which print masked: see
+//! [`secret`](self::SecretUrl).
+
+mod secret;
+mod urls;
+mod values;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -17,10 +28,11 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use serde_json::Value;
-use url::Url;
-use url::form_urlencoded;
 
-use crate::envelope::check_type_name;
+pub use secret::{Secret, SecretUrl, mask_loosely, mask_password, mask_passwords};
+use values::{
+    host_name, integer, log_filter, message_types, on_off, otlp_endpoint, queue_name, service_name, topology_path,
+};
 
 /// Default settings file, relative to the working directory.
 pub const DEFAULT_SETTINGS_FILE: &str = "_storage/settings.json";
@@ -29,18 +41,24 @@ pub const DEFAULT_SETTINGS_FILE: &str = "_storage/settings.json";
 /// at start-up if missing, so the worker starts with nothing exported.
 pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@localhost:5432/worker_iot_core";
 
-/// Longest main queue name: leaves room for `.retry.<delay>` within AMQP's
-/// 255-byte limit on names.
-const MAX_QUEUE_NAME: usize = 200;
+/// Keys read from the environment only: in the settings file they are
+/// ignored, with a warning (`RUST_LOG` is read by the log output itself).
+const ENVIRONMENT_ONLY: [&str; 1] = ["RUST_LOG"];
 
-/// What a password is replaced with when a URL is shown.
-const MASK: &str = "****";
+/// The settings a binary that talks to the broker reads.
+pub const BROKER_KEYS: &[&str] = &["RABBITMQ_HOSTNAME", "AMQP_URL", "RABBITMQ_LOCAL_QUEUE_NAME"];
 
-/// Query parameters of a URL that hold a secret.
-const SECRET_PARAMETERS: [&str; 2] = ["password", "sslpassword"];
+/// The settings a binary that only opens the database reads.
+pub const DATABASE_KEYS: &[&str] = &["DATABASE_URL"];
 
-/// What is shown instead of a URL that does not parse.
-const UNPARSABLE: &str = "(not shown: not a valid URL)";
+/// The settings of the log output and the span export.
+pub const TELEMETRY_KEYS: &[&str] = &[
+    "RUST_LOG",
+    "LOG_FORMAT",
+    "OTEL_EXPORTER_OTLP_ENDPOINT",
+    "OTEL_EXPORTER_OTLP_PROTOCOL",
+    "OTEL_SERVICE_NAME",
+];
 
 /// Declares the settings: the [`Settings`] struct, [`KEYS`], the layered
 /// parse (`Settings::from_layers`) and the printed configuration, from one
@@ -65,7 +83,8 @@ macro_rules! settings {
             show: $show:expr $(,)?
         }
     )*) => {
-        /// The worker's effective configuration.
+        /// The effective configuration. Its `Debug` and `Display` mask
+        /// every password.
         #[derive(Debug, Clone, PartialEq)]
         pub struct Settings {
             $($(#[$doc])* pub $field: $ty,)*
@@ -75,11 +94,19 @@ macro_rules! settings {
         pub const KEYS: &[&str] = &[$($key),*];
 
         impl Settings {
+            /// Parses every key; a bad value of a key in `layers.checked`
+            /// is an error, and all of them are reported at once.
             fn from_layers(layers: &Layers) -> Result<Settings, ConfigError> {
+                let mut errors = Vec::new();
                 $(
                     let parse: fn(&str) -> Result<$ty, String> = $parse;
-                    let $field = layers.parse($key, || String::from($default), parse)?;
+                    let Some($field) = layers.parse($key, || String::from($default), parse, &mut errors) else {
+                        return Err(ConfigError::from_list(errors));
+                    };
                 )*
+                if !errors.is_empty() {
+                    return Err(ConfigError::from_list(errors));
+                }
                 Ok(Settings { $($field),* })
             }
 
@@ -170,15 +197,25 @@ settings! {
         parse: |text| integer(text, 1, 3650).map(|days: u64| Duration::from_secs(days * 86_400)),
         show: |retention| (retention.as_secs() / 86_400).to_string(),
     }
-    amqp_url: String = "AMQP_URL" {
+    /// The broker, or the nodes of one cluster (comma-separated). Connect
+    /// with `amqp_url.expose()`; printing it masks the passwords.
+    amqp_url: SecretUrl = "AMQP_URL" {
         default: format!("amqp://guest:guest@{rabbitmq_hostname}:5672/%2f"),
-        parse: amqp_urls,
-        show: |urls| mask_passwords(urls),
+        parse: urls::amqp_urls,
+        show: |urls| urls.masked().to_owned(),
     }
-    database_url: String = "DATABASE_URL" {
+    /// Connect with `database_url.expose()`; printing it masks the password.
+    database_url: SecretUrl = "DATABASE_URL" {
         default: DEFAULT_DATABASE_URL,
-        parse: postgres_url,
-        show: |url| mask_password(url),
+        parse: urls::postgres_url,
+        show: |url| url.masked().to_owned(),
+    }
+    /// The log output's filter (environment only; the log output reads it
+    /// itself, this checks it).
+    rust_log: String = "RUST_LOG" {
+        default: "info",
+        parse: log_filter,
+        show: String::clone,
     }
     log_format: LogFormat = "LOG_FORMAT" {
         default: "text",
@@ -253,12 +290,23 @@ impl LogFormat {
     }
 }
 
-/// Where a setting's value came from, for error messages.
+/// Where a setting's value came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Source {
     Default,
     File,
     Environment,
+}
+
+impl Source {
+    /// One word, for `--check-config --json`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Source::Default => "default",
+            Source::File => "file",
+            Source::Environment => "environment",
+        }
+    }
 }
 
 impl fmt::Display for Source {
@@ -271,7 +319,8 @@ impl fmt::Display for Source {
     }
 }
 
-/// A setting that stops start-up.
+/// A setting that stops start-up. The value it carries is masked
+/// ([`shown_value`]): no password reaches an error message.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ConfigError {
     #[error("invalid setting {key}={value:?} (from {origin}): expected {allowed}")]
@@ -283,80 +332,211 @@ pub enum ConfigError {
     },
     #[error("cannot read settings file SETTINGS_FILE={path:?}: {reason}")]
     File { path: String, reason: String },
+    /// Several bad values, one per line.
+    #[error("{}", lines(.0))]
+    Several(Vec<ConfigError>),
+}
+
+fn lines(errors: &[ConfigError]) -> String {
+    errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n")
 }
 
 impl ConfigError {
-    /// The key the error is about (`SETTINGS_FILE` for an unreadable file).
+    /// The key the error is about (`SETTINGS_FILE` for an unreadable file;
+    /// the first one's for several).
     pub fn key(&self) -> &'static str {
         match self {
             ConfigError::Invalid { key, .. } => key,
             ConfigError::File { .. } => "SETTINGS_FILE",
+            ConfigError::Several(errors) => errors.first().map_or("SETTINGS_FILE", ConfigError::key),
+        }
+    }
+
+    /// One error, or [`ConfigError::Several`].
+    fn from_list(mut errors: Vec<ConfigError>) -> ConfigError {
+        if errors.len() == 1 {
+            errors.remove(0)
+        } else {
+            ConfigError::Several(errors)
         }
     }
 }
 
-/// The raw values, key by key, with where each came from.
-struct Layers {
-    values: BTreeMap<&'static str, (String, Source)>,
+/// A value as an error may show it: a key that holds a secret whole
+/// (`…_TOKEN`, `…_PASSWORD`, `…_SECRET`) shows `****`; any other value is
+/// shown with whatever looks like a password masked (a URL pasted into the
+/// wrong key is masked too).
+pub fn shown_value(key: &str, value: &str) -> String {
+    if ["_TOKEN", "_PASSWORD", "_SECRET"].iter().any(|end| key.ends_with(end)) {
+        return secret::MASK.to_owned();
+    }
+    mask_loosely(value)
 }
 
-impl Layers {
+/// The raw values, key by key, with where each came from, and the keys the
+/// binary checks.
+struct Layers<'a> {
+    values: BTreeMap<&'static str, (String, Source)>,
+    checked: &'a [&'a str],
+}
+
+impl Layers<'_> {
     /// Parses `key`'s value, or its default when no layer sets it. A bad
-    /// value becomes [`ConfigError::Invalid`] with `parse`'s sentence.
+    /// value of a checked key is pushed to `errors` as
+    /// [`ConfigError::Invalid`] with `parse`'s sentence; a bad value of a key
+    /// the binary does not use is ignored. Either way parsing goes on with
+    /// the default, so every bad value is reported at once; `None` only when
+    /// the default fails too.
     fn parse<T>(
         &self,
         key: &'static str,
-        default: impl FnOnce() -> String,
+        default: impl Fn() -> String,
         parse: fn(&str) -> Result<T, String>,
-    ) -> Result<T, ConfigError> {
+        errors: &mut Vec<ConfigError>,
+    ) -> Option<T> {
         let (value, origin) = match self.values.get(key) {
             Some((value, origin)) => (value.clone(), *origin),
             None => (default(), Source::Default),
         };
-        parse(&value).map_err(|allowed| ConfigError::Invalid {
+        let allowed = match parse(&value) {
+            Ok(parsed) => return Some(parsed),
+            Err(allowed) => allowed,
+        };
+        let invalid = ConfigError::Invalid {
             key,
-            value,
+            value: shown_value(key, &value),
             origin,
             allowed,
-        })
+        };
+        if origin == Source::Default {
+            // Nothing to fall back on. Only a default built from an earlier
+            // value can fail (AMQP_URL's from RABBITMQ_HOSTNAME).
+            errors.push(invalid);
+            return None;
+        }
+        let checked = self.checked.contains(&key);
+        if checked {
+            errors.push(invalid.clone());
+        }
+        let fallback = parse(&default()).ok();
+        if fallback.is_none() && !checked {
+            errors.push(invalid);
+        }
+        fallback
+    }
+
+    fn origin(&self, key: &str) -> Source {
+        self.values.get(key).map_or(Source::Default, |(_, origin)| *origin)
     }
 }
 
-/// What loading found besides the settings: keys it does not know, which
-/// the caller logs once logging is up.
+/// What loading found besides the settings, for the caller to show once
+/// logging is up.
 #[derive(Debug, Default)]
 pub struct Warnings {
+    /// Keys of the settings file that no setting has.
     pub unknown_keys: Vec<String>,
+    /// Keys of the settings file that are read from the environment only.
+    pub environment_only: Vec<String>,
+}
+
+impl Warnings {
+    /// One sentence per warning.
+    pub fn lines(&self) -> Vec<String> {
+        let unknown = self
+            .unknown_keys
+            .iter()
+            .map(|key| format!("unknown key {key:?} in the settings file is ignored"));
+        let environment_only = self
+            .environment_only
+            .iter()
+            .map(|key| format!("{key} in the settings file is ignored: it is read from the environment only"));
+        unknown.chain(environment_only).collect()
+    }
+}
+
+/// The settings file a binary read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SettingsFile {
+    pub path: String,
+    /// [`Source::Environment`] when `SETTINGS_FILE` named it.
+    pub origin: Source,
+    /// Whether it was there (a missing default file is not an error).
+    pub found: bool,
+}
+
+/// Everything loading produced: the settings, the warnings, and where each
+/// checked value came from (for `--check-config`).
+#[derive(Debug)]
+pub struct Loaded {
+    pub settings: Settings,
+    pub warnings: Warnings,
+    pub file: SettingsFile,
+    /// `(key, value as printed, source)` for each checked key, in [`KEYS`]
+    /// order.
+    pub rows: Vec<(&'static str, String, Source)>,
 }
 
 impl Settings {
-    /// Loads the settings from `SETTINGS_FILE` (default
-    /// [`DEFAULT_SETTINGS_FILE`]; a missing default file is fine, a missing
-    /// named file is not) and the process environment.
+    /// Loads every setting ([`Settings::load_for`] with [`KEYS`]).
     ///
     /// # Errors
     /// A [`ConfigError`] for an unreadable file or a bad value.
     pub fn load() -> Result<(Settings, Warnings), ConfigError> {
-        let env = |key: &str| std::env::var(key).ok();
-        let (path, required) = match env("SETTINGS_FILE") {
-            Some(path) => (path, true),
-            None => (DEFAULT_SETTINGS_FILE.to_owned(), false),
+        Settings::load_for(KEYS).map(|loaded| (loaded.settings, loaded.warnings))
+    }
+
+    /// Loads the settings from `SETTINGS_FILE` (default
+    /// [`DEFAULT_SETTINGS_FILE`]; a missing default file is fine, a missing
+    /// named file is not) and the process environment, checking the keys in
+    /// `checked`: any other key with a bad value gets its default, since the
+    /// binary does not use it.
+    ///
+    /// # Errors
+    /// A [`ConfigError`] for an unreadable file or a bad value of a checked
+    /// key (every one of them).
+    pub fn load_for(checked: &[&str]) -> Result<Loaded, ConfigError> {
+        // Not `var`, which reads a value that is not UTF-8 as unset.
+        let env = |key: &str| std::env::var_os(key).map(|value| value.to_string_lossy().into_owned());
+        let file = match env("SETTINGS_FILE") {
+            Some(path) => SettingsFile {
+                path,
+                origin: Source::Environment,
+                found: true,
+            },
+            None => SettingsFile {
+                path: DEFAULT_SETTINGS_FILE.to_owned(),
+                origin: Source::Default,
+                found: true,
+            },
         };
-        let file = match std::fs::read_to_string(&path) {
+        let text = match std::fs::read_to_string(&file.path) {
             Ok(text) => Some(text),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !required => None,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && file.origin == Source::Default => None,
             Err(e) => {
                 return Err(ConfigError::File {
-                    path,
+                    path: file.path,
                     reason: e.to_string(),
                 });
             }
         };
-        Settings::from_sources(file.as_deref().map(|text| (path.as_str(), text)), env)
+        let file = SettingsFile {
+            found: text.is_some(),
+            ..file
+        };
+        let source = text.as_deref().map(|text| (file.path.as_str(), text));
+        let (settings, warnings, rows) = Settings::from_layers_of(source, env, checked)?;
+        Ok(Loaded {
+            settings,
+            warnings,
+            file,
+            rows,
+        })
     }
 
     /// Builds the settings from a settings file's text (with its path, for
-    /// messages) and an environment lookup. Pure, for tests and fuzzing.
+    /// messages) and an environment lookup, checking every key. Pure, for
+    /// tests and fuzzing.
     ///
     /// # Errors
     /// A [`ConfigError`] for a malformed file or a bad value.
@@ -364,6 +544,17 @@ impl Settings {
         file: Option<(&str, &str)>,
         env: impl Fn(&str) -> Option<String>,
     ) -> Result<(Settings, Warnings), ConfigError> {
+        Settings::from_layers_of(file, env, KEYS).map(|(settings, warnings, _)| (settings, warnings))
+    }
+
+    /// [`Settings::from_sources`] checking only `checked`, with the rows of
+    /// the checked keys.
+    #[allow(clippy::type_complexity)]
+    fn from_layers_of(
+        file: Option<(&str, &str)>,
+        env: impl Fn(&str) -> Option<String>,
+        checked: &[&str],
+    ) -> Result<(Settings, Warnings, Vec<(&'static str, String, Source)>), ConfigError> {
         let mut warnings = Warnings::default();
         let mut values = match file {
             Some((path, text)) => file_values(path, text, &mut warnings)?,
@@ -374,8 +565,15 @@ impl Settings {
                 values.insert(*key, (value, Source::Environment));
             }
         }
-        let layers = Layers { values };
-        Ok((Settings::from_layers(&layers)?, warnings))
+        let layers = Layers { values, checked };
+        let settings = Settings::from_layers(&layers)?;
+        let rows = settings
+            .rows()
+            .into_iter()
+            .filter(|(key, _)| checked.contains(key))
+            .map(|(key, value)| (key, value, layers.origin(key)))
+            .collect();
+        Ok((settings, warnings, rows))
     }
 
     /// The size of the PostgreSQL pool: one connection per message in
@@ -389,8 +587,8 @@ impl Settings {
     }
 }
 
-/// The known keys of a settings file, as text; unknown keys go to
-/// `warnings`.
+/// The known keys of a settings file, as text; unknown keys and keys read
+/// from the environment only go to `warnings`.
 fn file_values(
     path: &str,
     text: &str,
@@ -417,6 +615,10 @@ fn file_values(
             warnings.unknown_keys.push(key);
             continue;
         };
+        if ENVIRONMENT_ONLY.contains(known) {
+            warnings.environment_only.push(key);
+            continue;
+        }
         let text = match value {
             Value::String(s) => s,
             Value::Number(n) => n.to_string(),
@@ -425,7 +627,7 @@ fn file_values(
             other => {
                 return Err(ConfigError::Invalid {
                     key: known,
-                    value: other.to_string(),
+                    value: shown_value(known, &other.to_string()),
                     origin: Source::File,
                     allowed: "a string or a number".into(),
                 });
@@ -445,159 +647,6 @@ impl fmt::Display for Settings {
         }
         Ok(())
     }
-}
-
-// The parsers of the table above: each returns the value, or what is allowed.
-
-fn host_name(text: &str) -> Result<String, String> {
-    if text.is_empty() || !text.chars().all(|c| c.is_ascii_alphanumeric() || "-._".contains(c)) {
-        return Err("a host name (letters, digits, '-', '.', '_')".into());
-    }
-    Ok(text.to_owned())
-}
-
-fn queue_name(text: &str) -> Result<String, String> {
-    if text.is_empty()
-        || text.len() > MAX_QUEUE_NAME
-        || text.starts_with("amq.")
-        || !text.chars().all(|c| c.is_ascii_alphanumeric() || "-._:".contains(c))
-    {
-        return Err(format!(
-            "1 to {MAX_QUEUE_NAME} characters of letters, digits, '-', '.', '_', ':', not starting with \"amq.\""
-        ));
-    }
-    Ok(text.to_owned())
-}
-
-/// A whole number from `min` to `max` (surrounding spaces allowed).
-fn integer<T: TryFrom<u64>>(text: &str, min: u64, max: u64) -> Result<T, String> {
-    text.trim()
-        .parse::<u64>()
-        .ok()
-        .filter(|n| (min..=max).contains(n))
-        .and_then(|n| T::try_from(n).ok())
-        .ok_or_else(|| format!("an integer from {min} to {max}"))
-}
-
-/// Comma-separated message types; blanks around and between are ignored.
-fn message_types(text: &str) -> Result<BTreeSet<String>, String> {
-    let mut types = BTreeSet::new();
-    for name in text.split(',').map(str::trim).filter(|name| !name.is_empty()) {
-        if check_type_name(name).is_err() {
-            return Err(format!(
-                "comma-separated message types matching [A-Z][A-Z0-9_]{{0,63}}; {name:?} is not one"
-            ));
-        }
-        types.insert(name.to_owned());
-    }
-    Ok(types)
-}
-
-fn topology_path(text: &str) -> Result<PathBuf, String> {
-    if text.is_empty() {
-        return Err("the path of the topology file".into());
-    }
-    Ok(PathBuf::from(text))
-}
-
-/// One broker URL, or several of one cluster separated by commas (tried in
-/// turn). The value is kept as given.
-fn amqp_urls(text: &str) -> Result<String, String> {
-    let valid = |url: &str| url.starts_with("amqp://") || url.starts_with("amqps://");
-    if !text.split(',').map(str::trim).all(valid) {
-        return Err(
-            "a URL such as amqp://user:password@host:5672/%2f, or several of one cluster separated by commas".into(),
-        );
-    }
-    Ok(text.to_owned())
-}
-
-fn postgres_url(text: &str) -> Result<String, String> {
-    if !(text.starts_with("postgres://") || text.starts_with("postgresql://")) {
-        return Err("a URL such as postgres://user:password@host:5432/database".into());
-    }
-    Ok(text.to_owned())
-}
-
-/// Empty (no export) or an `http://` URL of an OTLP gRPC receiver. TLS is
-/// not built in, so `https://` is refused instead of failing at the first
-/// export.
-fn otlp_endpoint(text: &str) -> Result<Option<String>, String> {
-    let text = text.trim();
-    if text.is_empty() {
-        return Ok(None);
-    }
-    match Url::parse(text) {
-        Ok(url) if url.scheme() == "http" && url.host_str().is_some() => Ok(Some(text.to_owned())),
-        _ => Err("empty (no export) or a URL such as http://jaeger:4317 (https is not built in)".into()),
-    }
-}
-
-fn service_name(text: &str) -> Result<String, String> {
-    let text = text.trim();
-    if text.is_empty() || text.len() > 255 || text.chars().any(char::is_control) {
-        return Err("a service name of 1 to 255 printable characters".into());
-    }
-    Ok(text.to_owned())
-}
-
-fn on_off(text: &str) -> Result<bool, String> {
-    match text {
-        "on" => Ok(true),
-        "off" => Ok(false),
-        _ => Err("\"on\" or \"off\"".into()),
-    }
-}
-
-/// [`mask_password`] for each URL of a comma-separated list.
-pub fn mask_passwords(urls: &str) -> String {
-    urls.split(',')
-        .map(|url| mask_password(url.trim()))
-        .collect::<Vec<_>>()
-        .join(",")
-}
-
-/// Replaces the password of a URL with `****`: the one in
-/// `scheme://user:password@host` and the value of any `password=` or
-/// `sslpassword=` query parameter (libpq's two secrets; sqlx reads the
-/// first). A URL without a password comes back
-/// unchanged; one that does not parse is not shown at all, since its
-/// password could be anywhere in it.
-pub fn mask_password(url: &str) -> String {
-    let Ok(mut parsed) = Url::parse(url) else {
-        return UNPARSABLE.to_owned();
-    };
-    let mut masked = false;
-    if parsed.password().is_some() {
-        if parsed.set_password(Some(MASK)).is_err() {
-            return UNPARSABLE.to_owned();
-        }
-        masked = true;
-    }
-    if let Some(query) = parsed.query().and_then(mask_query_password) {
-        parsed.set_query(Some(&query));
-        masked = true;
-    }
-    if masked { parsed.into() } else { url.to_owned() }
-}
-
-/// `query` with the value of each `password` and `sslpassword` parameter
-/// replaced by `****` and every other parameter untouched; `None` when it
-/// has neither.
-fn mask_query_password(query: &str) -> Option<String> {
-    let mut found = false;
-    let pairs: Vec<String> = query
-        .split('&')
-        .map(|pair| match pair.split_once('=') {
-            // The key as a server reads it: `pass%77ord` is `password` too.
-            Some((key, _)) if form_urlencoded::parse(key.as_bytes()).any(|(k, _)| SECRET_PARAMETERS.contains(&&*k)) => {
-                found = true;
-                format!("{key}={MASK}")
-            }
-            _ => pair.to_owned(),
-        })
-        .collect();
-    found.then(|| pairs.join("&"))
 }
 
 #[cfg(test)]
@@ -624,8 +673,9 @@ mod tests {
     fn defaults() {
         let s = load(None, &[]).unwrap();
         assert_eq!(s.queue, "local_iot_core");
-        assert_eq!(s.amqp_url, "amqp://guest:guest@localhost:5672/%2f");
-        assert_eq!(s.database_url, DEFAULT_DATABASE_URL);
+        assert_eq!(s.amqp_url.expose(), "amqp://guest:guest@localhost:5672/%2f");
+        assert_eq!(s.database_url.expose(), DEFAULT_DATABASE_URL);
+        assert_eq!(s.rust_log, "info");
         assert_eq!(s.max_message_bytes, 262_144);
         assert_eq!(s.shutdown_grace, Duration::from_secs(10));
         assert_eq!(s.metrics_addr.port(), 9464);
@@ -682,7 +732,7 @@ mod tests {
         let s = load(Some(file), &[("RABBITMQ_PREFETCH_COUNT", "64")]).unwrap();
         assert_eq!(s.prefetch_count, 64);
         assert_eq!(s.rabbitmq_hostname, "broker");
-        assert_eq!(s.amqp_url, "amqp://guest:guest@broker:5672/%2f");
+        assert_eq!(s.amqp_url.expose(), "amqp://guest:guest@broker:5672/%2f");
         assert_eq!(
             s.events_to_omit.iter().map(String::as_str).collect::<Vec<_>>(),
             ["A", "B"]
@@ -787,54 +837,118 @@ mod tests {
     fn unknown_file_keys_are_reported_not_fatal() {
         let (_, warnings) = Settings::from_sources(Some(("f", r#"{"RABBITMQ_PREFETCH_CONUT": 5}"#)), |_| None).unwrap();
         assert_eq!(warnings.unknown_keys, ["RABBITMQ_PREFETCH_CONUT"]);
+        assert_eq!(
+            warnings.lines(),
+            ["unknown key \"RABBITMQ_PREFETCH_CONUT\" in the settings file is ignored"]
+        );
     }
 
     #[test]
-    fn masks_passwords() {
-        assert_eq!(
-            mask_password("amqp://iot:s3cret@rabbitmq:5672/%2f"),
-            "amqp://iot:****@rabbitmq:5672/%2f"
-        );
-        assert_eq!(mask_password("postgres://postgres@db/x"), "postgres://postgres@db/x");
-        let s = load(None, &[("DATABASE_URL", "postgres://u:pw@db/x")]).unwrap();
-        let shown = s.to_string();
-        assert!(!shown.contains("pw@") && !shown.contains(":guest@"), "{shown}");
-    }
-
-    #[test]
-    fn masks_password_query_parameters() {
-        assert_eq!(
-            mask_password("postgres://u@db:5432/x?sslmode=disable&password=s3cret&application_name=w"),
-            "postgres://u@db:5432/x?sslmode=disable&password=****&application_name=w"
-        );
-        assert_eq!(
-            mask_password("postgresql://u:one@db/x?password=two"),
-            "postgresql://u:****@db/x?password=****"
-        );
-        // Encoded keys name the same parameter; other parameters keep their bytes.
-        assert_eq!(
-            mask_password("postgres://db/x?pass%77ord=s3cret&options=-c%20a%3Db"),
-            "postgres://db/x?pass%77ord=****&options=-c%20a%3Db"
-        );
-        assert_eq!(
-            mask_password("postgres://db/x?sslpassword=key&password_file=f&passwords=p"),
-            "postgres://db/x?sslpassword=****&password_file=f&passwords=p"
-        );
-        let s = load(None, &[("DATABASE_URL", "postgres://u@db/x?password=s3cret")]).unwrap();
-        let shown = s.to_string();
-        assert!(!shown.contains("s3cret"), "{shown}");
+    fn printed_settings_mask_passwords() {
+        let s = load(
+            None,
+            &[("DATABASE_URL", "postgres://u@db/x?password=s3cret&sslmode=require")],
+        )
+        .unwrap();
+        for shown in [s.to_string(), format!("{s:?}")] {
+            assert!(!shown.contains("s3cret") && !shown.contains(":guest@"), "{shown}");
+        }
         assert!(
-            shown.contains("DATABASE_URL               = postgres://u@db/x?password=****"),
-            "{shown}"
+            s.to_string()
+                .contains("DATABASE_URL               = postgres://u@db/x?password=****&sslmode=require"),
+            "{s}"
         );
     }
 
     #[test]
-    fn an_unparsable_url_is_not_shown() {
-        assert_eq!(mask_password("amqp://u:s3cret@host:99999/%2f"), UNPARSABLE);
+    fn errors_mask_passwords_whatever_the_key() {
+        let cases = [
+            ("AMQP_URL", "amqp://iot:S3cretPW@rabbit:5672/%2f,"),
+            ("AMQP_URL", "amqp://iot:S3cretPW@rabbit:notaport/%2f"),
+            ("AMQP_URL", "iot:S3cretPW@rabbit"),
+            ("DATABASE_URL", "postgres://u:S3cretPW@db:notaport/x"),
+            ("DATABASE_URL", "host=db password=S3cretPW"),
+            ("DATABASE_URL", "postgres://u@db/x?sslpassword=S3cretPW"),
+            ("RABBITMQ_HOSTNAME", "amqp://iot:S3cretPW@rabbit"),
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://u:S3cretPW@jaeger:4317"),
+        ];
+        for (key, value) in cases {
+            let err = load(None, &[(key, value)]).unwrap_err();
+            let text = format!("{err} {err:?}");
+            assert_eq!(err.key(), key, "{text}");
+            assert!(!text.contains("S3cretPW"), "{text}");
+            assert!(text.contains("****"), "{text}");
+        }
+        let err = load(Some(r#"{"DATABASE_URL": ["postgres://u:S3cretPW@db/x"]}"#), &[]).unwrap_err();
+        assert!(!err.to_string().contains("S3cretPW"), "{err}");
+        assert_eq!(shown_value("CONSOLE_TOKEN", "t0ken"), "****");
+    }
+
+    #[test]
+    fn a_bad_port_names_key_masked_value_and_what_is_allowed() {
+        let err = load(None, &[("AMQP_URL", "amqp://iot:pw@rabbit:notaport/%2f")]).unwrap_err();
         assert_eq!(
-            mask_passwords("amqp://u:pw@a/%2f, amqp://u:s3cret@[b/%2f"),
-            format!("amqp://u:****@a/%2f,{UNPARSABLE}")
+            err.to_string(),
+            "invalid setting AMQP_URL=\"amqp://iot:****@rabbit:notaport/%2f\" (from environment): \
+             expected amqp:// or amqps:// URLs such as amqp://user:password@host:5672/%2f \
+             (several, of one cluster, separated by commas; a comma in a password is written %2C); \
+             here the port is not a number from 1 to 65535"
+        );
+    }
+
+    #[test]
+    fn every_bad_value_is_reported_at_once() {
+        let err = load(
+            Some(r#"{"BATCH_MAX_SIZE": "abc"}"#),
+            &[("RABBITMQ_HOSTNAME", "a b"), ("RUST_LOG", "x=loud")],
+        )
+        .unwrap_err();
+        let text = err.to_string();
+        let keys: Vec<&str> = text
+            .lines()
+            .map(|line| line.trim_start_matches("invalid setting ").split('=').next().unwrap())
+            .collect();
+        assert_eq!(keys, ["RABBITMQ_HOSTNAME", "BATCH_MAX_SIZE", "RUST_LOG"], "{text}");
+        assert_eq!(err.key(), "RABBITMQ_HOSTNAME");
+    }
+
+    #[test]
+    fn a_binary_checks_only_the_keys_it_uses() {
+        let env = |key: &str| match key {
+            "BATCH_MAX_SIZE" => Some("abc".to_owned()),
+            "RUST_LOG" => Some("x=loud".to_owned()),
+            "RABBITMQ_LOCAL_QUEUE_NAME" => Some("q".to_owned()),
+            _ => None,
+        };
+        let (s, _, rows) = Settings::from_layers_of(None, env, BROKER_KEYS).unwrap();
+        assert_eq!(
+            (s.batch_max_size, s.rust_log.as_str(), s.queue.as_str()),
+            (64, "info", "q")
+        );
+        let keys: Vec<_> = rows.iter().map(|(key, _, source)| (*key, *source)).collect();
+        assert_eq!(
+            keys,
+            [
+                ("RABBITMQ_HOSTNAME", Source::Default),
+                ("RABBITMQ_LOCAL_QUEUE_NAME", Source::Environment),
+                ("AMQP_URL", Source::Default),
+            ]
+        );
+        let err = Settings::from_layers_of(None, env, &[BROKER_KEYS, &["BATCH_MAX_SIZE"]].concat()).unwrap_err();
+        assert_eq!(err.key(), "BATCH_MAX_SIZE");
+    }
+
+    #[test]
+    fn rust_log_is_read_from_the_environment_only() {
+        let (s, warnings) = Settings::from_sources(Some(("f", r#"{"RUST_LOG": "debug"}"#)), |_| None).unwrap();
+        assert_eq!(s.rust_log, "info");
+        assert_eq!(
+            warnings.lines(),
+            ["RUST_LOG in the settings file is ignored: it is read from the environment only"]
+        );
+        assert_eq!(
+            invalid_key(load(None, &[("RUST_LOG", "worker_iot_core=loud")])),
+            "RUST_LOG"
         );
     }
 

@@ -131,12 +131,12 @@ pub async fn run_with(settings: Settings, shutdown: CancellationToken, options: 
 /// with local services has no database yet; creating it needs rights the
 /// worker may lack in production, and connecting then says what is wrong.
 async fn open_database(settings: &Settings) -> Result<PgPool, WorkerError> {
-    match store::create_database(&settings.database_url).await {
+    match store::create_database(settings.database_url.expose()).await {
         Ok(true) => tracing::info!("database created"),
         Ok(false) => {}
         Err(e) => tracing::debug!(error.message = %e, "could not make sure the database exists"),
     }
-    let pool = store::connect(&settings.database_url, settings.pool_size()).await?;
+    let pool = store::connect(settings.database_url.expose(), settings.pool_size()).await?;
     store::migrate(&pool).await?;
     tracing::info!("database migrated");
     Ok(pool)
@@ -190,8 +190,8 @@ fn build_pipeline(
 fn spawn_relay(settings: &Settings, pool: &PgPool, options: &Options, stop: CancellationToken) -> JoinHandle<()> {
     let relay = Relay {
         pool: pool.clone(),
-        amqp_url: settings.amqp_url.clone(),
-        database_url: settings.database_url.clone(),
+        amqp_url: settings.amqp_url.expose().to_owned(),
+        database_url: settings.database_url.expose().to_owned(),
         retention: settings.outbox_retention,
         metrics: options.metrics.clone(),
     };
@@ -248,7 +248,7 @@ impl Supervisor {
     /// drain in-flight work within the grace period.
     async fn session(&self) -> Result<(), SessionError> {
         let endpoint = Endpoint {
-            amqp_url: &self.settings.amqp_url,
+            amqp_url: self.settings.amqp_url.expose(),
             next_broker: &self.next_broker,
             topology: &self.topology,
             prefetch: self.settings.prefetch_count,

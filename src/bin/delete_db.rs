@@ -4,49 +4,47 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Parser;
-use worker_iot_core::config::Settings;
+use worker_iot_core::cli::{self, EXIT_USAGE, Generate};
+use worker_iot_core::config::{DATABASE_KEYS, Settings};
 use worker_iot_core::store;
 
 /// Drop every table worker-iot-core owns (events, commands, devices,
 /// measurements, beacon_readings, outbox, delivery_attempts and the
 /// migration history) in the database of DATABASE_URL. Says which database
-/// on which server first; without --yes it only says so and exits 2.
+/// on which server first; without -y/--yes it only says so and exits 2.
+///
+/// Exit status: 0 done, 2 bad flag or setting (or no --yes), 1 any other
+/// error, 130 interrupted.
 #[derive(Parser)]
-#[command(version)]
+#[command(name = "delete_db", version)]
 struct Args {
     /// Confirm that the data may be destroyed.
-    #[arg(long)]
+    #[arg(long, short = 'y')]
     yes: bool,
+    #[command(flatten)]
+    generate: Generate,
 }
 
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
-    let settings = match Settings::load() {
-        Ok((settings, _)) => settings,
-        Err(e) => {
-            eprintln!("delete_db: {e}");
-            return ExitCode::from(2);
-        }
-    };
-    let target = match store::describe_database(&settings.database_url) {
-        Ok(target) => target,
-        Err(e) => {
-            eprintln!("delete_db: {e}");
-            return ExitCode::from(2);
-        }
-    };
+    if let Some(code) = args.generate.run::<Args>() {
+        return code;
+    }
+    cli::until_interrupted("delete_db", run(args)).await
+}
+
+async fn run(args: Args) -> anyhow::Result<ExitCode> {
+    let settings = Settings::load_for(DATABASE_KEYS)?.settings;
+    let url = settings.database_url.expose();
+    let target = store::describe_database(url)?;
     let tables = store::TABLES.join(", ");
     if !args.yes {
         eprintln!("delete_db: this would drop {tables} and all their data from {target}: run again with --yes");
-        return ExitCode::from(2);
+        return Ok(ExitCode::from(EXIT_USAGE));
     }
     println!("dropping {tables} from {target}");
-    let result = store::drop_tables(&settings.database_url)
-        .await
-        .context("dropping the tables");
-    if result.is_ok() {
-        println!("dropped");
-    }
-    worker_iot_core::cli::exit_code("delete_db", result)
+    store::drop_tables(url).await.context("dropping the tables")?;
+    println!("dropped");
+    Ok(ExitCode::SUCCESS)
 }

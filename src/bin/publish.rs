@@ -1,4 +1,5 @@
-//! `publish`: send exploration messages to the worker's queue (SPEC §9).
+//! `publish`: send exploration messages to the worker's queue
+//! (docs/operations.md).
 //!
 //! ```text
 //! publish event MEASUREMENT --data '{"device_id":"d1","sensor":"t","value":21.5}'
@@ -9,21 +10,31 @@
 //! publish --trace event DEVICE_UP --data '{"device_id":"d1"}'
 //! ```
 
-use anyhow::{Context, bail};
-use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::error::ErrorKind as ClapErrorKind;
+use clap::{CommandFactory, Parser, Subcommand};
 use lapin::BasicProperties;
+use serde::Serialize;
 use serde_json::Value;
 use tracing::Instrument;
 use worker_iot_core::broker::{self, Publisher};
-use worker_iot_core::cli::samples;
-use worker_iot_core::config::Settings;
+use worker_iot_core::cli::{self, Generate, UsageError, samples};
+use worker_iot_core::config::{BROKER_KEYS, Settings, TELEMETRY_KEYS};
 use worker_iot_core::envelope::Kind;
 use worker_iot_core::telemetry::{self, Telemetry};
 
+/// Send sample events, commands and invalid data to the worker's queue.
+///
+/// Exit status: 0 done, 2 bad flag or setting, 1 any other error, 130
+/// interrupted.
 #[derive(Parser)]
 #[command(
+    name = "publish",
     version,
-    about = "Send sample events, commands and invalid data to the worker's queue"
+    subcommand_value_name = "COMMAND",
+    override_usage = "publish [OPTIONS] <COMMAND>"
 )]
 struct Args {
     /// Queue to publish to (default: RABBITMQ_LOCAL_QUEUE_NAME).
@@ -34,14 +45,22 @@ struct Args {
     /// set, the publish span is exported too.
     #[arg(long, global = true)]
     trace: bool,
+    /// One JSON line per message (with its trace id) and a summary line,
+    /// instead of text.
+    #[arg(long, global = true)]
+    json: bool,
     #[command(subcommand)]
-    what: What,
+    what: Option<What>,
+    #[command(flatten)]
+    generate: Generate,
 }
 
 #[derive(Subcommand)]
 enum What {
     /// One event of TYPE.
     Event {
+        /// The message type, such as MEASUREMENT or DEVICE_UP.
+        #[arg(value_name = "TYPE")]
         message_type: String,
         /// The `data` payload, as JSON.
         #[arg(long, default_value = "null")]
@@ -52,16 +71,24 @@ enum What {
     },
     /// One command of TYPE.
     Command {
+        /// The command type, such as SET_LED.
+        #[arg(value_name = "TYPE")]
         message_type: String,
+        /// The `data` payload, as JSON.
         #[arg(long, default_value = "null")]
         data: String,
+        /// Idempotency key (default: none, so the body hash is the id).
         #[arg(long)]
         id: Option<String>,
     },
     /// A body sent as it is, JSON or not.
-    Raw { body: String },
+    Raw {
+        /// The message body, byte for byte.
+        body: String,
+    },
     /// A realistic mix of every event type and both commands.
     Sample {
+        /// How many messages.
         #[arg(long, default_value_t = 20)]
         count: usize,
         /// Seed of the mix (ids are `sample-<seed>-<n>`).
@@ -72,54 +99,111 @@ enum What {
     Invalid,
 }
 
-#[tokio::main]
-async fn main() -> std::process::ExitCode {
-    worker_iot_core::cli::exit_code("publish", run().await)
+/// One message published, for `--json`.
+#[derive(Serialize)]
+struct MessageLine<'a> {
+    record: &'static str,
+    name: &'a str,
+    queue: &'a str,
+    trace_id: Option<String>,
 }
 
-async fn run() -> anyhow::Result<()> {
+/// The last line of `--json`.
+#[derive(Serialize)]
+struct SummaryLine<'a> {
+    record: &'static str,
+    published: usize,
+    queue: &'a str,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
     let args = Args::parse();
-    let (settings, _) = Settings::load()?;
+    if let Some(code) = args.generate.run::<Args>() {
+        return code;
+    }
+    cli::until_interrupted("publish", run(args)).await
+}
+
+async fn run(mut args: Args) -> anyhow::Result<ExitCode> {
+    let Some(what) = args.what.take() else {
+        Args::command()
+            .error(
+                ClapErrorKind::MissingSubcommand,
+                "what to publish is missing: event, command, raw, sample or invalid",
+            )
+            .exit();
+    };
+    // The log output and the span export are only set up with --trace.
+    let keys = if args.trace {
+        [BROKER_KEYS, TELEMETRY_KEYS].concat()
+    } else {
+        BROKER_KEYS.to_vec()
+    };
+    let settings = Settings::load_for(&keys)?.settings;
     let queue = args.queue.clone().unwrap_or_else(|| settings.queue.clone());
+    let bodies = bodies(what)?;
     let telemetry = if args.trace && settings.otel_endpoint.is_some() {
         Some(Telemetry::install(&settings)?)
     } else {
         None
     };
-    let bodies = bodies(args.what)?;
 
-    let connection = broker::connect(&settings.amqp_url, "publish").await.with_context(|| {
-        format!(
-            "connecting to {}",
-            worker_iot_core::config::mask_passwords(&settings.amqp_url)
-        )
-    })?;
+    let connection = broker::connect(settings.amqp_url.expose(), "publish")
+        .await
+        .with_context(|| format!("connecting to {}", settings.amqp_url))?;
     let publisher = Publisher::open(&connection).await?;
+    for (name, body) in &bodies {
+        publish_one(&publisher, &args, &queue, name, body).await?;
+    }
+    connection.close(200, "done".into()).await.ok();
+    if args.json {
+        let summary = SummaryLine {
+            record: "summary",
+            published: bodies.len(),
+            queue: &queue,
+        };
+        println!("{}", serde_json::to_string(&summary)?);
+    } else {
+        println!("published {} message(s) to {queue}", bodies.len());
+    }
+    if let Some(telemetry) = telemetry {
+        telemetry.shutdown().await;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Publishes one body (with confirm) and prints its line when there is
+/// one: always with `--json`, with `--trace` in text.
+async fn publish_one(publisher: &Publisher, args: &Args, queue: &str, name: &str, body: &[u8]) -> anyhow::Result<()> {
     let properties = BasicProperties::default()
         .with_content_type("application/json".into())
         .with_delivery_mode(2);
-    for (name, body) in &bodies {
-        // The library's target, so the span passes the export filter.
-        let span = tracing::info_span!(target: "worker_iot_core::publish", "publish",
-            otel.name = %format_args!("publish {queue}"), otel.kind = "producer",
-            messaging.system = "rabbitmq", messaging.destination.name = %queue);
-        let properties = if args.trace {
-            let (properties, trace_id) = telemetry::start_trace(&span, properties.clone());
-            println!("{name}: trace {trace_id}");
-            properties
-        } else {
-            properties.clone()
+    // The library's target, so the span passes the export filter.
+    let span = tracing::info_span!(target: "worker_iot_core::publish", "publish",
+        otel.name = %format_args!("publish {queue}"), otel.kind = "producer",
+        messaging.system = "rabbitmq", messaging.destination.name = %queue);
+    let (properties, trace_id) = if args.trace {
+        let (properties, trace_id) = telemetry::start_trace(&span, properties);
+        (properties, Some(trace_id.to_string()))
+    } else {
+        (properties, None)
+    };
+    publisher
+        .publish("", queue, body, properties)
+        .instrument(span)
+        .await
+        .with_context(|| format!("publishing {name} to {queue}"))?;
+    if args.json {
+        let line = MessageLine {
+            record: "message",
+            name,
+            queue,
+            trace_id,
         };
-        publisher
-            .publish("", &queue, body, properties)
-            .instrument(span)
-            .await
-            .with_context(|| format!("publishing {name} to {queue}"))?;
-    }
-    connection.close(200, "done".into()).await.ok();
-    println!("published {} message(s) to {queue}", bodies.len());
-    if let Some(telemetry) = telemetry {
-        telemetry.shutdown().await;
+        println!("{}", serde_json::to_string(&line)?);
+    } else if let Some(trace_id) = trace_id {
+        println!("{name}: trace {trace_id}");
     }
     Ok(())
 }
@@ -146,9 +230,31 @@ fn bodies(what: What) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
 }
 
 fn one(kind: Kind, message_type: &str, data: &str, id: Option<String>) -> anyhow::Result<Vec<u8>> {
-    let data: Value = serde_json::from_str(data).context("--data must be JSON")?;
+    let data: Value = serde_json::from_str(data).map_err(|e| UsageError(format!("--data must be JSON: {e}")))?;
     if message_type.is_empty() {
-        bail!("TYPE must not be empty");
+        return Err(UsageError("TYPE must not be empty".into()).into());
     }
     Ok(samples::envelope(kind, message_type, data, id.as_deref()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_argument_has_help() {
+        let command = Args::command();
+        command.clone().debug_assert();
+        let mut missing = Vec::new();
+        let commands = std::iter::once(&command).chain(command.get_subcommands());
+        for command in commands {
+            for arg in command.get_arguments().filter(|arg| !arg.is_hide_set()) {
+                let help = arg.get_help().map(ToString::to_string).unwrap_or_default();
+                if help.trim().is_empty() && !["help", "version"].contains(&arg.get_id().as_str()) {
+                    missing.push(format!("{} {}", command.get_name(), arg.get_id()));
+                }
+            }
+        }
+        assert!(missing.is_empty(), "arguments without help: {missing:?}");
+    }
 }

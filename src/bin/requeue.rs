@@ -1,4 +1,5 @@
-//! `requeue`: inspect the dead-letter queue and drain it back (SPEC §7).
+//! `requeue`: inspect the dead-letter queue and drain it back
+//! (docs/operations.md).
 //! The logic is in `worker_iot_core::requeue`; this parses flags and prints.
 
 use std::collections::BTreeMap;
@@ -14,7 +15,8 @@ use tokio_util::sync::CancellationToken;
 use worker_iot_core::ErrorKind;
 use worker_iot_core::MainQueue;
 use worker_iot_core::broker;
-use worker_iot_core::config::{Settings, mask_passwords};
+use worker_iot_core::cli::{self, EXIT_INTERRUPTED, Generate};
+use worker_iot_core::config::{BROKER_KEYS, Settings};
 use worker_iot_core::envelope::truncate_chars;
 use worker_iot_core::requeue::{self, Action, DrainOptions, Filter, Group, Parked, Summary, format_ms};
 
@@ -24,8 +26,11 @@ use worker_iot_core::requeue::{self, Action, DrainOptions, Filter, Group, Parked
 /// acked from the DLQ: a crash mid-drain may duplicate one message (the
 /// worker's inbox absorbs it), never lose one. Messages that do not match
 /// the filters stay in the DLQ, unchanged and in their order.
+///
+/// Exit status: 0 done, 2 bad flag or setting, 1 any other error, 130
+/// interrupted.
 #[derive(Parser)]
-#[command(version)]
+#[command(name = "requeue", version)]
 struct Args {
     /// Main queue Q (default: RABBITMQ_LOCAL_QUEUE_NAME); the DLQ is Q.dlq.
     #[arg(long)]
@@ -68,6 +73,8 @@ struct Args {
     /// only a terminal is asked.
     #[arg(long, short = 'y')]
     yes: bool,
+    #[command(flatten)]
+    generate: Generate,
 }
 
 /// `println!` that ends the process quietly when stdout is closed
@@ -108,15 +115,15 @@ fn parse_kind(text: &str) -> Result<String, String> {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    match run().await {
-        Ok(code) => code,
-        Err(e) => worker_iot_core::cli::exit_code("requeue", Err::<(), _>(e)),
+    let args = Args::parse();
+    if let Some(code) = args.generate.run::<Args>() {
+        return code;
     }
+    cli::finish("requeue", run(args).await)
 }
 
-async fn run() -> anyhow::Result<ExitCode> {
-    let args = Args::parse();
-    let (settings, _) = Settings::load()?;
+async fn run(args: Args) -> anyhow::Result<ExitCode> {
+    let settings = Settings::load_for(BROKER_KEYS)?.settings;
     let queue = args.queue.clone().unwrap_or(settings.queue);
     let dlq = MainQueue::new(&queue).dlq();
     let filter = Filter {
@@ -125,9 +132,9 @@ async fn run() -> anyhow::Result<ExitCode> {
         fingerprint: args.fingerprint.clone(),
         grep: args.grep.clone(),
     };
-    let connection = broker::connect(&settings.amqp_url, "requeue")
+    let connection = broker::connect(settings.amqp_url.expose(), "requeue")
         .await
-        .with_context(|| format!("cannot reach RabbitMQ at {}", mask_passwords(&settings.amqp_url)))?;
+        .with_context(|| format!("cannot reach RabbitMQ at {}", settings.amqp_url))?;
 
     if args.list {
         let groups = requeue::list(&connection, &dlq, &filter).await?;
@@ -191,7 +198,7 @@ async fn drain(connection: &Connection, options: &DrainOptions, total: u32, json
             "requeue: interrupted: {} moved, {} kept, {} not visited",
             summary.moved, summary.kept, summary.left
         );
-        return Ok(ExitCode::from(130));
+        return Ok(ExitCode::from(EXIT_INTERRUPTED));
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -2,13 +2,15 @@
 //! (flushed at exit), signals; the rest is `worker_iot_core::run`.
 
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use clap::Parser;
+use serde_json::json;
 use tokio_util::sync::CancellationToken;
 use worker_iot_core::Topology;
-use worker_iot_core::WorkerError;
-use worker_iot_core::cli::banner;
-use worker_iot_core::config::{LogFormat, Settings};
+use worker_iot_core::cli::{self, EXIT_INTERRUPTED, EXIT_USAGE, Generate, banner};
+use worker_iot_core::config::{KEYS, Loaded, LogFormat, Settings, SettingsFile};
 use worker_iot_core::telemetry::Telemetry;
 
 /// The worker of worker-iot-core: takes events and commands from the
@@ -19,56 +21,66 @@ use worker_iot_core::telemetry::Telemetry;
 /// Settings come from _storage/settings.json (SETTINGS_FILE) and the
 /// environment; with nothing set it uses RabbitMQ and PostgreSQL on
 /// localhost and creates the database worker_iot_core if missing.
+///
+/// Exit status: 0 stopped by SIGTERM, 130 stopped by SIGINT (Ctrl-C), both
+/// after finishing in-flight work; 2 bad flag, setting or topology file; 1
+/// any other error.
 #[derive(Parser)]
-#[command(version)]
+#[command(name = "worker-iot-core", version)]
 struct Args {
     /// Check the settings and the topology file, print the effective
-    /// configuration and exit: 0 when valid, 2 when not. Touches neither the
-    /// broker nor the database.
+    /// configuration with where each value came from, and exit: 0 when
+    /// valid, 2 when not. Touches neither the broker nor the database.
     #[arg(long, conflicts_with = "healthcheck")]
     check_config: bool,
+    /// With --check-config: one JSON line per setting and a summary line.
+    #[arg(long, requires = "check_config")]
+    json: bool,
     /// Ask a running worker's /readyz on METRICS_ADDR and exit 0 when it is
     /// ready, 1 when not (for container health checks).
     #[arg(long)]
     healthcheck: bool,
+    #[command(flatten)]
+    generate: Generate,
 }
+
+const NAME: &str = "worker-iot-core";
 
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
-    let (settings, warnings) = match Settings::load() {
+    if let Some(code) = args.generate.run::<Args>() {
+        return code;
+    }
+    let loaded = match Settings::load_for(KEYS) {
         Ok(loaded) => loaded,
-        Err(e) => {
-            eprintln!("worker-iot-core: {e}");
-            return ExitCode::from(2);
-        }
+        Err(e) => return cli::report(NAME, &e),
     };
     if args.healthcheck {
-        return healthcheck(&settings).await;
+        return healthcheck(&loaded.settings).await;
     }
     if args.check_config {
-        return check_config(&settings, &warnings.unknown_keys);
+        return check_config(&loaded, args.json);
     }
+    let Loaded { settings, warnings, .. } = loaded;
     let telemetry = match Telemetry::install(&settings) {
         Ok(telemetry) => telemetry,
-        Err(e) => {
-            eprintln!("worker-iot-core: {e}");
-            return ExitCode::FAILURE;
-        }
+        Err(e) => return cli::report(NAME, &e),
     };
     print_banner(&settings);
-    for key in &warnings.unknown_keys {
-        tracing::warn!(%key, "unknown key in the settings file is ignored");
+    for warning in warnings.lines() {
+        tracing::warn!("{warning}");
     }
 
     let shutdown = CancellationToken::new();
-    tokio::spawn(stop_on_signal(shutdown.clone()));
+    let interrupted = Arc::new(AtomicBool::new(false));
+    tokio::spawn(stop_on_signal(shutdown.clone(), interrupted.clone()));
     let code = match worker_iot_core::run(settings, shutdown).await {
+        Ok(()) if interrupted.load(Ordering::SeqCst) => ExitCode::from(EXIT_INTERRUPTED),
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!(error.message = %e, "worker stopped");
-            eprintln!("worker-iot-core: {e}");
-            exit_code_for(&e)
+            tracing::error!(error.message = %cli::chain(&e), "worker stopped");
+            cli::report(NAME, &e)
         }
     };
     // After the drain: the last deliveries' spans are exported too.
@@ -87,22 +99,66 @@ fn print_banner(settings: &Settings) {
 }
 
 /// Validates without connecting: settings (already loaded) and topology.
-fn check_config(settings: &Settings, unknown_keys: &[String]) -> ExitCode {
-    println!("Effective configuration:\n{settings}");
-    for key in unknown_keys {
-        println!("warning: unknown key {key:?} in the settings file is ignored");
+/// The configuration goes to stdout, warnings and errors to stderr.
+fn check_config(loaded: &Loaded, json: bool) -> ExitCode {
+    for warning in loaded.warnings.lines() {
+        eprintln!("{NAME}: warning: {warning}");
     }
-    match Topology::load(&settings.topology_file, &settings.queue) {
-        Ok(topology) => {
-            let queues = topology.queues();
-            println!("Topology ({:?}): {}", topology.queue_type, queues.join(", "));
-            println!("configuration is valid");
-            ExitCode::SUCCESS
-        }
+    let settings = &loaded.settings;
+    let topology = match Topology::load(&settings.topology_file, &settings.queue) {
+        Ok(topology) => topology,
         Err(e) => {
-            eprintln!("worker-iot-core: {e}");
-            ExitCode::from(2)
+            eprintln!("{NAME}: {}", cli::chain(&e));
+            return ExitCode::from(EXIT_USAGE);
         }
+    };
+    let queues = topology.queues();
+    if json {
+        print_json_rows(loaded);
+        let summary = json!({
+            "record": "summary",
+            "valid": true,
+            "queue_type": format!("{:?}", topology.queue_type),
+            "queues": queues,
+        });
+        println!("{summary}");
+    } else {
+        println!("Effective configuration (value, then where it came from):");
+        println!(
+            "  {:<27} = {}  ({})",
+            "SETTINGS_FILE",
+            loaded.file.path,
+            file_origin(&loaded.file)
+        );
+        for (key, value, source) in &loaded.rows {
+            println!("  {key:<27} = {value}  ({source})");
+        }
+        println!("Topology ({:?}): {}", topology.queue_type, queues.join(", "));
+        println!("configuration is valid");
+    }
+    ExitCode::SUCCESS
+}
+
+/// Where the settings file came from, and whether it was there.
+fn file_origin(file: &SettingsFile) -> String {
+    let found = if file.found {
+        "read"
+    } else {
+        "not found: defaults and environment only"
+    };
+    format!("{}; {found}", file.origin)
+}
+
+fn print_json_rows(loaded: &Loaded) {
+    let file = &loaded.file;
+    let file_row = json!({
+        "record": "setting", "key": "SETTINGS_FILE", "value": file.path,
+        "source": file.origin.as_str(), "found": file.found,
+    });
+    println!("{file_row}");
+    for (key, value, source) in &loaded.rows {
+        let row = json!({"record": "setting", "key": key, "value": value, "source": source.as_str()});
+        println!("{row}");
     }
 }
 
@@ -111,27 +167,19 @@ async fn healthcheck(settings: &Settings) -> ExitCode {
     match worker_iot_core::probe_ready(settings.metrics_addr).await {
         Ok(Ok(())) => ExitCode::SUCCESS,
         Ok(Err(answer)) => {
-            eprintln!("worker-iot-core: /readyz answered {answer}");
+            eprintln!("{NAME}: /readyz answered {answer}");
             ExitCode::FAILURE
         }
         Err(e) => {
-            eprintln!("worker-iot-core: /readyz on {}: {e}", settings.metrics_addr);
+            eprintln!("{NAME}: /readyz on {}: {}", settings.metrics_addr, cli::chain(&e));
             ExitCode::FAILURE
         }
     }
 }
 
-/// 2 when the worker refuses to start because of its configuration
-/// (settings, topology file, a queue declared otherwise), 1 otherwise.
-fn exit_code_for(error: &WorkerError) -> ExitCode {
-    match error {
-        WorkerError::Topology(_) => ExitCode::from(2),
-        WorkerError::Store(_) | WorkerError::Metrics(_) => ExitCode::FAILURE,
-    }
-}
-
-/// Cancels `shutdown` on SIGTERM or SIGINT.
-async fn stop_on_signal(shutdown: CancellationToken) {
+/// Cancels `shutdown` on SIGTERM or SIGINT; on SIGINT, sets `interrupted`
+/// first, so the worker exits 130 once drained.
+async fn stop_on_signal(shutdown: CancellationToken, interrupted: Arc<AtomicBool>) {
     let terminate = async {
         match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
             Ok(mut signal) => {
@@ -144,7 +192,7 @@ async fn stop_on_signal(shutdown: CancellationToken) {
         }
     };
     tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
+        _ = tokio::signal::ctrl_c() => interrupted.store(true, Ordering::SeqCst),
         () = terminate => {}
     }
     tracing::info!("shutdown requested: finishing in-flight work");

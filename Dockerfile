@@ -18,18 +18,28 @@ COPY . .
 # The crate registry and target/ are BuildKit cache mounts: they outlive the
 # build on this builder, so any change to the context recompiles only this
 # crate, not its ~300 dependencies. They are not part of the image, hence the
-# copy of the binaries to /out. (The `test` service compiles into its own
+# copy of the binaries to /out/bin. (The `test` service compiles into its own
 # volume, see docker-compose.yml.)
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
     cargo build --release --locked --bins \
- && mkdir -p /out \
+ && mkdir -p /out/bin \
  && cp target/release/worker-iot-core \
        target/release/requeue \
        target/release/create_db \
        target/release/delete_db \
        target/release/publish \
-       /out/
+       /out/bin/
+# Shell completions and man pages, written by each binary's hidden flags
+# from the same clap definition that parses its command line.
+RUN mkdir -p /out/bash /out/zsh /out/fish /out/man \
+ && for bin in worker-iot-core requeue create_db delete_db publish; do \
+      /out/bin/$bin --generate-completions bash > /out/bash/$bin \
+   && /out/bin/$bin --generate-completions zsh > /out/zsh/_$bin \
+   && /out/bin/$bin --generate-completions fish > /out/fish/$bin.fish \
+   && /out/bin/$bin --generate-man /out/man \
+   || exit 1; \
+    done
 
 # --- runtime: only the binaries and the files they read at start-up
 FROM debian:bookworm-slim
@@ -49,7 +59,13 @@ RUN groupadd --system --gid 10001 app \
  && useradd --system --uid 10001 --gid app --home-dir /app --no-create-home \
       --shell /usr/sbin/nologin app
 WORKDIR /app
-COPY --from=builder /out/ /app/bin/
+COPY --from=builder /out/bin/ /app/bin/
+# `requeue --<TAB>` and `man requeue` (bash-completion and man-db are not in
+# this slim image; the files are where they look when installed).
+COPY --from=builder /out/bash/ /usr/share/bash-completion/completions/
+COPY --from=builder /out/zsh/ /usr/share/zsh/vendor-completions/
+COPY --from=builder /out/fish/ /usr/share/fish/vendor_completions.d/
+COPY --from=builder /out/man/ /usr/share/man/man1/
 # Relative paths in settings (TOPOLOGY_FILE, SETTINGS_FILE) resolve from /app.
 COPY topology/ /app/topology/
 COPY _storage/ /app/_storage/

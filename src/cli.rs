@@ -24,6 +24,8 @@ use std::error::Error;
 use std::future::Future;
 use std::process::ExitCode;
 
+use tokio::signal::unix::{SignalKind, signal};
+
 pub use generate::Generate;
 
 use crate::config::ConfigError;
@@ -121,9 +123,19 @@ pub fn finish(binary: &str, result: anyhow::Result<ExitCode>) -> ExitCode {
 /// migration and each `DROP` is atomic on the server, so running the tool
 /// again finishes the job.
 pub async fn until_interrupted(binary: &str, work: impl Future<Output = anyhow::Result<ExitCode>>) -> ExitCode {
+    // Listening starts here, before `work` is first polled: a Ctrl-C from
+    // then on is always seen (`tokio::signal::ctrl_c` would only listen
+    // once polled, and until then SIGINT kills the process).
+    let mut interrupt = match signal(SignalKind::interrupt()) {
+        Ok(interrupt) => interrupt,
+        Err(e) => {
+            eprintln!("{binary}: cannot listen for Ctrl-C: {e}");
+            return finish(binary, work.await);
+        }
+    };
     tokio::select! {
         result = work => finish(binary, result),
-        Ok(()) = tokio::signal::ctrl_c() => {
+        Some(()) = interrupt.recv() => {
             eprintln!("{binary}: interrupted");
             ExitCode::from(EXIT_INTERRUPTED)
         }

@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use clap::Parser;
 use serde_json::json;
+use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 use worker_iot_core::Topology;
 use worker_iot_core::cli::{self, EXIT_INTERRUPTED, EXIT_USAGE, Generate, banner};
@@ -74,7 +75,16 @@ async fn main() -> ExitCode {
 
     let shutdown = CancellationToken::new();
     let interrupted = Arc::new(AtomicBool::new(false));
-    tokio::spawn(stop_on_signal(shutdown.clone(), interrupted.clone()));
+    // Listening starts before the worker does: a signal from then on is
+    // always seen.
+    let interrupt = listen(SignalKind::interrupt());
+    let terminate = listen(SignalKind::terminate());
+    tokio::spawn(stop_on_signal(
+        interrupt,
+        terminate,
+        shutdown.clone(),
+        interrupted.clone(),
+    ));
     let code = match worker_iot_core::run(settings, shutdown).await {
         Ok(()) if interrupted.load(Ordering::SeqCst) => ExitCode::from(EXIT_INTERRUPTED),
         Ok(()) => ExitCode::SUCCESS,
@@ -177,23 +187,32 @@ async fn healthcheck(settings: &Settings) -> ExitCode {
     }
 }
 
+/// A stream of `kind` signals, or `None` (logged) when it cannot be had.
+fn listen(kind: SignalKind) -> Option<Signal> {
+    signal(kind)
+        .inspect_err(|e| tracing::error!(error.message = %e, signal = ?kind, "cannot listen for the signal"))
+        .ok()
+}
+
 /// Cancels `shutdown` on SIGTERM or SIGINT; on SIGINT, sets `interrupted`
 /// first, so the worker exits 130 once drained.
-async fn stop_on_signal(shutdown: CancellationToken, interrupted: Arc<AtomicBool>) {
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
+async fn stop_on_signal(
+    interrupt: Option<Signal>,
+    terminate: Option<Signal>,
+    shutdown: CancellationToken,
+    interrupted: Arc<AtomicBool>,
+) {
+    async fn next(signal: Option<Signal>) {
+        match signal {
+            Some(mut signal) => {
                 signal.recv().await;
             }
-            Err(e) => {
-                tracing::error!(error.message = %e, "cannot listen for SIGTERM");
-                std::future::pending::<()>().await;
-            }
+            None => std::future::pending().await,
         }
-    };
+    }
     tokio::select! {
-        _ = tokio::signal::ctrl_c() => interrupted.store(true, Ordering::SeqCst),
-        () = terminate => {}
+        () = next(interrupt) => interrupted.store(true, Ordering::SeqCst),
+        () = next(terminate) => {}
     }
     tracing::info!("shutdown requested: finishing in-flight work");
     shutdown.cancel();

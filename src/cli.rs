@@ -1,5 +1,5 @@
-//! What the binaries share: one convention for exit statuses and error
-//! messages ([`finish`], [`report`]), stopping on Ctrl-C
+//! What the binaries share (docs/operations.md, "The binaries"): one
+//! convention for exit statuses and error messages ([`finish`], [`report`]), stopping on Ctrl-C
 //! ([`until_interrupted`]), the hidden flags that write shell completions
 //! and man pages ([`Generate`]), the banner, and the sample messages of
 //! `publish`.

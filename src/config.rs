@@ -1,6 +1,6 @@
-//! Settings (docs/configuration.md): built-in defaults, then
-//! `_storage/settings.json` (path from `SETTINGS_FILE`), then environment
-//! variables of the same name.
+//! Settings (docs/configuration.md, "Where settings come from"): built-in
+//! defaults, then `_storage/settings.json` (path from `SETTINGS_FILE`), then
+//! environment variables of the same name.
 //!
 //! Every value is checked here, once, at start-up. A bad one becomes a
 //! [`ConfigError`] that names the key, the value (with any password

@@ -1,7 +1,8 @@
 //! Every binary's command line, run as an operator would: `--help` and
 //! `--version` change nothing, `--check-config` touches neither broker nor
 //! database, `delete_db` names its target and wants `--yes`; and the one
-//! convention of docs/configuration.md: no password in any output, exit 2
+//! convention of every binary (docs/operations.md, "The binaries" and
+//! docs/configuration.md, "Bad values"): no password in any output, exit 2
 //! for a bad setting of a binary that uses it (and none for one it does
 //! not), 1 for a runtime error, 130 on Ctrl-C.
 

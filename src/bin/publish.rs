@@ -1,5 +1,5 @@
 //! `publish`: send exploration messages to the worker's queue
-//! (docs/operations.md).
+//! (docs/operations.md, "The binaries").
 //!
 //! ```text
 //! publish event MEASUREMENT --data '{"device_id":"d1","sensor":"t","value":21.5}'

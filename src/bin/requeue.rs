@@ -1,5 +1,5 @@
 //! `requeue`: inspect the dead-letter queue and drain it back
-//! (docs/operations.md).
+//! (docs/operations.md, "The dead-letter queue").
 //! The logic is in `worker_iot_core::requeue`; this parses flags and prints.
 
 use std::collections::BTreeMap;

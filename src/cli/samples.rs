@@ -1,6 +1,6 @@
-//! Exploration messages for the `publish` tool (docs/operations.md):
-//! well-formed events and commands, a realistic mix, and a set of malformed
-//! cases.
+//! Exploration messages for the `publish` tool (docs/operations.md,
+//! "The binaries"): well-formed events and commands, a realistic mix, and a
+//! set of malformed cases.
 
 use chrono::Utc;
 use serde_json::{Value, json};

@@ -4,9 +4,8 @@
 //! Connection supervision does not rely on lapin's automatic recovery
 //! (docs/reliability.md, "Broker connection"): any connection or channel
 //! error, or a delivery that cannot be settled, ends the session, and the
-//! worker opens a new one. Unacked
-//! deliveries of the lost session are redelivered by the broker and
-//! absorbed by the inbox.
+//! worker opens a new one. Unacked deliveries of the lost session are
+//! redelivered by the broker and absorbed by the inbox.
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;

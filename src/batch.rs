@@ -18,7 +18,7 @@ use tracing::Instrument;
 use crate::envelope::{Kind, Message};
 use crate::failure::Failure;
 use crate::handlers::Handler;
-use crate::pipeline::Outcome;
+use crate::outcome::Outcome;
 use crate::store;
 
 /// What the batch did with one message.
@@ -72,11 +72,11 @@ pub async fn apply(pool: &PgPool, items: &[(&Message, &Handler)]) -> Vec<Applied
 
 fn again(items: &[(&Message, &Handler)], failure: &Failure) -> Vec<Applied> {
     tracing::debug!(error.message = %failure, size = items.len(), "batch rolled back; its messages run alone");
-    let text = failure.to_string();
+    let (transient, reason) = (failure.is_transient(), failure.to_string());
     let each = || {
-        failure.is_transient().then(|| {
-            let error = std::io::Error::other(format!("the batch's transaction failed: {text}"));
-            Failure::Database(sqlx::Error::Io(error))
+        transient.then(|| Failure::BatchAborted {
+            transient,
+            reason: reason.clone(),
         })
     };
     items.iter().map(|_| Applied::Again(each())).collect()

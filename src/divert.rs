@@ -8,7 +8,7 @@ use lapin::BasicProperties;
 
 use crate::failure::Failed;
 use crate::headers::{self, FailureRecord};
-use crate::pipeline::Outcome;
+use crate::outcome::Outcome;
 use crate::retry::Disposition;
 use crate::topology::Topology;
 

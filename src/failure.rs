@@ -9,7 +9,6 @@
 use std::fmt;
 
 use crate::envelope::DecodeError;
-use crate::handlers::ValidationError;
 
 /// The `iot-error-kind` header values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -63,6 +62,23 @@ impl fmt::Display for ErrorKind {
     }
 }
 
+/// Why `data` does not fit its handler. Always permanent.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("data.{field} {problem}")]
+pub struct ValidationError {
+    pub field: String,
+    pub problem: String,
+}
+
+impl ValidationError {
+    pub fn new(field: &str, problem: impl Into<String>) -> ValidationError {
+        ValidationError {
+            field: field.to_owned(),
+            problem: problem.into(),
+        }
+    }
+}
+
 /// A delivery that did not end processed, duplicate or omitted.
 #[derive(Debug, thiserror::Error)]
 pub enum Failure {
@@ -78,6 +94,11 @@ pub enum Failure {
     Panic(String),
     #[error("delivery {deliveries} of a message that never settled: it may crash the worker")]
     CrashLoop { deliveries: u32 },
+    /// The transaction of the batch the message was in failed as a whole
+    /// (a lost connection, a failed commit, the deadline); its messages run
+    /// again alone. `transient` says whether the batch's failure was.
+    #[error("the batch's transaction failed: {reason}")]
+    BatchAborted { transient: bool, reason: String },
 }
 
 /// A delivery that failed, with what is known of it: the message type when
@@ -107,6 +128,7 @@ impl Failure {
             | Failure::UnknownType { .. }
             | Failure::Panic(_)
             | Failure::CrashLoop { .. } => false,
+            Failure::BatchAborted { transient, .. } => *transient,
             Failure::Database(e) => is_transient_database_error(e),
         }
     }
@@ -119,8 +141,8 @@ impl Failure {
             Failure::UnknownType { .. } => ErrorKind::UnknownType,
             Failure::Panic(_) => ErrorKind::Panic,
             Failure::CrashLoop { .. } => ErrorKind::CrashLoop,
-            Failure::Database(_) if self.is_transient() => ErrorKind::Transient,
-            Failure::Database(_) => ErrorKind::Permanent,
+            Failure::Database(_) | Failure::BatchAborted { .. } if self.is_transient() => ErrorKind::Transient,
+            Failure::Database(_) | Failure::BatchAborted { .. } => ErrorKind::Permanent,
         }
     }
 }
@@ -190,6 +212,22 @@ mod tests {
         assert_eq!(f.kind(), ErrorKind::Transient);
         let f = Failure::Database(sqlx::Error::RowNotFound);
         assert_eq!(f.kind(), ErrorKind::Permanent);
+    }
+
+    #[test]
+    fn an_aborted_batch_is_as_transient_as_its_cause() {
+        let aborted = |transient| Failure::BatchAborted {
+            transient,
+            reason: "connection reset".into(),
+        };
+        assert!(aborted(true).is_transient());
+        assert_eq!(aborted(true).kind(), ErrorKind::Transient);
+        assert!(!aborted(false).is_transient());
+        assert_eq!(aborted(false).kind(), ErrorKind::Permanent);
+        assert_eq!(
+            aborted(true).to_string(),
+            "the batch's transaction failed: connection reset"
+        );
     }
 
     /// One case per code: a failover or a server short of resources is

@@ -23,7 +23,7 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle, 
 use crate::failure::ErrorKind;
 use crate::handlers::HANDLERS;
 use crate::outbox::Stats;
-use crate::pipeline::{Event, Handling, Outcome};
+use crate::outcome::{Event, Handling, Outcome};
 use crate::retry::{Disposition, RetryPolicy};
 
 /// The metric names, each with its type, unit and help (the table in

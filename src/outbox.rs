@@ -14,8 +14,11 @@ use chrono::{DateTime, Utc};
 use sqlx::{PgConnection, PgPool};
 use tracing::Span;
 
-use crate::handlers::DEVICE_EXCHANGE;
 use crate::telemetry;
+
+/// Exchange that device messages from commands are published to, so MQTT
+/// devices get them through RabbitMQ's MQTT plugin.
+pub const DEVICE_EXCHANGE: &str = "amq.topic";
 
 /// The `LISTEN` channel a committed outbox insert notifies.
 pub const CHANNEL: &str = "iot_outbox";

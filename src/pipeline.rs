@@ -20,7 +20,7 @@
 use std::collections::BTreeSet;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use backon::Retryable;
 use chrono::{DateTime, Utc};
@@ -35,81 +35,21 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::acks::Acks;
 use crate::batch::{self, Applied};
-use crate::broker::{PublishError, Publisher};
+use crate::broker::Publisher;
 use crate::crash_guard::{Admission, CrashGuard};
 use crate::divert::{self, Origin, Writer};
 use crate::envelope::{self, Message};
 use crate::failure::{Failed, Failure};
 use crate::handlers::{self, Handler};
 use crate::headers;
+use crate::outcome::{Event, EventHook, Handling, Outcome, SettleError};
 use crate::retry::Disposition;
 use crate::store;
 use crate::telemetry;
 use crate::topology::Topology;
 
-/// How a delivery ended. Every delivery ends in exactly one of these.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Outcome {
-    Processed,
-    Duplicate,
-    Omitted,
-    /// Copied to a retry queue or the DLQ, as the retry policy decided.
-    Diverted(Disposition),
-}
-
-impl Outcome {
-    /// A short name, for spans and logs: `processed`, `duplicate`,
-    /// `omitted`, `retry` or `parked`.
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            Outcome::Processed => "processed",
-            Outcome::Duplicate => "duplicate",
-            Outcome::Omitted => "omitted",
-            Outcome::Diverted(Disposition::RetryLater { .. }) => "retry",
-            Outcome::Diverted(Disposition::Park { .. }) => "parked",
-        }
-    }
-}
-
-/// A delivery that could not be settled; it is left unacked, and the
-/// caller must drop the connection so the broker redelivers it.
-#[derive(Debug, thiserror::Error)]
-pub enum SettleError {
-    #[error(transparent)]
-    Publish(#[from] PublishError),
-    #[error("ack failed: {0}")]
-    Ack(#[source] lapin::Error),
-}
-
-/// What happens to a delivery, as the pipeline goes. Metrics and tests
-/// follow the worker through these.
-#[derive(Debug)]
-pub enum Event<'a> {
-    /// Before anything is done with it.
-    Received(&'a Delivery),
-    /// Acked, with its outcome and how the handling went.
-    Settled(&'a Delivery, &'a Outcome, &'a Handling),
-    /// Left unacked for redelivery; the session ends.
-    Unsettled(&'a Delivery, &'a SettleError),
-    /// Dropped unfinished at the end of the grace period (see
-    /// [`Pipeline::cut_off`]): left unacked for redelivery.
-    CutOff(&'a Delivery),
-}
-
-/// How a settled delivery was handled: what metrics need besides the
-/// outcome.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Handling {
-    /// The envelope's `type`, once decoded (`None` when it was not).
-    pub message_type: Option<String>,
-    /// Runs of the transaction after the first, in process (stage 1).
-    pub in_process_retries: u32,
-    /// From receipt to settlement.
-    pub elapsed: Duration,
-}
-
 /// A delivery ready to be acked, with its outcome and handling so far.
-struct Settled<'d> {
+struct Resolved<'d> {
     delivery: &'d Delivery,
     outcome: Outcome,
     handling: Handling,
@@ -120,13 +60,10 @@ struct Settled<'d> {
 
 /// A delivery whose processing ended: how, and when it was received.
 struct Ended<'d> {
-    one: Settled<'d>,
+    one: Resolved<'d>,
     received: DateTime<Utc>,
     processed: Result<Outcome, Failed>,
 }
-
-/// Called with every [`Event`].
-pub type EventHook = Arc<dyn Fn(&Event<'_>) + Send + Sync>;
 
 /// A decoded delivery with its handler, or how it ended without one (with
 /// its type, when it was decoded).
@@ -170,9 +107,9 @@ pub struct Outlet {
     pub acks: Acks,
 }
 
-impl<'d> Settled<'d> {
-    fn new(delivery: &'d Delivery, message_type: Option<String>, started: Instant, span: Span) -> Settled<'d> {
-        Settled {
+impl<'d> Resolved<'d> {
+    fn new(delivery: &'d Delivery, message_type: Option<String>, started: Instant, span: Span) -> Resolved<'d> {
+        Resolved {
             delivery,
             outcome: Outcome::Processed,
             handling: Handling {
@@ -219,9 +156,9 @@ impl Pipeline {
                 Admission::Run(permit) => (permit, self.process(delivery, received, &mut handling).await),
                 Admission::Fail(permit, failure) => (permit, Err(Failed::untyped(failure))),
             };
-            let one = Settled {
+            let one = Resolved {
                 handling,
-                ..Settled::new(delivery, None, started, Span::current())
+                ..Resolved::new(delivery, None, started, Span::current())
             };
             self.settle_all(
                 vec![Ended {
@@ -291,7 +228,7 @@ impl Pipeline {
             match self.prepare_caught(delivery, received, &span) {
                 Prepared::Apply(message, handler) => ready.push((delivery, received, message, handler, span)),
                 Prepared::Done(processed, message_type) => {
-                    let one = Settled::new(delivery, message_type, started, span);
+                    let one = Resolved::new(delivery, message_type, started, span);
                     ended.push(Ended {
                         one,
                         received,
@@ -317,7 +254,7 @@ impl Pipeline {
             });
         let finished = join_all(finished).await;
         for ((delivery, received, message, _, span), (processed, retries)) in ready.into_iter().zip(finished) {
-            let mut one = Settled::new(delivery, Some(message.message_type.clone()), started, span);
+            let mut one = Resolved::new(delivery, Some(message.message_type.clone()), started, span);
             one.handling.in_process_retries = retries;
             let processed = processed.map_err(|failure| Failed {
                 message_type: Some(message.message_type),
@@ -398,7 +335,7 @@ impl Pipeline {
     }
 
     /// Acks settled deliveries together (see [`Acks`]) and tells the hooks.
-    async fn ack(&self, settled: &[Settled<'_>], outlet: &Outlet) -> Result<(), SettleError> {
+    async fn ack(&self, settled: &[Resolved<'_>], outlet: &Outlet) -> Result<(), SettleError> {
         let tags: Vec<u64> = settled.iter().map(|one| one.delivery.delivery_tag).collect();
         match outlet.acks.ack(&tags).await {
             Ok(()) => {

@@ -25,7 +25,8 @@ use crate::acks::Acks;
 use crate::batch;
 use crate::broker::{self, BlockedHook, Publisher};
 use crate::metrics::Metrics;
-use crate::pipeline::{Outlet, Pipeline, SettleError};
+use crate::outcome::SettleError;
+use crate::pipeline::{Outlet, Pipeline};
 use crate::topology::{Topology, TopologyError};
 
 /// How long closing a channel or connection may take.

@@ -7,23 +7,7 @@ use chrono::{DateTime, Utc};
 use serde_json::{Map, Value};
 
 use crate::envelope::{parse_time, truncate_chars};
-
-/// Why `data` does not fit its handler. Always permanent.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("data.{field} {problem}")]
-pub struct ValidationError {
-    pub field: String,
-    pub problem: String,
-}
-
-impl ValidationError {
-    pub fn new(field: &str, problem: impl Into<String>) -> ValidationError {
-        ValidationError {
-            field: field.to_owned(),
-            problem: problem.into(),
-        }
-    }
-}
+pub use crate::failure::ValidationError;
 
 /// The `data` object of a message.
 pub struct Fields<'a>(&'a Map<String, Value>);

@@ -23,12 +23,6 @@ use sqlx::PgConnection;
 use crate::envelope::{Kind, Message};
 use crate::failure::Failure;
 
-pub use fields::ValidationError;
-
-/// Exchange that device messages from commands are published to, so MQTT
-/// devices get them through RabbitMQ's MQTT plugin.
-pub const DEVICE_EXCHANGE: &str = "amq.topic";
-
 /// Applies one message's effect inside the caller's transaction.
 pub type ApplyFn = for<'a> fn(&'a mut PgConnection, &'a Message) -> BoxFuture<'a, Result<(), Failure>>;
 

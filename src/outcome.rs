@@ -1,0 +1,77 @@
+//! The words of the delivery flow (docs/architecture.md): how a delivery
+//! ended ([`Outcome`]), how it was handled ([`Handling`]), why it could not
+//! be settled ([`SettleError`]), and the [`Event`]s that metrics and tests
+//! follow. Every stage of the flow uses these; this module uses none of
+//! the stages, so no import goes back up.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use lapin::message::Delivery;
+
+use crate::broker::PublishError;
+use crate::retry::Disposition;
+
+/// How a delivery ended. Every delivery ends in exactly one of these.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Processed,
+    Duplicate,
+    Omitted,
+    /// Copied to a retry queue or the DLQ, as the retry policy decided.
+    Diverted(Disposition),
+}
+
+impl Outcome {
+    /// A short name, for spans and logs: `processed`, `duplicate`,
+    /// `omitted`, `retry` or `parked`.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Outcome::Processed => "processed",
+            Outcome::Duplicate => "duplicate",
+            Outcome::Omitted => "omitted",
+            Outcome::Diverted(Disposition::RetryLater { .. }) => "retry",
+            Outcome::Diverted(Disposition::Park { .. }) => "parked",
+        }
+    }
+}
+
+/// A delivery that could not be settled; it is left unacked, and the
+/// caller must drop the connection so the broker redelivers it.
+#[derive(Debug, thiserror::Error)]
+pub enum SettleError {
+    #[error(transparent)]
+    Publish(#[from] PublishError),
+    #[error("ack failed: {0}")]
+    Ack(#[source] lapin::Error),
+}
+
+/// What happens to a delivery, as the pipeline goes. Metrics and tests
+/// follow the worker through these.
+#[derive(Debug)]
+pub enum Event<'a> {
+    /// Before anything is done with it.
+    Received(&'a Delivery),
+    /// Acked, with its outcome and how the handling went.
+    Settled(&'a Delivery, &'a Outcome, &'a Handling),
+    /// Left unacked for redelivery; the session ends.
+    Unsettled(&'a Delivery, &'a SettleError),
+    /// Dropped unfinished at the end of the grace period (see
+    /// `Pipeline::cut_off`): left unacked for redelivery.
+    CutOff(&'a Delivery),
+}
+
+/// How a settled delivery was handled: what metrics need besides the
+/// outcome.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Handling {
+    /// The envelope's `type`, once decoded (`None` when it was not).
+    pub message_type: Option<String>,
+    /// Runs of the transaction after the first, in process (stage 1).
+    pub in_process_retries: u32,
+    /// From receipt to settlement.
+    pub elapsed: Duration,
+}
+
+/// Called with every [`Event`].
+pub type EventHook = Arc<dyn Fn(&Event<'_>) + Send + Sync>;

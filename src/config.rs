@@ -408,6 +408,14 @@ mod tests {
         }
     }
 
+    /// What a bare start and `docker compose up` read must not undo a
+    /// benchmarked default (docs/benchmarks.md, "Why these defaults").
+    #[test]
+    fn the_shipped_settings_file_keeps_every_default() {
+        let shipped = include_str!("../_storage/settings.json");
+        assert_eq!(load(Some(shipped), &[]).unwrap(), load(None, &[]).unwrap());
+    }
+
     #[test]
     fn defaults() {
         let s = load(None, &[]).unwrap();

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use common::observe::{QueueCounts, metric_value, queue_counts, rabbitmqctl_available, wait_for_seen};
 use common::proxy::{Proxy, upstream_of};
-use common::{Device, FAST_TOPOLOGY, RunningWorker, TestEnv, amqp_url, server_url, wait_for};
+use common::{Device, FAST_TOPOLOGY, OUTBOX_TOPOLOGY, RunningWorker, TestEnv, amqp_url, server_url, wait_for};
 use lapin::BasicProperties;
 use lapin::message::BasicGetMessage;
 use lapin::options::{QueueDeclareOptions, QueueDeleteOptions};
@@ -68,14 +68,6 @@ fn in_flight(worker: &RunningWorker) -> f64 {
 
 // ---------------------------------------------------------------------------
 // 1. Device messages: a returned one is never taken for a confirmed one.
-
-const OUTBOX_TOPOLOGY: &str = r#"
-queue_type = "classic"
-delivery_limit = 3
-[retry]
-delays = ["50ms"]
-max_attempts = 3
-"#;
 
 fn set_led(id: &str, device: &str) -> Vec<u8> {
     body(json!({"type": "SET_LED", "kind": "command", "id": id, "data": {"device_id": device, "state": "on"}}))

@@ -8,20 +8,12 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use common::proxy::{Proxy, upstream_of};
-use common::{Device, TestEnv, amqp_url, wait_for};
+use common::{Device, OUTBOX_TOPOLOGY, TestEnv, amqp_url, wait_for};
 use lapin::BasicProperties;
 use lapin::message::BasicGetMessage;
 use serde_json::json;
 
 const WORKER: &str = env!("CARGO_BIN_EXE_worker-iot-core");
-
-const TOPOLOGY: &str = r#"
-queue_type = "classic"
-delivery_limit = 3
-[retry]
-delays = ["50ms"]
-max_attempts = 3
-"#;
 
 fn set_led(id: &str, device: &str, state: &str) -> Vec<u8> {
     json!({"type": "SET_LED", "kind": "command", "id": id, "data": {"device_id": device, "state": state}})
@@ -58,7 +50,7 @@ fn message_id(message: &BasicGetMessage) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn commands_produce_exactly_their_device_messages() {
-    let env = TestEnv::new(TOPOLOGY).await;
+    let env = TestEnv::new(OUTBOX_TOPOLOGY).await;
     let device = Device::bind(&env).await;
     // Retention: a row published 8 days ago goes at start-up, one published
     // yesterday stays (default OUTBOX_RETENTION_DAYS = 7).
@@ -194,7 +186,7 @@ async fn publish_commands(env: &TestEnv, device: &Device, n: usize) -> BTreeSet<
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_between_commit_and_publish_loses_no_device_message() {
     const N: usize = 60;
-    let env = TestEnv::new(TOPOLOGY).await;
+    let env = TestEnv::new(OUTBOX_TOPOLOGY).await;
     let device = Device::bind(&env).await;
     let settings = env.settings_json();
     // With the relay off, every command commits and its device message
@@ -229,7 +221,7 @@ async fn kill_9_between_commit_and_publish_loses_no_device_message() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crash_between_publish_and_marking_duplicates_but_loses_nothing() {
     const N: usize = 60;
-    let env = TestEnv::new(TOPOLOGY).await;
+    let env = TestEnv::new(OUTBOX_TOPOLOGY).await;
     let device = Device::bind(&env).await;
     let settings = env.settings_json();
     // The test hook aborts the process after the broker confirmed a batch
@@ -277,7 +269,7 @@ async fn a_crash_between_publish_and_marking_duplicates_but_loses_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rows_pending_while_the_broker_is_cut_are_delivered_when_it_returns() {
     const N: usize = 40;
-    let env = TestEnv::new(TOPOLOGY).await;
+    let env = TestEnv::new(OUTBOX_TOPOLOGY).await;
     let device = Device::bind(&env).await;
     let proxy = Proxy::start(upstream_of(&amqp_url())).await;
     let worker = env.spawn_worker_with(env.settings(&[("AMQP_URL", &proxy.url_for(&amqp_url()))]), None);
@@ -316,7 +308,7 @@ async fn rows_pending_while_the_broker_is_cut_are_delivered_when_it_returns() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_relay_rides_out_a_database_outage() {
     const N: usize = 30;
-    let env = TestEnv::new(TOPOLOGY).await;
+    let env = TestEnv::new(OUTBOX_TOPOLOGY).await;
     let device = Device::bind(&env).await;
     let proxy = Proxy::start(upstream_of(&env.database_url)).await;
     let worker = env.spawn_worker_with(
@@ -352,7 +344,7 @@ async fn the_relay_rides_out_a_database_outage() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_workers_relay_one_outbox_without_publishing_a_row_twice() {
     const N: usize = 400;
-    let env = TestEnv::new(TOPOLOGY).await;
+    let env = TestEnv::new(OUTBOX_TOPOLOGY).await;
     let device = Device::bind(&env).await;
     let settings = env.settings_json();
     let mut first = env.spawn_binary(WORKER, &settings, &[], "first");

@@ -9,16 +9,8 @@ use std::time::Duration;
 
 use common::observe::wait_for_seen;
 use common::proxy::{Proxy, upstream_of};
-use common::{Device, RunningWorker, TestEnv, amqp_url};
+use common::{Device, OUTBOX_TOPOLOGY, RunningWorker, TestEnv, amqp_url};
 use worker_iot_core::broker::CONFIRM_TIMEOUT;
-
-const TOPOLOGY: &str = r#"
-queue_type = "classic"
-delivery_limit = 3
-[retry]
-delays = ["50ms"]
-max_attempts = 3
-"#;
 
 /// Device messages written while the confirms are late.
 const ROWS: usize = 20;
@@ -68,7 +60,7 @@ async fn worker_behind(env: &TestEnv, device: &Device, proxy: &Proxy) -> Running
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broker_that_confirms_eleven_seconds_late_never_sends_a_command_more_than_its_counted_attempts() {
     assert!(LATE > CONFIRM_TIMEOUT, "the confirms must come after the timeout");
-    let env = TestEnv::new(TOPOLOGY).await;
+    let env = TestEnv::new(OUTBOX_TOPOLOGY).await;
     let device = Device::bind(&env).await;
     let proxy = Proxy::start(upstream_of(&amqp_url())).await;
     let worker = worker_behind(&env, &device, &proxy).await;

@@ -48,6 +48,16 @@ exchange = "amq.topic"
 routing_key = "{queue}.#"
 "#;
 
+/// A topology with one fast retry and no bindings, for tests of the
+/// outbox and its relay.
+pub const OUTBOX_TOPOLOGY: &str = r#"
+queue_type = "classic"
+delivery_limit = 3
+[retry]
+delays = ["50ms"]
+max_attempts = 3
+"#;
+
 pub fn amqp_url() -> String {
     std::env::var("AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
 }

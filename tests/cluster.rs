@@ -106,18 +106,25 @@ async fn take_cluster() -> Option<MutexGuard<'static, ()>> {
     Some(guard)
 }
 
-/// The node that leads `queue`.
+/// The node that leads `queue`. Right after its leader's node stops, a
+/// quorum queue can be missing from `list_queues` (the listing skips a
+/// queue that does not answer in time), so this waits until it is listed
+/// with a leader on the cluster.
 async fn leader_of(queue: &str) -> u8 {
-    let listing = ctl(3, &["list_queues", "name", "leader", "--no-table-headers"]).await;
-    let leader = listing
-        .lines()
-        .filter_map(|line| line.split_once('\t'))
-        .find(|(name, _)| *name == queue)
-        .map(|(_, leader)| leader.trim().to_owned())
-        .unwrap_or_else(|| panic!("{queue} is not listed: {listing}"));
-    (1..=3)
-        .find(|n| leader == node_name(*n))
-        .unwrap_or_else(|| panic!("{queue} has no leader on the cluster: {leader:?}"))
+    wait_for(
+        &format!("{queue} listed with a leader on the cluster"),
+        WAIT,
+        || async {
+            let listing = ctl(3, &["list_queues", "name", "leader", "--no-table-headers"]).await;
+            let leader = listing
+                .lines()
+                .filter_map(|line| line.split_once('\t'))
+                .find(|(name, _)| *name == queue)
+                .map(|(_, leader)| leader.trim().to_owned())?;
+            (1..=3).find(|n| leader == node_name(*n))
+        },
+    )
+    .await
 }
 
 /// The members of quorum queue `queue`, as rabbitmqctl lists them.

@@ -31,7 +31,7 @@ use std::time::Duration;
 
 use load::Layers;
 pub use load::{Loaded, SettingsFile, Warnings};
-pub use secret::{Secret, SecretUrl, mask_loosely, mask_password, mask_passwords};
+pub use secret::{SecretUrl, mask_loosely, mask_password, mask_passwords};
 use values::{
     host_name, integer, log_filter, message_types, on_off, otlp_endpoint, queue_name, service_name, topology_path,
 };

@@ -1,8 +1,7 @@
 //! Secrets as types: a [`SecretUrl`] (a password-bearing URL, or several
-//! separated by commas) and a [`Secret`] (a token) print masked through
-//! `Debug` and `Display`, so neither a log line, an error nor a `{:?}` of
-//! the settings can show them. Code that needs the real value asks for it by
-//! name, with `expose()`.
+//! separated by commas) prints masked through `Debug` and `Display`, so
+//! neither a log line, an error nor a `{:?}` of the settings can show it.
+//! Code that needs the real value asks for it by name, with `expose()`.
 //!
 //! The masking functions are here too: [`mask_password`] for a URL that
 //! parses, and [`mask_loosely`] for any text a user may have written (a
@@ -58,34 +57,6 @@ impl fmt::Debug for SecretUrl {
 impl fmt::Display for SecretUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.masked)
-    }
-}
-
-/// A secret with no structure worth showing (an API token): `Debug` and
-/// `Display` print `****` whatever it holds.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Secret<T>(T);
-
-impl<T> Secret<T> {
-    pub fn new(value: T) -> Secret<T> {
-        Secret(value)
-    }
-
-    /// The secret itself, for the code that uses it: never print it.
-    pub fn expose(&self) -> &T {
-        &self.0
-    }
-}
-
-impl<T> fmt::Debug for Secret<T> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Secret({MASK})")
-    }
-}
-
-impl<T> fmt::Display for Secret<T> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(MASK)
     }
 }
 
@@ -209,9 +180,6 @@ mod tests {
             url.expose(),
             "amqp://iot:S3cretPW@rabbit:5672/%2f,amqp://iot:S3cretPW@b/%2f"
         );
-        let token = Secret::new("t0ken".to_owned());
-        assert_eq!(format!("{token} {token:?}"), "**** Secret(****)");
-        assert_eq!(token.expose(), "t0ken");
     }
 
     #[test]

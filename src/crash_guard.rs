@@ -26,6 +26,7 @@ use std::collections::HashMap;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
+use futures_util::future::BoxFuture;
 use lapin::message::Delivery;
 use sha2::{Digest, Sha256};
 use sqlx::PgPool;
@@ -50,8 +51,63 @@ pub struct CrashGuard {
     in_flight: Mutex<HashMap<String, u32>>,
 }
 
+/// Who may run when: the admission layer of the delivery flow.
+pub trait Admission: Send + Sync {
+    /// Waits until `deliveries` (first deliveries, or one redelivered
+    /// delivery alone) may run.
+    fn admit<'a>(&'a self, deliveries: &'a [Delivery]) -> BoxFuture<'a, Admitted<'a>>;
+
+    /// A delivery whose run was cut off by the end of the shutdown grace
+    /// period.
+    fn cut_off<'a>(&'a self, delivery: &'a Delivery) -> BoxFuture<'a, ()>;
+}
+
+/// Deliveries let in.
+pub struct Admitted<'a> {
+    /// Held until they are settled.
+    pub permit: Box<dyn Release<'a> + 'a>,
+    /// For each delivery, the failure to settle it with instead of running
+    /// it, if it may not run.
+    pub refused: Vec<Option<Failure>>,
+}
+
+/// Ends an admission once its deliveries are settled.
+pub trait Release<'a>: Send {
+    fn settled(self: Box<Self>) -> BoxFuture<'a, ()>;
+}
+
+impl Admission for CrashGuard {
+    fn admit<'a>(&'a self, deliveries: &'a [Delivery]) -> BoxFuture<'a, Admitted<'a>> {
+        Box::pin(async move {
+            let (permit, refused) = match deliveries {
+                [one] => match self.admit_one(one).await {
+                    Verdict::Run(permit) => (permit, None),
+                    Verdict::Fail(permit, failure) => (permit, Some(failure)),
+                },
+                _ => (self.share().await, None),
+            };
+            let mut refused = vec![refused];
+            refused.resize_with(deliveries.len(), || None);
+            Admitted {
+                permit: Box::new(permit),
+                refused,
+            }
+        })
+    }
+
+    fn cut_off<'a>(&'a self, delivery: &'a Delivery) -> BoxFuture<'a, ()> {
+        Box::pin(self.take_back(delivery))
+    }
+}
+
+impl<'a> Release<'a> for Permit<'a> {
+    fn settled(self: Box<Self>) -> BoxFuture<'a, ()> {
+        Box::pin((*self).settled())
+    }
+}
+
 /// Whether a delivery may run.
-pub enum Admission<'a> {
+enum Verdict<'a> {
     Run(Permit<'a>),
     /// Settle it with this failure instead of running it: a crash loop
     /// (parked), or a database error while counting (retried later).
@@ -85,7 +141,7 @@ impl CrashGuard {
     }
 
     /// Lets first deliveries run (a batch of them) alongside others.
-    pub async fn share(&self) -> Permit<'_> {
+    async fn share(&self) -> Permit<'_> {
         Permit {
             guard: self,
             _lock: Lock::Shared {
@@ -97,9 +153,9 @@ impl CrashGuard {
 
     /// Lets a first delivery run alongside others; makes a redelivered one
     /// wait to run alone, then counts it, and refuses it at the limit.
-    pub async fn admit<'a>(&'a self, delivery: &Delivery) -> Admission<'a> {
+    async fn admit_one<'a>(&'a self, delivery: &Delivery) -> Verdict<'a> {
         if !delivery.redelivered {
-            return Admission::Run(self.share().await);
+            return Verdict::Run(self.share().await);
         }
         // Copies with the same id and body share one count row: only the
         // last of them in flight here forgets it.
@@ -117,14 +173,14 @@ impl CrashGuard {
             redelivered: Some(copy),
         };
         match counted {
-            Ok(redeliveries) if redeliveries.saturating_add(1) >= self.limit => Admission::Fail(
+            Ok(redeliveries) if redeliveries.saturating_add(1) >= self.limit => Verdict::Fail(
                 permit,
                 Failure::CrashLoop {
                     deliveries: redeliveries.saturating_add(1),
                 },
             ),
-            Ok(_) => Admission::Run(permit),
-            Err(e) => Admission::Fail(permit, Failure::Database(e)),
+            Ok(_) => Verdict::Run(permit),
+            Err(e) => Verdict::Fail(permit, Failure::Database(e)),
         }
     }
 
@@ -132,7 +188,7 @@ impl CrashGuard {
     /// shutdown grace period: that was no crash, so the count its run added
     /// is taken back (a slow message must not be parked as a crash loop by
     /// rolling restarts). Bounded, since the process is stopping.
-    pub async fn cut_off(&self, delivery: &Delivery) {
+    async fn take_back(&self, delivery: &Delivery) {
         if !delivery.redelivered {
             return;
         }
@@ -159,7 +215,7 @@ impl CrashGuard {
 impl Permit<'_> {
     /// The delivery was settled: its count is forgotten, once no other copy
     /// of it is in flight here.
-    pub async fn settled(self) {
+    async fn settled(self) {
         let Some(copy) = &self.redelivered else {
             return;
         };

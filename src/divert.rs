@@ -6,6 +6,7 @@
 use chrono::{DateTime, Utc};
 use lapin::BasicProperties;
 
+use crate::envelope::MessageType;
 use crate::failure::Failed;
 use crate::headers::{self, FailureRecord};
 use crate::outcome::Outcome;
@@ -51,7 +52,7 @@ pub fn plan(origin: &Origin<'_>, failed: &Failed, topology: &Topology, writer: W
     let error = failed.failure.to_string();
     let record = FailureRecord {
         kind,
-        message_type: failed.message_type.as_deref(),
+        message_type: failed.message_type.as_ref().map(MessageType::as_str),
         error: &error,
         retry_count,
         now_ms: now.timestamp_millis(),
@@ -97,7 +98,7 @@ mod tests {
             received: Utc.timestamp_millis_opt(7).unwrap(),
         };
         let failed = Failed {
-            message_type: Some("MEASUREMENT".into()),
+            message_type: Some(MessageType::Handled("MEASUREMENT")),
             failure,
         };
         plan(

@@ -51,6 +51,39 @@ pub enum IdSource {
     BodyHash,
 }
 
+/// A message's `type` as the delivery flow carries it: the handler table's
+/// own name for a type it has (a `&'static str`, free to copy), or the text
+/// of a type it does not know.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MessageType {
+    Handled(&'static str),
+    Unknown(std::sync::Arc<str>),
+}
+
+impl MessageType {
+    pub fn as_str(&self) -> &str {
+        match self {
+            MessageType::Handled(name) => name,
+            MessageType::Unknown(name) => name,
+        }
+    }
+
+    /// The `type` label of a metric: a type without a handler is `unknown`,
+    /// so a sender cannot grow the label set.
+    pub fn label(&self) -> &'static str {
+        match self {
+            MessageType::Handled(name) => name,
+            MessageType::Unknown(_) => "unknown",
+        }
+    }
+}
+
+impl std::fmt::Display for MessageType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// A decoded, envelope-valid message. Its `data` is not yet validated: that
 /// is the handler's job.
 #[derive(Debug, Clone, PartialEq)]

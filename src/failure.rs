@@ -8,7 +8,7 @@
 
 use std::fmt;
 
-use crate::envelope::DecodeError;
+use crate::envelope::{DecodeError, MessageType};
 
 /// The `iot-error-kind` header values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -105,7 +105,7 @@ pub enum Failure {
 /// the envelope could be decoded that far.
 #[derive(Debug)]
 pub struct Failed {
-    pub message_type: Option<String>,
+    pub message_type: Option<MessageType>,
     pub failure: Failure,
 }
 
@@ -120,6 +120,11 @@ impl Failed {
 }
 
 impl Failure {
+    /// A panic, with the text of its payload.
+    pub fn from_panic(payload: &(dyn std::any::Any + Send)) -> Failure {
+        Failure::Panic(panic_text(payload))
+    }
+
     /// Whether running the same transaction again may succeed.
     pub fn is_transient(&self) -> bool {
         match self {
@@ -190,6 +195,15 @@ pub fn is_transient_database_error(error: &sqlx::Error) -> bool {
         // not found, type errors) is a bug that retrying cannot fix.
         _ => false,
     }
+}
+
+/// The text of a panic's payload.
+pub fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "non-string panic payload".into())
 }
 
 #[cfg(test)]

@@ -36,7 +36,6 @@ pub mod store;
 pub mod telemetry;
 
 mod acks;
-mod batch;
 mod crash_guard;
 mod divert;
 mod failure;
@@ -51,6 +50,7 @@ mod relay;
 mod retry;
 mod session;
 mod topology;
+mod transaction;
 mod worker;
 
 pub use failure::ErrorKind;

@@ -20,8 +20,8 @@ use std::sync::{Mutex, PoisonError};
 use metrics::{Counter, Gauge, Key, KeyName, Label, Level, Metadata, Recorder, SharedString, Unit};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
 
+use crate::envelope::MessageType;
 use crate::failure::ErrorKind;
-use crate::handlers::HANDLERS;
 use crate::outbox::Stats;
 use crate::outcome::{Event, Handling, Outcome};
 use crate::retry::{Disposition, RetryPolicy};
@@ -64,10 +64,8 @@ static METADATA: Metadata<'static> = Metadata::new(module_path!(), Level::INFO, 
 /// The `type` label of a message type: the type itself when a handler
 /// knows it, `unknown` otherwise (undecodable or unhandled), so a producer
 /// cannot create series at will.
-fn type_label(message_type: Option<&str>) -> &'static str {
-    message_type
-        .and_then(|t| HANDLERS.iter().find(|h| h.message_type == t))
-        .map_or("unknown", |h| h.message_type)
+fn type_label(message_type: Option<&MessageType>) -> &'static str {
+    message_type.map_or("unknown", MessageType::label)
 }
 
 /// The worker's live state: metrics and readiness.
@@ -184,7 +182,7 @@ impl Metrics {
     }
 
     fn record(&self, outcome: &Outcome, handling: &Handling, retry: &RetryPolicy) {
-        let message_type = type_label(handling.message_type.as_deref());
+        let message_type = type_label(handling.message_type.as_ref());
         let (label, kind) = match outcome {
             Outcome::Processed => {
                 self.processed.fetch_add(1, Ordering::Relaxed);
@@ -501,8 +499,11 @@ mod tests {
 
     #[test]
     fn unhandled_types_share_one_label() {
-        assert_eq!(type_label(Some("MEASUREMENT")), "MEASUREMENT");
-        assert_eq!(type_label(Some("NO_SUCH_TYPE")), "unknown");
+        assert_eq!(type_label(Some(&MessageType::Handled("MEASUREMENT"))), "MEASUREMENT");
+        assert_eq!(
+            type_label(Some(&MessageType::Unknown("NO_SUCH_TYPE".into()))),
+            "unknown"
+        );
         assert_eq!(type_label(None), "unknown");
     }
 

@@ -1,15 +1,18 @@
 //! The words of the delivery flow (docs/architecture.md): how a delivery
 //! ended ([`Outcome`]), how it was handled ([`Handling`]), why it could not
-//! be settled ([`SettleError`]), and the [`Event`]s that metrics and tests
-//! follow. Every stage of the flow uses these; this module uses none of
+//! be settled ([`SettleError`]), the [`Event`]s that metrics and tests
+//! follow, and the broker side the flow settles through ([`Outlet`]). Every stage of the flow uses these; this module uses none of
 //! the stages, so no import goes back up.
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::future::BoxFuture;
+use lapin::BasicProperties;
 use lapin::message::Delivery;
 
 use crate::broker::PublishError;
+use crate::envelope::MessageType;
 use crate::retry::Disposition;
 
 /// How a delivery ended. Every delivery ends in exactly one of these.
@@ -66,7 +69,7 @@ pub enum Event<'a> {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Handling {
     /// The envelope's `type`, once decoded (`None` when it was not).
-    pub message_type: Option<String>,
+    pub message_type: Option<MessageType>,
     /// Runs of the transaction after the first, in process (stage 1).
     pub in_process_retries: u32,
     /// From receipt to settlement.
@@ -75,3 +78,22 @@ pub struct Handling {
 
 /// Called with every [`Event`].
 pub type EventHook = Arc<dyn Fn(&Event<'_>) + Send + Sync>;
+
+/// Where a broker session's settlements go: the consumer channel's acks
+/// and a confirmed publisher for copies.
+pub trait Outlet: Send + Sync {
+    /// The connection's negotiated frame size: a copy's headers must fit.
+    fn frame_max(&self) -> usize;
+
+    /// Acks settled deliveries together.
+    fn ack<'a>(&'a self, tags: &'a [u64]) -> BoxFuture<'a, Result<(), lapin::Error>>;
+
+    /// Publishes a copy through the default exchange and waits for the
+    /// broker's confirm.
+    fn publish<'a>(
+        &'a self,
+        routing_key: &'a str,
+        body: &'a [u8],
+        properties: BasicProperties,
+    ) -> BoxFuture<'a, Result<(), PublishError>>;
+}

@@ -1,6 +1,7 @@
-//! One delivery, from bytes to settlement (docs/reliability.md, "Outcomes";
-//! docs/architecture.md, "One delivery, file by file"): admit → process →
-//! settle.
+//! One delivery flow, from bytes to settlement (docs/reliability.md,
+//! "Outcomes"; docs/architecture.md, "One delivery, file by file"):
+//! admit → prepare → apply → settle. A batch of first deliveries and a lone
+//! redelivery take the same path; a single delivery is a batch of one.
 //!
 //! Ordering invariants, the heart of the no-loss promise:
 //!
@@ -16,37 +17,35 @@
 //! the handler and the commit) and the publish of a retry or DLQ copy,
 //! which carries the publish span's context on. A batch's shared
 //! transaction has a span of its own, linked to each delivery's span.
+//!
+//! The broker side ([`Outlet`]), admission ([`Admission`]) and the
+//! transaction ([`Apply`]) are given to the pipeline, so the flow's
+//! decisions are unit-tested with fakes of each (see the tests below).
 
 use std::collections::BTreeSet;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Instant;
 
-use backon::Retryable;
 use chrono::{DateTime, Utc};
-use futures_util::FutureExt;
 use futures_util::future::join_all;
 use lapin::message::Delivery;
-use opentelemetry::trace::{Status, TraceContextExt};
-use sqlx::{Connection, PgPool};
+use opentelemetry::trace::Status;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, Span};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
-use crate::acks::Acks;
-use crate::batch::{self, Applied};
-use crate::broker::Publisher;
-use crate::crash_guard::{Admission, CrashGuard};
+use crate::crash_guard::{Admission, Admitted};
 use crate::divert::{self, Origin, Writer};
-use crate::envelope::{self, Message};
+use crate::envelope::{self, Message, MessageType};
 use crate::failure::{Failed, Failure};
 use crate::handlers::{self, Handler};
 use crate::headers;
-use crate::outcome::{Event, EventHook, Handling, Outcome, SettleError};
+use crate::outcome::{Event, EventHook, Handling, Outcome, Outlet, SettleError};
 use crate::retry::Disposition;
-use crate::store;
 use crate::telemetry;
 use crate::topology::Topology;
+use crate::transaction::{Apply, Item, Retries};
 
 /// A delivery ready to be acked, with its outcome and handling so far.
 struct Resolved<'d> {
@@ -69,46 +68,48 @@ struct Ended<'d> {
 /// its type, when it was decoded).
 enum Prepared {
     Apply(Message, &'static Handler),
-    Done(Result<Outcome, Failed>, Option<String>),
+    Done(Result<Outcome, Failed>, Option<MessageType>),
+}
+
+/// A delivery about to be applied.
+struct Ready<'d> {
+    delivery: &'d Delivery,
+    received: DateTime<Utc>,
+    span: Span,
+    message: Message,
+    handler: &'static Handler,
 }
 
 /// How deliveries are processed: built once at start-up, shared by every
 /// broker session.
 pub struct Pipeline {
-    pool: PgPool,
     topology: Arc<Topology>,
     events_to_omit: BTreeSet<String>,
     max_message_bytes: usize,
     /// `host/version`, for `iot-failed-by`.
     failed_by: String,
-    /// Once cancelled, no new in-process retry starts.
-    shutdown: CancellationToken,
-    crash_guard: CrashGuard,
+    admission: Arc<dyn Admission>,
+    retries: Retries,
     hooks: Vec<EventHook>,
 }
 
-/// The pipeline's settings, from the worker's.
+/// The pipeline's settings and layers, from the worker's.
 pub struct PipelineConfig {
-    pub pool: PgPool,
     pub topology: Arc<Topology>,
     pub events_to_omit: BTreeSet<String>,
     pub max_message_bytes: usize,
     pub failed_by: String,
+    /// Once cancelled, no new in-process retry starts.
     pub shutdown: CancellationToken,
     pub hooks: Vec<EventHook>,
-}
-
-/// Where one broker session's settlements go: its confirmed publisher for
-/// copies, the connection's negotiated frame size (a copy's headers must
-/// fit), and the consumer channel's acks.
-pub struct Outlet {
-    pub publisher: Publisher,
-    pub frame_max: usize,
-    pub acks: Acks,
+    /// Who may run when: the crash guard.
+    pub admission: Arc<dyn Admission>,
+    /// The transaction, with its layers (see [`crate::transaction`]).
+    pub apply: Arc<dyn Apply>,
 }
 
 impl<'d> Resolved<'d> {
-    fn new(delivery: &'d Delivery, message_type: Option<String>, started: Instant, span: Span) -> Resolved<'d> {
+    fn new(delivery: &'d Delivery, message_type: Option<MessageType>, started: Instant, span: Span) -> Resolved<'d> {
         Resolved {
             delivery,
             outcome: Outcome::Processed,
@@ -125,55 +126,113 @@ impl<'d> Resolved<'d> {
 impl Pipeline {
     pub fn new(config: PipelineConfig) -> Pipeline {
         Pipeline {
-            crash_guard: CrashGuard::new(config.pool.clone(), config.topology.crash_loop_limit()),
-            pool: config.pool,
+            retries: Retries {
+                apply: config.apply,
+                policy: config.topology.retry.clone(),
+                shutdown: config.shutdown,
+            },
             topology: config.topology,
             events_to_omit: config.events_to_omit,
             max_message_bytes: config.max_message_bytes,
             failed_by: config.failed_by,
-            shutdown: config.shutdown,
+            admission: config.admission,
             hooks: config.hooks,
         }
     }
 
-    pub fn crash_guard(&self) -> &CrashGuard {
-        &self.crash_guard
-    }
-
-    /// Processes one delivery and settles it, telling the hooks.
+    /// Processes deliveries together and settles each, telling the hooks:
+    /// first deliveries in a batch, or one redelivered delivery alone.
+    /// Their handlers run in one transaction; a message whose run failed
+    /// goes on alone, with the in-process attempts it has left.
     ///
     /// # Errors
-    /// A [`SettleError`] when the delivery could not be settled.
-    pub async fn handle(&self, delivery: &Delivery, outlet: &Outlet) -> Result<(), SettleError> {
+    /// A [`SettleError`] for the first delivery that could not be settled;
+    /// the others are settled (see [`Pipeline::settle_all`]).
+    pub async fn handle(&self, deliveries: &[Delivery], outlet: &dyn Outlet) -> Result<(), SettleError> {
         let started = Instant::now();
-        let span = self.delivery_span(delivery);
+        let spans: Vec<Span> = deliveries.iter().map(|d| self.delivery_span(d)).collect();
+        // A delivery alone is handled inside its span, admission included.
+        let current = match spans.as_slice() {
+            [one] => one.clone(),
+            _ => Span::none(),
+        };
         async {
-            self.emit(&Event::Received(delivery));
-            // The time of an envelope without `time`: the same on every attempt.
-            let received = headers::first_received(&delivery.properties).unwrap_or_else(Utc::now);
-            let mut handling = Handling::default();
-            let (permit, processed) = match self.crash_guard.admit(delivery).await {
-                Admission::Run(permit) => (permit, self.process(delivery, received, &mut handling).await),
-                Admission::Fail(permit, failure) => (permit, Err(Failed::untyped(failure))),
-            };
-            let one = Resolved {
-                handling,
-                ..Resolved::new(delivery, None, started, Span::current())
-            };
-            self.settle_all(
-                vec![Ended {
-                    one,
-                    received,
-                    processed,
-                }],
-                outlet,
-            )
-            .await?;
+            for (delivery, span) in deliveries.iter().zip(&spans) {
+                span.in_scope(|| self.emit(&Event::Received(delivery)));
+            }
+            let Admitted { permit, refused } = self.admission.admit(deliveries).await;
+            let mut ended = Vec::with_capacity(deliveries.len());
+            let mut ready = Vec::with_capacity(deliveries.len());
+            for ((delivery, span), refusal) in deliveries.iter().zip(spans).zip(refused) {
+                // The time of an envelope without `time`: the same on every attempt.
+                let received = headers::first_received(&delivery.properties).unwrap_or_else(Utc::now);
+                let prepared = match refusal {
+                    Some(failure) => Prepared::Done(Err(Failed::untyped(failure)), None),
+                    None => self.prepare_caught(delivery, received, &span),
+                };
+                match prepared {
+                    Prepared::Apply(message, handler) => ready.push(Ready {
+                        delivery,
+                        received,
+                        span,
+                        message,
+                        handler,
+                    }),
+                    Prepared::Done(processed, message_type) => ended.push(Ended {
+                        one: Resolved::new(delivery, message_type, started, span),
+                        received,
+                        processed,
+                    }),
+                }
+            }
+            ended.extend(self.apply(ready, started).await);
+            self.settle_all(ended, outlet).await?;
             permit.settled().await;
             Ok(())
         }
-        .instrument(span)
+        .instrument(current)
         .await
+    }
+
+    /// Runs the decoded deliveries' handlers (stage 1 included) and says
+    /// how each ended.
+    async fn apply<'d>(&self, ready: Vec<Ready<'d>>, started: Instant) -> Vec<Ended<'d>> {
+        let items: Vec<Item<'_>> = ready.iter().map(|r| (&r.message, r.handler)).collect();
+        let spans: Vec<Span> = ready.iter().map(|r| r.span.clone()).collect();
+        let tried = self.retries.run(&items, &spans).await;
+        drop(items);
+        ready
+            .into_iter()
+            .zip(tried)
+            .map(|(r, tried)| {
+                let message_type = MessageType::Handled(r.handler.message_type);
+                let mut one = Resolved::new(r.delivery, Some(message_type.clone()), started, r.span);
+                one.handling.in_process_retries = tried.in_process_retries;
+                Ended {
+                    one,
+                    received: r.received,
+                    processed: tried.result.map_err(|failure| Failed {
+                        message_type: Some(message_type),
+                        failure,
+                    }),
+                }
+            })
+            .collect()
+    }
+
+    /// Deliveries whose run was cut off by the end of the shutdown grace
+    /// period: left unacked for redelivery (see [`Admission::cut_off`]).
+    pub async fn cut_off(&self, deliveries: &[Delivery]) {
+        for delivery in deliveries {
+            self.emit(&Event::CutOff(delivery));
+            self.admission.cut_off(delivery).await;
+        }
+    }
+
+    fn emit(&self, event: &Event<'_>) {
+        for hook in &self.hooks {
+            hook(event);
+        }
     }
 
     /// The span of one delivery, the child of the trace context in its
@@ -208,82 +267,6 @@ impl Pipeline {
         span
     }
 
-    /// Processes first deliveries (none redelivered) together: their
-    /// handlers run in one transaction (see [`batch`]), and each is settled
-    /// on its own, in order, once it committed. A message whose run failed
-    /// goes on alone, with the in-process attempts it has left.
-    ///
-    /// # Errors
-    /// A [`SettleError`] for the first delivery that could not be settled;
-    /// the others are settled (see [`Pipeline::settle_all`]).
-    pub async fn handle_batch(&self, deliveries: &[Delivery], outlet: &Outlet) -> Result<(), SettleError> {
-        let started = Instant::now();
-        let permit = self.crash_guard.share().await;
-        let mut ended = Vec::with_capacity(deliveries.len());
-        let mut ready = Vec::with_capacity(deliveries.len());
-        for delivery in deliveries {
-            let span = self.delivery_span(delivery);
-            span.in_scope(|| self.emit(&Event::Received(delivery)));
-            let received = headers::first_received(&delivery.properties).unwrap_or_else(Utc::now);
-            match self.prepare_caught(delivery, received, &span) {
-                Prepared::Apply(message, handler) => ready.push((delivery, received, message, handler, span)),
-                Prepared::Done(processed, message_type) => {
-                    let one = Resolved::new(delivery, message_type, started, span);
-                    ended.push(Ended {
-                        one,
-                        received,
-                        processed,
-                    });
-                }
-            }
-        }
-        let items: Vec<_> = ready
-            .iter()
-            .map(|(_, _, message, handler, _)| (message, *handler))
-            .collect();
-        let applied = batch::apply(&self.pool, &items)
-            .instrument(batch_span(ready.iter().map(|(.., span)| span)))
-            .await;
-        // The messages that leave the batch go on alone at the same time,
-        // each on its own connection, as they would have without batching.
-        let finished = ready
-            .iter()
-            .zip(applied)
-            .map(|((_, _, message, handler, span), applied)| {
-                self.finish_alone(handler, message, applied).instrument(span.clone())
-            });
-        let finished = join_all(finished).await;
-        for ((delivery, received, message, _, span), (processed, retries)) in ready.into_iter().zip(finished) {
-            let mut one = Resolved::new(delivery, Some(message.message_type.clone()), started, span);
-            one.handling.in_process_retries = retries;
-            let processed = processed.map_err(|failure| Failed {
-                message_type: Some(message.message_type),
-                failure,
-            });
-            ended.push(Ended {
-                one,
-                received,
-                processed,
-            });
-        }
-        self.settle_all(ended, outlet).await?;
-        permit.settled().await;
-        Ok(())
-    }
-
-    /// A delivery whose run was cut off by the end of the shutdown grace
-    /// period (see [`CrashGuard::cut_off`]).
-    pub async fn cut_off(&self, delivery: &Delivery) {
-        self.emit(&Event::CutOff(delivery));
-        self.crash_guard.cut_off(delivery).await;
-    }
-
-    fn emit(&self, event: &Event<'_>) {
-        for hook in &self.hooks {
-            hook(event);
-        }
-    }
-
     /// Settles deliveries whose processing ended. Those that need no copy
     /// are acked at once, together. Then the copies of the failed ones are
     /// published, concurrently, and each original is acked once its copy is
@@ -293,7 +276,7 @@ impl Pipeline {
     /// # Errors
     /// The first [`SettleError`]; every other delivery is settled, and the
     /// ones whose copy failed are left unacked for redelivery.
-    async fn settle_all(&self, ended: Vec<Ended<'_>>, outlet: &Outlet) -> Result<(), SettleError> {
+    async fn settle_all(&self, ended: Vec<Ended<'_>>, outlet: &dyn Outlet) -> Result<(), SettleError> {
         let mut done = Vec::with_capacity(ended.len());
         let mut failed = Vec::new();
         for Ended {
@@ -335,9 +318,9 @@ impl Pipeline {
     }
 
     /// Acks settled deliveries together (see [`Acks`]) and tells the hooks.
-    async fn ack(&self, settled: &[Resolved<'_>], outlet: &Outlet) -> Result<(), SettleError> {
+    async fn ack(&self, settled: &[Resolved<'_>], outlet: &dyn Outlet) -> Result<(), SettleError> {
         let tags: Vec<u64> = settled.iter().map(|one| one.delivery.delivery_tag).collect();
-        match outlet.acks.ack(&tags).await {
+        match outlet.ack(&tags).await {
             Ok(()) => {
                 for one in settled {
                     let handling = Handling {
@@ -360,38 +343,11 @@ impl Pipeline {
         }
     }
 
-    /// Decodes and applies, noting the type and the in-process retries in
-    /// `handling`.
-    async fn process(
-        &self,
-        delivery: &Delivery,
-        received: DateTime<Utc>,
-        handling: &mut Handling,
-    ) -> Result<Outcome, Failed> {
-        let (message, handler) = match self.prepare_caught(delivery, received, &Span::current()) {
-            Prepared::Apply(message, handler) => (message, handler),
-            Prepared::Done(processed, message_type) => {
-                handling.message_type = message_type;
-                return processed;
-            }
-        };
-        handling.message_type = Some(message.message_type.clone());
-        let attempts = self.in_process_attempts();
-        self.apply_with_retries(handler, &message, attempts, &mut handling.in_process_retries)
-            .await
-            .map_err(|failure| Failed {
-                message_type: Some(message.message_type),
-                failure,
-            })
-    }
-
     /// [`Pipeline::prepare`], with a panic in it (a decoder bug) taken as
     /// the message's failure: it is parked, and its batch goes on.
     fn prepare_caught(&self, delivery: &Delivery, received: DateTime<Utc>, span: &Span) -> Prepared {
-        std::panic::catch_unwind(AssertUnwindSafe(|| self.prepare(delivery, received, span))).unwrap_or_else(|panic| {
-            let failure = Failure::Panic(batch::panic_text(&*panic));
-            Prepared::Done(Err(Failed::untyped(failure)), None)
-        })
+        std::panic::catch_unwind(AssertUnwindSafe(|| self.prepare(delivery, received, span)))
+            .unwrap_or_else(|panic| Prepared::Done(Err(Failed::untyped(Failure::from_panic(&*panic))), None))
     }
 
     /// Decodes a delivery and finds its handler, or says how it ended
@@ -406,109 +362,20 @@ impl Pipeline {
         if amqp_id != Some(message.id.as_str()) {
             span.record("messaging.message.id", message.id.as_str());
         }
-        span.record("iot.message.type", message.message_type.as_str());
-        let message_type = Some(message.message_type.clone());
+        let message_type = handlers::type_of(&message);
+        span.record("iot.message.type", message_type.as_str());
         if self.events_to_omit.contains(&message.message_type) {
-            return Prepared::Done(Ok(Outcome::Omitted), message_type);
+            return Prepared::Done(Ok(Outcome::Omitted), Some(message_type));
         }
         match handlers::lookup(&message) {
             Ok(handler) => Prepared::Apply(message, handler),
             Err(failure) => Prepared::Done(
                 Err(Failed {
-                    message_type: message_type.clone(),
+                    message_type: Some(message_type.clone()),
                     failure,
                 }),
-                message_type,
+                Some(message_type),
             ),
-        }
-    }
-
-    fn in_process_attempts(&self) -> u32 {
-        self.topology.retry.in_process_attempts
-    }
-
-    /// How a message of a batch ended: as the batch applied it, or after
-    /// running alone; with its in-process retries.
-    async fn finish_alone(
-        &self,
-        handler: &Handler,
-        message: &Message,
-        applied: Applied,
-    ) -> (Result<Outcome, Failure>, u32) {
-        let mut retries = 0;
-        let processed = match applied {
-            Applied::Done(outcome) => Ok(outcome),
-            Applied::Failed(failure) | Applied::Again(Some(failure)) => {
-                self.go_on_alone(handler, message, failure, &mut retries).await
-            }
-            Applied::Again(None) => {
-                let runs = self.in_process_attempts();
-                self.apply_with_retries(handler, message, runs, &mut retries).await
-            }
-        };
-        (processed, retries)
-    }
-
-    /// A message whose run in a batch failed: its first in-process attempt.
-    /// A transient failure is tried again alone with the attempts left.
-    async fn go_on_alone(
-        &self,
-        handler: &Handler,
-        message: &Message,
-        failure: Failure,
-        retries: &mut u32,
-    ) -> Result<Outcome, Failure> {
-        let left = self.in_process_attempts().saturating_sub(1);
-        if !failure.is_transient() || left == 0 || self.shutdown.is_cancelled() {
-            return Err(failure);
-        }
-        *retries += 1;
-        self.apply_with_retries(handler, message, left, retries).await
-    }
-
-    /// Stage 1: runs the transaction up to `runs` times while it fails
-    /// transiently, with the policy's backoff, unless shutdown has begun.
-    async fn apply_with_retries(
-        &self,
-        handler: &Handler,
-        message: &Message,
-        runs: u32,
-        retries: &mut u32,
-    ) -> Result<Outcome, Failure> {
-        (|| self.apply_once(handler, message))
-            .retry(self.topology.retry.in_process_backoff(runs))
-            .sleep(tokio::time::sleep)
-            .when(|failure| failure.is_transient() && !self.shutdown.is_cancelled())
-            .notify(|failure, delay| {
-                *retries += 1;
-                tracing::debug!(message_id = %message.id, error.message = %failure, ?delay, "transient failure, retrying in process");
-            })
-            .await
-    }
-
-    /// One transaction: inbox row, handler, commit. A handler panic rolls
-    /// the transaction back (it is dropped) and becomes [`Failure::Panic`].
-    async fn apply_once(&self, handler: &Handler, message: &Message) -> Result<Outcome, Failure> {
-        let transaction = async {
-            let mut conn = self.pool.acquire().await?;
-            let result = async {
-                let mut tx = conn.begin().await?;
-                let outcome = batch::apply_one(&mut tx, handler, message).await?;
-                if outcome == Outcome::Processed {
-                    tx.commit().instrument(tracing::debug_span!("commit")).await?;
-                }
-                Ok(outcome)
-            }
-            .await;
-            if let Err(Failure::Database(e)) = &result {
-                store::close_if_read_only(&mut conn, e);
-            }
-            result
-        }
-        .instrument(tracing::debug_span!("transaction", db.system.name = "postgresql"));
-        match AssertUnwindSafe(store::deadline(transaction)).catch_unwind().await {
-            Ok(result) => result,
-            Err(panic) => Err(Failure::Panic(batch::panic_text(&*panic))),
         }
     }
 
@@ -519,7 +386,7 @@ impl Pipeline {
         delivery: &Delivery,
         received: DateTime<Utc>,
         failed: &Failed,
-        outlet: &Outlet,
+        outlet: &dyn Outlet,
         span: &Span,
     ) -> Result<Outcome, SettleError> {
         let origin = Origin {
@@ -530,7 +397,7 @@ impl Pipeline {
         };
         let writer = Writer {
             failed_by: &self.failed_by,
-            frame_max: outlet.frame_max,
+            frame_max: outlet.frame_max(),
         };
         let plan = divert::plan(&origin, failed, &self.topology, writer, Utc::now());
         let routing_key = &plan.routing_key;
@@ -548,8 +415,7 @@ impl Pipeline {
         );
         let properties = telemetry::with_context_of(&publish, plan.properties);
         outlet
-            .publisher
-            .publish("", routing_key, &delivery.data, properties)
+            .publish(routing_key, &delivery.data, properties)
             .instrument(publish)
             .await?;
         let error = &failed.failure;
@@ -567,16 +433,433 @@ impl Pipeline {
     }
 }
 
-/// The span of a batch's shared transaction: not the child of any one
-/// delivery, so it is linked to each delivery's span instead.
-fn batch_span<'a>(deliveries: impl Iterator<Item = &'a Span>) -> Span {
-    let span = tracing::debug_span!(
-        "transaction",
-        otel.name = "transaction (batch)",
-        db.system.name = "postgresql"
-    );
-    for delivery in deliveries {
-        span.add_link(delivery.context().span().span_context().clone());
+/// The flow's decisions, with fakes for the broker side, admission and the
+/// transaction: no broker, no database.
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use futures_util::future::BoxFuture;
+    use lapin::BasicProperties;
+    use serde_json::json;
+
+    use super::*;
+    use crate::broker::PublishError;
+    use crate::crash_guard::Release;
+    use crate::transaction::{Applied, CatchPanic, Deadline};
+
+    const TOPOLOGY: &str = r#"
+        queue_type = "quorum"
+        delivery_limit = 5
+        [retry]
+        delays = ["1s", "30s"]
+        max_attempts = 3
+        in_process_attempts = 3
+    "#;
+
+    /// What the fakes saw, in order.
+    #[derive(Default)]
+    struct Seen {
+        /// Message ids of each run of the transaction.
+        runs: Vec<Vec<String>>,
+        /// Each ack call's delivery tags.
+        acks: Vec<Vec<u64>>,
+        /// Each copy: routing key and its `iot-error-kind`.
+        copies: Vec<(String, String)>,
+        /// What the hooks were told: tag and outcome, `unsettled` or `cut_off`.
+        events: Vec<(u64, String)>,
+        /// Tags whose admission was given back at a cut-off.
+        cut_off: Vec<u64>,
+        released: usize,
     }
-    span
+
+    type Script = dyn Fn(usize, &[Item<'_>]) -> Vec<Applied> + Send + Sync;
+
+    /// A transaction whose runs follow `script(run number, items)`.
+    struct FakeApply {
+        seen: Arc<Mutex<Seen>>,
+        script: Box<Script>,
+    }
+
+    impl Apply for FakeApply {
+        fn apply<'a>(&'a self, items: &'a [Item<'a>]) -> BoxFuture<'a, Vec<Applied>> {
+            let run = {
+                let mut seen = self.seen.lock().unwrap();
+                seen.runs.push(items.iter().map(|(m, _)| m.id.clone()).collect());
+                seen.runs.len()
+            };
+            Box::pin(std::future::ready((self.script)(run, items)))
+        }
+    }
+
+    /// Admission that refuses a lone redelivery when `refuse` is set.
+    struct FakeAdmission {
+        seen: Arc<Mutex<Seen>>,
+        refuse: Option<fn() -> Failure>,
+    }
+
+    struct FakePermit(Arc<Mutex<Seen>>);
+
+    impl<'a> Release<'a> for FakePermit {
+        fn settled(self: Box<Self>) -> BoxFuture<'a, ()> {
+            self.0.lock().unwrap().released += 1;
+            Box::pin(std::future::ready(()))
+        }
+    }
+
+    impl Admission for FakeAdmission {
+        fn admit<'a>(&'a self, deliveries: &'a [Delivery]) -> BoxFuture<'a, Admitted<'a>> {
+            let refused = deliveries
+                .iter()
+                .map(|d| self.refuse.filter(|_| d.redelivered).map(|failure| failure()))
+                .collect();
+            Box::pin(std::future::ready(Admitted {
+                permit: Box::new(FakePermit(self.seen.clone())),
+                refused,
+            }))
+        }
+
+        fn cut_off<'a>(&'a self, delivery: &'a Delivery) -> BoxFuture<'a, ()> {
+            self.seen.lock().unwrap().cut_off.push(delivery.delivery_tag);
+            Box::pin(std::future::ready(()))
+        }
+    }
+
+    /// A broker side whose publishes to `refuse` fail.
+    struct FakeOutlet {
+        seen: Arc<Mutex<Seen>>,
+        refuse: Option<&'static str>,
+    }
+
+    impl Outlet for FakeOutlet {
+        fn frame_max(&self) -> usize {
+            131_072
+        }
+
+        fn ack<'a>(&'a self, tags: &'a [u64]) -> BoxFuture<'a, Result<(), lapin::Error>> {
+            if !tags.is_empty() {
+                self.seen.lock().unwrap().acks.push(tags.to_vec());
+            }
+            Box::pin(std::future::ready(Ok(())))
+        }
+
+        fn publish<'a>(
+            &'a self,
+            routing_key: &'a str,
+            _body: &'a [u8],
+            properties: BasicProperties,
+        ) -> BoxFuture<'a, Result<(), PublishError>> {
+            if self.refuse == Some(routing_key) {
+                return Box::pin(std::future::ready(Err(PublishError::Nacked(routing_key.into()))));
+            }
+            let kind = headers::read_string(properties.headers().as_ref(), headers::ERROR_KIND).unwrap_or_default();
+            self.seen.lock().unwrap().copies.push((routing_key.into(), kind));
+            Box::pin(std::future::ready(Ok(())))
+        }
+    }
+
+    struct Fixture {
+        pipeline: Pipeline,
+        outlet: FakeOutlet,
+        seen: Arc<Mutex<Seen>>,
+        shutdown: CancellationToken,
+    }
+
+    fn fixture(script: impl Fn(usize, &[Item<'_>]) -> Vec<Applied> + Send + Sync + 'static) -> Fixture {
+        fixture_with(Box::new(script), None, None)
+    }
+
+    fn fixture_with(
+        script: Box<Script>,
+        refuse: Option<fn() -> Failure>,
+        refuse_copy: Option<&'static str>,
+    ) -> Fixture {
+        let seen = Arc::new(Mutex::new(Seen::default()));
+        let shutdown = CancellationToken::new();
+        let hook_seen = seen.clone();
+        let hook: EventHook = Arc::new(move |event: &Event<'_>| {
+            let entry = match event {
+                Event::Received(_) => return,
+                Event::Settled(d, outcome, _) => (d.delivery_tag, outcome.as_str().to_owned()),
+                Event::Unsettled(d, _) => (d.delivery_tag, "unsettled".into()),
+                Event::CutOff(d) => (d.delivery_tag, "cut_off".into()),
+            };
+            hook_seen.lock().unwrap().events.push(entry);
+        });
+        let pipeline = Pipeline::new(PipelineConfig {
+            topology: Arc::new(Topology::parse(TOPOLOGY, "q").unwrap()),
+            events_to_omit: BTreeSet::from(["DEVICE_DOWN".to_owned()]),
+            max_message_bytes: 4096,
+            failed_by: "test/0".into(),
+            shutdown: shutdown.clone(),
+            hooks: vec![hook],
+            admission: Arc::new(FakeAdmission {
+                seen: seen.clone(),
+                refuse,
+            }),
+            apply: Arc::new(FakeApply {
+                seen: seen.clone(),
+                script,
+            }),
+        });
+        let outlet = FakeOutlet {
+            seen: seen.clone(),
+            refuse: refuse_copy,
+        };
+        Fixture {
+            pipeline,
+            outlet,
+            seen,
+            shutdown,
+        }
+    }
+
+    fn reading(tag: u64) -> Delivery {
+        let body = json!({"type": "MEASUREMENT", "kind": "event", "id": format!("m{tag}"),
+                          "data": {"device_id": "d1", "sensor": "t", "value": 1.5}});
+        Delivery::mock(tag, "".into(), "q".into(), false, body.to_string().into_bytes())
+    }
+
+    fn with_body(tag: u64, body: &str) -> Delivery {
+        Delivery::mock(tag, "".into(), "q".into(), false, body.as_bytes().to_vec())
+    }
+
+    fn transient() -> Failure {
+        Failure::Database(sqlx::Error::PoolTimedOut)
+    }
+
+    fn done(items: &[Item<'_>]) -> Vec<Applied> {
+        items.iter().map(|_| Applied::Done(Outcome::Processed)).collect()
+    }
+
+    /// Fails the message `id` with `failure()` on every run it is in.
+    fn failing(id: &'static str, failure: fn() -> Failure) -> impl Fn(usize, &[Item<'_>]) -> Vec<Applied> {
+        move |_, items| {
+            items
+                .iter()
+                .map(|(m, _)| match m.id == id {
+                    true => Applied::Failed(failure()),
+                    false => Applied::Done(Outcome::Processed),
+                })
+                .collect()
+        }
+    }
+
+    fn ids(ids: &[&str]) -> Vec<String> {
+        ids.iter().map(|id| (*id).to_owned()).collect()
+    }
+
+    impl Fixture {
+        async fn handle(&self, deliveries: &[Delivery]) -> Result<(), SettleError> {
+            self.pipeline.handle(deliveries, &self.outlet).await
+        }
+
+        fn seen(&self) -> std::sync::MutexGuard<'_, Seen> {
+            self.seen.lock().unwrap()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_batch_runs_in_one_transaction_and_is_acked_together() {
+        let f = fixture(|_, items| done(items));
+        f.handle(&[reading(1), reading(2), reading(3)]).await.unwrap();
+        let seen = f.seen();
+        assert_eq!(seen.runs, vec![ids(&["m1", "m2", "m3"])]);
+        assert_eq!(seen.acks, vec![vec![1, 2, 3]]);
+        assert!(seen.copies.is_empty());
+        assert_eq!(seen.released, 1);
+    }
+
+    #[tokio::test]
+    async fn a_permanent_failure_is_parked_after_its_batch_mates_are_acked() {
+        let f = fixture(failing("m2", || {
+            Failure::Invalid(crate::failure::ValidationError::new("value", "NaN"))
+        }));
+        f.handle(&[reading(1), reading(2), reading(3)]).await.unwrap();
+        let seen = f.seen();
+        assert_eq!(seen.runs.len(), 1, "a permanent failure is not run again");
+        assert_eq!(seen.acks, vec![vec![1, 3], vec![2]]);
+        assert_eq!(seen.copies, vec![("q.dlq".to_owned(), "validation".to_owned())]);
+        assert!(seen.events.contains(&(2, "parked".into())));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_transient_failure_runs_again_alone_and_counts_its_retries() {
+        // m2 fails on the batch's run and on its first run alone.
+        let f = fixture(|run, items| match run {
+            1 | 2 => failing("m2", transient)(run, items),
+            _ => done(items),
+        });
+        let retries = Arc::new(Mutex::new(Vec::new()));
+        let seen_retries = retries.clone();
+        let mut pipeline = f.pipeline;
+        pipeline.hooks.push(Arc::new(move |event: &Event<'_>| {
+            if let Event::Settled(d, _, handling) = event {
+                seen_retries
+                    .lock()
+                    .unwrap()
+                    .push((d.delivery_tag, handling.in_process_retries));
+            }
+        }));
+        pipeline.handle(&[reading(1), reading(2)], &f.outlet).await.unwrap();
+        let seen = f.seen.lock().unwrap();
+        assert_eq!(seen.runs, vec![ids(&["m1", "m2"]), ids(&["m2"]), ids(&["m2"])]);
+        assert_eq!(seen.acks, vec![vec![1, 2]]);
+        assert!(seen.copies.is_empty());
+        assert_eq!(*retries.lock().unwrap(), vec![(1, 0), (2, 2)]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_message_that_stays_transient_goes_to_the_first_delayed_retry() {
+        let f = fixture(failing("m1", transient));
+        f.handle(&[reading(1)]).await.unwrap();
+        let seen = f.seen();
+        assert_eq!(seen.runs.len(), 3, "in_process_attempts = 3");
+        assert_eq!(seen.copies, vec![("q.retry.1s".to_owned(), "transient".to_owned())]);
+        assert_eq!(seen.events, vec![(1, "retry".to_owned())]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn after_shutdown_began_a_transient_failure_is_not_run_again_in_process() {
+        let f = fixture(failing("m1", transient));
+        f.shutdown.cancel();
+        f.handle(&[reading(1)]).await.unwrap();
+        assert_eq!(f.seen().runs.len(), 1);
+        assert_eq!(f.seen().copies[0].0, "q.retry.1s");
+    }
+
+    #[tokio::test]
+    async fn a_batch_rolled_back_for_nobody_in_particular_runs_each_alone_with_every_attempt() {
+        let f = fixture(|run, items| match run {
+            1 => items.iter().map(|_| Applied::Again).collect(),
+            _ => done(items),
+        });
+        f.handle(&[reading(1), reading(2)]).await.unwrap();
+        let seen = f.seen();
+        assert_eq!(seen.runs.len(), 3);
+        assert_eq!(seen.runs[1..].concat().len(), 2, "each alone: {:?}", seen.runs);
+        assert_eq!(seen.acks.concat().len(), 2);
+    }
+
+    #[tokio::test]
+    async fn what_cannot_be_applied_never_reaches_the_transaction() {
+        let f = fixture(|_, items| done(items));
+        let omitted = json!({"type": "DEVICE_DOWN", "kind": "event", "id": "o1", "data": {"device_id": "d"}});
+        let unknown = json!({"type": "NO_SUCH_TYPE", "kind": "event", "id": "u1", "data": {}});
+        let deliveries = [
+            reading(1),
+            with_body(2, "{not json"),
+            with_body(3, &omitted.to_string()),
+            with_body(4, &unknown.to_string()),
+        ];
+        f.handle(&deliveries).await.unwrap();
+        let seen = f.seen();
+        assert_eq!(seen.runs, vec![ids(&["m1"])]);
+        let mut copies = seen.copies.clone();
+        copies.sort();
+        assert_eq!(
+            copies,
+            vec![
+                ("q.dlq".into(), "decode".into()),
+                ("q.dlq".into(), "unknown_type".into())
+            ]
+        );
+        assert!(seen.events.contains(&(3, "omitted".into())));
+        assert_eq!(seen.acks.concat().len(), 4);
+    }
+
+    #[tokio::test]
+    async fn a_refused_redelivery_is_parked_without_running() {
+        let f = fixture_with(
+            Box::new(|_, items| done(items)),
+            Some(|| Failure::CrashLoop { deliveries: 5 }),
+            None,
+        );
+        let mut delivery = reading(7);
+        delivery.redelivered = true;
+        f.handle(&[delivery]).await.unwrap();
+        let seen = f.seen();
+        assert!(seen.runs.is_empty());
+        assert_eq!(seen.copies, vec![("q.dlq".to_owned(), "crash_loop".to_owned())]);
+        assert_eq!(seen.acks, vec![vec![7]]);
+    }
+
+    #[tokio::test]
+    async fn a_copy_that_is_not_confirmed_leaves_only_its_delivery_unacked() {
+        let f = fixture_with(
+            Box::new(failing("m2", || Failure::Panic("boom".into()))),
+            None,
+            Some("q.dlq"),
+        );
+        let result = f.handle(&[reading(1), reading(2)]).await;
+        assert!(matches!(result, Err(SettleError::Publish(_))), "{result:?}");
+        let seen = f.seen();
+        assert_eq!(seen.acks, vec![vec![1]]);
+        assert!(seen.events.contains(&(2, "unsettled".into())));
+        assert_eq!(seen.released, 0, "the admission is kept: the redelivery is counted");
+    }
+
+    #[tokio::test]
+    async fn a_cut_off_tells_the_hooks_and_the_admission_for_every_delivery() {
+        let f = fixture(|_, items| done(items));
+        let mut redelivered = reading(2);
+        redelivered.redelivered = true;
+        f.pipeline.cut_off(&[reading(1), redelivered]).await;
+        let seen = f.seen();
+        assert_eq!(seen.events, vec![(1, "cut_off".into()), (2, "cut_off".into())]);
+        assert_eq!(seen.cut_off, vec![1, 2]);
+    }
+
+    /// A transaction that never answers, or panics.
+    struct Stuck;
+    struct Panics;
+
+    impl Apply for Stuck {
+        fn apply<'a>(&'a self, _: &'a [Item<'a>]) -> BoxFuture<'a, Vec<Applied>> {
+            Box::pin(std::future::pending())
+        }
+    }
+
+    impl Apply for Panics {
+        fn apply<'a>(&'a self, _: &'a [Item<'a>]) -> BoxFuture<'a, Vec<Applied>> {
+            Box::pin(async { panic!("handler bug") })
+        }
+    }
+
+    fn message(id: &str) -> Message {
+        let body = json!({"type": "MEASUREMENT", "kind": "event", "id": id, "data": {}});
+        envelope::decode(body.to_string().as_bytes(), None, Utc::now(), 4096).unwrap()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_deadline_layer_fails_a_lone_message_and_counts_a_batch_as_each_ones_attempt() {
+        let handler = handlers::lookup(&message("a")).unwrap();
+        let (a, b) = (message("a"), message("b"));
+        let alone = Deadline(Stuck).apply(&[(&a, handler)]).await;
+        assert!(matches!(&alone[..], [Applied::Failed(f)] if f.is_transient() && matches!(f, Failure::Database(_))));
+        let together = Deadline(Stuck).apply(&[(&a, handler), (&b, handler)]).await;
+        assert!(
+            together
+                .iter()
+                .all(|a| matches!(a, Applied::Failed(Failure::BatchAborted { transient: true, .. })))
+        );
+    }
+
+    #[tokio::test]
+    async fn the_panic_layer_fails_a_lone_message_and_runs_a_batch_again_alone() {
+        let handler = handlers::lookup(&message("a")).unwrap();
+        let (a, b) = (message("a"), message("b"));
+        let alone = CatchPanic(Panics).apply(&[(&a, handler)]).await;
+        assert!(matches!(&alone[..], [Applied::Failed(Failure::Panic(text))] if text == "handler bug"));
+        let together = CatchPanic(Panics).apply(&[(&a, handler), (&b, handler)]).await;
+        assert!(together.iter().all(|a| matches!(a, Applied::Again)));
+    }
+
+    #[test]
+    fn a_message_type_comes_from_the_handler_table() {
+        assert_eq!(handlers::type_of(&message("a")), MessageType::Handled("MEASUREMENT"));
+        let mut unknown = message("b");
+        unknown.message_type = "NO_SUCH".into();
+        assert_eq!(handlers::type_of(&unknown).label(), "unknown");
+    }
 }

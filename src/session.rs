@@ -12,21 +12,22 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use futures_util::future::BoxFuture;
 use futures_util::{FutureExt, StreamExt};
 use lapin::message::Delivery;
 use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
-use lapin::{Channel, Connection, Consumer};
+use lapin::{BasicProperties, Channel, Connection, Consumer};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::acks::Acks;
-use crate::batch;
-use crate::broker::{self, BlockedHook, Publisher};
+use crate::broker::{self, BlockedHook, PublishError, Publisher};
+use crate::failure::panic_text;
 use crate::metrics::Metrics;
-use crate::outcome::SettleError;
-use crate::pipeline::{Outlet, Pipeline};
+use crate::outcome::{Outlet, SettleError};
+use crate::pipeline::Pipeline;
 use crate::topology::{Topology, TopologyError};
 
 /// How long closing a channel or connection may take.
@@ -73,10 +74,37 @@ pub struct Session {
     copies: Connection,
     channel: Channel,
     consumer: Consumer,
-    outlet: Arc<Outlet>,
+    outlet: Arc<Copies>,
     in_flight: InFlight,
     /// `host:port` of the broker.
     pub node: String,
+}
+
+/// A session's [`Outlet`]: its confirmed publisher for copies, the copies
+/// connection's negotiated frame size, and the consumer channel's acks.
+struct Copies {
+    publisher: Publisher,
+    frame_max: usize,
+    acks: Acks,
+}
+
+impl Outlet for Copies {
+    fn frame_max(&self) -> usize {
+        self.frame_max
+    }
+
+    fn ack<'a>(&'a self, tags: &'a [u64]) -> BoxFuture<'a, Result<(), lapin::Error>> {
+        Box::pin(self.acks.ack(tags))
+    }
+
+    fn publish<'a>(
+        &'a self,
+        routing_key: &'a str,
+        body: &'a [u8],
+        properties: BasicProperties,
+    ) -> BoxFuture<'a, Result<(), PublishError>> {
+        Box::pin(self.publisher.publish("", routing_key, body, properties))
+    }
 }
 
 /// How first deliveries are grouped into one transaction.
@@ -123,7 +151,7 @@ fn unsettled(result: std::thread::Result<Result<(), SettleError>>, fault: &Cance
         Ok(Ok(())) => return,
         Ok(Err(e)) => tracing::error!(error.message = %e, "delivery left unacked"),
         Err(panic) => tracing::error!(
-            error.message = %batch::panic_text(&*panic),
+            error.message = %panic_text(&*panic),
             "panic while settling deliveries; reconnecting so the broker redelivers them"
         ),
     }
@@ -175,7 +203,7 @@ impl Session {
         let copies = connect_copies(endpoint).await?;
         let metrics = endpoint.metrics.clone();
         let on_blocked: BlockedHook = Arc::new(move |reason| metrics.set_broker_blocked("copies", reason));
-        let outlet = Arc::new(Outlet {
+        let outlet = Arc::new(Copies {
             publisher: Publisher::open_watched(&copies, Some(on_blocked)).await?,
             frame_max: usize::try_from(copies.configuration().frame_max()).unwrap_or(usize::MAX),
             acks: Acks::new(channel.clone(), endpoint.metrics.in_flight()),
@@ -305,43 +333,43 @@ async fn connect_copies(endpoint: &Endpoint<'_>) -> Result<Connection, SessionEr
 }
 
 impl InFlight {
-    fn spawn(&self, pipeline: Arc<Pipeline>, outlet: Arc<Outlet>, delivery: Delivery) {
-        let (fault, hard_stop) = (self.fault.clone(), self.hard_stop.clone());
-        self.tracker.spawn(async move {
-            let handle = AssertUnwindSafe(pipeline.handle(&delivery, &outlet)).catch_unwind();
-            tokio::select! {
-                () = hard_stop.cancelled() => pipeline.cut_off(&delivery).await,
-                result = handle => unsettled(result, &fault),
-            }
-        });
+    /// Runs a redelivered delivery alone, at once.
+    fn spawn(&self, pipeline: Arc<Pipeline>, outlet: Arc<Copies>, delivery: Delivery) {
+        self.tracker.spawn(self.run(pipeline, outlet, vec![delivery]));
     }
 
     fn batches(&self) -> usize {
         self.batches.load(Ordering::SeqCst)
     }
 
-    /// Applies `pending` as one batch (a single delivery the usual way). A
-    /// batch cut off by the end of the grace period leaves its deliveries
-    /// unacked: they are first deliveries, with no count to take back.
-    fn spawn_batch(&self, pipeline: Arc<Pipeline>, outlet: Arc<Outlet>, pending: Pending) {
-        let deliveries = pending.deliveries;
-        let (fault, hard_stop) = (self.fault.clone(), self.hard_stop.clone());
+    /// Applies `pending` as one batch, counted among the batches in flight.
+    fn spawn_batch(&self, pipeline: Arc<Pipeline>, outlet: Arc<Copies>, pending: Pending) {
+        let run = self.run(pipeline, outlet, pending.deliveries);
         let (batches, done) = (self.batches.clone(), self.batch_done.clone());
         batches.fetch_add(1, Ordering::SeqCst);
         self.tracker.spawn(async move {
-            let apply = async {
-                match deliveries.as_slice() {
-                    [delivery] => pipeline.handle(delivery, &outlet).await,
-                    _ => pipeline.handle_batch(&deliveries, &outlet).await,
-                }
-            };
-            tokio::select! {
-                () = hard_stop.cancelled() => {}
-                result = AssertUnwindSafe(apply).catch_unwind() => unsettled(result, &fault),
-            }
+            run.await;
             batches.fetch_sub(1, Ordering::SeqCst);
             done.notify_one();
         });
+    }
+
+    /// One delivery task: the pipeline handles `deliveries` until the end
+    /// of the grace period cuts it off.
+    fn run(
+        &self,
+        pipeline: Arc<Pipeline>,
+        outlet: Arc<Copies>,
+        deliveries: Vec<Delivery>,
+    ) -> impl Future<Output = ()> + Send + 'static {
+        let (fault, hard_stop) = (self.fault.clone(), self.hard_stop.clone());
+        async move {
+            let handle = AssertUnwindSafe(pipeline.handle(&deliveries, &*outlet)).catch_unwind();
+            tokio::select! {
+                () = hard_stop.cancelled() => pipeline.cut_off(&deliveries).await,
+                result = handle => unsettled(result, &fault),
+            }
+        }
     }
 
     async fn drain(&self, grace: Duration) {

@@ -11,6 +11,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Settings;
+use crate::crash_guard::CrashGuard;
 use crate::health;
 use crate::http;
 use crate::metrics::Metrics;
@@ -21,6 +22,7 @@ use crate::retry::reconnect_backoff;
 use crate::session::{Batching, Endpoint, Session, SessionError};
 use crate::store::{self, StoreError};
 use crate::topology::{Topology, TopologyError};
+use crate::transaction;
 
 /// How long closing the database pool may take.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
@@ -85,8 +87,7 @@ pub async fn run_with(settings: Settings, shutdown: CancellationToken, options: 
     let topology = Arc::new(Topology::load(&settings.topology_file, &settings.queue)?);
     let pool = open_database(&settings).await?;
     options.metrics.set_database(Ok(()));
-    let pipeline = Arc::new(build_pipeline(&settings, &topology, &pool, &options, &shutdown));
-    pipeline.crash_guard().prune().await;
+    let pipeline = Arc::new(build_pipeline(&settings, &topology, &pool, &options, &shutdown).await);
     // The database check and the HTTP server stop with the worker, and
     // also when the supervisor fails.
     let background = shutdown.child_token();
@@ -165,7 +166,7 @@ async fn serve_http(
 
 /// The pipeline, built once: every broker session shares it. The metrics
 /// follow its events first, then the caller's hook.
-fn build_pipeline(
+async fn build_pipeline(
     settings: &Settings,
     topology: &Arc<Topology>,
     pool: &PgPool,
@@ -177,14 +178,17 @@ fn build_pipeline(
         metrics.observe(event, &retry_topology.retry);
     })];
     hooks.extend(options.events.clone());
+    let crash_guard = CrashGuard::new(pool.clone(), topology.crash_loop_limit());
+    crash_guard.prune().await;
     Pipeline::new(PipelineConfig {
-        pool: pool.clone(),
         topology: topology.clone(),
         events_to_omit: settings.events_to_omit.clone(),
         max_message_bytes: settings.max_message_bytes,
         failed_by: failed_by(),
         shutdown: shutdown.clone(),
         hooks,
+        admission: Arc::new(crash_guard),
+        apply: Arc::new(transaction::layered(pool.clone())),
     })
 }
 

@@ -20,7 +20,7 @@ mod test_only;
 use futures_util::future::BoxFuture;
 use sqlx::PgConnection;
 
-use crate::envelope::{Kind, Message};
+use crate::envelope::{Kind, Message, MessageType};
 use crate::failure::Failure;
 
 /// Applies one message's effect inside the caller's transaction.
@@ -85,4 +85,16 @@ pub fn lookup(message: &Message) -> Result<&'static Handler, Failure> {
             kind: message.kind.as_str(),
             message_type: message.message_type.clone(),
         })
+}
+
+/// The type of `message` as the flow carries it: the table's name when a
+/// handler (of either kind) has it.
+pub fn type_of(message: &Message) -> MessageType {
+    HANDLERS
+        .iter()
+        .find(|h| h.message_type == message.message_type)
+        .map_or_else(
+            || MessageType::Unknown(message.message_type.as_str().into()),
+            |h| MessageType::Handled(h.message_type),
+        )
 }

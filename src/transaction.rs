@@ -33,7 +33,7 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::envelope::{Kind, Message};
 use crate::failure::Failure;
-use crate::handlers::Handler;
+use crate::handlers::{Bulk, Handler};
 use crate::outcome::Outcome;
 use crate::retry::RetryPolicy;
 use crate::store;
@@ -145,8 +145,8 @@ impl Apply for Database {
 async fn run(conn: &mut PgConnection, items: &[Item<'_>]) -> Result<Vec<Applied>, Failure> {
     let mut tx = conn.begin().await?;
     let mut applied: Vec<Option<Applied>> = items.iter().map(|_| None).collect();
-    for (handler, indexes) in bulk_groups(items, &mut applied) {
-        apply_bulk(&mut tx, handler, items, &indexes, &mut applied).await?;
+    for (bulk, indexes) in bulk_groups(items, &mut applied) {
+        apply_bulk(&mut tx, bulk, items, &indexes, &mut applied).await?;
     }
     for index in lock_order(items) {
         if applied[index].is_none() {
@@ -186,21 +186,21 @@ fn lock_order(items: &[Item<'_>]) -> Vec<usize> {
     order
 }
 
-/// The items that take a handler's bulk path, by handler. An item its
+/// The items that take a bulk path, by [`Bulk`]. An item its
 /// `check` refuses fails at once; items without a bulk path stay `None`.
-fn bulk_groups(items: &[Item<'_>], applied: &mut [Option<Applied>]) -> Vec<(&'static Handler, Vec<usize>)> {
-    let mut groups: Vec<(&'static Handler, Vec<usize>)> = Vec::new();
+fn bulk_groups(items: &[Item<'_>], applied: &mut [Option<Applied>]) -> Vec<(&'static Bulk, Vec<usize>)> {
+    let mut groups: Vec<(&'static Bulk, Vec<usize>)> = Vec::new();
     for (index, (message, handler)) in items.iter().enumerate() {
-        let Some(bulk) = handler.bulk.as_ref().filter(|_| handler.kind == Kind::Event) else {
+        let Some(bulk) = handler.bulk.filter(|_| handler.kind == Kind::Event) else {
             continue;
         };
         if let Err(failure) = (bulk.check)(message) {
             applied[index] = Some(Applied::Failed(failure));
             continue;
         }
-        match groups.iter_mut().find(|(h, _)| std::ptr::eq(*h, *handler)) {
+        match groups.iter_mut().find(|(b, _)| std::ptr::eq(*b, bulk)) {
             Some((_, indexes)) => indexes.push(index),
-            None => groups.push((handler, vec![index])),
+            None => groups.push((bulk, vec![index])),
         }
     }
     groups
@@ -211,7 +211,7 @@ fn bulk_groups(items: &[Item<'_>], applied: &mut [Option<Applied>]) -> Vec<(&'st
 /// the one applied. A failure of `apply_many` is the whole run's.
 async fn apply_bulk(
     tx: &mut PgConnection,
-    handler: &Handler,
+    bulk: &Bulk,
     items: &[Item<'_>],
     indexes: &[usize],
     applied: &mut [Option<Applied>],
@@ -228,9 +228,9 @@ async fn apply_bulk(
         };
         applied[*index] = Some(Applied::Done(outcome));
     }
-    match handler.bulk.as_ref() {
-        Some(bulk) if !fresh.is_empty() => (bulk.apply_many)(tx, &fresh).await,
-        _ => Ok(()),
+    match fresh.is_empty() {
+        true => Ok(()),
+        false => (bulk.apply_many)(tx, &fresh).await,
     }
 }
 

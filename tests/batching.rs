@@ -138,3 +138,57 @@ async fn a_panic_in_a_batch_parks_that_message_and_applies_the_others_once() {
     let kind = headers::read_string(parked[0].delivery.properties.headers().as_ref(), ERROR_KIND);
     assert_eq!(kind.as_deref(), Some("panic"));
 }
+
+/// `devices` after one batch of `DEVICE_UP`/`DEVICE_DOWN`
+/// (docs/reliability.md, "Device state"): newest by time wins, the later in
+/// the batch on a tie, the newest ip among events not older than the stored
+/// row, and a newer stored row is left alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_of_device_events_ends_where_time_order_would() {
+    let env = TestEnv::new(FAST_TOPOLOGY).await;
+    sqlx::query(
+        "INSERT INTO devices (device_id, status, ip, last_seen_at)
+         VALUES ('d3', 'online', '10.0.0.3', '2026-01-01T00:01:40Z'),
+                ('d4', 'online', '10.0.0.4', '2026-01-01T00:00:10Z')",
+    )
+    .execute(&env.pool)
+    .await
+    .unwrap();
+    let event = |id: &str, kind: &str, seconds: u32, data: serde_json::Value| {
+        body(json!({"type": kind, "id": id, "time": format!("2026-01-01T00:00:{seconds:02}Z"), "data": data}))
+    };
+    let mates = [
+        event("a", "DEVICE_UP", 10, json!({"device_id": "d1", "ip": "10.1.0.1"})),
+        event("b", "DEVICE_DOWN", 20, json!({"device_id": "d1"})),
+        event("c", "DEVICE_UP", 5, json!({"device_id": "d1", "ip": "10.1.0.2"})),
+        event("d", "DEVICE_UP", 7, json!({"device_id": "d2", "ip": "10.2.0.1"})),
+        event("e", "DEVICE_DOWN", 7, json!({"device_id": "d2"})),
+        event("f", "DEVICE_DOWN", 50, json!({"device_id": "d3"})),
+        event("g", "DEVICE_UP", 5, json!({"device_id": "d4", "ip": "10.4.0.9"})),
+        event("h", "DEVICE_UP", 30, json!({"device_id": "d4"})),
+    ];
+    let worker = start_behind_a_slow_one(&env, &mates).await;
+    env.wait_for_rows("events", 9, WAIT).await;
+    env.wait_for_queue_len(&env.queue, 0, WAIT).await;
+    worker.stop().await;
+
+    let batch = transactions(&env, &["a", "b", "c", "d", "e", "f", "g", "h"]).await;
+    assert!(batch.iter().all(|x| *x == batch[0]), "one batch: {batch:?}");
+    let devices: Vec<(String, String, Option<String>, String)> = sqlx::query_as(
+        "SELECT device_id, status, ip, to_char(last_seen_at AT TIME ZONE 'UTC', 'MI:SS')
+         FROM devices ORDER BY device_id",
+    )
+    .fetch_all(&env.pool)
+    .await
+    .unwrap();
+    let row = |d: &str, s: &str, ip: &str, at: &str| (d.to_owned(), s.to_owned(), Some(ip.to_owned()), at.to_owned());
+    assert_eq!(
+        devices,
+        [
+            row("d1", "offline", "10.1.0.1", "00:20"),
+            row("d2", "offline", "10.2.0.1", "00:07"),
+            row("d3", "online", "10.0.0.3", "01:40"),
+            row("d4", "online", "10.0.0.4", "00:30"),
+        ]
+    );
+}

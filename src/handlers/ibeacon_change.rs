@@ -6,6 +6,7 @@ use futures_util::future::BoxFuture;
 use serde_json::Value;
 use sqlx::PgConnection;
 
+use super::Bulk;
 use super::fields::{Fields, ValidationError};
 use crate::envelope::Message;
 use crate::failure::Failure;
@@ -80,6 +81,39 @@ pub fn apply<'a>(conn: &'a mut PgConnection, message: &'a Message) -> BoxFuture<
         .bind(beacon.as_ref().map(|b| b.tx_power))
         .bind(beacon.as_ref().map(|b| b.rssi))
         .bind(message.time)
+        .execute(conn)
+        .await?;
+        Ok(())
+    })
+}
+
+/// The bulk path: one `INSERT … SELECT FROM UNNEST` for many readings.
+pub static BULK: Bulk = Bulk {
+    check: |message| parse(&message.data).map(drop).map_err(Failure::from),
+    apply_many,
+};
+
+fn apply_many<'a>(conn: &'a mut PgConnection, messages: &'a [&'a Message]) -> BoxFuture<'a, Result<(), Failure>> {
+    Box::pin(async move {
+        let mut beacons = Vec::with_capacity(messages.len());
+        for message in messages {
+            beacons.push(parse(&message.data)?);
+        }
+        let text = |f: fn(&Beacon<'a>) -> &'a str| beacons.iter().map(|b| b.as_ref().map(f)).collect::<Vec<_>>();
+        let number = |f: fn(&Beacon<'a>) -> i32| beacons.iter().map(|b| b.as_ref().map(f)).collect::<Vec<_>>();
+        sqlx::query(
+            "INSERT INTO beacon_readings (message_id, mac_address, uuid, major, minor, tx_power, rssi, observed_at)
+             SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::int[], $5::int[], $6::int[], $7::int[],
+                                  $8::timestamptz[])",
+        )
+        .bind(messages.iter().map(|m| m.id.as_str()).collect::<Vec<_>>())
+        .bind(text(|b| b.mac_address))
+        .bind(text(|b| b.uuid))
+        .bind(number(|b| b.major))
+        .bind(number(|b| b.minor))
+        .bind(number(|b| b.tx_power))
+        .bind(number(|b| b.rssi))
+        .bind(messages.iter().map(|m| m.time).collect::<Vec<_>>())
         .execute(conn)
         .await?;
         Ok(())

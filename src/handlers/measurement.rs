@@ -54,7 +54,7 @@ pub fn apply<'a>(conn: &'a mut PgConnection, message: &'a Message) -> BoxFuture<
 }
 
 /// The bulk path: one `INSERT … SELECT FROM UNNEST` for many readings.
-pub const BULK: Bulk = Bulk {
+pub static BULK: Bulk = Bulk {
     check: |message| parse(&message.data).map(drop).map_err(Failure::from),
     apply_many,
 };

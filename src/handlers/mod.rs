@@ -34,7 +34,9 @@ pub type ApplyManyFn = for<'a> fn(&'a mut PgConnection, &'a [&'a Message]) -> Bo
 /// A handler's bulk path, for batches: `check` validates one message
 /// without the database (a message it refuses stays out of the bulk), and
 /// `apply_many` applies the checked ones. Only for events, whose inbox rows
-/// are then written in bulk too.
+/// are then written in bulk too. Handlers that share one `Bulk` (the same
+/// static) share its statement: `DEVICE_UP` and `DEVICE_DOWN` write
+/// `devices` together.
 pub struct Bulk {
     pub check: fn(&Message) -> Result<(), Failure>,
     pub apply_many: ApplyManyFn,
@@ -46,19 +48,19 @@ pub struct Handler {
     pub kind: Kind,
     pub apply: ApplyFn,
     /// A faster path for many messages at once, where it pays off.
-    pub bulk: Option<Bulk>,
+    pub bulk: Option<&'static Bulk>,
 }
 
 /// The handler mapping: every message type the worker knows.
 #[rustfmt::skip]
 pub static HANDLERS: &[Handler] = &[
-    Handler { message_type: "DEVICE_UP",          kind: Kind::Event,   apply: device_up::apply,           bulk: None },
-    Handler { message_type: "DEVICE_DOWN",        kind: Kind::Event,   apply: device_down::apply,         bulk: None },
-    Handler { message_type: "MEASUREMENT",        kind: Kind::Event,   apply: measurement::apply,         bulk: Some(measurement::BULK) },
-    Handler { message_type: "IBEACON_CHANGE",     kind: Kind::Event,   apply: ibeacon_change::apply,      bulk: None },
-    Handler { message_type: "IBEACON_READ",       kind: Kind::Event,   apply: record_only::apply,         bulk: None },
-    Handler { message_type: "HTTP_COAP_REQUEST",  kind: Kind::Event,   apply: record_only::apply,         bulk: None },
-    Handler { message_type: "COAP_HTTP_RESPONSE", kind: Kind::Event,   apply: record_only::apply,         bulk: None },
+    Handler { message_type: "DEVICE_UP",          kind: Kind::Event,   apply: device_up::apply,           bulk: Some(&device_up::BULK) },
+    Handler { message_type: "DEVICE_DOWN",        kind: Kind::Event,   apply: device_down::apply,         bulk: Some(&device_up::BULK) },
+    Handler { message_type: "MEASUREMENT",        kind: Kind::Event,   apply: measurement::apply,         bulk: Some(&measurement::BULK) },
+    Handler { message_type: "IBEACON_CHANGE",     kind: Kind::Event,   apply: ibeacon_change::apply,      bulk: Some(&ibeacon_change::BULK) },
+    Handler { message_type: "IBEACON_READ",       kind: Kind::Event,   apply: record_only::apply,         bulk: Some(&record_only::BULK) },
+    Handler { message_type: "HTTP_COAP_REQUEST",  kind: Kind::Event,   apply: record_only::apply,         bulk: Some(&record_only::BULK) },
+    Handler { message_type: "COAP_HTTP_RESPONSE", kind: Kind::Event,   apply: record_only::apply,         bulk: Some(&record_only::BULK) },
     Handler { message_type: "SET_LED",            kind: Kind::Command, apply: set_led::apply,             bulk: None },
     Handler { message_type: "SET_PUBLISH_PERIOD", kind: Kind::Command, apply: set_publish_period::apply,  bulk: None },
     #[cfg(feature = "test-handlers")]
@@ -66,7 +68,7 @@ pub static HANDLERS: &[Handler] = &[
     #[cfg(feature = "test-handlers")]
     Handler { message_type: "TEST_PANIC",         kind: Kind::Event,   apply: test_only::panic,           bulk: None },
     #[cfg(feature = "test-handlers")]
-    Handler { message_type: "TEST_PANIC_CHECK",   kind: Kind::Event,   apply: test_only::recorded,        bulk: Some(test_only::PANIC_CHECK_BULK) },
+    Handler { message_type: "TEST_PANIC_CHECK",   kind: Kind::Event,   apply: test_only::recorded,        bulk: Some(&test_only::PANIC_CHECK_BULK) },
     #[cfg(feature = "test-handlers")]
     Handler { message_type: "TEST_FLAKY",         kind: Kind::Event,   apply: test_only::flaky,           bulk: None },
     #[cfg(feature = "test-handlers")]

@@ -5,9 +5,16 @@
 use futures_util::future::BoxFuture;
 use sqlx::PgConnection;
 
+use super::Bulk;
 use crate::envelope::Message;
 use crate::failure::Failure;
 
 pub fn apply<'a>(_: &'a mut PgConnection, _: &'a Message) -> BoxFuture<'a, Result<(), Failure>> {
     Box::pin(async { Ok(()) })
 }
+
+/// In a batch the inbox statement is the whole effect.
+pub static BULK: Bulk = Bulk {
+    check: |_| Ok(()),
+    apply_many: |_, _| Box::pin(async { Ok(()) }),
+};

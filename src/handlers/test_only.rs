@@ -64,7 +64,7 @@ pub fn panic<'a>(_: &'a mut PgConnection, message: &'a Message) -> BoxFuture<'a,
 /// `TEST_PANIC_CHECK`'s bulk path: its `check` panics when `data.panic` is
 /// true, a panic outside any handler run (as a bug in a bulk check would
 /// be); the messages that pass are recorded one by one.
-pub const PANIC_CHECK_BULK: super::Bulk = super::Bulk {
+pub static PANIC_CHECK_BULK: super::Bulk = super::Bulk {
     check: |message| {
         assert!(
             message.data.get("panic") != Some(&serde_json::Value::Bool(true)),

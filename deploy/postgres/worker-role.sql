@@ -25,9 +25,12 @@ CREATE ROLE :"worker_role" LOGIN PASSWORD :'worker_password'
 
 -- The worker's tables live in a schema of their own, which the role owns:
 -- it can create, alter and drop what is in it (the migrations), and has no
--- right on any other schema beyond what PUBLIC has. Since PostgreSQL 15,
--- PUBLIC may no longer create in the schema `public`.
+-- right on any other schema beyond what PUBLIC has.
 CREATE SCHEMA iot AUTHORIZATION :"worker_role";
+
+-- PUBLIC may create in the schema `public` up to PostgreSQL 14 (15 made
+-- this the default): the role would otherwise own whatever it made there.
+REVOKE CREATE ON SCHEMA public FROM PUBLIC;
 
 -- The worker names its tables without a schema: they resolve here. In a
 -- database without a schema `iot` nothing resolves, so nothing is created

@@ -14,17 +14,41 @@ image is rabbitmq* or postgres*, requires:
     rabbit@<hostname>, so a new random hostname means an empty broker;
   - no published port on all interfaces (no host IP, 0.0.0.0 or ::).
 
+And, for every service, that it holds only its own secrets: each password
+(a variable of SECRETS below) may appear, as a value or inside a URL, only
+in the environments of the services SECRETS names for it; a variable that
+looks like a secret (PASS, TOKEN, SECRET in its name) must be listed there;
+and the worker does not log in to PostgreSQL as the superuser.
+
 Prints one line per problem and exits 1; the configuration itself (it holds
-the passwords from `env`) is never printed.
+the passwords of the env files) is never printed.
 """
+import re
 import subprocess
 import sys
+from urllib.parse import unquote, urlsplit
 
 import yaml
 
 # Image name (last path component, before the tag) prefix -> data directory.
 STATEFUL = {"rabbitmq": "/var/lib/rabbitmq", "postgres": "/var/lib/postgresql/data"}
 ALL_INTERFACES = {"", "0.0.0.0", "::", "[::]"}
+
+# Each secret variable -> the services whose environment may hold its value
+# (as itself, or as the password of a URL). A new service that needs one is
+# added here on purpose; one that is not listed may not see it.
+SECRETS = {
+    # The PostgreSQL superuser: the database, and the tests (they create and
+    # drop a database each).
+    "POSTGRES_PASSWORD": {"postgres", "test"},
+    # The worker's database role: created by the database's init script,
+    # used by the worker.
+    "WORKER_DB_PASSWORD": {"postgres", "worker-iot-core"},
+    # The broker's user: the broker, the worker and the tests log in as it.
+    "RABBITMQ_DEFAULT_PASS": {"rabbitmq", "worker-iot-core", "test"},
+}
+SECRET_NAME = re.compile(r"PASS|TOKEN|SECRET", re.IGNORECASE)
+WORKER = "worker-iot-core"
 
 
 def host_ip(port):
@@ -69,17 +93,60 @@ def problems(config):
         yield "no rabbitmq or postgres service found: nothing was checked"
 
 
+def environment(service):
+    """A service's resolved environment as a dict (`config` prints a mapping,
+    older versions a list of KEY=VALUE)."""
+    env = service.get("environment") or {}
+    if isinstance(env, list):
+        env = dict(item.split("=", 1) if "=" in item else (item, "") for item in env)
+    return {str(k): "" if v is None else str(v) for k, v in env.items()}
+
+
+def url_password(value):
+    """The password of each URL in a value (comma-separated lists too)."""
+    for part in value.split(","):
+        try:
+            password = urlsplit(part.strip()).password
+        except ValueError:
+            continue
+        if password:
+            yield unquote(password)
+
+
+def secret_problems(config):
+    services = {name: environment(service) for name, service in (config.get("services") or {}).items()}
+    values = {}  # secret variable -> its value, where a service sets it
+    for name, env in services.items():
+        for key, value in env.items():
+            if SECRET_NAME.search(key) and key not in SECRETS:
+                yield f"{name}: {key} looks like a secret but is not listed in SECRETS (.ci/check-compose.py)"
+            if key in SECRETS and value:
+                values[key] = value
+    for key, value in values.items():
+        for name, env in services.items():
+            if name in SECRETS[key]:
+                continue
+            if any(v == value or value in url_password(v) for v in env.values()):
+                yield f"{name}: holds the value of {key}, which only {', '.join(sorted(SECRETS[key]))} may"
+    for url in [services.get(WORKER, {}).get("DATABASE_URL", "")]:
+        user = urlsplit(url.split(",")[0]).username if url else None
+        if user == "postgres":
+            yield f"{WORKER}: DATABASE_URL logs in as the superuser postgres; use the worker's role"
+
+
 def main():
     path = sys.argv[1] if len(sys.argv) > 1 else "docker-compose.yml"
     out = subprocess.run(["docker-compose", "-f", path, "config"], stdout=subprocess.PIPE)
     if out.returncode != 0:  # docker-compose has said why on stderr
         sys.exit(f"check-compose: {path}: `docker-compose config` failed")
-    found = list(problems(yaml.safe_load(out.stdout)))
+    config = yaml.safe_load(out.stdout)
+    found = list(problems(config)) + list(secret_problems(config))
     for problem in found:
         print(f"check-compose: {path}: {problem}", file=sys.stderr)
     if found:
         sys.exit(1)
-    print(f"check-compose: {path}: stateful services keep their data and listen on chosen interfaces only")
+    print(f"check-compose: {path}: stateful services keep their data and listen on chosen interfaces only;"
+          " each service holds only its own secrets")
 
 
 if __name__ == "__main__":

@@ -4,12 +4,15 @@
 //! and the worker binary exports them over real OTLP gRPC, flushed on
 //! SIGTERM (to a receiver in this test).
 //!
-//! One global subscriber serves every in-process test of this binary;
-//! each test picks its spans out by its own random trace id.
+//! The in-process tests share one subscriber, the default only on their
+//! own runtimes' threads ([`run_traced`]); each test picks its spans out
+//! by its own random trace id.
 #![cfg(feature = "test-handlers")]
 
 mod common;
 
+use std::cell::RefCell;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
@@ -24,6 +27,8 @@ use opentelemetry_proto::tonic::common::v1::any_value::Value as ProtoValue;
 use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider, SpanData};
 use rand::Rng;
 use serde_json::json;
+use tracing::Dispatch;
+use tracing::dispatcher::{self, DefaultGuard};
 use tracing_subscriber::Layer;
 use tracing_subscriber::layer::SubscriberExt;
 use worker_iot_core::telemetry;
@@ -40,23 +45,61 @@ fn topology(max_attempts: u32) -> String {
     )
 }
 
-/// The spans every worker of this test binary ends.
-fn exporter() -> &'static InMemorySpanExporter {
-    static INSTALLED: OnceLock<(InMemorySpanExporter, SdkTracerProvider)> = OnceLock::new();
-    &INSTALLED
-        .get_or_init(|| {
-            let exporter = InMemorySpanExporter::default();
-            let provider = SdkTracerProvider::builder()
-                .with_simple_exporter(exporter.clone())
-                .with_resource(telemetry::resource("worker-iot-core"))
-                .build();
-            // No `log` bridge, as in the binary (see `Telemetry::install`).
-            let subscriber = tracing_subscriber::registry()
-                .with(telemetry::otel_layer(&provider).with_filter(telemetry::span_filter()));
-            tracing::subscriber::set_global_default(subscriber).expect("one subscriber per test binary");
-            (exporter, provider)
+/// Where the in-process workers of these tests send their spans: an
+/// in-memory exporter, behind a subscriber that [`run_traced`] makes the
+/// default of its own threads only.
+struct Spans {
+    exporter: InMemorySpanExporter,
+    dispatch: Dispatch,
+    _provider: SdkTracerProvider,
+}
+
+fn spans() -> &'static Spans {
+    static SPANS: OnceLock<Spans> = OnceLock::new();
+    SPANS.get_or_init(|| {
+        let exporter = InMemorySpanExporter::default();
+        let provider = SdkTracerProvider::builder()
+            .with_simple_exporter(exporter.clone())
+            .with_resource(telemetry::resource("worker-iot-core"))
+            .build();
+        // No `log` bridge, as in the binary (see `Telemetry::install`).
+        let subscriber =
+            tracing_subscriber::registry().with(telemetry::otel_layer(&provider).with_filter(telemetry::span_filter()));
+        Spans {
+            exporter,
+            dispatch: Dispatch::new(subscriber),
+            _provider: provider,
+        }
+    })
+}
+
+thread_local! {
+    /// [`spans`]' subscriber as this thread's default, while the thread
+    /// belongs to a runtime of [`run_traced`].
+    static SCOPED: RefCell<Option<DefaultGuard>> = const { RefCell::new(None) };
+}
+
+/// Runs `test` as `#[tokio::test(flavor = "multi_thread", worker_threads =
+/// 2)]` would, on a runtime each of whose threads (and the caller's, while
+/// it waits) sends its spans to [`spans`].
+///
+/// Not a global default: other tests share this process, and a global
+/// OpenTelemetry subscriber would trace their in-process workers too,
+/// whose retry, DLQ and device copies would then carry a `traceparent` of
+/// their own. Each test here picks its spans out by its own trace id.
+fn run_traced<F: Future>(test: F) -> F::Output {
+    let dispatch = spans().dispatch.clone();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .on_thread_start(move || {
+            let guard = dispatcher::set_default(&dispatch);
+            SCOPED.with(|scoped| *scoped.borrow_mut() = Some(guard));
         })
-        .0
+        .on_thread_stop(|| SCOPED.with(|scoped| drop(scoped.borrow_mut().take())))
+        .build()
+        .expect("test runtime");
+    dispatcher::with_default(&spans().dispatch, || runtime.block_on(test))
 }
 
 /// A fresh producer context: (trace id, parent span id, traceparent).
@@ -80,7 +123,8 @@ fn traced(traceparent: &str) -> BasicProperties {
 }
 
 fn spans_of(trace_id: &str) -> Vec<SpanData> {
-    exporter()
+    spans()
+        .exporter
         .get_finished_spans()
         .expect("finished spans")
         .into_iter()
@@ -102,125 +146,128 @@ fn deliveries(spans: &[SpanData]) -> Vec<&SpanData> {
     deliveries
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_retried_message_is_one_trace_with_an_attempt_per_delivery() {
-    exporter();
-    let env = TestEnv::new(&topology(5)).await;
-    let (trace_id, producer_span, traceparent) = producer_context();
-    let body = json!({"type": "TEST_FLAKY", "id": "traced-once", "data": {"fail_first": 1}}).to_string();
-    env.publish(body.as_bytes(), traced(&traceparent)).await;
-    let worker = env.spawn_worker(&[]);
-    env.wait_for_rows("measurements WHERE message_id = 'traced-once'", 1, WAIT)
-        .await;
-    // The drain ends every delivery, so every span has been exported.
-    worker.stop().await;
+#[test]
+fn a_retried_message_is_one_trace_with_an_attempt_per_delivery() {
+    run_traced(async {
+        let env = TestEnv::new(&topology(5)).await;
+        let (trace_id, producer_span, traceparent) = producer_context();
+        let body = json!({"type": "TEST_FLAKY", "id": "traced-once", "data": {"fail_first": 1}}).to_string();
+        env.publish(body.as_bytes(), traced(&traceparent)).await;
+        let worker = env.spawn_worker(&[]);
+        env.wait_for_rows("measurements WHERE message_id = 'traced-once'", 1, WAIT)
+            .await;
+        // The drain ends every delivery, so every span has been exported.
+        worker.stop().await;
 
-    let spans = spans_of(&trace_id);
-    let attempts = deliveries(&spans);
-    assert_eq!(attempts.len(), 2, "two deliveries in the trace: {spans:#?}");
-    let process = format!("process {}", env.queue);
-    for (n, span) in attempts.iter().enumerate() {
-        assert_eq!(span.name, process);
-        assert_eq!(attribute(span, "iot.attempt"), Some((n + 1).to_string()));
-        assert_eq!(attribute(span, "messaging.system").as_deref(), Some("rabbitmq"));
-        assert_eq!(attribute(span, "messaging.destination.name"), Some(env.queue.clone()));
-        assert_eq!(attribute(span, "messaging.message.id").as_deref(), Some("traced-once"));
-        assert_eq!(attribute(span, "iot.message.type").as_deref(), Some("TEST_FLAKY"));
-        assert_eq!(span.status, Status::Unset, "a retried failure is not an error");
-    }
-    assert_eq!(attribute(attempts[0], "iot.outcome").as_deref(), Some("retry"));
-    assert_eq!(attribute(attempts[1], "iot.outcome").as_deref(), Some("processed"));
+        let spans = spans_of(&trace_id);
+        let attempts = deliveries(&spans);
+        assert_eq!(attempts.len(), 2, "two deliveries in the trace: {spans:#?}");
+        let process = format!("process {}", env.queue);
+        for (n, span) in attempts.iter().enumerate() {
+            assert_eq!(span.name, process);
+            assert_eq!(attribute(span, "iot.attempt"), Some((n + 1).to_string()));
+            assert_eq!(attribute(span, "messaging.system").as_deref(), Some("rabbitmq"));
+            assert_eq!(attribute(span, "messaging.destination.name"), Some(env.queue.clone()));
+            assert_eq!(attribute(span, "messaging.message.id").as_deref(), Some("traced-once"));
+            assert_eq!(attribute(span, "iot.message.type").as_deref(), Some("TEST_FLAKY"));
+            assert_eq!(span.status, Status::Unset, "a retried failure is not an error");
+        }
+        assert_eq!(attribute(attempts[0], "iot.outcome").as_deref(), Some("retry"));
+        assert_eq!(attribute(attempts[1], "iot.outcome").as_deref(), Some("processed"));
 
-    // Attempt 1 is the producer's child; attempt 2 the child of the
-    // publish of the retry copy, itself a child of attempt 1.
-    assert_eq!(attempts[0].parent_span_id.to_string(), producer_span);
-    let retry = format!("publish {}.retry.50ms", env.queue);
-    let publish = spans
-        .iter()
-        .find(|s| s.name == retry)
-        .expect("the retry copy's publish span");
-    assert_eq!(publish.span_kind, SpanKind::Producer);
-    assert_eq!(publish.parent_span_id, attempts[0].span_context.span_id());
-    assert_eq!(attempts[1].parent_span_id, publish.span_context.span_id());
+        // Attempt 1 is the producer's child; attempt 2 the child of the
+        // publish of the retry copy, itself a child of attempt 1.
+        assert_eq!(attempts[0].parent_span_id.to_string(), producer_span);
+        let retry = format!("publish {}.retry.50ms", env.queue);
+        let publish = spans
+            .iter()
+            .find(|s| s.name == retry)
+            .expect("the retry copy's publish span");
+        assert_eq!(publish.span_kind, SpanKind::Producer);
+        assert_eq!(publish.parent_span_id, attempts[0].span_context.span_id());
+        assert_eq!(attempts[1].parent_span_id, publish.span_context.span_id());
 
-    // Each attempt ran a transaction with the handler inside; the second
-    // committed.
-    let named = |name: &str| spans.iter().filter(|s| s.name == name).count();
-    assert_eq!(named("transaction"), 2);
-    assert_eq!(named("handler TEST_FLAKY"), 2);
-    assert_eq!(named("commit"), 1);
-    env.cleanup().await;
+        // Each attempt ran a transaction with the handler inside; the second
+        // committed.
+        let named = |name: &str| spans.iter().filter(|s| s.name == name).count();
+        assert_eq!(named("transaction"), 2);
+        assert_eq!(named("handler TEST_FLAKY"), 2);
+        assert_eq!(named("commit"), 1);
+        env.cleanup().await;
+    });
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn only_the_failure_that_parks_a_message_is_an_error() {
-    exporter();
-    let env = TestEnv::new(&topology(2)).await;
-    let (trace_id, _, traceparent) = producer_context();
-    let body = json!({"type": "TEST_FLAKY", "id": "traced-parked", "data": {"fail_first": 10}}).to_string();
-    env.publish(body.as_bytes(), traced(&traceparent)).await;
-    let worker = env.spawn_worker(&[]);
-    env.wait_for_queue_len(&env.dlq(), 1, WAIT).await;
-    worker.stop().await;
+#[test]
+fn only_the_failure_that_parks_a_message_is_an_error() {
+    run_traced(async {
+        let env = TestEnv::new(&topology(2)).await;
+        let (trace_id, _, traceparent) = producer_context();
+        let body = json!({"type": "TEST_FLAKY", "id": "traced-parked", "data": {"fail_first": 10}}).to_string();
+        env.publish(body.as_bytes(), traced(&traceparent)).await;
+        let worker = env.spawn_worker(&[]);
+        env.wait_for_queue_len(&env.dlq(), 1, WAIT).await;
+        worker.stop().await;
 
-    let spans = spans_of(&trace_id);
-    let attempts = deliveries(&spans);
-    assert_eq!(attempts.len(), 2, "{spans:#?}");
-    assert_eq!(attempts[0].status, Status::Unset);
-    assert_eq!(attribute(attempts[0], "iot.outcome").as_deref(), Some("retry"));
-    assert!(
-        matches!(&attempts[1].status, Status::Error { description } if description.contains("TEST_FLAKY")),
-        "{:?}",
-        attempts[1].status
-    );
-    assert_eq!(attribute(attempts[1], "iot.outcome").as_deref(), Some("parked"));
-    assert_eq!(
-        attribute(attempts[1], "error.type").as_deref(),
-        Some("attempts_exhausted")
-    );
+        let spans = spans_of(&trace_id);
+        let attempts = deliveries(&spans);
+        assert_eq!(attempts.len(), 2, "{spans:#?}");
+        assert_eq!(attempts[0].status, Status::Unset);
+        assert_eq!(attribute(attempts[0], "iot.outcome").as_deref(), Some("retry"));
+        assert!(
+            matches!(&attempts[1].status, Status::Error { description } if description.contains("TEST_FLAKY")),
+            "{:?}",
+            attempts[1].status
+        );
+        assert_eq!(attribute(attempts[1], "iot.outcome").as_deref(), Some("parked"));
+        assert_eq!(
+            attribute(attempts[1], "error.type").as_deref(),
+            Some("attempts_exhausted")
+        );
 
-    // The parked copy carries the trace on: a requeued message joins it.
-    let parked = env.drain(&env.dlq()).await;
-    let headers = parked[0].delivery.properties.headers().as_ref();
-    let carried = worker_iot_core::headers::read_string(headers, "traceparent").unwrap();
-    assert!(carried.starts_with(&format!("00-{trace_id}-")), "{carried}");
-    let dlq_publish = spans
-        .iter()
-        .find(|s| s.name == format!("publish {}", env.dlq()))
-        .unwrap();
-    assert!(carried.contains(&dlq_publish.span_context.span_id().to_string()));
-    env.cleanup().await;
+        // The parked copy carries the trace on: a requeued message joins it.
+        let parked = env.drain(&env.dlq()).await;
+        let headers = parked[0].delivery.properties.headers().as_ref();
+        let carried = worker_iot_core::headers::read_string(headers, "traceparent").unwrap();
+        assert!(carried.starts_with(&format!("00-{trace_id}-")), "{carried}");
+        let dlq_publish = spans
+            .iter()
+            .find(|s| s.name == format!("publish {}", env.dlq()))
+            .unwrap();
+        assert!(carried.contains(&dlq_publish.span_context.span_id().to_string()));
+        env.cleanup().await;
+    });
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_command_s_device_message_carries_the_command_s_trace() {
-    exporter();
-    let env = TestEnv::new(&topology(3)).await;
-    let Device {
-        id: device,
-        queue: device_queue,
-    } = Device::bind(&env).await;
-    let (trace_id, _, traceparent) = producer_context();
-    let body = json!({"type": "SET_LED", "kind": "command", "id": "traced-led",
-                      "data": {"device_id": device, "state": "on"}});
-    env.publish(body.to_string().as_bytes(), traced(&traceparent)).await;
-    let worker = env.spawn_worker(&[]);
-    env.wait_for_queue_len(&device_queue, 1, WAIT).await;
-    worker.stop().await;
+#[test]
+fn a_command_s_device_message_carries_the_command_s_trace() {
+    run_traced(async {
+        let env = TestEnv::new(&topology(3)).await;
+        let Device {
+            id: device,
+            queue: device_queue,
+        } = Device::bind(&env).await;
+        let (trace_id, _, traceparent) = producer_context();
+        let body = json!({"type": "SET_LED", "kind": "command", "id": "traced-led",
+                          "data": {"device_id": device, "state": "on"}});
+        env.publish(body.to_string().as_bytes(), traced(&traceparent)).await;
+        let worker = env.spawn_worker(&[]);
+        env.wait_for_queue_len(&device_queue, 1, WAIT).await;
+        worker.stop().await;
 
-    let sent = env.drain(&device_queue).await;
-    let headers = sent[0].delivery.properties.headers().as_ref();
-    let carried = worker_iot_core::headers::read_string(headers, "traceparent").expect("traceparent");
-    let spans = spans_of(&trace_id);
-    let publish = spans
-        .iter()
-        .find(|s| s.name == "publish amq.topic")
-        .expect("the relay's publish span, in the command's trace");
-    assert_eq!(publish.span_kind, SpanKind::Producer);
-    assert_eq!(carried, format!("00-{trace_id}-{}-01", publish.span_context.span_id()));
-    let handler = spans.iter().find(|s| s.name == "handler SET_LED").unwrap();
-    assert_eq!(publish.parent_span_id, handler.span_context.span_id());
-    env.cleanup().await;
+        let sent = env.drain(&device_queue).await;
+        let headers = sent[0].delivery.properties.headers().as_ref();
+        let carried = worker_iot_core::headers::read_string(headers, "traceparent").expect("traceparent");
+        let spans = spans_of(&trace_id);
+        let publish = spans
+            .iter()
+            .find(|s| s.name == "publish amq.topic")
+            .expect("the relay's publish span, in the command's trace");
+        assert_eq!(publish.span_kind, SpanKind::Producer);
+        assert_eq!(carried, format!("00-{trace_id}-{}-01", publish.span_context.span_id()));
+        let handler = spans.iter().find(|s| s.name == "handler SET_LED").unwrap();
+        assert_eq!(publish.parent_span_id, handler.span_context.span_id());
+        env.cleanup().await;
+    });
 }
 
 /// An OTLP gRPC trace receiver: keeps every request.

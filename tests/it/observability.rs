@@ -2,17 +2,14 @@
 //! broker and database: exact counts after a known mix of messages,
 //! readiness that follows the broker and the database (cut through test
 //! proxies), and a metrics port that survives 2,000 idle connections.
-#![cfg(feature = "test-handlers")]
-
-mod common;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::proxy::{Proxy, upstream_of};
-use common::{RunningWorker, TestEnv, amqp_url, wait_for};
+use crate::common::proxy::{Proxy, upstream_of};
+use crate::common::{RunningWorker, TestEnv, amqp_url, wait_for};
 use lapin::BasicProperties;
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -114,7 +111,7 @@ fn measurement(id: &str, value: serde_json::Value) -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_scrape_counts_each_outcome_exactly() {
-    let env = TestEnv::new(common::FAST_TOPOLOGY).await;
+    let env = TestEnv::new(crate::common::FAST_TOPOLOGY).await;
     let props = BasicProperties::default;
     for i in 1..=3 {
         env.publish(&measurement(&format!("ok-{i}"), json!(20.5)), props())
@@ -227,7 +224,7 @@ async fn healthcheck(env: &TestEnv, addr: SocketAddr) -> (Option<i32>, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readyz_follows_the_broker_and_the_database() {
-    let env = TestEnv::new(common::FAST_TOPOLOGY).await;
+    let env = TestEnv::new(crate::common::FAST_TOPOLOGY).await;
     let broker = Proxy::start(upstream_of(&amqp_url())).await;
     let database = Proxy::start(upstream_of(&env.database_url)).await;
     let settings = env.settings(&[
@@ -283,7 +280,7 @@ async fn two_thousand_idle_connections_do_not_stop_the_worker_or_its_endpoints()
         "RLIMIT_NOFILE {limit} is too low for this test"
     );
 
-    let env = TestEnv::new(common::FAST_TOPOLOGY).await;
+    let env = TestEnv::new(crate::common::FAST_TOPOLOGY).await;
     let (worker, addr) = spawn_serving(env.settings(&[])).await;
     worker.wait_ready(&env).await;
 

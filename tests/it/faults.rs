@@ -1,15 +1,12 @@
 //! Fault tests with real processes and real sockets: SIGKILL under load, a
 //! cut broker connection, a database outage, and a message that aborts the
 //! process.
-#![cfg(feature = "test-handlers")]
-
-mod common;
 
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use common::proxy::{Proxy, upstream_of};
-use common::{RunningWorker, TestEnv, WorkerProcess, amqp_url, wait_for};
+use crate::common::proxy::{Proxy, upstream_of};
+use crate::common::{RunningWorker, TestEnv, WorkerProcess, amqp_url, wait_for};
 use lapin::BasicProperties;
 use lapin::message::BasicGetMessage;
 use rand::Rng;

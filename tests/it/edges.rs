@@ -3,17 +3,14 @@
 //! that turns read-only for a while, a panic in a batch's bulk check, and
 //! the in-flight gauge after a cut connection and after a shutdown that
 //! cuts a batch off.
-#![cfg(feature = "test-handlers")]
-
-mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use common::observe::{QueueCounts, metric_value, queue_counts, rabbitmqctl_available, wait_for_seen};
-use common::proxy::{Proxy, upstream_of};
-use common::{Device, FAST_TOPOLOGY, OUTBOX_TOPOLOGY, RunningWorker, TestEnv, amqp_url, server_url, wait_for};
+use crate::common::observe::{QueueCounts, metric_value, queue_counts, rabbitmqctl_available, wait_for_seen};
+use crate::common::proxy::{Proxy, upstream_of};
+use crate::common::{Device, FAST_TOPOLOGY, OUTBOX_TOPOLOGY, RunningWorker, TestEnv, amqp_url, server_url, wait_for};
 use lapin::BasicProperties;
 use lapin::message::BasicGetMessage;
 use lapin::options::{QueueDeclareOptions, QueueDeleteOptions};

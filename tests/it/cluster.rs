@@ -11,13 +11,10 @@
 //! Without the cluster these tests say so and pass, unless
 //! `WIC_CLUSTER_REQUIRED` is set (CI sets it), which makes a missing
 //! cluster a failure. They take the cluster in turn.
-#![cfg(feature = "test-handlers")]
-
-mod common;
 
 use std::time::Duration;
 
-use common::{RunningWorker, TestEnv, wait_for};
+use crate::common::{RunningWorker, TestEnv, wait_for};
 use lapin::BasicProperties;
 use serde_json::json;
 use tokio::sync::{Mutex, MutexGuard};

@@ -1,13 +1,10 @@
 //! The retry and dead-letter engine against the real broker and database:
 //! in-process and delayed retries, parking, and the headers on each attempt.
-#![cfg(feature = "test-handlers")]
-
-mod common;
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::TestEnv;
+use crate::common::TestEnv;
 use lapin::BasicProperties;
 use lapin::message::Delivery;
 use lapin::types::{AMQPValue, FieldTable, LongString};
@@ -38,7 +35,7 @@ struct Seen(Arc<Mutex<Vec<Option<FieldTable>>>>);
 impl Seen {
     fn observer(&self, marker: &'static str) -> EventHook {
         let seen = self.0.clone();
-        common::on_received(move |delivery: &Delivery| {
+        crate::common::on_received(move |delivery: &Delivery| {
             if String::from_utf8_lossy(&delivery.data).contains(marker) {
                 seen.lock().unwrap().push(delivery.properties.headers().clone());
             }

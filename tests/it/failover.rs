@@ -4,12 +4,10 @@
 //! stands in for a cluster's nodes, reached directly and through a proxy
 //! the test can cut.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::proxy::{Proxy, upstream_of};
-use common::{FAST_TOPOLOGY, TestEnv, amqp_url, wait_for};
+use crate::common::proxy::{Proxy, upstream_of};
+use crate::common::{FAST_TOPOLOGY, TestEnv, amqp_url, wait_for};
 use lapin::BasicProperties;
 use serde_json::json;
 

@@ -6,18 +6,17 @@
 //! valid message is applied exactly once, none of them is parked, and
 //! every bad one is parked (docs/reliability.md, "Outcomes" and "Failure modes").
 //!
-//! It restarts the broker, so it runs alone, under the exclusive lock:
+//! It restarts the broker, so it runs alone (in the `whole_broker`
+//! binary, one test at a time), under the exclusive lock:
 //!
 //! ```sh
 //! WIC_SOAK_MESSAGES=20000 flock -x /tmp/wic-broker.lock \
-//!     cargo test --all-features --test soak -- --ignored --nocapture
+//!     cargo test --all-features --test whole_broker soak -- --ignored --nocapture
 //! ```
 //!
 //! `WIC_SOAK_MESSAGES` (default 100000) sizes it, `WIC_SOAK_RATE` is the
 //! publish rate in messages per second (default 500), `WIC_SOAK_SEED`
 //! replays a message mix (the seed is printed).
-
-mod common;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
@@ -26,9 +25,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use common::observe::rabbitmqctl;
-use common::proxy::{Proxy, upstream_of};
-use common::{Device, TestEnv, WorkerProcess, wait_for};
+use crate::common::observe::rabbitmqctl;
+use crate::common::proxy::{Proxy, upstream_of};
+use crate::common::{Device, TestEnv, WorkerProcess, wait_for};
 use lapin::types::ShortString;
 use lapin::{BasicProperties, Connection};
 use rand::rngs::StdRng;
@@ -57,6 +56,7 @@ const TICK: Duration = Duration::from_millis(20);
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 #[ignore = "chaos soak: restarts the broker; run alone under flock -x /tmp/wic-broker.lock"]
 async fn chaos_soak_loses_nothing_applies_once_and_parks_every_bad_message() {
+    let _broker = crate::take_broker().await;
     let n: usize = setting("WIC_SOAK_MESSAGES", 100_000);
     let rate: usize = setting("WIC_SOAK_RATE", 500);
     let seed: u64 = setting("WIC_SOAK_SEED", rand::random());

@@ -2,14 +2,12 @@
 //! relay may send a device message again, but never more often than the
 //! attempts it counts in the outbox (docs/reliability.md, "Commands to devices").
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use common::observe::wait_for_seen;
-use common::proxy::{Proxy, upstream_of};
-use common::{Device, OUTBOX_TOPOLOGY, RunningWorker, TestEnv, amqp_url};
+use crate::common::observe::wait_for_seen;
+use crate::common::proxy::{Proxy, upstream_of};
+use crate::common::{Device, OUTBOX_TOPOLOGY, RunningWorker, TestEnv, amqp_url};
 use worker_iot_core::broker::CONFIRM_TIMEOUT;
 
 /// Device messages written while the confirms are late.

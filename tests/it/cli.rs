@@ -6,12 +6,10 @@
 //! for a bad setting of a binary that uses it (and none for one it does
 //! not), 1 for a runtime error, 130 on Ctrl-C.
 
-mod common;
-
 use std::process::Output;
 use std::time::Duration;
 
-use common::{FAST_TOPOLOGY, TestEnv, wait_for};
+use crate::common::{FAST_TOPOLOGY, TestEnv, wait_for};
 use tokio::net::TcpListener;
 
 const BINARIES: [&str; 5] = [WORKER, CREATE_DB, DELETE_DB, REQUEUE, PUBLISH];
@@ -76,7 +74,7 @@ async fn help_and_version_do_nothing_else() {
     // A database that must not appear: create_db and the worker would
     // create it if --help ran them.
     let absent = format!("{}_absent", env.database);
-    let url = common::with_database(&env.database_url, &absent);
+    let url = crate::common::with_database(&env.database_url, &absent);
     let before = tables(&env).await;
     for bin in BINARIES {
         for flag in ["--help", "--version"] {
@@ -107,7 +105,7 @@ async fn help_and_version_do_nothing_else() {
 async fn check_config_validates_without_touching_broker_or_database() {
     let env = TestEnv::undeclared(FAST_TOPOLOGY).await;
     let absent = format!("{}_absent", env.database);
-    let url = common::with_database(&env.database_url, &absent).replace("postgres@", "postgres:pw@");
+    let url = crate::common::with_database(&env.database_url, &absent).replace("postgres@", "postgres:pw@");
     // Nothing listens on port 1: a worker that connected would fail.
     let unreachable = [
         ("AMQP_URL", "amqp://guest:s3cret@127.0.0.1:1/%2f"),

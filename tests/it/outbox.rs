@@ -2,13 +2,11 @@
 //! device queue bound to `amq.topic`, through crashes in both windows of
 //! the relay, a cut broker, and two workers relaying one outbox.
 
-mod common;
-
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use common::proxy::{Proxy, upstream_of};
-use common::{Device, OUTBOX_TOPOLOGY, TestEnv, amqp_url, wait_for};
+use crate::common::proxy::{Proxy, upstream_of};
+use crate::common::{Device, OUTBOX_TOPOLOGY, TestEnv, amqp_url, wait_for};
 use lapin::BasicProperties;
 use lapin::message::BasicGetMessage;
 use serde_json::json;

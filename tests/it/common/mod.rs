@@ -1,7 +1,6 @@
 //! Shared test harness: every test gets its own queue names (random
 //! suffix), its own database, and helpers that wait on conditions with a
 //! deadline instead of sleeping.
-#![allow(dead_code)] // each test binary uses a different part of it
 
 pub mod observe;
 pub mod proxy;

@@ -3,12 +3,10 @@
 //! raw frames. Each is settled without tearing the session down, on classic
 //! and quorum queues alike, and the messages around it flow.
 
-mod common;
-
 use std::time::Duration;
 
-use common::raw_amqp::{self, FLAG_HEADERS, FLAG_MESSAGE_ID};
-use common::{TestEnv, amqp_url};
+use crate::common::raw_amqp::{self, FLAG_HEADERS, FLAG_MESSAGE_ID};
+use crate::common::{TestEnv, amqp_url};
 use lapin::BasicProperties;
 use serde_json::json;
 use worker_iot_core::headers::{self, ERROR, ERROR_KIND};
@@ -21,7 +19,7 @@ fn topology(queue_type: &str) -> String {
 
 /// `host:port` of the test broker.
 fn broker_addr() -> String {
-    common::proxy::upstream_of(&amqp_url()).to_string()
+    crate::common::proxy::upstream_of(&amqp_url()).to_string()
 }
 
 async fn measurements(env: &TestEnv, from: i64, n: i64) {

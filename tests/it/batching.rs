@@ -1,14 +1,11 @@
 //! Micro-batching against the real broker and database: several first
 //! deliveries share one transaction, and each still ends as docs/reliability.md, "Outcomes", says.
-#![cfg(feature = "test-handlers")]
-
-mod common;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use common::{FAST_TOPOLOGY, RunningWorker, TestEnv, wait_for};
+use crate::common::{FAST_TOPOLOGY, RunningWorker, TestEnv, wait_for};
 use lapin::BasicProperties;
 use serde_json::json;
 use worker_iot_core::ErrorKind;
@@ -32,7 +29,7 @@ async fn start_behind_a_slow_one(env: &TestEnv, bodies: &[Vec<u8>]) -> RunningWo
     env.publish(&slow, BasicProperties::default()).await;
     let received = Arc::new(AtomicUsize::new(0));
     let seen = received.clone();
-    let hook = common::on_received(move |_| {
+    let hook = crate::common::on_received(move |_| {
         seen.fetch_add(1, Ordering::SeqCst);
     });
     let settings = env.settings(&[("BATCH_MAX_SIZE", "50"), ("BATCH_MAX_WAIT_MS", "1000")]);

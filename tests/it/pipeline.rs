@@ -1,13 +1,11 @@
 //! End-to-end processing against the real RabbitMQ and PostgreSQL: the
 //! worker runs in-process on its own queues and database.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use crate::common::{FAST_TOPOLOGY, TestEnv};
 use chrono::{DateTime, Duration as Span, TimeZone, Utc};
-use common::{FAST_TOPOLOGY, TestEnv};
 use lapin::BasicProperties;
 use rand::SeedableRng;
 use rand::seq::SliceRandom;

@@ -1,16 +1,15 @@
 //! A broker-wide memory alarm: RabbitMQ blocks every publisher, so the
 //! worker's retry and DLQ copies wait for the alarm to clear (docs/reliability.md, "Broker alarms").
-//! The alarm blocks every test's publishes too: this binary holds only
-//! alarm tests, and is run under the exclusive broker lock
-//! (`flock -x /tmp/wic-broker.lock cargo test --all-features --test alarm`).
-
-mod common;
+//! The alarm blocks every test's publishes too: it runs in the
+//! `whole_broker` binary, one test at a time.
 
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use common::observe::{QueueCounts, metric_value, queue_counts, rabbitmqctl, rabbitmqctl_available, wait_for_seen};
-use common::{FAST_TOPOLOGY, RunningWorker, TestEnv};
+use crate::common::observe::{
+    QueueCounts, metric_value, queue_counts, rabbitmqctl, rabbitmqctl_available, wait_for_seen,
+};
+use crate::common::{FAST_TOPOLOGY, RunningWorker, TestEnv};
 use lapin::BasicProperties;
 use serde_json::json;
 use worker_iot_core::broker::CONFIRM_TIMEOUT;
@@ -112,6 +111,7 @@ async fn a_memory_alarm_parks_each_poison_message_once_and_tears_nothing_down() 
     if !rabbitmqctl_available("a_memory_alarm_parks_each_poison_message_once_and_tears_nothing_down") {
         return;
     }
+    let _broker = crate::take_broker().await;
     assert!(HOLD > CONFIRM_TIMEOUT);
     let env = TestEnv::new(FAST_TOPOLOGY).await;
     publish_mixed(&env).await;

@@ -3,12 +3,10 @@
 //! is the first receipt on every attempt, and a long AMQP `message_id` is
 //! used whole (docs/reliability.md, "The message id").
 
-mod common;
-
 use std::time::Duration;
 
-use common::observe::{rabbitmqctl, rabbitmqctl_available};
-use common::{FAST_TOPOLOGY, TestEnv, amqp_url};
+use crate::common::observe::{rabbitmqctl, rabbitmqctl_available};
+use crate::common::{FAST_TOPOLOGY, TestEnv, amqp_url};
 use lapin::BasicProperties;
 use lapin::message::Delivery;
 use serde_json::json;
@@ -204,7 +202,7 @@ async fn a_missing_time_is_the_first_receipt_on_every_attempt() {
     env.publish(body.as_bytes(), BasicProperties::default()).await;
     let retried: Arc<Mutex<Vec<BasicProperties>>> = Arc::default();
     let seen = retried.clone();
-    let observer = common::on_received(move |delivery: &Delivery| {
+    let observer = crate::common::on_received(move |delivery: &Delivery| {
         seen.lock().unwrap().push(delivery.properties.clone());
     });
     let worker = env.spawn_worker_with(env.settings(&[]), Some(observer));

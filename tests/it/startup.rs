@@ -2,11 +2,9 @@
 //! environment, topology declared for both queue types, clear refusals,
 //! and a graceful SIGTERM that loses nothing.
 
-mod common;
-
 use std::time::Duration;
 
-use common::{FAST_TOPOLOGY, TestEnv, wait_for};
+use crate::common::{FAST_TOPOLOGY, TestEnv, wait_for};
 use lapin::BasicProperties;
 use lapin::options::QueueDeclareOptions;
 use lapin::types::{AMQPValue, FieldTable, LongString};
@@ -39,7 +37,7 @@ async fn declared_with(env: &TestEnv, queue: &str, args: FieldTable) -> Result<(
     result
 }
 
-async fn wait_consuming(env: &TestEnv, worker: &mut common::WorkerProcess) {
+async fn wait_consuming(env: &TestEnv, worker: &mut crate::common::WorkerProcess) {
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     while env.consumers(&env.queue).await.unwrap_or(0) == 0 {
         if let Ok(Some(status)) = worker.child.try_wait() {
@@ -136,7 +134,7 @@ async fn declares_the_whole_topology(queue_type: &str) {
         "configuration printed: {out}"
     );
     assert!(out.contains(":****@"), "AMQP password masked: {out}");
-    let password = common::amqp_url()
+    let password = crate::common::amqp_url()
         .split(':')
         .nth(2)
         .and_then(|p| p.split('@').next())
@@ -212,7 +210,7 @@ async fn a_classic_dlq_under_a_quorum_topology_is_refused_and_migrates_without_l
         std::fs::write(env.dir.join("none.json"), "{}").unwrap();
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_requeue"))
             .args(args)
-            .env("AMQP_URL", common::amqp_url())
+            .env("AMQP_URL", crate::common::amqp_url())
             .env("SETTINGS_FILE", env.dir.join("none.json"))
             .output()
             .expect("run requeue");

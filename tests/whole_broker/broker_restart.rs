@@ -1,14 +1,11 @@
 //! A broker restart (`rabbitmqctl stop_app` / `start_app`) keeps what is
-//! parked, what waits in a retry queue and what is queued (docs/reliability.md, "Failure modes"). Its
-//! own test binary, so no other test shares the restart.
-#![cfg(feature = "test-handlers")]
-
-mod common;
+//! parked, what waits in a retry queue and what is queued (docs/reliability.md, "Failure modes"). It
+//! runs in the `whole_broker` binary, so no other test shares the restart.
 
 use std::time::Duration;
 
-use common::observe::{rabbitmqctl, rabbitmqctl_available};
-use common::{TestEnv, amqp_url, wait_for};
+use crate::common::observe::{rabbitmqctl, rabbitmqctl_available};
+use crate::common::{TestEnv, amqp_url, wait_for};
 use lapin::BasicProperties;
 use serde_json::json;
 use worker_iot_core::broker::{self, Publisher};
@@ -28,6 +25,7 @@ async fn parked_retrying_and_queued_messages_survive_a_broker_restart() {
     if !rabbitmqctl_available("parked_retrying_and_queued_messages_survive_a_broker_restart") {
         return;
     }
+    let _broker = crate::take_broker().await;
     const N: usize = 5;
     let mut env = TestEnv::new(TOPOLOGY).await;
     let retry_queue = format!("{}.retry.3s", env.queue);

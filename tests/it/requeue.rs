@@ -2,12 +2,10 @@
 //! grouping, dry run, filtered and limited drains that keep the rest in
 //! order, replay after a fix, SIGKILL mid-drain, and the rate limiter.
 
-mod common;
-
 use std::process::Output;
 use std::time::{Duration, Instant};
 
-use common::{FAST_TOPOLOGY, TestEnv, amqp_url, wait_for};
+use crate::common::{FAST_TOPOLOGY, TestEnv, amqp_url, wait_for};
 use lapin::BasicProperties;
 use lapin::message::Delivery;
 use serde_json::{Value, json};

@@ -7,9 +7,6 @@
 //! The in-process tests share one subscriber, the default only on their
 //! own runtimes' threads ([`run_traced`]); each test picks its spans out
 //! by its own random trace id.
-#![cfg(feature = "test-handlers")]
-
-mod common;
 
 use std::cell::RefCell;
 use std::future::Future;
@@ -17,7 +14,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use common::{Device, TestEnv};
+use crate::common::{Device, TestEnv};
 use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use opentelemetry::trace::{SpanKind, Status};
@@ -332,7 +329,7 @@ impl Receiver {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn json_logs_are_pure_json_lines_naming_the_message_and_its_trace() {
-    let env = TestEnv::new(common::FAST_TOPOLOGY).await;
+    let env = TestEnv::new(crate::common::FAST_TOPOLOGY).await;
     let (trace_id, _, traceparent) = producer_context();
     let body = json!({"type": "NO_SUCH_TYPE", "id": "logged-parked", "data": {}}).to_string();
     env.publish(body.as_bytes(), traced(&traceparent)).await;
@@ -379,7 +376,7 @@ fn hex(bytes: &[u8]) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_binary_exports_a_message_s_spans_over_otlp_and_flushes_them_on_sigterm() {
     let (receiver, addr) = Receiver::start().await;
-    let env = TestEnv::new(common::FAST_TOPOLOGY).await;
+    let env = TestEnv::new(crate::common::FAST_TOPOLOGY).await;
     let (trace_id, _, traceparent) = producer_context();
     let body = json!({"type": "DEVICE_UP", "id": "exported", "data": {"device_id": "otlp-1"}}).to_string();
     env.publish(body.as_bytes(), traced(&traceparent)).await;

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use crate::common::messages::{body, flaky, invalid_measurement, measurement, slow};
 use crate::common::{FAST_TOPOLOGY, RunningWorker, TestEnv, wait_for};
 use lapin::BasicProperties;
 use serde_json::json;
@@ -13,19 +14,11 @@ use worker_iot_core::headers::{self, ERROR_KIND};
 
 const WAIT: Duration = Duration::from_secs(60);
 
-fn body(value: serde_json::Value) -> Vec<u8> {
-    value.to_string().into_bytes()
-}
-
-fn measurement(id: &str) -> Vec<u8> {
-    body(json!({"type": "MEASUREMENT", "id": id, "data": {"device_id": "d1", "sensor": "t", "value": 1}}))
-}
-
 /// Starts a worker on a slow message (0.5 s in its transaction), then
 /// publishes `bodies` while it runs: they arrive together and wait (up to
 /// `BATCH_MAX_WAIT_MS`, 1 s) for it, then go as one batch.
 async fn start_behind_a_slow_one(env: &TestEnv, bodies: &[Vec<u8>]) -> RunningWorker {
-    let slow = body(json!({"type": "TEST_SLOW", "id": "slow", "data": {"seconds": 0.5}}));
+    let slow = slow("slow", 0.5);
     env.publish(&slow, BasicProperties::default()).await;
     let received = Arc::new(AtomicUsize::new(0));
     let seen = received.clone();
@@ -64,15 +57,13 @@ async fn transactions(env: &TestEnv, ids: &[&str]) -> Vec<String> {
 async fn a_batch_with_poison_a_duplicate_and_a_transient_failure_settles_each_message() {
     let env = TestEnv::new(FAST_TOPOLOGY).await;
     let mates = [
-        measurement("m-1"),
-        body(
-            json!({"type": "MEASUREMENT", "id": "poison", "data": {"device_id": "d1", "sensor": "t", "value": "hot"}}),
-        ),
-        measurement("m-1"),
-        body(json!({"type": "TEST_FLAKY", "id": "flaky", "data": {"fail_first": 1}})),
-        measurement("m-2"),
+        measurement("m-1", 1),
+        invalid_measurement("poison"),
+        measurement("m-1", 1),
+        flaky("flaky", 1),
+        measurement("m-2", 1),
         b"not json".to_vec(),
-        measurement("m-3"),
+        measurement("m-3", 1),
     ];
     let worker = start_behind_a_slow_one(&env, &mates).await;
     env.wait_for_rows("events", 5, WAIT).await;
@@ -117,9 +108,9 @@ async fn a_batch_with_poison_a_duplicate_and_a_transient_failure_settles_each_me
 async fn a_panic_in_a_batch_parks_that_message_and_applies_the_others_once() {
     let env = TestEnv::new(FAST_TOPOLOGY).await;
     let mates = [
-        measurement("m-1"),
+        measurement("m-1", 1),
         body(json!({"type": "TEST_PANIC", "id": "boom", "data": {}})),
-        measurement("m-2"),
+        measurement("m-2", 1),
     ];
     let worker = start_behind_a_slow_one(&env, &mates).await;
     env.wait_for_rows("events", 3, WAIT).await;

@@ -8,13 +8,13 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use crate::common::messages::{body, flaky, measurement, message_id, set_led, slow, with_id};
 use crate::common::observe::{QueueCounts, metric_value, queue_counts, rabbitmqctl_available, wait_for_seen};
 use crate::common::proxy::{Proxy, upstream_of};
 use crate::common::{Device, FAST_TOPOLOGY, OUTBOX_TOPOLOGY, RunningWorker, TestEnv, amqp_url, server_url, wait_for};
 use lapin::BasicProperties;
 use lapin::message::BasicGetMessage;
 use lapin::options::{QueueDeclareOptions, QueueDeleteOptions};
-use lapin::types::ShortString;
 use serde_json::json;
 use sqlx::{Connection as _, PgConnection};
 use worker_iot_core::ErrorKind;
@@ -25,24 +25,6 @@ const IN_FLIGHT: &str = "iot_deliveries_in_flight";
 
 /// Messages to publish together: body and properties.
 type Burst = Vec<(Vec<u8>, BasicProperties)>;
-
-fn body(value: serde_json::Value) -> Vec<u8> {
-    value.to_string().into_bytes()
-}
-
-fn measurement(id: &str) -> Vec<u8> {
-    body(json!({"type": "MEASUREMENT", "id": id, "data": {"device_id": "d1", "sensor": "t", "value": 1}}))
-}
-
-/// Properties naming the message, so a copy can be told apart by its id.
-fn with_id(id: &str) -> BasicProperties {
-    BasicProperties::default().with_message_id(ShortString::from(id))
-}
-
-fn message_id(message: &BasicGetMessage) -> String {
-    let id = message.delivery.properties.message_id().as_ref();
-    id.expect("the message has a message_id").to_string()
-}
 
 /// How many times each message id occurs.
 fn tally(messages: &[BasicGetMessage]) -> BTreeMap<String, usize> {
@@ -65,10 +47,6 @@ fn in_flight(worker: &RunningWorker) -> f64 {
 
 // ---------------------------------------------------------------------------
 // 1. Device messages: a returned one is never taken for a confirmed one.
-
-fn set_led(id: &str, device: &str) -> Vec<u8> {
-    body(json!({"type": "SET_LED", "kind": "command", "id": id, "data": {"device_id": device, "state": "on"}}))
-}
 
 /// A device whose queue is not durable (exclusive to the test's
 /// connection): the broker confirms a message routed only there at once,
@@ -119,10 +97,10 @@ fn mixed_commands(n: usize, routable: &str, unroutable: &str) -> (Vec<Vec<u8>>, 
     for i in 0..n {
         let id = format!("c-{i}");
         if i % 2 == 0 {
-            bodies.push(set_led(&id, routable));
+            bodies.push(set_led(&id, routable, "on"));
             to_device.insert(id);
         } else {
-            bodies.push(set_led(&id, unroutable));
+            bodies.push(set_led(&id, unroutable, "on"));
             to_nobody.insert(id);
         }
     }
@@ -202,8 +180,7 @@ fn poison_and_flaky(n: usize) -> (Burst, BTreeSet<String>) {
         burst.push((format!("not json {i}").into_bytes(), with_id(&id)));
         poison.insert(id);
         let id = format!("flaky-{i}");
-        let flaky = body(json!({"type": "TEST_FLAKY", "id": id, "data": {"fail_first": 1}}));
-        burst.push((flaky, with_id(&id)));
+        burst.push((flaky(&id, 1), with_id(&id)));
     }
     (burst, poison)
 }
@@ -344,7 +321,7 @@ async fn steady_stream(env: &TestEnv, n: usize, sent: &AtomicUsize) {
     let mut every = tokio::time::interval(Duration::from_millis(40));
     for i in 0..n {
         every.tick().await;
-        env.publish(&measurement(&format!("m-{i}")), BasicProperties::default())
+        env.publish(&measurement(&format!("m-{i}"), 1), BasicProperties::default())
             .await;
         sent.fetch_add(1, Ordering::SeqCst);
     }
@@ -413,7 +390,7 @@ fn panic_check_burst() -> (Burst, BTreeSet<String>, BTreeSet<String>) {
         let group = if panic { &mut panicking } else { &mut applied };
         group.insert(id);
         let id = format!("m-{i}");
-        burst.push((measurement(&id), with_id(&id)));
+        burst.push((measurement(&id, 1), with_id(&id)));
         applied.insert(id);
     }
     (burst, panicking, applied)
@@ -482,9 +459,9 @@ fn burst_with_slow_ones(n: usize) -> Burst {
     (0..n)
         .map(|i| {
             let b = if i % 200 == 100 {
-                body(json!({"type": "TEST_SLOW", "id": format!("slow-{i}"), "data": {"seconds": 3}}))
+                slow(&format!("slow-{i}"), 3)
             } else {
-                measurement(&format!("m-{i}"))
+                measurement(&format!("m-{i}"), 1)
             };
             (b, BasicProperties::default())
         })
@@ -544,9 +521,9 @@ fn slow_and_quick() -> Burst {
     (0..16)
         .map(|i| {
             let b = if i % 4 == 1 {
-                body(json!({"type": "TEST_SLOW", "id": format!("slow-{i}"), "data": {"seconds": 5}}))
+                slow(&format!("slow-{i}"), 5)
             } else {
-                measurement(&format!("m-{i}"))
+                measurement(&format!("m-{i}"), 1)
             };
             (b, BasicProperties::default())
         })

@@ -5,6 +5,7 @@
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
+use crate::common::messages::{measurement, set_led, slow};
 use crate::common::proxy::{Proxy, upstream_of};
 use crate::common::{RunningWorker, TestEnv, WorkerProcess, amqp_url, wait_for};
 use lapin::BasicProperties;
@@ -31,12 +32,6 @@ in_process_attempts = 2
     )
 }
 
-fn measurement(id: &str, value: i64) -> Vec<u8> {
-    json!({"type": "MEASUREMENT", "id": id, "data": {"device_id": "d1", "sensor": "t", "value": value}})
-        .to_string()
-        .into_bytes()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_three_times_under_load_applies_every_message_exactly_once() {
     const N: i64 = 5000;
@@ -45,9 +40,7 @@ async fn kill_9_three_times_under_load_applies_every_message_exactly_once() {
     for i in 0..N {
         let body = if i % 10 == 0 {
             commands += 1;
-            json!({"type": "SET_LED", "kind": "command", "id": format!("c-{i}"), "data": {"device_id": format!("d{}", i % 13), "state": "on"}})
-                .to_string()
-                .into_bytes()
+            set_led(&format!("c-{i}"), &format!("d{}", i % 13), "on")
         } else {
             measurement(&format!("m-{i}"), i)
         };
@@ -174,10 +167,7 @@ async fn a_cut_broker_connection_is_rebuilt_and_everything_is_processed_once() {
     const N: i64 = 3000;
     let env = TestEnv::new(&topology("classic", r#""50ms""#, 5)).await;
     let proxy = Proxy::start(upstream_of(&amqp_url())).await;
-    for i in 0..N {
-        env.publish(&measurement(&format!("m-{i}"), i), BasicProperties::default())
-            .await;
-    }
+    env.publish_measurements(0..N).await;
     let proxied = proxy.url_for(&amqp_url());
     let worker = env.spawn_worker_with(env.settings(&[("AMQP_URL", &proxied)]), None);
     wait_for("progress before the cut", Duration::from_secs(60), || async {
@@ -259,10 +249,7 @@ async fn a_silent_database_partition_is_noticed_within_seconds() {
 /// a proxy the test can cut or stall, once it applied `progress` of them.
 async fn behind_a_database_proxy(env: &TestEnv, n: i64, prefetch: &str, progress: i64) -> (Proxy, RunningWorker) {
     let proxy = Proxy::start(upstream_of(&env.database_url)).await;
-    for i in 0..n {
-        env.publish(&measurement(&format!("m-{i}"), i), BasicProperties::default())
-            .await;
-    }
+    env.publish_measurements(0..n).await;
     let proxied = proxy.url_for(&env.database_url);
     let worker = env.spawn_worker_with(
         env.settings(&[("DATABASE_URL", &proxied), ("RABBITMQ_PREFETCH_COUNT", prefetch)]),
@@ -290,8 +277,7 @@ async fn rolling_restarts_do_not_park_a_slow_message_as_a_crash_loop() {
     // delivery_limit 3: without taking back the counts of runs cut off by a
     // shutdown, the third redelivery would park it as crash_loop.
     let env = TestEnv::new(&topology("classic", r#""50ms""#, 5)).await;
-    let body = json!({"type": "TEST_SLOW", "id": "slow-1", "data": {"seconds": 4}}).to_string();
-    env.publish(body.as_bytes(), BasicProperties::default()).await;
+    env.publish(&slow("slow-1", 4), BasicProperties::default()).await;
     let settings = env.settings_json();
     for round in 0..4 {
         let mut worker = env.spawn_binary(WORKER, &settings, &[("SHUTDOWN_GRACE_MS", "100")], &format!("r{round}"));
@@ -389,8 +375,8 @@ async fn crash_loop_on_a_quorum_queue_is_parked_before_the_broker_limit() {
 async fn work_still_running_after_the_grace_period_is_rolled_back_and_redelivered() {
     let env = TestEnv::new(&topology("classic", r#""50ms""#, 5)).await;
     for i in 0..4 {
-        let body = json!({"type": "TEST_SLOW", "id": format!("slow-{i}"), "data": {"seconds": 3}}).to_string();
-        env.publish(body.as_bytes(), BasicProperties::default()).await;
+        env.publish(&slow(&format!("slow-{i}"), 3), BasicProperties::default())
+            .await;
     }
     let mut worker = env.spawn_binary(WORKER, &env.settings_json(), &[("SHUTDOWN_GRACE_MS", "300")], "slow");
     wait_for("the slow handlers to start", WAIT_START, || async {

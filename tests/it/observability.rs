@@ -8,6 +8,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::common::messages::{flaky, measurement};
 use crate::common::proxy::{Proxy, upstream_of};
 use crate::common::{RunningWorker, TestEnv, amqp_url, wait_for};
 use lapin::BasicProperties;
@@ -103,24 +104,16 @@ fn expected(pairs: &[(&str, f64)]) -> BTreeMap<String, f64> {
     pairs.iter().map(|(k, v)| ((*k).to_owned(), *v)).collect()
 }
 
-fn measurement(id: &str, value: serde_json::Value) -> Vec<u8> {
-    json!({"type": "MEASUREMENT", "id": id, "data": {"device_id": "d1", "sensor": "t", "value": value}})
-        .to_string()
-        .into_bytes()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_scrape_counts_each_outcome_exactly() {
     let env = TestEnv::new(crate::common::FAST_TOPOLOGY).await;
     let props = BasicProperties::default;
     for i in 1..=3 {
-        env.publish(&measurement(&format!("ok-{i}"), json!(20.5)), props())
-            .await;
+        env.publish(&measurement(&format!("ok-{i}"), 20.5), props()).await;
     }
-    env.publish(&measurement("ok-1", json!(20.5)), props()).await; // duplicate
+    env.publish(&measurement("ok-1", 20.5), props()).await; // duplicate
     for i in 1..=2 {
-        env.publish(&measurement(&format!("bad-{i}"), json!("warm")), props())
-            .await;
+        env.publish(&measurement(&format!("bad-{i}"), "warm"), props()).await;
     }
     env.publish(b"not json at all", props()).await;
     let unknown = json!({"type": "NO_SUCH_TYPE", "id": "u-1", "data": {}}).to_string();
@@ -129,8 +122,7 @@ async fn a_scrape_counts_each_outcome_exactly() {
     // 50ms retry queue, then succeeds. The id is unique to this test: the
     // handler counts runs per id in this process.
     let flaky_id = format!("flaky-{}", env.queue);
-    let flaky = json!({"type": "TEST_FLAKY", "id": flaky_id, "data": {"fail_first": 3}}).to_string();
-    env.publish(flaky.as_bytes(), props()).await;
+    env.publish(&flaky(&flaky_id, 3), props()).await;
 
     let (worker, addr) = spawn_serving(env.settings(&[])).await;
     let m = worker.metrics.clone();
@@ -261,7 +253,7 @@ async fn readyz_follows_the_broker_and_the_database() {
     wait_readyz(addr, 200, "ready").await;
 
     // Working again: a message goes through both proxies.
-    env.publish(&measurement("after-cuts", json!(1.0)), BasicProperties::default())
+    env.publish(&measurement("after-cuts", 1.0), BasicProperties::default())
         .await;
     env.wait_for_rows("measurements", 1, WAIT).await;
     worker.stop().await;
@@ -295,7 +287,7 @@ async fn two_thousand_idle_connections_do_not_stop_the_worker_or_its_endpoints()
     assert_eq!(status, 200);
     assert_eq!(samples(&text, "iot_ready"), expected(&[("", 1.0)]));
     // And the worker still works.
-    env.publish(&measurement("during-flood", json!(2.0)), BasicProperties::default())
+    env.publish(&measurement("during-flood", 2.0), BasicProperties::default())
         .await;
     env.wait_for_rows("measurements", 1, WAIT).await;
     assert!(!worker.handle.is_finished());

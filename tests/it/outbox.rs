@@ -5,25 +5,12 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
+use crate::common::messages::{message_id, set_led, set_period};
 use crate::common::proxy::{Proxy, upstream_of};
 use crate::common::{Device, OUTBOX_TOPOLOGY, TestEnv, amqp_url, wait_for};
 use lapin::BasicProperties;
-use lapin::message::BasicGetMessage;
-use serde_json::json;
 
 const WORKER: &str = env!("CARGO_BIN_EXE_worker-iot-core");
-
-fn set_led(id: &str, device: &str, state: &str) -> Vec<u8> {
-    json!({"type": "SET_LED", "kind": "command", "id": id, "data": {"device_id": device, "state": state}})
-        .to_string()
-        .into_bytes()
-}
-
-fn set_period(id: &str, device: &str, period_ms: u32) -> Vec<u8> {
-    json!({"type": "SET_PUBLISH_PERIOD", "kind": "command", "id": id, "data": {"device_id": device, "period_ms": period_ms}})
-        .to_string()
-        .into_bytes()
-}
 
 /// Rows of the outbox in each state.
 async fn outbox_rows(env: &TestEnv, condition: &'static str) -> i64 {
@@ -39,11 +26,6 @@ async fn wait_all_published(env: &TestEnv, expected: i64, timeout: Duration) {
         (outbox_rows(env, "published_at IS NOT NULL").await == expected).then_some(())
     })
     .await;
-}
-
-fn message_id(message: &BasicGetMessage) -> String {
-    let id = message.delivery.properties.message_id().as_ref();
-    id.expect("device message has a message_id").to_string()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -5,6 +5,7 @@
 use std::process::Output;
 use std::time::{Duration, Instant};
 
+use crate::common::messages::{body, measurement, measurement_of, message_id, with_id};
 use crate::common::{FAST_TOPOLOGY, TestEnv, amqp_url, wait_for};
 use lapin::BasicProperties;
 use lapin::message::Delivery;
@@ -57,7 +58,7 @@ async fn park(env: &TestEnv, body: &[u8], message_id: &str, kind: ErrorKind, err
         routing_key: &env.queue,
         failed_by: "test/0",
     };
-    let properties = headers::with_failure(&BasicProperties::default().with_message_id(message_id.into()), &record);
+    let properties = headers::with_failure(&with_id(message_id), &record);
     env.publish_to(&env.dlq(), body, properties).await;
 }
 
@@ -67,12 +68,6 @@ async fn park_measurements(env: &TestEnv, n: i64) {
         let id = format!("m-{i}");
         park(env, &measurement(&id, i), &id, ErrorKind::Transient, "db down").await;
     }
-}
-
-fn measurement(id: &str, value: i64) -> Vec<u8> {
-    json!({"type": "MEASUREMENT", "id": id, "data": {"device_id": "d1", "sensor": "t", "value": value}})
-        .to_string()
-        .into_bytes()
 }
 
 /// Bodies and headers of the DLQ, in order, without consuming it.
@@ -89,12 +84,12 @@ async fn contents(env: &TestEnv, queue: &str) -> Vec<(Vec<u8>, String)> {
 async fn list_groups_300_parked_messages_from_three_failures() {
     let env = TestEnv::new(FAST_TOPOLOGY).await;
     for i in 0..300 {
-        let body = match i % 3 {
-            0 => format!("{{broken json {i}"),
-            1 => json!({"type": "TELEPORT", "id": format!("t-{i}"), "data": {}}).to_string(),
-            _ => json!({"type": "MEASUREMENT", "id": format!("m-{i}"), "data": {"device_id": format!("bad id {i}"), "sensor": "t", "value": 1}}).to_string(),
+        let message = match i % 3 {
+            0 => format!("{{broken json {i}").into_bytes(),
+            1 => body(json!({"type": "TELEPORT", "id": format!("t-{i}"), "data": {}})),
+            _ => measurement_of(&format!("bad id {i}"), &format!("m-{i}"), 1),
         };
-        env.publish(body.as_bytes(), BasicProperties::default()).await;
+        env.publish(&message, BasicProperties::default()).await;
     }
     let worker = env.spawn_worker(&[]);
     env.wait_for_queue_len(&env.dlq(), 300, WAIT).await;
@@ -182,10 +177,7 @@ async fn a_fingerprint_and_limit_move_exactly_those_and_keep_the_rest_in_order()
 
     let moved = env.drain(&env.queue).await;
     assert_eq!(moved.len(), 40);
-    let moved_ids: Vec<String> = moved
-        .iter()
-        .map(|m| m.delivery.properties.message_id().as_ref().unwrap().to_string())
-        .collect();
+    let moved_ids: Vec<String> = moved.iter().map(message_id).collect();
     let expected_ids: Vec<String> = (0..80).step_by(2).map(|i| format!("m-{i}")).collect();
     assert_eq!(moved_ids, expected_ids, "the first 40 of the group, in order");
     for m in &moved {

@@ -5,6 +5,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::common::TestEnv;
+use crate::common::messages::{flaky, measurement};
 use lapin::BasicProperties;
 use lapin::message::Delivery;
 use lapin::types::{AMQPValue, FieldTable, LongString};
@@ -69,8 +70,7 @@ fn producer_properties() -> BasicProperties {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_failing_transiently_twice_is_processed_on_its_third_delivery() {
     let env = TestEnv::new(&topology(1, 5)).await;
-    let body = json!({"type": "TEST_FLAKY", "id": "flaky-twice", "data": {"fail_first": 2}}).to_string();
-    env.publish(body.as_bytes(), producer_properties()).await;
+    env.publish(&flaky("flaky-twice", 2), producer_properties()).await;
     let seen = Seen::default();
     let worker = env.spawn_worker_with(env.settings(&[]), Some(seen.observer("flaky-twice")));
     env.wait_for_rows("measurements WHERE message_id = 'flaky-twice'", 1, WAIT)
@@ -120,9 +120,9 @@ async fn a_message_failing_transiently_twice_is_processed_on_its_third_delivery(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_always_failing_transiently_is_parked_after_exactly_max_attempts() {
     let env = TestEnv::new(&topology(2, 3)).await;
-    let body = json!({"type": "TEST_FLAKY", "id": "flaky-always", "data": {"fail_first": 1000}}).to_string();
+    let body = flaky("flaky-always", 1000);
     let properties = producer_properties().with_message_id("amqp-flaky-always".into());
-    env.publish(body.as_bytes(), properties).await;
+    env.publish(&body, properties).await;
     let seen = Seen::default();
     let worker = env.spawn_worker_with(env.settings(&[]), Some(seen.observer("flaky-always")));
     env.wait_for_queue_len(&env.dlq(), 1, WAIT).await;
@@ -132,7 +132,7 @@ async fn a_message_always_failing_transiently_is_parked_after_exactly_max_attemp
     let parked = env.drain(&env.dlq()).await;
     assert_eq!(parked.len(), 1);
     let d = &parked[0].delivery;
-    assert_eq!(d.data, body.as_bytes(), "body unchanged");
+    assert_eq!(d.data, body, "body unchanged");
     let p = &d.properties;
     assert_eq!(p.message_id().as_ref().map(|s| s.as_str()), Some("amqp-flaky-always"));
     assert_eq!(p.content_type().as_ref().map(|s| s.as_str()), Some("application/json"));
@@ -171,9 +171,7 @@ async fn a_message_always_failing_transiently_is_parked_after_exactly_max_attemp
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_permanent_failure_is_parked_at_once_without_retries() {
     let env = TestEnv::new(&topology(3, 5)).await;
-    let body =
-        json!({"type": "MEASUREMENT", "id": "perm-1", "data": {"device_id": "d1", "sensor": "t", "value": "warm"}});
-    env.publish(body.to_string().as_bytes(), producer_properties()).await;
+    env.publish(&measurement("perm-1", "warm"), producer_properties()).await;
     let seen = Seen::default();
     let worker = env.spawn_worker_with(env.settings(&[]), Some(seen.observer("perm-1")));
     env.wait_for_queue_len(&env.dlq(), 1, WAIT).await;
@@ -198,8 +196,7 @@ async fn a_permanent_failure_is_parked_at_once_without_retries() {
 async fn a_panicking_handler_is_parked_and_its_batch_is_unharmed() {
     let env = TestEnv::new(&topology(3, 5)).await;
     for i in 0..20 {
-        let body = json!({"type": "MEASUREMENT", "id": format!("ok-{i}"), "data": {"device_id": "d1", "sensor": "t", "value": i}});
-        env.publish(body.to_string().as_bytes(), BasicProperties::default())
+        env.publish(&measurement(&format!("ok-{i}"), i), BasicProperties::default())
             .await;
         if i == 10 {
             let poison = json!({"type": "TEST_PANIC", "id": "boom", "data": null});

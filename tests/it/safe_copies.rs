@@ -194,12 +194,13 @@ async fn long_amqp_message_ids_are_used_whole() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_missing_time_is_the_first_receipt_on_every_attempt() {
     use std::sync::{Arc, Mutex};
+
+    use crate::common::messages::flaky;
     use worker_iot_core::headers::FIRST_RECEIVED_AT;
 
     let env = TestEnv::new(FAST_TOPOLOGY).await;
     // Fails twice in process on its first delivery, once more on the retry.
-    let body = json!({"type": "TEST_FLAKY", "id": "no-time", "data": {"fail_first": 4}}).to_string();
-    env.publish(body.as_bytes(), BasicProperties::default()).await;
+    env.publish(&flaky("no-time", 4), BasicProperties::default()).await;
     let retried: Arc<Mutex<Vec<BasicProperties>>> = Arc::default();
     let seen = retried.clone();
     let observer = crate::common::on_received(move |delivery: &Delivery| {

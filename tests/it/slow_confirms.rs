@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use crate::common::messages::message_id;
 use crate::common::observe::wait_for_seen;
 use crate::common::proxy::{Proxy, upstream_of};
 use crate::common::{Device, OUTBOX_TOPOLOGY, RunningWorker, TestEnv, amqp_url};
@@ -117,9 +118,7 @@ async fn assert_each_copy_counted(env: &TestEnv, device: &Device, published_mark
 async fn copies_by_message_id(env: &TestEnv, device: &Device) -> BTreeMap<String, i64> {
     let mut copies = BTreeMap::new();
     for message in env.drain(&device.queue).await {
-        let id = message.delivery.properties.message_id().as_ref();
-        let id = id.expect("device message has a message_id").to_string();
-        *copies.entry(id).or_insert(0) += 1;
+        *copies.entry(message_id(&message)).or_insert(0) += 1;
     }
     copies
 }

@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use crate::common::messages::measurement;
 use crate::common::{FAST_TOPOLOGY, TestEnv, wait_for};
 use lapin::BasicProperties;
 use lapin::options::QueueDeclareOptions;
@@ -275,9 +276,7 @@ async fn sigterm_during_a_burst_exits_zero_and_nothing_is_lost() {
     const N: i64 = 3000;
     let env = TestEnv::new(FAST_TOPOLOGY).await;
     for i in 0..N {
-        let body = json!({"type": "MEASUREMENT", "id": format!("burst-{i}"),
-                          "data": {"device_id": "d1", "sensor": "t", "value": i}});
-        env.publish(body.to_string().as_bytes(), BasicProperties::default())
+        env.publish(&measurement(&format!("burst-{i}"), i), BasicProperties::default())
             .await;
     }
     // A small prefetch keeps the burst going long enough to interrupt it.

@@ -14,6 +14,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
+use crate::common::messages::{flaky, set_led};
 use crate::common::{Device, TestEnv};
 use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable, LongString};
@@ -148,8 +149,7 @@ fn a_retried_message_is_one_trace_with_an_attempt_per_delivery() {
     run_traced(async {
         let env = TestEnv::new(&topology(5)).await;
         let (trace_id, producer_span, traceparent) = producer_context();
-        let body = json!({"type": "TEST_FLAKY", "id": "traced-once", "data": {"fail_first": 1}}).to_string();
-        env.publish(body.as_bytes(), traced(&traceparent)).await;
+        env.publish(&flaky("traced-once", 1), traced(&traceparent)).await;
         let worker = env.spawn_worker(&[]);
         env.wait_for_rows("measurements WHERE message_id = 'traced-once'", 1, WAIT)
             .await;
@@ -199,8 +199,7 @@ fn only_the_failure_that_parks_a_message_is_an_error() {
     run_traced(async {
         let env = TestEnv::new(&topology(2)).await;
         let (trace_id, _, traceparent) = producer_context();
-        let body = json!({"type": "TEST_FLAKY", "id": "traced-parked", "data": {"fail_first": 10}}).to_string();
-        env.publish(body.as_bytes(), traced(&traceparent)).await;
+        env.publish(&flaky("traced-parked", 10), traced(&traceparent)).await;
         let worker = env.spawn_worker(&[]);
         env.wait_for_queue_len(&env.dlq(), 1, WAIT).await;
         worker.stop().await;
@@ -244,9 +243,8 @@ fn a_command_s_device_message_carries_the_command_s_trace() {
             queue: device_queue,
         } = Device::bind(&env).await;
         let (trace_id, _, traceparent) = producer_context();
-        let body = json!({"type": "SET_LED", "kind": "command", "id": "traced-led",
-                          "data": {"device_id": device, "state": "on"}});
-        env.publish(body.to_string().as_bytes(), traced(&traceparent)).await;
+        env.publish(&set_led("traced-led", &device, "on"), traced(&traceparent))
+            .await;
         let worker = env.spawn_worker(&[]);
         env.wait_for_queue_len(&device_queue, 1, WAIT).await;
         worker.stop().await;

@@ -6,12 +6,12 @@
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
+use crate::common::messages::{measurement, with_id};
 use crate::common::observe::{
     QueueCounts, metric_value, queue_counts, rabbitmqctl, rabbitmqctl_available, wait_for_seen,
 };
 use crate::common::{FAST_TOPOLOGY, RunningWorker, TestEnv};
 use lapin::BasicProperties;
-use serde_json::json;
 use worker_iot_core::broker::CONFIRM_TIMEOUT;
 use worker_iot_core::headers::{self, ERROR_KIND};
 
@@ -96,11 +96,9 @@ async fn publish_mixed(env: &TestEnv) {
     for i in 0..VALID + POISON {
         if i % 3 == 2 {
             let body = format!("{{\"type\": \"MEASUREMENT\", not json #{i}");
-            let properties = BasicProperties::default().with_message_id(format!("poison-{i}").into());
-            env.publish(body.as_bytes(), properties).await;
+            env.publish(body.as_bytes(), with_id(&format!("poison-{i}"))).await;
         } else {
-            let body = json!({"type": "MEASUREMENT", "id": format!("m-{i}"), "data": {"device_id": "d1", "sensor": "t", "value": i}});
-            env.publish(body.to_string().as_bytes(), BasicProperties::default())
+            env.publish(&measurement(&format!("m-{i}"), i), BasicProperties::default())
                 .await;
         }
     }

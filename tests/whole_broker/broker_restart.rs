@@ -4,10 +4,10 @@
 
 use std::time::Duration;
 
+use crate::common::messages::{flaky, measurement};
 use crate::common::observe::{rabbitmqctl, rabbitmqctl_available};
 use crate::common::{TestEnv, amqp_url, wait_for};
 use lapin::BasicProperties;
-use serde_json::json;
 use worker_iot_core::broker::{self, Publisher};
 
 const TOPOLOGY: &str = r#"
@@ -33,16 +33,14 @@ async fn parked_retrying_and_queued_messages_survive_a_broker_restart() {
     let transient = BasicProperties::default;
     for i in 0..N {
         env.publish(format!("not json {i}").as_bytes(), transient()).await;
-        let flaky = json!({"type": "TEST_FLAKY", "id": format!("flaky-{i}"), "data": {"fail_first": 1}});
-        env.publish(flaky.to_string().as_bytes(), transient()).await;
+        env.publish(&flaky(&format!("flaky-{i}"), 1), transient()).await;
     }
     let worker = env.spawn_worker(&[]);
     env.wait_for_queue_len(&env.dlq(), N as u32, WAIT).await;
     env.wait_for_queue_len(&retry_queue, N as u32, WAIT).await;
     worker.stop().await;
     for i in 0..N {
-        let m = json!({"type": "MEASUREMENT", "id": format!("m-{i}"), "data": {"device_id": "d1", "sensor": "t", "value": i}});
-        env.publish(m.to_string().as_bytes(), transient()).await;
+        env.publish(&measurement(&format!("m-{i}"), i), transient()).await;
     }
 
     rabbitmqctl(&["stop_app"]);

@@ -25,6 +25,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use crate::common::messages::{body, measurement_of, set_led};
 use crate::common::observe::rabbitmqctl;
 use crate::common::proxy::{Proxy, upstream_of};
 use crate::common::{Device, TestEnv, WorkerProcess, wait_for};
@@ -171,23 +172,15 @@ fn ledger(n: usize, seed: u64, device: &str) -> Vec<Entry> {
 
 fn body_of(kind: Kind, id: &str, i: usize, device: &str) -> Vec<u8> {
     let sensor = format!("soak-d{}", i % 20);
-    let value = match kind {
-        Kind::Measurement => {
-            json!({"type": "MEASUREMENT", "id": id, "data": {"device_id": sensor, "sensor": "t", "value": i}})
-        }
-        Kind::DeviceUp => json!({"type": "DEVICE_UP", "id": id, "data": {"device_id": sensor, "ip": "10.0.0.7"}}),
-        Kind::DeviceDown => json!({"type": "DEVICE_DOWN", "id": id, "data": {"device_id": sensor}}),
-        Kind::SetLed => {
-            let state = if i.is_multiple_of(2) { "on" } else { "off" };
-            json!({"type": "SET_LED", "kind": "command", "id": id, "data": {"device_id": device, "state": state}})
-        }
-        Kind::BadData => {
-            json!({"type": "MEASUREMENT", "id": id, "data": {"device_id": sensor, "sensor": "t", "value": "x"}})
-        }
-        Kind::UnknownType => json!({"type": "SOAK_NO_SUCH_TYPE", "id": id, "data": {}}),
-        Kind::BadJson => return format!("{{\"type\": \"MEASUREMENT\", \"id\": \"{id}\", oops").into_bytes(),
-    };
-    value.to_string().into_bytes()
+    match kind {
+        Kind::Measurement => measurement_of(&sensor, id, i),
+        Kind::DeviceUp => body(json!({"type": "DEVICE_UP", "id": id, "data": {"device_id": sensor, "ip": "10.0.0.7"}})),
+        Kind::DeviceDown => body(json!({"type": "DEVICE_DOWN", "id": id, "data": {"device_id": sensor}})),
+        Kind::SetLed => set_led(id, device, if i.is_multiple_of(2) { "on" } else { "off" }),
+        Kind::BadData => measurement_of(&sensor, id, "x"),
+        Kind::UnknownType => body(json!({"type": "SOAK_NO_SUCH_TYPE", "id": id, "data": {}})),
+        Kind::BadJson => format!("{{\"type\": \"MEASUREMENT\", \"id\": \"{id}\", oops").into_bytes(),
+    }
 }
 
 // ------------------------------------------------------------- publisher

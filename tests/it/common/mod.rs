@@ -2,12 +2,14 @@
 //! suffix), its own database, and helpers that wait on conditions with a
 //! deadline instead of sleeping.
 
+pub mod messages;
 pub mod observe;
 pub mod proxy;
 pub mod raw_amqp;
 
 use std::collections::BTreeMap;
 use std::future::Future;
+use std::ops::Range;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -238,6 +240,15 @@ impl TestEnv {
             .publish("", queue, body, properties)
             .await
             .expect("publish");
+    }
+
+    /// Publishes the measurements `m-<i>` of value `i`, for each `i` of
+    /// `ids`, to `Q`.
+    pub async fn publish_measurements(&self, ids: Range<i64>) {
+        for i in ids {
+            self.publish(&messages::measurement(&format!("m-{i}"), i), BasicProperties::default())
+                .await;
+        }
     }
 
     /// The broker's view of `queue` (a passive declare, on its own channel).

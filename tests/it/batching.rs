@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use crate::common::messages::{body, flaky, invalid_measurement, measurement, slow};
-use crate::common::{FAST_TOPOLOGY, RunningWorker, TestEnv, wait_for};
+use crate::common::{RunningWorker, TestEnv, TopologyFile, wait_for};
 use lapin::BasicProperties;
 use serde_json::json;
 use worker_iot_core::ErrorKind;
@@ -55,7 +55,7 @@ async fn transactions(env: &TestEnv, ids: &[&str]) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_with_poison_a_duplicate_and_a_transient_failure_settles_each_message() {
-    let env = TestEnv::new(FAST_TOPOLOGY).await;
+    let env = TestEnv::new(&TopologyFile::fast()).await;
     let mates = [
         measurement("m-1", 1),
         invalid_measurement("poison"),
@@ -106,7 +106,7 @@ async fn a_batch_with_poison_a_duplicate_and_a_transient_failure_settles_each_me
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_panic_in_a_batch_parks_that_message_and_applies_the_others_once() {
-    let env = TestEnv::new(FAST_TOPOLOGY).await;
+    let env = TestEnv::new(&TopologyFile::fast()).await;
     let mates = [
         measurement("m-1", 1),
         body(json!({"type": "TEST_PANIC", "id": "boom", "data": {}})),

@@ -15,7 +15,7 @@
 use std::time::Duration;
 
 use crate::common::messages::{flaky, invalid_measurement};
-use crate::common::{RunningWorker, TestEnv, wait_for};
+use crate::common::{RunningWorker, TestEnv, TopologyFile, wait_for};
 use lapin::BasicProperties;
 use tokio::sync::{Mutex, MutexGuard};
 use worker_iot_core::ErrorKind;
@@ -25,14 +25,14 @@ const WAIT: Duration = Duration::from_secs(120);
 
 /// Quorum queues everywhere; one in-process run, so a transient failure
 /// goes through a retry queue.
-const TOPOLOGY: &str = r#"
-queue_type = "quorum"
-delivery_limit = 5
-[retry]
-delays = ["1s"]
-max_attempts = 4
-in_process_attempts = 1
-"#;
+fn topology() -> TopologyFile {
+    TopologyFile::classic()
+        .queue_type("quorum")
+        .delivery_limit(5)
+        .delays(&["1s"])
+        .max_attempts(4)
+        .in_process_attempts(1)
+}
 
 /// The cluster is shared: one test at a time.
 static CLUSTER: Mutex<()> = Mutex::const_new(());
@@ -182,7 +182,7 @@ async fn stop_workers(workers: [RunningWorker; 2]) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_main_queue_leader_stopped_mid_burst_loses_and_repeats_nothing() {
     let Some(_cluster) = take_cluster().await else { return };
-    let env = TestEnv::undeclared_on(&node_url(3), TOPOLOGY).await;
+    let env = TestEnv::undeclared_on(&node_url(3), &topology()).await;
     // The first worker declares the queues: their leaders are on wic2.
     let second = worker_on(&env, [2, 3, 1]).await;
     let first = worker_on(&env, [1, 2, 3]).await;
@@ -211,7 +211,7 @@ async fn the_main_queue_leader_stopped_mid_burst_loses_and_repeats_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_whose_node_stops_moves_to_another_and_keeps_processing() {
     let Some(_cluster) = take_cluster().await else { return };
-    let env = TestEnv::new_on(&node_url(3), TOPOLOGY).await;
+    let env = TestEnv::new_on(&node_url(3), &topology()).await;
     let first = worker_on(&env, [1, 2, 3]).await;
     let second = worker_on(&env, [2, 3, 1]).await;
 
@@ -245,7 +245,7 @@ async fn a_worker_whose_node_stops_moves_to_another_and_keeps_processing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retries_and_parking_survive_the_loss_of_their_leaders_node() {
     let Some(_cluster) = take_cluster().await else { return };
-    let env = TestEnv::undeclared_on(&node_url(3), TOPOLOGY).await;
+    let env = TestEnv::undeclared_on(&node_url(3), &topology()).await;
     // Declared from wic1: the retry queue and the DLQ are led from there.
     let first = worker_on(&env, [1, 2, 3]).await;
     let second = worker_on(&env, [2, 3, 1]).await;
@@ -290,7 +290,7 @@ async fn retries_and_parking_survive_the_loss_of_their_leaders_node() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wiped_node_that_rejoins_loses_nothing_parked() {
     let Some(_cluster) = take_cluster().await else { return };
-    let env = TestEnv::undeclared_on(&node_url(3), TOPOLOGY).await;
+    let env = TestEnv::undeclared_on(&node_url(3), &topology()).await;
     let first = worker_on(&env, [1, 2, 3]).await;
     let second = worker_on(&env, [2, 3, 1]).await;
     let wiped = leader_of(&env.dlq()).await;

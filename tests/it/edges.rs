@@ -11,7 +11,7 @@ use std::time::Duration;
 use crate::common::messages::{body, flaky, measurement, message_id, set_led, slow, with_id};
 use crate::common::observe::{QueueCounts, metric_value, queue_counts, rabbitmqctl_available, wait_for_seen};
 use crate::common::proxy::{Proxy, upstream_of};
-use crate::common::{Device, FAST_TOPOLOGY, OUTBOX_TOPOLOGY, RunningWorker, TestEnv, amqp_url, server_url, wait_for};
+use crate::common::{Device, RunningWorker, TestEnv, TopologyFile, amqp_url, server_url, wait_for};
 use lapin::BasicProperties;
 use lapin::message::BasicGetMessage;
 use lapin::options::{QueueDeclareOptions, QueueDeleteOptions};
@@ -110,7 +110,7 @@ fn mixed_commands(n: usize, routable: &str, unroutable: &str) -> (Vec<Vec<u8>>, 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_mixed_burst_of_routable_and_unroutable_commands_marks_only_the_routable_published() {
     const N: usize = 200;
-    let env = TestEnv::new(OUTBOX_TOPOLOGY).await;
+    let env = TestEnv::new(&TopologyFile::outbox()).await;
     let device = bind_transient_device(&env).await;
     let nobody = format!("nobody-{}", &env.queue["wic_test_".len()..]);
     let worker = env.spawn_worker(&[]);
@@ -160,16 +160,14 @@ async fn a_mixed_burst_of_routable_and_unroutable_commands_marks_only_the_routab
 // ---------------------------------------------------------------------------
 // 2. Retry and DLQ copies: a returned copy never lets its original be acked.
 
-const RETRY_TOPOLOGY: &str = r#"
-queue_type = "classic"
-delivery_limit = 5
-[retry]
-delays = ["200ms"]
-max_attempts = 3
-# A TEST_FLAKY's first failure goes straight to the retry queue: a routable
-# copy, published among the DLQ copies that will be returned.
-in_process_attempts = 1
-"#;
+fn retry_topology() -> TopologyFile {
+    TopologyFile::classic()
+        .delivery_limit(5)
+        .delays(&["200ms"])
+        // A TEST_FLAKY's first failure goes straight to the retry queue: a
+        // routable copy, published among the DLQ copies that will be returned.
+        .in_process_attempts(1)
+}
 
 /// Poison messages (invalid JSON, parked at once) and TEST_FLAKY events
 /// that fail once, interleaved, each named by its AMQP message id.
@@ -205,7 +203,7 @@ async fn a_returned_dlq_copy_leaves_its_original_unacked() {
         return;
     }
     const N: usize = 100;
-    let env = TestEnv::new(RETRY_TOPOLOGY).await;
+    let env = TestEnv::new(&retry_topology()).await;
     let worker = env.spawn_worker(&ALONE_AND_CONCURRENT);
     worker.wait_ready(&env).await;
     delete_queue(&env, &env.dlq()).await;
@@ -264,13 +262,12 @@ async fn a_returned_dlq_copy_leaves_its_original_unacked() {
 /// about 1 s, 3 s, 8 s, 13 s and 18 s later: its sixth and last attempt
 /// comes 18 s in, three times the 6 s window, so attempts run out only if
 /// the read-only error is not taken for a transient one.
-const FAILOVER_TOPOLOGY: &str = r#"
-queue_type = "classic"
-delivery_limit = 5
-[retry]
-delays = ["1s", "2s", "5s"]
-max_attempts = 6
-"#;
+fn failover_topology() -> TopologyFile {
+    TopologyFile::classic()
+        .delivery_limit(5)
+        .delays(&["1s", "2s", "5s"])
+        .max_attempts(6)
+}
 
 async fn admin_execute(admin: &mut PgConnection, sql: String) {
     sqlx::query(sqlx::AssertSqlSafe(sql.clone()))
@@ -333,7 +330,7 @@ async fn a_read_only_database_window_under_load_parks_nothing() {
         return;
     }
     const N: usize = 200;
-    let env = TestEnv::new(FAILOVER_TOPOLOGY).await;
+    let env = TestEnv::new(&failover_topology()).await;
     let worker = env.spawn_worker(&[]);
     worker.wait_ready(&env).await;
     let sent = AtomicUsize::new(0);
@@ -401,7 +398,7 @@ async fn a_panic_in_a_bulk_check_still_drains_the_queue() {
     if !rabbitmqctl_available("a_panic_in_a_bulk_check_still_drains_the_queue") {
         return;
     }
-    let env = TestEnv::new(FAST_TOPOLOGY).await;
+    let env = TestEnv::new(&TopologyFile::fast()).await;
     let (burst, panicking, applied) = panic_check_burst();
     // Waiting in Q when the worker starts, so they arrive together and batch.
     env.publish_burst(burst).await;
@@ -474,7 +471,7 @@ async fn in_flight_returns_to_zero_after_a_cut_mid_burst() {
         return;
     }
     const N: usize = 2000;
-    let env = TestEnv::new(FAST_TOPOLOGY).await;
+    let env = TestEnv::new(&TopologyFile::fast()).await;
     let proxy = Proxy::start(upstream_of(&amqp_url())).await;
     let proxied = proxy.url_for(&amqp_url());
     // Slow batches hold their deliveries: room for the others to flow.
@@ -535,7 +532,7 @@ async fn in_flight_returns_to_zero_after_a_shutdown_mid_batch() {
     if !rabbitmqctl_available("in_flight_returns_to_zero_after_a_shutdown_mid_batch") {
         return;
     }
-    let env = TestEnv::new(FAST_TOPOLOGY).await;
+    let env = TestEnv::new(&TopologyFile::fast()).await;
     let burst = slow_and_quick();
     let total = burst.len() as u64;
     // Waiting in Q when the worker starts, so they arrive together and batch.

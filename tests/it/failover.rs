@@ -7,7 +7,7 @@
 use std::time::{Duration, Instant};
 
 use crate::common::proxy::{Proxy, upstream_of};
-use crate::common::{FAST_TOPOLOGY, TestEnv, amqp_url, wait_for};
+use crate::common::{TestEnv, TopologyFile, amqp_url, wait_for};
 
 const PUBLISH: &str = env!("CARGO_BIN_EXE_publish");
 const REQUEUE: &str = env!("CARGO_BIN_EXE_requeue");
@@ -17,7 +17,7 @@ const DEAD: &str = "amqp://guest:guest@127.0.0.1:1/%2f";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_worker_moves_to_another_broker_when_its_broker_goes() {
-    let env = TestEnv::new(FAST_TOPOLOGY).await;
+    let env = TestEnv::new(&TopologyFile::fast()).await;
     let proxy = Proxy::start(upstream_of(&amqp_url())).await;
     let urls = format!("{DEAD}, {}, {}", proxy.url_for(&amqp_url()), amqp_url());
     let worker = env.spawn_worker_with(env.settings(&[("AMQP_URL", &urls)]), None);
@@ -57,7 +57,7 @@ async fn the_worker_moves_to_another_broker_when_its_broker_goes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publish_and_requeue_take_the_same_list() {
-    let env = TestEnv::new(FAST_TOPOLOGY).await;
+    let env = TestEnv::new(&TopologyFile::fast()).await;
     let urls = format!("{DEAD},{}", amqp_url());
     std::fs::write(env.dir.join("none.json"), "{}").unwrap();
     let run = |bin: &str, args: &[&str]| {

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use crate::common::messages::{measurement, set_led, slow};
 use crate::common::proxy::{Proxy, upstream_of};
-use crate::common::{RunningWorker, TestEnv, WorkerProcess, amqp_url, wait_for};
+use crate::common::{RunningWorker, TestEnv, TopologyFile, WorkerProcess, amqp_url, wait_for};
 use lapin::BasicProperties;
 use lapin::message::BasicGetMessage;
 use rand::Rng;
@@ -19,23 +19,19 @@ use worker_iot_core::headers::{self, ERROR_KIND};
 const WORKER: &str = env!("CARGO_BIN_EXE_worker-iot-core");
 const WAIT_START: Duration = Duration::from_secs(60);
 
-fn topology(queue_type: &str, delays: &str, max_attempts: u32) -> String {
-    format!(
-        r#"
-queue_type = "{queue_type}"
-delivery_limit = 3
-[retry]
-delays = [{delays}]
-max_attempts = {max_attempts}
-in_process_attempts = 2
-"#
-    )
+/// Two in-process attempts in every test here.
+fn topology(queue_type: &str, delays: &[&str], max_attempts: u32) -> TopologyFile {
+    TopologyFile::classic()
+        .queue_type(queue_type)
+        .delays(delays)
+        .max_attempts(max_attempts)
+        .in_process_attempts(2)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_three_times_under_load_applies_every_message_exactly_once() {
     const N: i64 = 5000;
-    let env = TestEnv::new(&topology("classic", r#""50ms", "100ms""#, 5)).await;
+    let env = TestEnv::new(&topology("classic", &["50ms", "100ms"], 5)).await;
     let mut commands = 0;
     for i in 0..N {
         let body = if i % 10 == 0 {
@@ -89,7 +85,7 @@ async fn kill_9_three_times_under_load_applies_every_message_exactly_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_workers_on_one_queue_with_a_kill_9_apply_every_message_once() {
     const N: i64 = 3000;
-    let env = TestEnv::new(&topology("quorum", r#""50ms", "100ms""#, 5)).await;
+    let env = TestEnv::new(&topology("quorum", &["50ms", "100ms"], 5)).await;
     let poison = 10;
     let mut poison_bodies = BTreeSet::new();
     for i in 0..N {
@@ -165,7 +161,7 @@ async fn take_parked_until_distinct(env: &TestEnv, expected: usize, timeout: Dur
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cut_broker_connection_is_rebuilt_and_everything_is_processed_once() {
     const N: i64 = 3000;
-    let env = TestEnv::new(&topology("classic", r#""50ms""#, 5)).await;
+    let env = TestEnv::new(&topology("classic", &["50ms"], 5)).await;
     let proxy = Proxy::start(upstream_of(&amqp_url())).await;
     env.publish_measurements(0..N).await;
     let proxied = proxy.url_for(&amqp_url());
@@ -195,7 +191,7 @@ async fn a_cut_broker_connection_is_rebuilt_and_everything_is_processed_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_database_outage_sends_messages_to_retry_queues_and_loses_none() {
     const N: i64 = 300;
-    let env = TestEnv::new(&topology("classic", r#""100ms", "200ms""#, 100)).await;
+    let env = TestEnv::new(&topology("classic", &["100ms", "200ms"], 100)).await;
     // One message at a time, so the outage finds most of them unprocessed.
     let (proxy, worker) = behind_a_database_proxy(&env, N, "1", 20).await;
     proxy.set_refusing(true);
@@ -222,7 +218,7 @@ async fn a_database_outage_sends_messages_to_retry_queues_and_loses_none() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_database_partition_is_noticed_within_seconds() {
     const N: i64 = 100;
-    let env = TestEnv::new(&topology("classic", r#""1s", "2s""#, 10)).await;
+    let env = TestEnv::new(&topology("classic", &["1s", "2s"], 10)).await;
     let (proxy, worker) = behind_a_database_proxy(&env, N, "4", 10).await;
     // No FIN, no RST: the sockets stay open and nothing answers, so only
     // the worker's own deadlines can notice.
@@ -276,7 +272,7 @@ async fn each_applied_once_none_parked(env: &TestEnv, metrics: &Metrics, n: i64)
 async fn rolling_restarts_do_not_park_a_slow_message_as_a_crash_loop() {
     // delivery_limit 3: without taking back the counts of runs cut off by a
     // shutdown, the third redelivery would park it as crash_loop.
-    let env = TestEnv::new(&topology("classic", r#""50ms""#, 5)).await;
+    let env = TestEnv::new(&topology("classic", &["50ms"], 5)).await;
     env.publish(&slow("slow-1", 4), BasicProperties::default()).await;
     let settings = env.settings_json();
     for round in 0..4 {
@@ -333,7 +329,7 @@ async fn supervise(env: &TestEnv, max_starts: u32, done: impl AsyncFn() -> bool)
 }
 
 async fn a_message_that_aborts_the_process_is_parked_after_the_limit(queue_type: &str) {
-    let env = TestEnv::new(&topology(queue_type, r#""50ms""#, 5)).await;
+    let env = TestEnv::new(&topology(queue_type, &["50ms"], 5)).await;
     for i in 0..40 {
         env.publish(&measurement(&format!("m-{i}"), i), BasicProperties::default())
             .await;
@@ -373,7 +369,7 @@ async fn crash_loop_on_a_quorum_queue_is_parked_before_the_broker_limit() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn work_still_running_after_the_grace_period_is_rolled_back_and_redelivered() {
-    let env = TestEnv::new(&topology("classic", r#""50ms""#, 5)).await;
+    let env = TestEnv::new(&topology("classic", &["50ms"], 5)).await;
     for i in 0..4 {
         env.publish(&slow(&format!("slow-{i}"), 3), BasicProperties::default())
             .await;

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use crate::common::messages::{flaky, measurement};
 use crate::common::proxy::{Proxy, upstream_of};
-use crate::common::{RunningWorker, TestEnv, amqp_url, wait_for};
+use crate::common::{RunningWorker, TestEnv, TopologyFile, amqp_url, wait_for};
 use lapin::BasicProperties;
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -106,7 +106,7 @@ fn expected(pairs: &[(&str, f64)]) -> BTreeMap<String, f64> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_scrape_counts_each_outcome_exactly() {
-    let env = TestEnv::new(crate::common::FAST_TOPOLOGY).await;
+    let env = TestEnv::new(&TopologyFile::fast()).await;
     let props = BasicProperties::default;
     for i in 1..=3 {
         env.publish(&measurement(&format!("ok-{i}"), 20.5), props()).await;
@@ -216,7 +216,7 @@ async fn healthcheck(env: &TestEnv, addr: SocketAddr) -> (Option<i32>, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readyz_follows_the_broker_and_the_database() {
-    let env = TestEnv::new(crate::common::FAST_TOPOLOGY).await;
+    let env = TestEnv::new(&TopologyFile::fast()).await;
     let broker = Proxy::start(upstream_of(&amqp_url())).await;
     let database = Proxy::start(upstream_of(&env.database_url)).await;
     let settings = env.settings(&[
@@ -272,7 +272,7 @@ async fn two_thousand_idle_connections_do_not_stop_the_worker_or_its_endpoints()
         "RLIMIT_NOFILE {limit} is too low for this test"
     );
 
-    let env = TestEnv::new(crate::common::FAST_TOPOLOGY).await;
+    let env = TestEnv::new(&TopologyFile::fast()).await;
     let (worker, addr) = spawn_serving(env.settings(&[])).await;
     worker.wait_ready(&env).await;
 

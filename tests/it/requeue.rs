@@ -6,7 +6,7 @@ use std::process::Output;
 use std::time::{Duration, Instant};
 
 use crate::common::messages::{body, measurement, measurement_of, message_id, with_id};
-use crate::common::{FAST_TOPOLOGY, TestEnv, amqp_url, wait_for};
+use crate::common::{TestEnv, TopologyFile, amqp_url, wait_for};
 use lapin::BasicProperties;
 use lapin::message::Delivery;
 use serde_json::{Value, json};
@@ -82,7 +82,7 @@ async fn contents(env: &TestEnv, queue: &str) -> Vec<(Vec<u8>, String)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn list_groups_300_parked_messages_from_three_failures() {
-    let env = TestEnv::new(FAST_TOPOLOGY).await;
+    let env = TestEnv::new(&TopologyFile::fast()).await;
     for i in 0..300 {
         let message = match i % 3 {
             0 => format!("{{broken json {i}").into_bytes(),
@@ -133,7 +133,7 @@ async fn list_groups_300_parked_messages_from_three_failures() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dry_run_moves_nothing() {
-    let env = TestEnv::new(FAST_TOPOLOGY).await;
+    let env = TestEnv::new(&TopologyFile::fast()).await;
     park_measurements(&env, 50).await;
     let before = contents(&env, &env.dlq()).await;
     let lines = json_lines(&run_requeue(&env, &["--dry-run", "--json", "--limit", "30"]));
@@ -150,7 +150,7 @@ async fn dry_run_moves_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fingerprint_and_limit_move_exactly_those_and_keep_the_rest_in_order() {
-    let env = TestEnv::new(FAST_TOPOLOGY).await;
+    let env = TestEnv::new(&TopologyFile::fast()).await;
     for i in 0..150 {
         let (kind, error) = if i % 2 == 0 {
             (ErrorKind::Transient, format!("pool timed out after {i} ms"))
@@ -200,7 +200,7 @@ async fn a_fingerprint_and_limit_move_exactly_those_and_keep_the_rest_in_order()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_the_fix_a_full_drain_applies_every_message_exactly_once() {
-    let env = TestEnv::new(FAST_TOPOLOGY).await;
+    let env = TestEnv::new(&TopologyFile::fast()).await;
     // The "bug": a constraint that rejects readings of 1000 and more.
     sqlx::query("ALTER TABLE measurements ADD CONSTRAINT buggy CHECK (value < 1000)")
         .execute(&env.pool)
@@ -255,7 +255,7 @@ async fn after_the_fix_a_full_drain_applies_every_message_exactly_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_mid_drain_loses_no_message() {
-    let env = TestEnv::new(FAST_TOPOLOGY).await;
+    let env = TestEnv::new(&TopologyFile::fast()).await;
     park_measurements(&env, 2000).await;
     let mut child = tokio::process::Command::from(requeue_command(&env, &["--rate", "1000"]))
         .stdout(std::process::Stdio::null())
@@ -309,7 +309,7 @@ async fn kill_9_mid_drain_loses_no_message() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rate_200_on_400_messages_takes_about_two_seconds() {
-    let env = TestEnv::new(FAST_TOPOLOGY).await;
+    let env = TestEnv::new(&TopologyFile::fast()).await;
     park_measurements(&env, 400).await;
     let started = Instant::now();
     run_requeue(&env, &["--rate", "200"]);
@@ -325,7 +325,7 @@ async fn rate_200_on_400_messages_takes_about_two_seconds() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_flags_and_missing_queues_fail_with_a_clear_message() {
-    let env = TestEnv::new(FAST_TOPOLOGY).await;
+    let env = TestEnv::new(&TopologyFile::fast()).await;
     let out = requeue_command(&env, &["--rate", "0"]).output().unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("not a rate"));
@@ -389,7 +389,7 @@ fn listed(env: &TestEnv, args: &[&str]) -> Vec<(u64, String)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn list_honours_the_filters() {
-    let env = TestEnv::new(FAST_TOPOLOGY).await;
+    let env = TestEnv::new(&TopologyFile::fast()).await;
     park_two_groups(&env).await;
     let validation = vec![(4, "validation".to_owned())];
     let transient = vec![(6, "transient".to_owned())];
@@ -437,7 +437,7 @@ async fn requeue_on_a_terminal(env: &TestEnv, args: &[&str], input: &str) -> (Op
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bare_drain_on_a_terminal_asks_first() {
-    let env = TestEnv::new(FAST_TOPOLOGY).await;
+    let env = TestEnv::new(&TopologyFile::fast()).await;
     park_measurements(&env, 5).await;
     let dlq = env.dlq();
     let question = format!("move all 5 messages from {dlq} to {}? [y/N]", env.queue);
@@ -465,7 +465,7 @@ async fn a_bare_drain_on_a_terminal_asks_first() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn yes_skips_the_question_and_ctrl_c_exits_130_losing_nothing() {
     const N: u32 = 100;
-    let env = TestEnv::new(FAST_TOPOLOGY).await;
+    let env = TestEnv::new(&TopologyFile::fast()).await;
     park_measurements(&env, i64::from(N)).await;
     let (status, screen) = requeue_on_a_terminal(&env, &["--yes", "--limit", "1"], "").await;
     assert_eq!(status, Some(0), "{screen}");

@@ -4,8 +4,8 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::common::TestEnv;
 use crate::common::messages::{flaky, measurement};
+use crate::common::{TestEnv, TopologyFile};
 use lapin::BasicProperties;
 use lapin::message::Delivery;
 use lapin::types::{AMQPValue, FieldTable, LongString};
@@ -15,19 +15,6 @@ use worker_iot_core::EventHook;
 use worker_iot_core::headers::{self, *};
 
 const WAIT: Duration = Duration::from_secs(60);
-
-fn topology(in_process_attempts: u32, max_attempts: u32) -> String {
-    format!(
-        r#"
-queue_type = "classic"
-delivery_limit = 3
-[retry]
-delays = ["50ms", "100ms"]
-max_attempts = {max_attempts}
-in_process_attempts = {in_process_attempts}
-"#
-    )
-}
 
 /// Headers seen on each delivery of the message whose body contains `marker`.
 #[derive(Clone, Default)]
@@ -69,7 +56,7 @@ fn producer_properties() -> BasicProperties {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_failing_transiently_twice_is_processed_on_its_third_delivery() {
-    let env = TestEnv::new(&topology(1, 5)).await;
+    let env = TestEnv::new(&TopologyFile::classic().in_process_attempts(1).max_attempts(5)).await;
     env.publish(&flaky("flaky-twice", 2), producer_properties()).await;
     let seen = Seen::default();
     let worker = env.spawn_worker_with(env.settings(&[]), Some(seen.observer("flaky-twice")));
@@ -119,7 +106,7 @@ async fn a_message_failing_transiently_twice_is_processed_on_its_third_delivery(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_always_failing_transiently_is_parked_after_exactly_max_attempts() {
-    let env = TestEnv::new(&topology(2, 3)).await;
+    let env = TestEnv::new(&TopologyFile::classic().in_process_attempts(2).max_attempts(3)).await;
     let body = flaky("flaky-always", 1000);
     let properties = producer_properties().with_message_id("amqp-flaky-always".into());
     env.publish(&body, properties).await;
@@ -170,7 +157,7 @@ async fn a_message_always_failing_transiently_is_parked_after_exactly_max_attemp
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_permanent_failure_is_parked_at_once_without_retries() {
-    let env = TestEnv::new(&topology(3, 5)).await;
+    let env = TestEnv::new(&TopologyFile::classic().in_process_attempts(3).max_attempts(5)).await;
     env.publish(&measurement("perm-1", "warm"), producer_properties()).await;
     let seen = Seen::default();
     let worker = env.spawn_worker_with(env.settings(&[]), Some(seen.observer("perm-1")));
@@ -194,7 +181,7 @@ async fn a_permanent_failure_is_parked_at_once_without_retries() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_panicking_handler_is_parked_and_its_batch_is_unharmed() {
-    let env = TestEnv::new(&topology(3, 5)).await;
+    let env = TestEnv::new(&TopologyFile::classic().in_process_attempts(3).max_attempts(5)).await;
     for i in 0..20 {
         env.publish(&measurement(&format!("ok-{i}"), i), BasicProperties::default())
             .await;

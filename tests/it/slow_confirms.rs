@@ -8,7 +8,7 @@ use std::time::Duration;
 use crate::common::messages::message_id;
 use crate::common::observe::wait_for_seen;
 use crate::common::proxy::{Proxy, upstream_of};
-use crate::common::{Device, OUTBOX_TOPOLOGY, RunningWorker, TestEnv, amqp_url};
+use crate::common::{Device, RunningWorker, TestEnv, TopologyFile, amqp_url};
 use worker_iot_core::broker::CONFIRM_TIMEOUT;
 
 /// Device messages written while the confirms are late.
@@ -59,7 +59,7 @@ async fn worker_behind(env: &TestEnv, device: &Device, proxy: &Proxy) -> Running
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broker_that_confirms_eleven_seconds_late_never_sends_a_command_more_than_its_counted_attempts() {
     assert!(LATE > CONFIRM_TIMEOUT, "the confirms must come after the timeout");
-    let env = TestEnv::new(OUTBOX_TOPOLOGY).await;
+    let env = TestEnv::new(&TopologyFile::outbox()).await;
     let device = Device::bind(&env).await;
     let proxy = Proxy::start(upstream_of(&amqp_url())).await;
     let worker = worker_behind(&env, &device, &proxy).await;

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use crate::common::messages::measurement;
-use crate::common::{FAST_TOPOLOGY, TestEnv, wait_for};
+use crate::common::{TestEnv, TopologyFile, wait_for};
 use lapin::BasicProperties;
 use lapin::options::QueueDeclareOptions;
 use lapin::types::{AMQPValue, FieldTable, LongString};
@@ -53,8 +53,7 @@ async fn wait_consuming(env: &TestEnv, worker: &mut crate::common::WorkerProcess
 }
 
 async fn declares_the_whole_topology(queue_type: &str) {
-    let topology = FAST_TOPOLOGY.replace("queue_type = \"classic\"", &format!("queue_type = \"{queue_type}\""));
-    let env = TestEnv::undeclared(&topology).await;
+    let env = TestEnv::undeclared(&TopologyFile::fast().queue_type(queue_type)).await;
     let mut worker = env.spawn_binary(WORKER, &env.settings_json(), &[("RUST_LOG", "info")], "start");
     wait_consuming(&env, &mut worker).await;
 
@@ -160,7 +159,7 @@ async fn the_binary_declares_every_queue_for_a_quorum_main_queue() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_conflicting_existing_queue_stops_start_up_with_a_clear_error() {
-    let env = TestEnv::undeclared(FAST_TOPOLOGY).await;
+    let env = TestEnv::undeclared(&TopologyFile::fast()).await;
     // Someone declared Q before, without the dead-letter arguments.
     declared_with(&env, &env.queue, FieldTable::default()).await.unwrap();
     let mut worker = env.spawn_binary(WORKER, &env.settings_json(), &[], "conflict");
@@ -180,8 +179,7 @@ async fn a_conflicting_existing_queue_stops_start_up_with_a_clear_error() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_classic_dlq_under_a_quorum_topology_is_refused_and_migrates_without_loss() {
     const PARKED: u32 = 7;
-    let quorum = FAST_TOPOLOGY.replace("queue_type = \"classic\"", "queue_type = \"quorum\"");
-    let env = TestEnv::undeclared(&quorum).await;
+    let env = TestEnv::undeclared(&TopologyFile::fast().queue_type("quorum")).await;
     // An older deployment: classic DLQ with parked messages.
     declared_with(&env, &env.dlq(), FieldTable::default()).await.unwrap();
     for i in 0..PARKED {
@@ -247,7 +245,7 @@ async fn a_classic_dlq_under_a_quorum_topology_is_refused_and_migrates_without_l
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bad_setting_stops_start_up_naming_key_value_and_allowed() {
-    let env = TestEnv::undeclared(FAST_TOPOLOGY).await;
+    let env = TestEnv::undeclared(&TopologyFile::fast()).await;
     let mut worker = env.spawn_binary(
         WORKER,
         r#"{"RABBITMQ_PREFETCH_COUNT": "many"}"#,
@@ -274,7 +272,7 @@ async fn a_bad_setting_stops_start_up_naming_key_value_and_allowed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_during_a_burst_exits_zero_and_nothing_is_lost() {
     const N: i64 = 3000;
-    let env = TestEnv::new(FAST_TOPOLOGY).await;
+    let env = TestEnv::new(&TopologyFile::fast()).await;
     for i in 0..N {
         env.publish(&measurement(&format!("burst-{i}"), i), BasicProperties::default())
             .await;

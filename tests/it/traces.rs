@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use crate::common::messages::{flaky, set_led};
-use crate::common::{Device, TestEnv};
+use crate::common::{Device, TestEnv, TopologyFile};
 use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use opentelemetry::trace::{SpanKind, Status};
@@ -36,11 +36,10 @@ const WORKER: &str = env!("CARGO_BIN_EXE_worker-iot-core");
 
 /// Attempt 1 fails transiently and goes to the retry queue; at most
 /// `max_attempts` deliveries.
-fn topology(max_attempts: u32) -> String {
-    format!(
-        "queue_type = \"classic\"\ndelivery_limit = 3\n[retry]\ndelays = [\"50ms\", \"100ms\"]\n\
-         max_attempts = {max_attempts}\nin_process_attempts = 1\n"
-    )
+fn topology(max_attempts: u32) -> TopologyFile {
+    TopologyFile::classic()
+        .in_process_attempts(1)
+        .max_attempts(max_attempts)
 }
 
 /// Where the in-process workers of these tests send their spans: an
@@ -327,7 +326,7 @@ impl Receiver {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn json_logs_are_pure_json_lines_naming_the_message_and_its_trace() {
-    let env = TestEnv::new(crate::common::FAST_TOPOLOGY).await;
+    let env = TestEnv::new(&TopologyFile::fast()).await;
     let (trace_id, _, traceparent) = producer_context();
     let body = json!({"type": "NO_SUCH_TYPE", "id": "logged-parked", "data": {}}).to_string();
     env.publish(body.as_bytes(), traced(&traceparent)).await;
@@ -374,7 +373,7 @@ fn hex(bytes: &[u8]) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_binary_exports_a_message_s_spans_over_otlp_and_flushes_them_on_sigterm() {
     let (receiver, addr) = Receiver::start().await;
-    let env = TestEnv::new(crate::common::FAST_TOPOLOGY).await;
+    let env = TestEnv::new(&TopologyFile::fast()).await;
     let (trace_id, _, traceparent) = producer_context();
     let body = json!({"type": "DEVICE_UP", "id": "exported", "data": {"device_id": "otlp-1"}}).to_string();
     env.publish(body.as_bytes(), traced(&traceparent)).await;

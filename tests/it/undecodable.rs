@@ -6,15 +6,11 @@
 use std::time::Duration;
 
 use crate::common::raw_amqp::{self, FLAG_HEADERS, FLAG_MESSAGE_ID};
-use crate::common::{TestEnv, amqp_url};
+use crate::common::{TestEnv, TopologyFile, amqp_url};
 use serde_json::json;
 use worker_iot_core::headers::{self, ERROR, ERROR_KIND};
 
 const WAIT: Duration = Duration::from_secs(60);
-
-fn topology(queue_type: &str) -> String {
-    format!("queue_type = \"{queue_type}\"\ndelivery_limit = 3\n[retry]\ndelays = [\"50ms\"]\nmax_attempts = 3\n")
-}
 
 /// `host:port` of the test broker.
 fn broker_addr() -> String {
@@ -22,7 +18,7 @@ fn broker_addr() -> String {
 }
 
 async fn undecodable_messages_are_settled_and_the_others_flow(queue_type: &str) {
-    let env = TestEnv::new(&topology(queue_type)).await;
+    let env = TestEnv::new(&TopologyFile::classic().queue_type(queue_type).delays(&["50ms"])).await;
     env.publish_measurements(0..20).await;
     let mut bad_id = Vec::new();
     raw_amqp::short(&mut bad_id, b"\xff\xfe");

@@ -10,7 +10,7 @@ use crate::common::messages::{measurement, with_id};
 use crate::common::observe::{
     QueueCounts, metric_value, queue_counts, rabbitmqctl, rabbitmqctl_available, wait_for_seen,
 };
-use crate::common::{FAST_TOPOLOGY, RunningWorker, TestEnv};
+use crate::common::{RunningWorker, TestEnv, TopologyFile};
 use lapin::BasicProperties;
 use worker_iot_core::broker::CONFIRM_TIMEOUT;
 use worker_iot_core::headers::{self, ERROR_KIND};
@@ -111,7 +111,7 @@ async fn a_memory_alarm_parks_each_poison_message_once_and_tears_nothing_down() 
     }
     let _broker = crate::take_broker().await;
     assert!(HOLD > CONFIRM_TIMEOUT);
-    let env = TestEnv::new(FAST_TOPOLOGY).await;
+    let env = TestEnv::new(&TopologyFile::fast()).await;
     publish_mixed(&env).await;
     assert_eq!(env.queue_len(&env.queue).await, (VALID + POISON) as u32);
     let mut alarm = tokio::task::block_in_place(MemoryAlarm::raise);

@@ -6,18 +6,10 @@ use std::time::Duration;
 
 use crate::common::messages::{flaky, measurement};
 use crate::common::observe::{rabbitmqctl, rabbitmqctl_available};
-use crate::common::{TestEnv, amqp_url, wait_for};
+use crate::common::{TestEnv, TopologyFile, amqp_url, wait_for};
 use lapin::BasicProperties;
 use worker_iot_core::broker::{self, Publisher};
 
-const TOPOLOGY: &str = r#"
-queue_type = "quorum"
-delivery_limit = 5
-[retry]
-delays = ["3s"]
-max_attempts = 5
-in_process_attempts = 1
-"#;
 const WAIT: Duration = Duration::from_secs(60);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -27,7 +19,13 @@ async fn parked_retrying_and_queued_messages_survive_a_broker_restart() {
     }
     let _broker = crate::take_broker().await;
     const N: usize = 5;
-    let mut env = TestEnv::new(TOPOLOGY).await;
+    let topology = TopologyFile::classic()
+        .queue_type("quorum")
+        .delivery_limit(5)
+        .delays(&["3s"])
+        .max_attempts(5)
+        .in_process_attempts(1);
+    let mut env = TestEnv::new(&topology).await;
     let retry_queue = format!("{}.retry.3s", env.queue);
     // Producers that leave delivery_mode unset, as pika, amqplib and lapin do.
     let transient = BasicProperties::default;

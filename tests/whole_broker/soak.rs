@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 use crate::common::messages::{body, measurement_of, set_led};
 use crate::common::observe::rabbitmqctl;
 use crate::common::proxy::{Proxy, upstream_of};
-use crate::common::{Device, TestEnv, WorkerProcess, wait_for};
+use crate::common::{Device, TestEnv, TopologyFile, WorkerProcess, wait_for};
 use lapin::types::ShortString;
 use lapin::{BasicProperties, Connection};
 use rand::rngs::StdRng;
@@ -42,17 +42,17 @@ const WORKER: &str = env!("CARGO_BIN_EXE_worker-iot-core");
 const WORKERS: usize = 2;
 /// Broker restarts the soak makes at least, spread over the publishing.
 const RESTARTS: u32 = 3;
+const TICK: Duration = Duration::from_millis(20);
+
 /// The retry budget (200 ms + 1 s + 1 s + 1 s between five deliveries) is
 /// longer than any database outage the soak makes, so no valid message
 /// may run out of attempts because of one.
-const TOPOLOGY: &str = r#"
-queue_type = "classic"
-delivery_limit = 5
-[retry]
-delays = ["200ms", "1s"]
-max_attempts = 5
-"#;
-const TICK: Duration = Duration::from_millis(20);
+fn topology() -> TopologyFile {
+    TopologyFile::classic()
+        .delivery_limit(5)
+        .delays(&["200ms", "1s"])
+        .max_attempts(5)
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 #[ignore = "chaos soak: restarts the broker; run alone under flock -x /tmp/wic-broker.lock"]
@@ -62,7 +62,7 @@ async fn chaos_soak_loses_nothing_applies_once_and_parks_every_bad_message() {
     let rate: usize = setting("WIC_SOAK_RATE", 500);
     let seed: u64 = setting("WIC_SOAK_SEED", rand::random());
     println!("soak: {n} messages at {rate}/s, seed {seed}");
-    let mut env = TestEnv::new(TOPOLOGY).await;
+    let mut env = TestEnv::new(&topology()).await;
     let device = Device::bind(&env).await;
     let ledger = Arc::new(ledger(n, seed, &device.id));
     let mut broker = BrokerApp::default();

@@ -6,6 +6,9 @@ pub mod messages;
 pub mod observe;
 pub mod proxy;
 pub mod raw_amqp;
+pub mod topology;
+
+pub use topology::TopologyFile;
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -35,29 +38,6 @@ pub fn on_received(see: impl Fn(&Delivery) + Send + Sync + 'static) -> EventHook
         }
     })
 }
-
-/// A topology with millisecond retries so retry paths run in seconds.
-/// `{queue}` is replaced by the test's queue name, so bindings stay private.
-pub const FAST_TOPOLOGY: &str = r#"
-queue_type = "classic"
-delivery_limit = 3
-[retry]
-delays = ["50ms", "100ms"]
-max_attempts = 3
-[[bindings]]
-exchange = "amq.topic"
-routing_key = "{queue}.#"
-"#;
-
-/// A topology with one fast retry and no bindings, for tests of the
-/// outbox and its relay.
-pub const OUTBOX_TOPOLOGY: &str = r#"
-queue_type = "classic"
-delivery_limit = 3
-[retry]
-delays = ["50ms"]
-max_attempts = 3
-"#;
 
 pub fn amqp_url() -> String {
     std::env::var("AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
@@ -119,12 +99,12 @@ pub struct TestEnv {
 impl TestEnv {
     /// Creates the database (migrated), writes the topology file and
     /// declares it, so messages can be published before a worker starts.
-    pub async fn new(topology: &str) -> TestEnv {
+    pub async fn new(topology: &TopologyFile) -> TestEnv {
         TestEnv::new_on(&amqp_url(), topology).await
     }
 
     /// Like [`TestEnv::new`], on the broker or cluster nodes `amqp_url`.
-    pub async fn new_on(amqp_url: &str, topology: &str) -> TestEnv {
+    pub async fn new_on(amqp_url: &str, topology: &TopologyFile) -> TestEnv {
         let env = TestEnv::undeclared_on(amqp_url, topology).await;
         let channel = env.connection.create_channel().await.expect("channel");
         env.topology.declare(&channel).await.expect("declare test topology");
@@ -133,12 +113,12 @@ impl TestEnv {
     }
 
     /// Like [`TestEnv::new`], but leaves declaring the queues to the worker.
-    pub async fn undeclared(topology: &str) -> TestEnv {
+    pub async fn undeclared(topology: &TopologyFile) -> TestEnv {
         TestEnv::undeclared_on(&amqp_url(), topology).await
     }
 
     /// Like [`TestEnv::undeclared`], on the broker or cluster nodes `amqp_url`.
-    pub async fn undeclared_on(amqp_url: &str, topology: &str) -> TestEnv {
+    pub async fn undeclared_on(amqp_url: &str, topology: &TopologyFile) -> TestEnv {
         let suffix = format!("{:016x}", rand::random::<u64>());
         let queue = format!("wic_test_{suffix}");
         let database = format!("wic_test_{suffix}");
@@ -159,7 +139,7 @@ impl TestEnv {
         let dir = std::env::temp_dir().join(&queue);
         std::fs::create_dir_all(&dir).expect("temp dir");
         let topology_file = dir.join("topology.toml");
-        let topology_text = topology.replace("{queue}", &queue);
+        let topology_text = topology.toml(&queue);
         std::fs::write(&topology_file, &topology_text).expect("write topology");
         let topology = Topology::parse(&topology_text, &queue).expect("valid test topology");
         TestEnv {

@@ -5,7 +5,6 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
 use crate::common::messages::{flaky, measurement};
@@ -15,9 +14,8 @@ use lapin::BasicProperties;
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio_util::sync::CancellationToken;
+use worker_iot_core::ErrorKind;
 use worker_iot_core::config::Settings;
-use worker_iot_core::{ErrorKind, Metrics, Options};
 
 const WAIT: Duration = Duration::from_secs(60);
 /// How long one HTTP request may take in these tests.
@@ -26,19 +24,7 @@ const HTTP_TIMEOUT: Duration = Duration::from_secs(3);
 /// Runs the worker with its HTTP server on a free port; returns it and the
 /// server's address.
 async fn spawn_serving(settings: Settings) -> (RunningWorker, SocketAddr) {
-    let shutdown = CancellationToken::new();
-    let metrics = Arc::new(Metrics::default());
-    let options = Options {
-        metrics: metrics.clone(),
-        events: None,
-        serve_metrics: true,
-    };
-    let handle = tokio::spawn(worker_iot_core::run_with(settings, shutdown.clone(), options));
-    let worker = RunningWorker {
-        shutdown,
-        handle,
-        metrics,
-    };
+    let worker = RunningWorker::start(settings, None, true);
     let addr = wait_for("the HTTP server to listen", WAIT, || async {
         assert!(!worker.handle.is_finished(), "worker stopped during start-up");
         worker.metrics.http_addr()

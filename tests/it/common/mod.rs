@@ -195,19 +195,7 @@ impl TestEnv {
 
     /// Runs the worker with these settings and an optional event hook.
     pub fn spawn_worker_with(&self, settings: Settings, events: Option<EventHook>) -> RunningWorker {
-        let shutdown = CancellationToken::new();
-        let metrics = Arc::new(Metrics::default());
-        let options = Options {
-            metrics: metrics.clone(),
-            events,
-            serve_metrics: false,
-        };
-        let handle = tokio::spawn(worker_iot_core::run_with(settings, shutdown.clone(), options));
-        RunningWorker {
-            shutdown,
-            handle,
-            metrics,
-        }
+        RunningWorker::start(settings, events, false)
     }
 
     /// Publishes to `Q` through the default exchange, confirmed.
@@ -362,6 +350,24 @@ pub struct RunningWorker {
 }
 
 impl RunningWorker {
+    /// Runs the worker in this process until `shutdown` is cancelled; with
+    /// `serve_metrics`, with its HTTP server too.
+    pub fn start(settings: Settings, events: Option<EventHook>, serve_metrics: bool) -> RunningWorker {
+        let shutdown = CancellationToken::new();
+        let metrics = Arc::new(Metrics::default());
+        let options = Options {
+            metrics: metrics.clone(),
+            events,
+            serve_metrics,
+        };
+        let handle = tokio::spawn(worker_iot_core::run_with(settings, shutdown.clone(), options));
+        RunningWorker {
+            shutdown,
+            handle,
+            metrics,
+        }
+    }
+
     /// Waits until the worker consumes `queue`.
     pub async fn wait_ready(&self, env: &TestEnv) {
         wait_for("the worker to consume", Duration::from_secs(30), || async {

@@ -2,14 +2,13 @@
 //! relay may send a device message again, but never more often than the
 //! attempts it counts in the outbox (docs/reliability.md, "Commands to devices").
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use common::observe::wait_for_seen;
-use common::proxy::{Proxy, upstream_of};
-use common::{Device, OUTBOX_TOPOLOGY, RunningWorker, TestEnv, amqp_url};
+use crate::common::messages::message_id;
+use crate::common::observe::wait_for_seen;
+use crate::common::proxy::{Proxy, upstream_of};
+use crate::common::{Device, RunningWorker, TestEnv, TopologyFile, amqp_url};
 use worker_iot_core::broker::CONFIRM_TIMEOUT;
 
 /// Device messages written while the confirms are late.
@@ -60,7 +59,7 @@ async fn worker_behind(env: &TestEnv, device: &Device, proxy: &Proxy) -> Running
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broker_that_confirms_eleven_seconds_late_never_sends_a_command_more_than_its_counted_attempts() {
     assert!(LATE > CONFIRM_TIMEOUT, "the confirms must come after the timeout");
-    let env = TestEnv::new(OUTBOX_TOPOLOGY).await;
+    let env = TestEnv::new(&TopologyFile::outbox()).await;
     let device = Device::bind(&env).await;
     let proxy = Proxy::start(upstream_of(&amqp_url())).await;
     let worker = worker_behind(&env, &device, &proxy).await;
@@ -119,9 +118,7 @@ async fn assert_each_copy_counted(env: &TestEnv, device: &Device, published_mark
 async fn copies_by_message_id(env: &TestEnv, device: &Device) -> BTreeMap<String, i64> {
     let mut copies = BTreeMap::new();
     for message in env.drain(&device.queue).await {
-        let id = message.delivery.properties.message_id().as_ref();
-        let id = id.expect("device message has a message_id").to_string();
-        *copies.entry(id).or_insert(0) += 1;
+        *copies.entry(message_id(&message)).or_insert(0) += 1;
     }
     copies
 }

@@ -3,21 +3,18 @@
 //! that turns read-only for a while, a panic in a batch's bulk check, and
 //! the in-flight gauge after a cut connection and after a shutdown that
 //! cuts a batch off.
-#![cfg(feature = "test-handlers")]
-
-mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use common::observe::{QueueCounts, metric_value, queue_counts, rabbitmqctl_available, wait_for_seen};
-use common::proxy::{Proxy, upstream_of};
-use common::{Device, FAST_TOPOLOGY, OUTBOX_TOPOLOGY, RunningWorker, TestEnv, amqp_url, server_url, wait_for};
+use crate::common::messages::{body, flaky, measurement, message_id, set_led, slow, with_id};
+use crate::common::observe::{QueueCounts, metric_value, queue_counts, rabbitmqctl_available, wait_for_seen};
+use crate::common::proxy::{Proxy, upstream_of};
+use crate::common::{Device, RunningWorker, TestEnv, TopologyFile, amqp_url, server_url, wait_for};
 use lapin::BasicProperties;
 use lapin::message::BasicGetMessage;
 use lapin::options::{QueueDeclareOptions, QueueDeleteOptions};
-use lapin::types::ShortString;
 use serde_json::json;
 use sqlx::{Connection as _, PgConnection};
 use worker_iot_core::ErrorKind;
@@ -28,24 +25,6 @@ const IN_FLIGHT: &str = "iot_deliveries_in_flight";
 
 /// Messages to publish together: body and properties.
 type Burst = Vec<(Vec<u8>, BasicProperties)>;
-
-fn body(value: serde_json::Value) -> Vec<u8> {
-    value.to_string().into_bytes()
-}
-
-fn measurement(id: &str) -> Vec<u8> {
-    body(json!({"type": "MEASUREMENT", "id": id, "data": {"device_id": "d1", "sensor": "t", "value": 1}}))
-}
-
-/// Properties naming the message, so a copy can be told apart by its id.
-fn with_id(id: &str) -> BasicProperties {
-    BasicProperties::default().with_message_id(ShortString::from(id))
-}
-
-fn message_id(message: &BasicGetMessage) -> String {
-    let id = message.delivery.properties.message_id().as_ref();
-    id.expect("the message has a message_id").to_string()
-}
 
 /// How many times each message id occurs.
 fn tally(messages: &[BasicGetMessage]) -> BTreeMap<String, usize> {
@@ -68,10 +47,6 @@ fn in_flight(worker: &RunningWorker) -> f64 {
 
 // ---------------------------------------------------------------------------
 // 1. Device messages: a returned one is never taken for a confirmed one.
-
-fn set_led(id: &str, device: &str) -> Vec<u8> {
-    body(json!({"type": "SET_LED", "kind": "command", "id": id, "data": {"device_id": device, "state": "on"}}))
-}
 
 /// A device whose queue is not durable (exclusive to the test's
 /// connection): the broker confirms a message routed only there at once,
@@ -122,10 +97,10 @@ fn mixed_commands(n: usize, routable: &str, unroutable: &str) -> (Vec<Vec<u8>>, 
     for i in 0..n {
         let id = format!("c-{i}");
         if i % 2 == 0 {
-            bodies.push(set_led(&id, routable));
+            bodies.push(set_led(&id, routable, "on"));
             to_device.insert(id);
         } else {
-            bodies.push(set_led(&id, unroutable));
+            bodies.push(set_led(&id, unroutable, "on"));
             to_nobody.insert(id);
         }
     }
@@ -135,7 +110,7 @@ fn mixed_commands(n: usize, routable: &str, unroutable: &str) -> (Vec<Vec<u8>>, 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_mixed_burst_of_routable_and_unroutable_commands_marks_only_the_routable_published() {
     const N: usize = 200;
-    let env = TestEnv::new(OUTBOX_TOPOLOGY).await;
+    let env = TestEnv::new(&TopologyFile::outbox()).await;
     let device = bind_transient_device(&env).await;
     let nobody = format!("nobody-{}", &env.queue["wic_test_".len()..]);
     let worker = env.spawn_worker(&[]);
@@ -185,16 +160,14 @@ async fn a_mixed_burst_of_routable_and_unroutable_commands_marks_only_the_routab
 // ---------------------------------------------------------------------------
 // 2. Retry and DLQ copies: a returned copy never lets its original be acked.
 
-const RETRY_TOPOLOGY: &str = r#"
-queue_type = "classic"
-delivery_limit = 5
-[retry]
-delays = ["200ms"]
-max_attempts = 3
-# A TEST_FLAKY's first failure goes straight to the retry queue: a routable
-# copy, published among the DLQ copies that will be returned.
-in_process_attempts = 1
-"#;
+fn retry_topology() -> TopologyFile {
+    TopologyFile::classic()
+        .delivery_limit(5)
+        .delays(&["200ms"])
+        // A TEST_FLAKY's first failure goes straight to the retry queue: a
+        // routable copy, published among the DLQ copies that will be returned.
+        .in_process_attempts(1)
+}
 
 /// Poison messages (invalid JSON, parked at once) and TEST_FLAKY events
 /// that fail once, interleaved, each named by its AMQP message id.
@@ -205,8 +178,7 @@ fn poison_and_flaky(n: usize) -> (Burst, BTreeSet<String>) {
         burst.push((format!("not json {i}").into_bytes(), with_id(&id)));
         poison.insert(id);
         let id = format!("flaky-{i}");
-        let flaky = body(json!({"type": "TEST_FLAKY", "id": id, "data": {"fail_first": 1}}));
-        burst.push((flaky, with_id(&id)));
+        burst.push((flaky(&id, 1), with_id(&id)));
     }
     (burst, poison)
 }
@@ -231,7 +203,7 @@ async fn a_returned_dlq_copy_leaves_its_original_unacked() {
         return;
     }
     const N: usize = 100;
-    let env = TestEnv::new(RETRY_TOPOLOGY).await;
+    let env = TestEnv::new(&retry_topology()).await;
     let worker = env.spawn_worker(&ALONE_AND_CONCURRENT);
     worker.wait_ready(&env).await;
     delete_queue(&env, &env.dlq()).await;
@@ -290,13 +262,12 @@ async fn a_returned_dlq_copy_leaves_its_original_unacked() {
 /// about 1 s, 3 s, 8 s, 13 s and 18 s later: its sixth and last attempt
 /// comes 18 s in, three times the 6 s window, so attempts run out only if
 /// the read-only error is not taken for a transient one.
-const FAILOVER_TOPOLOGY: &str = r#"
-queue_type = "classic"
-delivery_limit = 5
-[retry]
-delays = ["1s", "2s", "5s"]
-max_attempts = 6
-"#;
+fn failover_topology() -> TopologyFile {
+    TopologyFile::classic()
+        .delivery_limit(5)
+        .delays(&["1s", "2s", "5s"])
+        .max_attempts(6)
+}
 
 async fn admin_execute(admin: &mut PgConnection, sql: String) {
     sqlx::query(sqlx::AssertSqlSafe(sql.clone()))
@@ -347,7 +318,7 @@ async fn steady_stream(env: &TestEnv, n: usize, sent: &AtomicUsize) {
     let mut every = tokio::time::interval(Duration::from_millis(40));
     for i in 0..n {
         every.tick().await;
-        env.publish(&measurement(&format!("m-{i}")), BasicProperties::default())
+        env.publish(&measurement(&format!("m-{i}"), 1), BasicProperties::default())
             .await;
         sent.fetch_add(1, Ordering::SeqCst);
     }
@@ -359,7 +330,7 @@ async fn a_read_only_database_window_under_load_parks_nothing() {
         return;
     }
     const N: usize = 200;
-    let env = TestEnv::new(FAILOVER_TOPOLOGY).await;
+    let env = TestEnv::new(&failover_topology()).await;
     let worker = env.spawn_worker(&[]);
     worker.wait_ready(&env).await;
     let sent = AtomicUsize::new(0);
@@ -416,7 +387,7 @@ fn panic_check_burst() -> (Burst, BTreeSet<String>, BTreeSet<String>) {
         let group = if panic { &mut panicking } else { &mut applied };
         group.insert(id);
         let id = format!("m-{i}");
-        burst.push((measurement(&id), with_id(&id)));
+        burst.push((measurement(&id, 1), with_id(&id)));
         applied.insert(id);
     }
     (burst, panicking, applied)
@@ -427,7 +398,7 @@ async fn a_panic_in_a_bulk_check_still_drains_the_queue() {
     if !rabbitmqctl_available("a_panic_in_a_bulk_check_still_drains_the_queue") {
         return;
     }
-    let env = TestEnv::new(FAST_TOPOLOGY).await;
+    let env = TestEnv::new(&TopologyFile::fast()).await;
     let (burst, panicking, applied) = panic_check_burst();
     // Waiting in Q when the worker starts, so they arrive together and batch.
     env.publish_burst(burst).await;
@@ -485,9 +456,9 @@ fn burst_with_slow_ones(n: usize) -> Burst {
     (0..n)
         .map(|i| {
             let b = if i % 200 == 100 {
-                body(json!({"type": "TEST_SLOW", "id": format!("slow-{i}"), "data": {"seconds": 3}}))
+                slow(&format!("slow-{i}"), 3)
             } else {
-                measurement(&format!("m-{i}"))
+                measurement(&format!("m-{i}"), 1)
             };
             (b, BasicProperties::default())
         })
@@ -500,7 +471,7 @@ async fn in_flight_returns_to_zero_after_a_cut_mid_burst() {
         return;
     }
     const N: usize = 2000;
-    let env = TestEnv::new(FAST_TOPOLOGY).await;
+    let env = TestEnv::new(&TopologyFile::fast()).await;
     let proxy = Proxy::start(upstream_of(&amqp_url())).await;
     let proxied = proxy.url_for(&amqp_url());
     // Slow batches hold their deliveries: room for the others to flow.
@@ -547,9 +518,9 @@ fn slow_and_quick() -> Burst {
     (0..16)
         .map(|i| {
             let b = if i % 4 == 1 {
-                body(json!({"type": "TEST_SLOW", "id": format!("slow-{i}"), "data": {"seconds": 5}}))
+                slow(&format!("slow-{i}"), 5)
             } else {
-                measurement(&format!("m-{i}"))
+                measurement(&format!("m-{i}"), 1)
             };
             (b, BasicProperties::default())
         })
@@ -561,7 +532,7 @@ async fn in_flight_returns_to_zero_after_a_shutdown_mid_batch() {
     if !rabbitmqctl_available("in_flight_returns_to_zero_after_a_shutdown_mid_batch") {
         return;
     }
-    let env = TestEnv::new(FAST_TOPOLOGY).await;
+    let env = TestEnv::new(&TopologyFile::fast()).await;
     let burst = slow_and_quick();
     let total = burst.len() as u64;
     // Waiting in Q when the worker starts, so they arrive together and batch.

@@ -1,15 +1,13 @@
 //! Fault tests with real processes and real sockets: SIGKILL under load, a
 //! cut broker connection, a database outage, and a message that aborts the
 //! process.
-#![cfg(feature = "test-handlers")]
-
-mod common;
 
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use common::proxy::{Proxy, upstream_of};
-use common::{RunningWorker, TestEnv, WorkerProcess, amqp_url, wait_for};
+use crate::common::messages::{measurement, set_led, slow};
+use crate::common::proxy::{Proxy, upstream_of};
+use crate::common::{RunningWorker, TestEnv, TopologyFile, WorkerProcess, amqp_url, wait_for};
 use lapin::BasicProperties;
 use lapin::message::BasicGetMessage;
 use rand::Rng;
@@ -21,36 +19,24 @@ use worker_iot_core::headers::{self, ERROR_KIND};
 const WORKER: &str = env!("CARGO_BIN_EXE_worker-iot-core");
 const WAIT_START: Duration = Duration::from_secs(60);
 
-fn topology(queue_type: &str, delays: &str, max_attempts: u32) -> String {
-    format!(
-        r#"
-queue_type = "{queue_type}"
-delivery_limit = 3
-[retry]
-delays = [{delays}]
-max_attempts = {max_attempts}
-in_process_attempts = 2
-"#
-    )
-}
-
-fn measurement(id: &str, value: i64) -> Vec<u8> {
-    json!({"type": "MEASUREMENT", "id": id, "data": {"device_id": "d1", "sensor": "t", "value": value}})
-        .to_string()
-        .into_bytes()
+/// Two in-process attempts in every test here.
+fn topology(queue_type: &str, delays: &[&str], max_attempts: u32) -> TopologyFile {
+    TopologyFile::classic()
+        .queue_type(queue_type)
+        .delays(delays)
+        .max_attempts(max_attempts)
+        .in_process_attempts(2)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_three_times_under_load_applies_every_message_exactly_once() {
     const N: i64 = 5000;
-    let env = TestEnv::new(&topology("classic", r#""50ms", "100ms""#, 5)).await;
+    let env = TestEnv::new(&topology("classic", &["50ms", "100ms"], 5)).await;
     let mut commands = 0;
     for i in 0..N {
         let body = if i % 10 == 0 {
             commands += 1;
-            json!({"type": "SET_LED", "kind": "command", "id": format!("c-{i}"), "data": {"device_id": format!("d{}", i % 13), "state": "on"}})
-                .to_string()
-                .into_bytes()
+            set_led(&format!("c-{i}"), &format!("d{}", i % 13), "on")
         } else {
             measurement(&format!("m-{i}"), i)
         };
@@ -99,7 +85,7 @@ async fn kill_9_three_times_under_load_applies_every_message_exactly_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_workers_on_one_queue_with_a_kill_9_apply_every_message_once() {
     const N: i64 = 3000;
-    let env = TestEnv::new(&topology("quorum", r#""50ms", "100ms""#, 5)).await;
+    let env = TestEnv::new(&topology("quorum", &["50ms", "100ms"], 5)).await;
     let poison = 10;
     let mut poison_bodies = BTreeSet::new();
     for i in 0..N {
@@ -175,12 +161,9 @@ async fn take_parked_until_distinct(env: &TestEnv, expected: usize, timeout: Dur
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cut_broker_connection_is_rebuilt_and_everything_is_processed_once() {
     const N: i64 = 3000;
-    let env = TestEnv::new(&topology("classic", r#""50ms""#, 5)).await;
+    let env = TestEnv::new(&topology("classic", &["50ms"], 5)).await;
     let proxy = Proxy::start(upstream_of(&amqp_url())).await;
-    for i in 0..N {
-        env.publish(&measurement(&format!("m-{i}"), i), BasicProperties::default())
-            .await;
-    }
+    env.publish_measurements(0..N).await;
     let proxied = proxy.url_for(&amqp_url());
     let worker = env.spawn_worker_with(env.settings(&[("AMQP_URL", &proxied)]), None);
     wait_for("progress before the cut", Duration::from_secs(60), || async {
@@ -208,7 +191,7 @@ async fn a_cut_broker_connection_is_rebuilt_and_everything_is_processed_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_database_outage_sends_messages_to_retry_queues_and_loses_none() {
     const N: i64 = 300;
-    let env = TestEnv::new(&topology("classic", r#""100ms", "200ms""#, 100)).await;
+    let env = TestEnv::new(&topology("classic", &["100ms", "200ms"], 100)).await;
     // One message at a time, so the outage finds most of them unprocessed.
     let (proxy, worker) = behind_a_database_proxy(&env, N, "1", 20).await;
     proxy.set_refusing(true);
@@ -235,7 +218,7 @@ async fn a_database_outage_sends_messages_to_retry_queues_and_loses_none() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_database_partition_is_noticed_within_seconds() {
     const N: i64 = 100;
-    let env = TestEnv::new(&topology("classic", r#""1s", "2s""#, 10)).await;
+    let env = TestEnv::new(&topology("classic", &["1s", "2s"], 10)).await;
     let (proxy, worker) = behind_a_database_proxy(&env, N, "4", 10).await;
     // No FIN, no RST: the sockets stay open and nothing answers, so only
     // the worker's own deadlines can notice.
@@ -262,10 +245,7 @@ async fn a_silent_database_partition_is_noticed_within_seconds() {
 /// a proxy the test can cut or stall, once it applied `progress` of them.
 async fn behind_a_database_proxy(env: &TestEnv, n: i64, prefetch: &str, progress: i64) -> (Proxy, RunningWorker) {
     let proxy = Proxy::start(upstream_of(&env.database_url)).await;
-    for i in 0..n {
-        env.publish(&measurement(&format!("m-{i}"), i), BasicProperties::default())
-            .await;
-    }
+    env.publish_measurements(0..n).await;
     let proxied = proxy.url_for(&env.database_url);
     let worker = env.spawn_worker_with(
         env.settings(&[("DATABASE_URL", &proxied), ("RABBITMQ_PREFETCH_COUNT", prefetch)]),
@@ -292,9 +272,8 @@ async fn each_applied_once_none_parked(env: &TestEnv, metrics: &Metrics, n: i64)
 async fn rolling_restarts_do_not_park_a_slow_message_as_a_crash_loop() {
     // delivery_limit 3: without taking back the counts of runs cut off by a
     // shutdown, the third redelivery would park it as crash_loop.
-    let env = TestEnv::new(&topology("classic", r#""50ms""#, 5)).await;
-    let body = json!({"type": "TEST_SLOW", "id": "slow-1", "data": {"seconds": 4}}).to_string();
-    env.publish(body.as_bytes(), BasicProperties::default()).await;
+    let env = TestEnv::new(&topology("classic", &["50ms"], 5)).await;
+    env.publish(&slow("slow-1", 4), BasicProperties::default()).await;
     let settings = env.settings_json();
     for round in 0..4 {
         let mut worker = env.spawn_binary(WORKER, &settings, &[("SHUTDOWN_GRACE_MS", "100")], &format!("r{round}"));
@@ -350,7 +329,7 @@ async fn supervise(env: &TestEnv, max_starts: u32, done: impl AsyncFn() -> bool)
 }
 
 async fn a_message_that_aborts_the_process_is_parked_after_the_limit(queue_type: &str) {
-    let env = TestEnv::new(&topology(queue_type, r#""50ms""#, 5)).await;
+    let env = TestEnv::new(&topology(queue_type, &["50ms"], 5)).await;
     for i in 0..40 {
         env.publish(&measurement(&format!("m-{i}"), i), BasicProperties::default())
             .await;
@@ -390,10 +369,10 @@ async fn crash_loop_on_a_quorum_queue_is_parked_before_the_broker_limit() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn work_still_running_after_the_grace_period_is_rolled_back_and_redelivered() {
-    let env = TestEnv::new(&topology("classic", r#""50ms""#, 5)).await;
+    let env = TestEnv::new(&topology("classic", &["50ms"], 5)).await;
     for i in 0..4 {
-        let body = json!({"type": "TEST_SLOW", "id": format!("slow-{i}"), "data": {"seconds": 3}}).to_string();
-        env.publish(body.as_bytes(), BasicProperties::default()).await;
+        env.publish(&slow(&format!("slow-{i}"), 3), BasicProperties::default())
+            .await;
     }
     let mut worker = env.spawn_binary(WORKER, &env.settings_json(), &[("SHUTDOWN_GRACE_MS", "300")], "slow");
     wait_for("the slow handlers to start", WAIT_START, || async {

@@ -1,14 +1,12 @@
 //! Micro-batching against the real broker and database: several first
 //! deliveries share one transaction, and each still ends as docs/reliability.md, "Outcomes", says.
-#![cfg(feature = "test-handlers")]
-
-mod common;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use common::{FAST_TOPOLOGY, RunningWorker, TestEnv, wait_for};
+use crate::common::messages::{body, flaky, invalid_measurement, measurement, slow};
+use crate::common::{RunningWorker, TestEnv, TopologyFile, wait_for};
 use lapin::BasicProperties;
 use serde_json::json;
 use worker_iot_core::ErrorKind;
@@ -16,23 +14,15 @@ use worker_iot_core::headers::{self, ERROR_KIND};
 
 const WAIT: Duration = Duration::from_secs(60);
 
-fn body(value: serde_json::Value) -> Vec<u8> {
-    value.to_string().into_bytes()
-}
-
-fn measurement(id: &str) -> Vec<u8> {
-    body(json!({"type": "MEASUREMENT", "id": id, "data": {"device_id": "d1", "sensor": "t", "value": 1}}))
-}
-
 /// Starts a worker on a slow message (0.5 s in its transaction), then
 /// publishes `bodies` while it runs: they arrive together and wait (up to
 /// `BATCH_MAX_WAIT_MS`, 1 s) for it, then go as one batch.
 async fn start_behind_a_slow_one(env: &TestEnv, bodies: &[Vec<u8>]) -> RunningWorker {
-    let slow = body(json!({"type": "TEST_SLOW", "id": "slow", "data": {"seconds": 0.5}}));
+    let slow = slow("slow", 0.5);
     env.publish(&slow, BasicProperties::default()).await;
     let received = Arc::new(AtomicUsize::new(0));
     let seen = received.clone();
-    let hook = common::on_received(move |_| {
+    let hook = crate::common::on_received(move |_| {
         seen.fetch_add(1, Ordering::SeqCst);
     });
     let settings = env.settings(&[("BATCH_MAX_SIZE", "50"), ("BATCH_MAX_WAIT_MS", "1000")]);
@@ -65,17 +55,15 @@ async fn transactions(env: &TestEnv, ids: &[&str]) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_with_poison_a_duplicate_and_a_transient_failure_settles_each_message() {
-    let env = TestEnv::new(FAST_TOPOLOGY).await;
+    let env = TestEnv::new(&TopologyFile::fast()).await;
     let mates = [
-        measurement("m-1"),
-        body(
-            json!({"type": "MEASUREMENT", "id": "poison", "data": {"device_id": "d1", "sensor": "t", "value": "hot"}}),
-        ),
-        measurement("m-1"),
-        body(json!({"type": "TEST_FLAKY", "id": "flaky", "data": {"fail_first": 1}})),
-        measurement("m-2"),
+        measurement("m-1", 1),
+        invalid_measurement("poison"),
+        measurement("m-1", 1),
+        flaky("flaky", 1),
+        measurement("m-2", 1),
         b"not json".to_vec(),
-        measurement("m-3"),
+        measurement("m-3", 1),
     ];
     let worker = start_behind_a_slow_one(&env, &mates).await;
     env.wait_for_rows("events", 5, WAIT).await;
@@ -118,11 +106,11 @@ async fn a_batch_with_poison_a_duplicate_and_a_transient_failure_settles_each_me
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_panic_in_a_batch_parks_that_message_and_applies_the_others_once() {
-    let env = TestEnv::new(FAST_TOPOLOGY).await;
+    let env = TestEnv::new(&TopologyFile::fast()).await;
     let mates = [
-        measurement("m-1"),
+        measurement("m-1", 1),
         body(json!({"type": "TEST_PANIC", "id": "boom", "data": {}})),
-        measurement("m-2"),
+        measurement("m-2", 1),
     ];
     let worker = start_behind_a_slow_one(&env, &mates).await;
     env.wait_for_rows("events", 3, WAIT).await;
@@ -145,7 +133,7 @@ async fn a_panic_in_a_batch_parks_that_message_and_applies_the_others_once() {
 /// row, and a newer stored row is left alone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_of_device_events_ends_where_time_order_would() {
-    let env = TestEnv::new(FAST_TOPOLOGY).await;
+    let env = TestEnv::new(&TopologyFile::fast()).await;
     sqlx::query(
         "INSERT INTO devices (device_id, status, ip, last_seen_at)
          VALUES ('d3', 'online', '10.0.0.3', '2026-01-01T00:01:40Z'),

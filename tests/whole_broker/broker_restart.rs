@@ -1,26 +1,15 @@
 //! A broker restart (`rabbitmqctl stop_app` / `start_app`) keeps what is
-//! parked, what waits in a retry queue and what is queued (docs/reliability.md, "Failure modes"). Its
-//! own test binary, so no other test shares the restart.
-#![cfg(feature = "test-handlers")]
-
-mod common;
+//! parked, what waits in a retry queue and what is queued (docs/reliability.md, "Failure modes"). It
+//! runs in the `whole_broker` binary, so no other test shares the restart.
 
 use std::time::Duration;
 
-use common::observe::{rabbitmqctl, rabbitmqctl_available};
-use common::{TestEnv, amqp_url, wait_for};
+use crate::common::messages::{flaky, measurement};
+use crate::common::observe::{rabbitmqctl, rabbitmqctl_available};
+use crate::common::{TestEnv, TopologyFile, amqp_url, wait_for};
 use lapin::BasicProperties;
-use serde_json::json;
 use worker_iot_core::broker::{self, Publisher};
 
-const TOPOLOGY: &str = r#"
-queue_type = "quorum"
-delivery_limit = 5
-[retry]
-delays = ["3s"]
-max_attempts = 5
-in_process_attempts = 1
-"#;
 const WAIT: Duration = Duration::from_secs(60);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -28,23 +17,28 @@ async fn parked_retrying_and_queued_messages_survive_a_broker_restart() {
     if !rabbitmqctl_available("parked_retrying_and_queued_messages_survive_a_broker_restart") {
         return;
     }
+    let _broker = crate::take_broker().await;
     const N: usize = 5;
-    let mut env = TestEnv::new(TOPOLOGY).await;
+    let topology = TopologyFile::classic()
+        .queue_type("quorum")
+        .delivery_limit(5)
+        .delays(&["3s"])
+        .max_attempts(5)
+        .in_process_attempts(1);
+    let mut env = TestEnv::new(&topology).await;
     let retry_queue = format!("{}.retry.3s", env.queue);
     // Producers that leave delivery_mode unset, as pika, amqplib and lapin do.
     let transient = BasicProperties::default;
     for i in 0..N {
         env.publish(format!("not json {i}").as_bytes(), transient()).await;
-        let flaky = json!({"type": "TEST_FLAKY", "id": format!("flaky-{i}"), "data": {"fail_first": 1}});
-        env.publish(flaky.to_string().as_bytes(), transient()).await;
+        env.publish(&flaky(&format!("flaky-{i}"), 1), transient()).await;
     }
     let worker = env.spawn_worker(&[]);
     env.wait_for_queue_len(&env.dlq(), N as u32, WAIT).await;
     env.wait_for_queue_len(&retry_queue, N as u32, WAIT).await;
     worker.stop().await;
     for i in 0..N {
-        let m = json!({"type": "MEASUREMENT", "id": format!("m-{i}"), "data": {"device_id": "d1", "sensor": "t", "value": i}});
-        env.publish(m.to_string().as_bytes(), transient()).await;
+        env.publish(&measurement(&format!("m-{i}"), i), transient()).await;
     }
 
     rabbitmqctl(&["stop_app"]);

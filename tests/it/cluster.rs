@@ -11,15 +11,12 @@
 //! Without the cluster these tests say so and pass, unless
 //! `WIC_CLUSTER_REQUIRED` is set (CI sets it), which makes a missing
 //! cluster a failure. They take the cluster in turn.
-#![cfg(feature = "test-handlers")]
-
-mod common;
 
 use std::time::Duration;
 
-use common::{RunningWorker, TestEnv, wait_for};
+use crate::common::messages::{flaky, invalid_measurement};
+use crate::common::{RunningWorker, TestEnv, TopologyFile, wait_for};
 use lapin::BasicProperties;
-use serde_json::json;
 use tokio::sync::{Mutex, MutexGuard};
 use worker_iot_core::ErrorKind;
 use worker_iot_core::headers::{self, ERROR, ERROR_KIND};
@@ -28,14 +25,14 @@ const WAIT: Duration = Duration::from_secs(120);
 
 /// Quorum queues everywhere; one in-process run, so a transient failure
 /// goes through a retry queue.
-const TOPOLOGY: &str = r#"
-queue_type = "quorum"
-delivery_limit = 5
-[retry]
-delays = ["1s"]
-max_attempts = 4
-in_process_attempts = 1
-"#;
+fn topology() -> TopologyFile {
+    TopologyFile::classic()
+        .queue_type("quorum")
+        .delivery_limit(5)
+        .delays(&["1s"])
+        .max_attempts(4)
+        .in_process_attempts(1)
+}
 
 /// The cluster is shared: one test at a time.
 static CLUSTER: Mutex<()> = Mutex::const_new(());
@@ -159,26 +156,6 @@ async fn worker_on(env: &TestEnv, order: [u8; 3]) -> RunningWorker {
     worker
 }
 
-fn measurement(id: &str, value: u32) -> Vec<u8> {
-    json!({"type": "MEASUREMENT", "id": id, "data": {"device_id": "d1", "sensor": "t", "value": value}})
-        .to_string()
-        .into_bytes()
-}
-
-/// A message that fails transiently once, then applies.
-fn flaky(id: &str) -> Vec<u8> {
-    json!({"type": "TEST_FLAKY", "id": id, "data": {"fail_first": 1}})
-        .to_string()
-        .into_bytes()
-}
-
-/// A message that can never apply: parked as `validation`.
-fn poison(id: &str) -> Vec<u8> {
-    json!({"type": "MEASUREMENT", "id": id, "data": {"device_id": "d1", "sensor": "t", "value": "hot"}})
-        .to_string()
-        .into_bytes()
-}
-
 async fn publish_all(env: &TestEnv, bodies: impl IntoIterator<Item = Vec<u8>>) {
     for body in bodies {
         env.publish(&body, BasicProperties::default()).await;
@@ -205,14 +182,14 @@ async fn stop_workers(workers: [RunningWorker; 2]) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_main_queue_leader_stopped_mid_burst_loses_and_repeats_nothing() {
     let Some(_cluster) = take_cluster().await else { return };
-    let env = TestEnv::undeclared_on(&node_url(3), TOPOLOGY).await;
+    let env = TestEnv::undeclared_on(&node_url(3), &topology()).await;
     // The first worker declares the queues: their leaders are on wic2.
     let second = worker_on(&env, [2, 3, 1]).await;
     let first = worker_on(&env, [1, 2, 3]).await;
     let leader = leader_of(&env.queue).await;
     assert_eq!(leader, 2, "declared from wic2");
 
-    publish_all(&env, (0..3000).map(|i| measurement(&format!("m-{i}"), i))).await;
+    env.publish_measurements(0..3000).await;
     wait_for("a third of the burst applied", WAIT, || async {
         (env.count("measurements").await >= 1000).then_some(())
     })
@@ -222,7 +199,7 @@ async fn the_main_queue_leader_stopped_mid_burst_loses_and_repeats_nothing() {
     assert_ne!(leader_of(&env.queue).await, leader, "a new leader took over");
     start_node(leader).await;
 
-    publish_all(&env, (3000..3100).map(|i| measurement(&format!("m-{i}"), i))).await;
+    env.publish_measurements(3000..3100).await;
     env.wait_for_rows("measurements", 3100, WAIT).await;
     env.wait_for_queue_len(&env.queue, 0, WAIT).await;
     stop_workers([first, second]).await;
@@ -234,11 +211,11 @@ async fn the_main_queue_leader_stopped_mid_burst_loses_and_repeats_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_whose_node_stops_moves_to_another_and_keeps_processing() {
     let Some(_cluster) = take_cluster().await else { return };
-    let env = TestEnv::new_on(&node_url(3), TOPOLOGY).await;
+    let env = TestEnv::new_on(&node_url(3), &topology()).await;
     let first = worker_on(&env, [1, 2, 3]).await;
     let second = worker_on(&env, [2, 3, 1]).await;
 
-    publish_all(&env, (0..2000).map(|i| measurement(&format!("m-{i}"), i))).await;
+    env.publish_measurements(0..2000).await;
     wait_for("some of the burst applied", WAIT, || async {
         (env.count("measurements").await >= 300).then_some(())
     })
@@ -254,7 +231,7 @@ async fn a_worker_whose_node_stops_moves_to_another_and_keeps_processing() {
 
     // Still down: the burst completes and new messages are applied.
     env.wait_for_rows("measurements", 2000, WAIT).await;
-    publish_all(&env, (2000..2200).map(|i| measurement(&format!("m-{i}"), i))).await;
+    env.publish_measurements(2000..2200).await;
     env.wait_for_rows("measurements", 2200, WAIT).await;
     assert!(!is_running(1).await, "wic1 was down throughout");
     start_node(1).await;
@@ -268,7 +245,7 @@ async fn a_worker_whose_node_stops_moves_to_another_and_keeps_processing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retries_and_parking_survive_the_loss_of_their_leaders_node() {
     let Some(_cluster) = take_cluster().await else { return };
-    let env = TestEnv::undeclared_on(&node_url(3), TOPOLOGY).await;
+    let env = TestEnv::undeclared_on(&node_url(3), &topology()).await;
     // Declared from wic1: the retry queue and the DLQ are led from there.
     let first = worker_on(&env, [1, 2, 3]).await;
     let second = worker_on(&env, [2, 3, 1]).await;
@@ -276,7 +253,9 @@ async fn retries_and_parking_survive_the_loss_of_their_leaders_node() {
     let leader = leader_of(&retry_queue).await;
     assert_eq!(leader_of(&env.dlq()).await, leader);
 
-    let half = |from: u32| (from..from + 50).flat_map(|i| [flaky(&format!("f-{i}")), poison(&format!("p-{i}"))]);
+    let half = |from: u32| {
+        (from..from + 50).flat_map(|i| [flaky(&format!("f-{i}"), 1), invalid_measurement(&format!("p-{i}"))])
+    };
     publish_all(&env, half(0)).await;
     // Some retries are waiting in the retry queue when its leader goes.
     wait_for("retries waiting", WAIT, || async {
@@ -311,13 +290,13 @@ async fn retries_and_parking_survive_the_loss_of_their_leaders_node() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wiped_node_that_rejoins_loses_nothing_parked() {
     let Some(_cluster) = take_cluster().await else { return };
-    let env = TestEnv::undeclared_on(&node_url(3), TOPOLOGY).await;
+    let env = TestEnv::undeclared_on(&node_url(3), &topology()).await;
     let first = worker_on(&env, [1, 2, 3]).await;
     let second = worker_on(&env, [2, 3, 1]).await;
     let wiped = leader_of(&env.dlq()).await;
     assert_eq!(wiped, 1, "declared from wic1");
 
-    publish_all(&env, (0..100).map(|i| poison(&format!("p-{i}")))).await;
+    publish_all(&env, (0..100).map(|i| invalid_measurement(&format!("p-{i}")))).await;
     env.wait_for_queue_len(&env.dlq(), 100, WAIT).await;
 
     // The DLQ leader's node loses its data: stopped, forgotten by the
@@ -341,9 +320,9 @@ async fn a_wiped_node_that_rejoins_loses_nothing_parked() {
     assert!(members_of(&env.dlq()).await.contains(&node_name(wiped)));
 
     // Parked messages keep arriving through the outage's aftermath.
-    publish_all(&env, (100..120).map(|i| poison(&format!("p-{i}")))).await;
+    publish_all(&env, (100..120).map(|i| invalid_measurement(&format!("p-{i}")))).await;
     env.wait_for_queue_len(&env.dlq(), 120, WAIT).await;
-    publish_all(&env, (0..50).map(|i| measurement(&format!("m-{i}"), i))).await;
+    env.publish_measurements(0..50).await;
     env.wait_for_rows("measurements", 50, WAIT).await;
     stop_workers([first, second]).await;
     assert_eq!(

@@ -6,18 +6,17 @@
 //! valid message is applied exactly once, none of them is parked, and
 //! every bad one is parked (docs/reliability.md, "Outcomes" and "Failure modes").
 //!
-//! It restarts the broker, so it runs alone, under the exclusive lock:
+//! It restarts the broker, so it runs alone (in the `whole_broker`
+//! binary, one test at a time), under the exclusive lock:
 //!
 //! ```sh
 //! WIC_SOAK_MESSAGES=20000 flock -x /tmp/wic-broker.lock \
-//!     cargo test --all-features --test soak -- --ignored --nocapture
+//!     cargo test --all-features --test whole_broker soak -- --ignored --nocapture
 //! ```
 //!
 //! `WIC_SOAK_MESSAGES` (default 100000) sizes it, `WIC_SOAK_RATE` is the
 //! publish rate in messages per second (default 500), `WIC_SOAK_SEED`
 //! replays a message mix (the seed is printed).
-
-mod common;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
@@ -26,9 +25,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use common::observe::rabbitmqctl;
-use common::proxy::{Proxy, upstream_of};
-use common::{Device, TestEnv, WorkerProcess, wait_for};
+use crate::common::messages::{body, measurement_of, set_led};
+use crate::common::observe::rabbitmqctl;
+use crate::common::proxy::{Proxy, upstream_of};
+use crate::common::{Device, TestEnv, TopologyFile, WorkerProcess, wait_for};
 use lapin::types::ShortString;
 use lapin::{BasicProperties, Connection};
 use rand::rngs::StdRng;
@@ -42,26 +42,27 @@ const WORKER: &str = env!("CARGO_BIN_EXE_worker-iot-core");
 const WORKERS: usize = 2;
 /// Broker restarts the soak makes at least, spread over the publishing.
 const RESTARTS: u32 = 3;
+const TICK: Duration = Duration::from_millis(20);
+
 /// The retry budget (200 ms + 1 s + 1 s + 1 s between five deliveries) is
 /// longer than any database outage the soak makes, so no valid message
 /// may run out of attempts because of one.
-const TOPOLOGY: &str = r#"
-queue_type = "classic"
-delivery_limit = 5
-[retry]
-delays = ["200ms", "1s"]
-max_attempts = 5
-"#;
-const TICK: Duration = Duration::from_millis(20);
+fn topology() -> TopologyFile {
+    TopologyFile::classic()
+        .delivery_limit(5)
+        .delays(&["200ms", "1s"])
+        .max_attempts(5)
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 #[ignore = "chaos soak: restarts the broker; run alone under flock -x /tmp/wic-broker.lock"]
 async fn chaos_soak_loses_nothing_applies_once_and_parks_every_bad_message() {
+    let _broker = crate::take_broker().await;
     let n: usize = setting("WIC_SOAK_MESSAGES", 100_000);
     let rate: usize = setting("WIC_SOAK_RATE", 500);
     let seed: u64 = setting("WIC_SOAK_SEED", rand::random());
     println!("soak: {n} messages at {rate}/s, seed {seed}");
-    let mut env = TestEnv::new(TOPOLOGY).await;
+    let mut env = TestEnv::new(&topology()).await;
     let device = Device::bind(&env).await;
     let ledger = Arc::new(ledger(n, seed, &device.id));
     let mut broker = BrokerApp::default();
@@ -171,23 +172,15 @@ fn ledger(n: usize, seed: u64, device: &str) -> Vec<Entry> {
 
 fn body_of(kind: Kind, id: &str, i: usize, device: &str) -> Vec<u8> {
     let sensor = format!("soak-d{}", i % 20);
-    let value = match kind {
-        Kind::Measurement => {
-            json!({"type": "MEASUREMENT", "id": id, "data": {"device_id": sensor, "sensor": "t", "value": i}})
-        }
-        Kind::DeviceUp => json!({"type": "DEVICE_UP", "id": id, "data": {"device_id": sensor, "ip": "10.0.0.7"}}),
-        Kind::DeviceDown => json!({"type": "DEVICE_DOWN", "id": id, "data": {"device_id": sensor}}),
-        Kind::SetLed => {
-            let state = if i.is_multiple_of(2) { "on" } else { "off" };
-            json!({"type": "SET_LED", "kind": "command", "id": id, "data": {"device_id": device, "state": state}})
-        }
-        Kind::BadData => {
-            json!({"type": "MEASUREMENT", "id": id, "data": {"device_id": sensor, "sensor": "t", "value": "x"}})
-        }
-        Kind::UnknownType => json!({"type": "SOAK_NO_SUCH_TYPE", "id": id, "data": {}}),
-        Kind::BadJson => return format!("{{\"type\": \"MEASUREMENT\", \"id\": \"{id}\", oops").into_bytes(),
-    };
-    value.to_string().into_bytes()
+    match kind {
+        Kind::Measurement => measurement_of(&sensor, id, i),
+        Kind::DeviceUp => body(json!({"type": "DEVICE_UP", "id": id, "data": {"device_id": sensor, "ip": "10.0.0.7"}})),
+        Kind::DeviceDown => body(json!({"type": "DEVICE_DOWN", "id": id, "data": {"device_id": sensor}})),
+        Kind::SetLed => set_led(id, device, if i.is_multiple_of(2) { "on" } else { "off" }),
+        Kind::BadData => measurement_of(&sensor, id, "x"),
+        Kind::UnknownType => body(json!({"type": "SOAK_NO_SUCH_TYPE", "id": id, "data": {}})),
+        Kind::BadJson => format!("{{\"type\": \"MEASUREMENT\", \"id\": \"{id}\", oops").into_bytes(),
+    }
 }
 
 // ------------------------------------------------------------- publisher

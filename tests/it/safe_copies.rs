@@ -3,12 +3,10 @@
 //! is the first receipt on every attempt, and a long AMQP `message_id` is
 //! used whole (docs/reliability.md, "The message id").
 
-mod common;
-
 use std::time::Duration;
 
-use common::observe::{rabbitmqctl, rabbitmqctl_available};
-use common::{FAST_TOPOLOGY, TestEnv, amqp_url};
+use crate::common::observe::{rabbitmqctl, rabbitmqctl_available};
+use crate::common::{TestEnv, TopologyFile, amqp_url};
 use lapin::BasicProperties;
 use lapin::message::Delivery;
 use serde_json::json;
@@ -20,7 +18,7 @@ const REQUEUE: &str = env!("CARGO_BIN_EXE_requeue");
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_parked_copy_is_persistent_and_never_expires() {
-    let env = TestEnv::new(FAST_TOPOLOGY).await;
+    let env = TestEnv::new(&TopologyFile::fast()).await;
     // What pika, amqplib and lapin send by default: no delivery_mode.
     let transient = BasicProperties::default()
         .with_message_id("not-json-1".into())
@@ -43,7 +41,7 @@ async fn a_parked_copy_is_persistent_and_never_expires() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn producer_headers_near_the_frame_size_are_cut_not_looped_on() {
-    let env = TestEnv::new(FAST_TOPOLOGY).await;
+    let env = TestEnv::new(&TopologyFile::fast()).await;
     // Fits the negotiated 128 KiB frame as sent, but not with the iot-*
     // headers added.
     let mut table = lapin::types::FieldTable::default();
@@ -102,7 +100,7 @@ async fn a_user_id_of_another_user_is_removed_not_looped_on() {
     if !rabbitmqctl_available("a_user_id_of_another_user_is_removed_not_looped_on") {
         return;
     }
-    let env = TestEnv::new(FAST_TOPOLOGY).await;
+    let env = TestEnv::new(&TopologyFile::fast()).await;
     let user = OtherUser::create(&env);
     let connection = broker::connect(&user.url(), "other-user")
         .await
@@ -162,7 +160,7 @@ async fn peek_parked(env: &TestEnv) -> Delivery {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn long_amqp_message_ids_are_used_whole() {
-    let env = TestEnv::new(FAST_TOPOLOGY).await;
+    let env = TestEnv::new(&TopologyFile::fast()).await;
     let body = json!({"type": "DEVICE_UP", "data": {"device_id": "d1"}}).to_string();
     for tail in ['a', 'b'] {
         let id = format!("{}{tail}", "x".repeat(199));
@@ -196,15 +194,16 @@ async fn long_amqp_message_ids_are_used_whole() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_missing_time_is_the_first_receipt_on_every_attempt() {
     use std::sync::{Arc, Mutex};
+
+    use crate::common::messages::flaky;
     use worker_iot_core::headers::FIRST_RECEIVED_AT;
 
-    let env = TestEnv::new(FAST_TOPOLOGY).await;
+    let env = TestEnv::new(&TopologyFile::fast()).await;
     // Fails twice in process on its first delivery, once more on the retry.
-    let body = json!({"type": "TEST_FLAKY", "id": "no-time", "data": {"fail_first": 4}}).to_string();
-    env.publish(body.as_bytes(), BasicProperties::default()).await;
+    env.publish(&flaky("no-time", 4), BasicProperties::default()).await;
     let retried: Arc<Mutex<Vec<BasicProperties>>> = Arc::default();
     let seen = retried.clone();
-    let observer = common::on_received(move |delivery: &Delivery| {
+    let observer = crate::common::on_received(move |delivery: &Delivery| {
         seen.lock().unwrap().push(delivery.properties.clone());
     });
     let worker = env.spawn_worker_with(env.settings(&[]), Some(observer));

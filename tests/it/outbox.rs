@@ -2,30 +2,15 @@
 //! device queue bound to `amq.topic`, through crashes in both windows of
 //! the relay, a cut broker, and two workers relaying one outbox.
 
-mod common;
-
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use common::proxy::{Proxy, upstream_of};
-use common::{Device, OUTBOX_TOPOLOGY, TestEnv, amqp_url, wait_for};
+use crate::common::messages::{message_id, set_led, set_period};
+use crate::common::proxy::{Proxy, upstream_of};
+use crate::common::{Device, TestEnv, TopologyFile, amqp_url, wait_for};
 use lapin::BasicProperties;
-use lapin::message::BasicGetMessage;
-use serde_json::json;
 
 const WORKER: &str = env!("CARGO_BIN_EXE_worker-iot-core");
-
-fn set_led(id: &str, device: &str, state: &str) -> Vec<u8> {
-    json!({"type": "SET_LED", "kind": "command", "id": id, "data": {"device_id": device, "state": state}})
-        .to_string()
-        .into_bytes()
-}
-
-fn set_period(id: &str, device: &str, period_ms: u32) -> Vec<u8> {
-    json!({"type": "SET_PUBLISH_PERIOD", "kind": "command", "id": id, "data": {"device_id": device, "period_ms": period_ms}})
-        .to_string()
-        .into_bytes()
-}
 
 /// Rows of the outbox in each state.
 async fn outbox_rows(env: &TestEnv, condition: &'static str) -> i64 {
@@ -43,14 +28,9 @@ async fn wait_all_published(env: &TestEnv, expected: i64, timeout: Duration) {
     .await;
 }
 
-fn message_id(message: &BasicGetMessage) -> String {
-    let id = message.delivery.properties.message_id().as_ref();
-    id.expect("device message has a message_id").to_string()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn commands_produce_exactly_their_device_messages() {
-    let env = TestEnv::new(OUTBOX_TOPOLOGY).await;
+    let env = TestEnv::new(&TopologyFile::outbox()).await;
     let device = Device::bind(&env).await;
     // Retention: a row published 8 days ago goes at start-up, one published
     // yesterday stays (default OUTBOX_RETENTION_DAYS = 7).
@@ -186,7 +166,7 @@ async fn publish_commands(env: &TestEnv, device: &Device, n: usize) -> BTreeSet<
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_between_commit_and_publish_loses_no_device_message() {
     const N: usize = 60;
-    let env = TestEnv::new(OUTBOX_TOPOLOGY).await;
+    let env = TestEnv::new(&TopologyFile::outbox()).await;
     let device = Device::bind(&env).await;
     let settings = env.settings_json();
     // With the relay off, every command commits and its device message
@@ -221,7 +201,7 @@ async fn kill_9_between_commit_and_publish_loses_no_device_message() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crash_between_publish_and_marking_duplicates_but_loses_nothing() {
     const N: usize = 60;
-    let env = TestEnv::new(OUTBOX_TOPOLOGY).await;
+    let env = TestEnv::new(&TopologyFile::outbox()).await;
     let device = Device::bind(&env).await;
     let settings = env.settings_json();
     // The test hook aborts the process after the broker confirmed a batch
@@ -269,7 +249,7 @@ async fn a_crash_between_publish_and_marking_duplicates_but_loses_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rows_pending_while_the_broker_is_cut_are_delivered_when_it_returns() {
     const N: usize = 40;
-    let env = TestEnv::new(OUTBOX_TOPOLOGY).await;
+    let env = TestEnv::new(&TopologyFile::outbox()).await;
     let device = Device::bind(&env).await;
     let proxy = Proxy::start(upstream_of(&amqp_url())).await;
     let worker = env.spawn_worker_with(env.settings(&[("AMQP_URL", &proxy.url_for(&amqp_url()))]), None);
@@ -308,7 +288,7 @@ async fn rows_pending_while_the_broker_is_cut_are_delivered_when_it_returns() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_relay_rides_out_a_database_outage() {
     const N: usize = 30;
-    let env = TestEnv::new(OUTBOX_TOPOLOGY).await;
+    let env = TestEnv::new(&TopologyFile::outbox()).await;
     let device = Device::bind(&env).await;
     let proxy = Proxy::start(upstream_of(&env.database_url)).await;
     let worker = env.spawn_worker_with(
@@ -344,7 +324,7 @@ async fn the_relay_rides_out_a_database_outage() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_workers_relay_one_outbox_without_publishing_a_row_twice() {
     const N: usize = 400;
-    let env = TestEnv::new(OUTBOX_TOPOLOGY).await;
+    let env = TestEnv::new(&TopologyFile::outbox()).await;
     let device = Device::bind(&env).await;
     let settings = env.settings_json();
     let mut first = env.spawn_binary(WORKER, &settings, &[], "first");

@@ -2,12 +2,11 @@
 //! grouping, dry run, filtered and limited drains that keep the rest in
 //! order, replay after a fix, SIGKILL mid-drain, and the rate limiter.
 
-mod common;
-
 use std::process::Output;
 use std::time::{Duration, Instant};
 
-use common::{FAST_TOPOLOGY, TestEnv, amqp_url, wait_for};
+use crate::common::messages::{body, measurement, measurement_of, message_id, with_id};
+use crate::common::{TestEnv, TopologyFile, amqp_url, wait_for};
 use lapin::BasicProperties;
 use lapin::message::Delivery;
 use serde_json::{Value, json};
@@ -59,7 +58,7 @@ async fn park(env: &TestEnv, body: &[u8], message_id: &str, kind: ErrorKind, err
         routing_key: &env.queue,
         failed_by: "test/0",
     };
-    let properties = headers::with_failure(&BasicProperties::default().with_message_id(message_id.into()), &record);
+    let properties = headers::with_failure(&with_id(message_id), &record);
     env.publish_to(&env.dlq(), body, properties).await;
 }
 
@@ -69,12 +68,6 @@ async fn park_measurements(env: &TestEnv, n: i64) {
         let id = format!("m-{i}");
         park(env, &measurement(&id, i), &id, ErrorKind::Transient, "db down").await;
     }
-}
-
-fn measurement(id: &str, value: i64) -> Vec<u8> {
-    json!({"type": "MEASUREMENT", "id": id, "data": {"device_id": "d1", "sensor": "t", "value": value}})
-        .to_string()
-        .into_bytes()
 }
 
 /// Bodies and headers of the DLQ, in order, without consuming it.
@@ -89,14 +82,14 @@ async fn contents(env: &TestEnv, queue: &str) -> Vec<(Vec<u8>, String)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn list_groups_300_parked_messages_from_three_failures() {
-    let env = TestEnv::new(FAST_TOPOLOGY).await;
+    let env = TestEnv::new(&TopologyFile::fast()).await;
     for i in 0..300 {
-        let body = match i % 3 {
-            0 => format!("{{broken json {i}"),
-            1 => json!({"type": "TELEPORT", "id": format!("t-{i}"), "data": {}}).to_string(),
-            _ => json!({"type": "MEASUREMENT", "id": format!("m-{i}"), "data": {"device_id": format!("bad id {i}"), "sensor": "t", "value": 1}}).to_string(),
+        let message = match i % 3 {
+            0 => format!("{{broken json {i}").into_bytes(),
+            1 => body(json!({"type": "TELEPORT", "id": format!("t-{i}"), "data": {}})),
+            _ => measurement_of(&format!("bad id {i}"), &format!("m-{i}"), 1),
         };
-        env.publish(body.as_bytes(), BasicProperties::default()).await;
+        env.publish(&message, BasicProperties::default()).await;
     }
     let worker = env.spawn_worker(&[]);
     env.wait_for_queue_len(&env.dlq(), 300, WAIT).await;
@@ -140,7 +133,7 @@ async fn list_groups_300_parked_messages_from_three_failures() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dry_run_moves_nothing() {
-    let env = TestEnv::new(FAST_TOPOLOGY).await;
+    let env = TestEnv::new(&TopologyFile::fast()).await;
     park_measurements(&env, 50).await;
     let before = contents(&env, &env.dlq()).await;
     let lines = json_lines(&run_requeue(&env, &["--dry-run", "--json", "--limit", "30"]));
@@ -157,7 +150,7 @@ async fn dry_run_moves_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fingerprint_and_limit_move_exactly_those_and_keep_the_rest_in_order() {
-    let env = TestEnv::new(FAST_TOPOLOGY).await;
+    let env = TestEnv::new(&TopologyFile::fast()).await;
     for i in 0..150 {
         let (kind, error) = if i % 2 == 0 {
             (ErrorKind::Transient, format!("pool timed out after {i} ms"))
@@ -184,10 +177,7 @@ async fn a_fingerprint_and_limit_move_exactly_those_and_keep_the_rest_in_order()
 
     let moved = env.drain(&env.queue).await;
     assert_eq!(moved.len(), 40);
-    let moved_ids: Vec<String> = moved
-        .iter()
-        .map(|m| m.delivery.properties.message_id().as_ref().unwrap().to_string())
-        .collect();
+    let moved_ids: Vec<String> = moved.iter().map(message_id).collect();
     let expected_ids: Vec<String> = (0..80).step_by(2).map(|i| format!("m-{i}")).collect();
     assert_eq!(moved_ids, expected_ids, "the first 40 of the group, in order");
     for m in &moved {
@@ -210,7 +200,7 @@ async fn a_fingerprint_and_limit_move_exactly_those_and_keep_the_rest_in_order()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_the_fix_a_full_drain_applies_every_message_exactly_once() {
-    let env = TestEnv::new(FAST_TOPOLOGY).await;
+    let env = TestEnv::new(&TopologyFile::fast()).await;
     // The "bug": a constraint that rejects readings of 1000 and more.
     sqlx::query("ALTER TABLE measurements ADD CONSTRAINT buggy CHECK (value < 1000)")
         .execute(&env.pool)
@@ -265,7 +255,7 @@ async fn after_the_fix_a_full_drain_applies_every_message_exactly_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_mid_drain_loses_no_message() {
-    let env = TestEnv::new(FAST_TOPOLOGY).await;
+    let env = TestEnv::new(&TopologyFile::fast()).await;
     park_measurements(&env, 2000).await;
     let mut child = tokio::process::Command::from(requeue_command(&env, &["--rate", "1000"]))
         .stdout(std::process::Stdio::null())
@@ -319,7 +309,7 @@ async fn kill_9_mid_drain_loses_no_message() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rate_200_on_400_messages_takes_about_two_seconds() {
-    let env = TestEnv::new(FAST_TOPOLOGY).await;
+    let env = TestEnv::new(&TopologyFile::fast()).await;
     park_measurements(&env, 400).await;
     let started = Instant::now();
     run_requeue(&env, &["--rate", "200"]);
@@ -335,7 +325,7 @@ async fn rate_200_on_400_messages_takes_about_two_seconds() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_flags_and_missing_queues_fail_with_a_clear_message() {
-    let env = TestEnv::new(FAST_TOPOLOGY).await;
+    let env = TestEnv::new(&TopologyFile::fast()).await;
     let out = requeue_command(&env, &["--rate", "0"]).output().unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("not a rate"));
@@ -399,7 +389,7 @@ fn listed(env: &TestEnv, args: &[&str]) -> Vec<(u64, String)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn list_honours_the_filters() {
-    let env = TestEnv::new(FAST_TOPOLOGY).await;
+    let env = TestEnv::new(&TopologyFile::fast()).await;
     park_two_groups(&env).await;
     let validation = vec![(4, "validation".to_owned())];
     let transient = vec![(6, "transient".to_owned())];
@@ -447,7 +437,7 @@ async fn requeue_on_a_terminal(env: &TestEnv, args: &[&str], input: &str) -> (Op
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bare_drain_on_a_terminal_asks_first() {
-    let env = TestEnv::new(FAST_TOPOLOGY).await;
+    let env = TestEnv::new(&TopologyFile::fast()).await;
     park_measurements(&env, 5).await;
     let dlq = env.dlq();
     let question = format!("move all 5 messages from {dlq} to {}? [y/N]", env.queue);
@@ -475,7 +465,7 @@ async fn a_bare_drain_on_a_terminal_asks_first() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn yes_skips_the_question_and_ctrl_c_exits_130_losing_nothing() {
     const N: u32 = 100;
-    let env = TestEnv::new(FAST_TOPOLOGY).await;
+    let env = TestEnv::new(&TopologyFile::fast()).await;
     park_measurements(&env, i64::from(N)).await;
     let (status, screen) = requeue_on_a_terminal(&env, &["--yes", "--limit", "1"], "").await;
     assert_eq!(status, Some(0), "{screen}");

@@ -1,13 +1,11 @@
 //! End-to-end processing against the real RabbitMQ and PostgreSQL: the
 //! worker runs in-process on its own queues and database.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use crate::common::{TestEnv, TopologyFile};
 use chrono::{DateTime, Duration as Span, TimeZone, Utc};
-use common::{FAST_TOPOLOGY, TestEnv};
 use lapin::BasicProperties;
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
@@ -39,7 +37,7 @@ struct Expected {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_realistic_mix_of_1000_messages_ends_with_exactly_the_expected_rows() {
-    let env = TestEnv::new(FAST_TOPOLOGY).await;
+    let env = TestEnv::new(&TopologyFile::fast()).await;
     let base = Utc.with_ymd_and_hms(2026, 3, 1, 0, 0, 0).unwrap();
     let mut expected = Expected::default();
     let mut bodies: Vec<Vec<u8>> = Vec::new();
@@ -268,7 +266,7 @@ fn update_device(expected: &mut Expected, device: &str, time: DateTime<Utc>, sta
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_same_message_twice_is_applied_once_with_and_without_an_id() {
-    let env = TestEnv::new(FAST_TOPOLOGY).await;
+    let env = TestEnv::new(&TopologyFile::fast()).await;
     let time = Utc::now();
     let with_id = body(
         "MEASUREMENT",
@@ -320,7 +318,7 @@ async fn the_same_message_twice_is_applied_once_with_and_without_an_id() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_older_device_event_never_overwrites_a_newer_one() {
-    let env = TestEnv::new(FAST_TOPOLOGY).await;
+    let env = TestEnv::new(&TopologyFile::fast()).await;
     let t0 = Utc.with_ymd_and_hms(2026, 1, 1, 12, 0, 0).unwrap();
     // Newest first: DOWN at t0+10, then UP at t0 (older), then UP at t0+5 (older).
     for (message_type, id, offset, data) in [

@@ -6,12 +6,10 @@
 //! for a bad setting of a binary that uses it (and none for one it does
 //! not), 1 for a runtime error, 130 on Ctrl-C.
 
-mod common;
-
 use std::process::Output;
 use std::time::Duration;
 
-use common::{FAST_TOPOLOGY, TestEnv, wait_for};
+use crate::common::{TestEnv, TopologyFile, wait_for};
 use tokio::net::TcpListener;
 
 const BINARIES: [&str; 5] = [WORKER, CREATE_DB, DELETE_DB, REQUEUE, PUBLISH];
@@ -72,11 +70,11 @@ async fn tables(env: &TestEnv) -> i64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn help_and_version_do_nothing_else() {
-    let env = TestEnv::new(FAST_TOPOLOGY).await;
+    let env = TestEnv::new(&TopologyFile::fast()).await;
     // A database that must not appear: create_db and the worker would
     // create it if --help ran them.
     let absent = format!("{}_absent", env.database);
-    let url = common::with_database(&env.database_url, &absent);
+    let url = crate::common::with_database(&env.database_url, &absent);
     let before = tables(&env).await;
     for bin in BINARIES {
         for flag in ["--help", "--version"] {
@@ -105,9 +103,9 @@ async fn help_and_version_do_nothing_else() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn check_config_validates_without_touching_broker_or_database() {
-    let env = TestEnv::undeclared(FAST_TOPOLOGY).await;
+    let env = TestEnv::undeclared(&TopologyFile::fast()).await;
     let absent = format!("{}_absent", env.database);
-    let url = common::with_database(&env.database_url, &absent).replace("postgres@", "postgres:pw@");
+    let url = crate::common::with_database(&env.database_url, &absent).replace("postgres@", "postgres:pw@");
     // Nothing listens on port 1: a worker that connected would fail.
     let unreachable = [
         ("AMQP_URL", "amqp://guest:s3cret@127.0.0.1:1/%2f"),
@@ -140,7 +138,7 @@ async fn check_config_validates_without_touching_broker_or_database() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn delete_db_names_what_it_drops_and_wants_yes() {
-    let env = TestEnv::new(FAST_TOPOLOGY).await;
+    let env = TestEnv::new(&TopologyFile::fast()).await;
     let before = tables(&env).await;
     assert!(before >= 7, "migrated: {before} tables");
     let target = format!("database '{}' on 127.0.0.1:5432", env.database);
@@ -166,7 +164,7 @@ fn assert_no_password(what: &str, out: &Output) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bad_url_exits_2_from_every_binary_that_uses_it_without_showing_the_password() {
-    let env = TestEnv::new(FAST_TOPOLOGY).await;
+    let env = TestEnv::new(&TopologyFile::fast()).await;
     let bad_amqp = format!("amqp://iot:{PASSWORD}@127.0.0.1:notaport/%2f");
     let bad_database = format!("postgres://postgres:{PASSWORD}@127.0.0.1:notaport/x");
     for (bin, args, uses_amqp, uses_database) in JOBS {
@@ -208,7 +206,7 @@ async fn a_bad_url_exits_2_from_every_binary_that_uses_it_without_showing_the_pa
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreachable_server_exits_1_from_every_binary_without_showing_the_password() {
-    let env = TestEnv::new(FAST_TOPOLOGY).await;
+    let env = TestEnv::new(&TopologyFile::fast()).await;
     // Nothing listens on port 1.
     let amqp = format!("amqp://iot:{PASSWORD}@127.0.0.1:1/%2f");
     let database = format!("postgres://postgres:{PASSWORD}@127.0.0.1:1/x");
@@ -234,7 +232,7 @@ async fn an_unreachable_server_exits_1_from_every_binary_without_showing_the_pas
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_worker_retrying_an_unreachable_broker_shows_no_password() {
-    let env = TestEnv::new(FAST_TOPOLOGY).await;
+    let env = TestEnv::new(&TopologyFile::fast()).await;
     let amqp = format!("amqp://iot:{PASSWORD}@127.0.0.1:1/%2f");
     // A password PostgreSQL's trust authentication ignores: the worker gets
     // as far as the broker, which it retries, logging every failure.
@@ -263,7 +261,7 @@ async fn the_worker_retrying_an_unreachable_broker_shows_no_password() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn check_config_refuses_a_bad_port_rust_log_or_worker_setting() {
-    let env = TestEnv::undeclared(FAST_TOPOLOGY).await;
+    let env = TestEnv::undeclared(&TopologyFile::fast()).await;
     let out = run(
         &env,
         WORKER,
@@ -304,7 +302,7 @@ async fn check_config_refuses_a_bad_port_rust_log_or_worker_setting() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn check_config_says_where_each_value_came_from() {
-    let env = TestEnv::undeclared(FAST_TOPOLOGY).await;
+    let env = TestEnv::undeclared(&TopologyFile::fast()).await;
     let settings = env.dir.join("check-config.json");
     let file = serde_json::json!({"SHUTDOWN_GRACE_MS": 5000, "RUST_LOG": "debug", "NO_SUCH_KEY": 1});
     std::fs::write(&settings, file.to_string()).unwrap();
@@ -364,7 +362,7 @@ async fn check_config_says_where_each_value_came_from() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_only_setting_does_not_stop_publish_or_requeue() {
-    let env = TestEnv::new(FAST_TOPOLOGY).await;
+    let env = TestEnv::new(&TopologyFile::fast()).await;
     let worker_only = [("BATCH_MAX_SIZE", "abc"), ("RUST_LOG", "x=loud")];
     let out = run(&env, PUBLISH, &["--json", "sample", "--count", "2"], &worker_only);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
@@ -387,7 +385,7 @@ async fn a_worker_only_setting_does_not_stop_publish_or_requeue() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn usage_errors_exit_2() {
-    let env = TestEnv::new(FAST_TOPOLOGY).await;
+    let env = TestEnv::new(&TopologyFile::fast()).await;
     for (bin, args) in [
         (PUBLISH, &[][..]),
         (PUBLISH, &["event", "X", "--data", "{"]),
@@ -442,7 +440,7 @@ async fn interrupt_while_connecting(env: &TestEnv, bin: &str, args: &[&str], key
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ctrl_c_exits_130() {
-    let env = TestEnv::new(FAST_TOPOLOGY).await;
+    let env = TestEnv::new(&TopologyFile::fast()).await;
     let amqp = format!("amqp://iot:{PASSWORD}@127.0.0.1:PORT/%2f");
     let out = interrupt_while_connecting(&env, PUBLISH, &["raw", "x"], "AMQP_URL", &amqp).await;
     assert_eq!(out.status.code(), Some(130), "{}", text(&out.stderr));

@@ -2,11 +2,10 @@
 //! environment, topology declared for both queue types, clear refusals,
 //! and a graceful SIGTERM that loses nothing.
 
-mod common;
-
 use std::time::Duration;
 
-use common::{FAST_TOPOLOGY, TestEnv, wait_for};
+use crate::common::messages::measurement;
+use crate::common::{TestEnv, TopologyFile, wait_for};
 use lapin::BasicProperties;
 use lapin::options::QueueDeclareOptions;
 use lapin::types::{AMQPValue, FieldTable, LongString};
@@ -39,7 +38,7 @@ async fn declared_with(env: &TestEnv, queue: &str, args: FieldTable) -> Result<(
     result
 }
 
-async fn wait_consuming(env: &TestEnv, worker: &mut common::WorkerProcess) {
+async fn wait_consuming(env: &TestEnv, worker: &mut crate::common::WorkerProcess) {
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     while env.consumers(&env.queue).await.unwrap_or(0) == 0 {
         if let Ok(Some(status)) = worker.child.try_wait() {
@@ -54,8 +53,7 @@ async fn wait_consuming(env: &TestEnv, worker: &mut common::WorkerProcess) {
 }
 
 async fn declares_the_whole_topology(queue_type: &str) {
-    let topology = FAST_TOPOLOGY.replace("queue_type = \"classic\"", &format!("queue_type = \"{queue_type}\""));
-    let env = TestEnv::undeclared(&topology).await;
+    let env = TestEnv::undeclared(&TopologyFile::fast().queue_type(queue_type)).await;
     let mut worker = env.spawn_binary(WORKER, &env.settings_json(), &[("RUST_LOG", "info")], "start");
     wait_consuming(&env, &mut worker).await;
 
@@ -136,7 +134,7 @@ async fn declares_the_whole_topology(queue_type: &str) {
         "configuration printed: {out}"
     );
     assert!(out.contains(":****@"), "AMQP password masked: {out}");
-    let password = common::amqp_url()
+    let password = crate::common::amqp_url()
         .split(':')
         .nth(2)
         .and_then(|p| p.split('@').next())
@@ -161,7 +159,7 @@ async fn the_binary_declares_every_queue_for_a_quorum_main_queue() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_conflicting_existing_queue_stops_start_up_with_a_clear_error() {
-    let env = TestEnv::undeclared(FAST_TOPOLOGY).await;
+    let env = TestEnv::undeclared(&TopologyFile::fast()).await;
     // Someone declared Q before, without the dead-letter arguments.
     declared_with(&env, &env.queue, FieldTable::default()).await.unwrap();
     let mut worker = env.spawn_binary(WORKER, &env.settings_json(), &[], "conflict");
@@ -181,8 +179,7 @@ async fn a_conflicting_existing_queue_stops_start_up_with_a_clear_error() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_classic_dlq_under_a_quorum_topology_is_refused_and_migrates_without_loss() {
     const PARKED: u32 = 7;
-    let quorum = FAST_TOPOLOGY.replace("queue_type = \"classic\"", "queue_type = \"quorum\"");
-    let env = TestEnv::undeclared(&quorum).await;
+    let env = TestEnv::undeclared(&TopologyFile::fast().queue_type("quorum")).await;
     // An older deployment: classic DLQ with parked messages.
     declared_with(&env, &env.dlq(), FieldTable::default()).await.unwrap();
     for i in 0..PARKED {
@@ -212,7 +209,7 @@ async fn a_classic_dlq_under_a_quorum_topology_is_refused_and_migrates_without_l
         std::fs::write(env.dir.join("none.json"), "{}").unwrap();
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_requeue"))
             .args(args)
-            .env("AMQP_URL", common::amqp_url())
+            .env("AMQP_URL", crate::common::amqp_url())
             .env("SETTINGS_FILE", env.dir.join("none.json"))
             .output()
             .expect("run requeue");
@@ -248,7 +245,7 @@ async fn a_classic_dlq_under_a_quorum_topology_is_refused_and_migrates_without_l
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bad_setting_stops_start_up_naming_key_value_and_allowed() {
-    let env = TestEnv::undeclared(FAST_TOPOLOGY).await;
+    let env = TestEnv::undeclared(&TopologyFile::fast()).await;
     let mut worker = env.spawn_binary(
         WORKER,
         r#"{"RABBITMQ_PREFETCH_COUNT": "many"}"#,
@@ -275,11 +272,9 @@ async fn a_bad_setting_stops_start_up_naming_key_value_and_allowed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_during_a_burst_exits_zero_and_nothing_is_lost() {
     const N: i64 = 3000;
-    let env = TestEnv::new(FAST_TOPOLOGY).await;
+    let env = TestEnv::new(&TopologyFile::fast()).await;
     for i in 0..N {
-        let body = json!({"type": "MEASUREMENT", "id": format!("burst-{i}"),
-                          "data": {"device_id": "d1", "sensor": "t", "value": i}});
-        env.publish(body.to_string().as_bytes(), BasicProperties::default())
+        env.publish(&measurement(&format!("burst-{i}"), i), BasicProperties::default())
             .await;
     }
     // A small prefetch keeps the burst going long enough to interrupt it.

@@ -71,10 +71,13 @@ pub fn rabbitmqctl_available(test: &str) -> bool {
         std::env::var_os("WIC_RABBITMQCTL_REQUIRED").is_none(),
         "{test}: rabbitmqctl is not on PATH, and WIC_RABBITMQCTL_REQUIRED is set"
     );
-    eprintln!(
+    // One write, newline and all, so that the line stays whole beside the
+    // output of the tests running at the same time: CI counts these lines.
+    let line = format!(
         "skipped: {test}: rabbitmqctl is not on PATH (it comes with the broker; \
-         the compose test image has none)"
+         the compose test image has none)\n"
     );
+    eprint!("{line}");
     false
 }
 

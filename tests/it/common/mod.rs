@@ -1,14 +1,18 @@
 //! Shared test harness: every test gets its own queue names (random
 //! suffix), its own database, and helpers that wait on conditions with a
 //! deadline instead of sleeping.
-#![allow(dead_code)] // each test binary uses a different part of it
 
+pub mod messages;
 pub mod observe;
 pub mod proxy;
 pub mod raw_amqp;
+pub mod topology;
+
+pub use topology::TopologyFile;
 
 use std::collections::BTreeMap;
 use std::future::Future;
+use std::ops::Range;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -34,29 +38,6 @@ pub fn on_received(see: impl Fn(&Delivery) + Send + Sync + 'static) -> EventHook
         }
     })
 }
-
-/// A topology with millisecond retries so retry paths run in seconds.
-/// `{queue}` is replaced by the test's queue name, so bindings stay private.
-pub const FAST_TOPOLOGY: &str = r#"
-queue_type = "classic"
-delivery_limit = 3
-[retry]
-delays = ["50ms", "100ms"]
-max_attempts = 3
-[[bindings]]
-exchange = "amq.topic"
-routing_key = "{queue}.#"
-"#;
-
-/// A topology with one fast retry and no bindings, for tests of the
-/// outbox and its relay.
-pub const OUTBOX_TOPOLOGY: &str = r#"
-queue_type = "classic"
-delivery_limit = 3
-[retry]
-delays = ["50ms"]
-max_attempts = 3
-"#;
 
 pub fn amqp_url() -> String {
     std::env::var("AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
@@ -118,12 +99,12 @@ pub struct TestEnv {
 impl TestEnv {
     /// Creates the database (migrated), writes the topology file and
     /// declares it, so messages can be published before a worker starts.
-    pub async fn new(topology: &str) -> TestEnv {
+    pub async fn new(topology: &TopologyFile) -> TestEnv {
         TestEnv::new_on(&amqp_url(), topology).await
     }
 
     /// Like [`TestEnv::new`], on the broker or cluster nodes `amqp_url`.
-    pub async fn new_on(amqp_url: &str, topology: &str) -> TestEnv {
+    pub async fn new_on(amqp_url: &str, topology: &TopologyFile) -> TestEnv {
         let env = TestEnv::undeclared_on(amqp_url, topology).await;
         let channel = env.connection.create_channel().await.expect("channel");
         env.topology.declare(&channel).await.expect("declare test topology");
@@ -132,12 +113,12 @@ impl TestEnv {
     }
 
     /// Like [`TestEnv::new`], but leaves declaring the queues to the worker.
-    pub async fn undeclared(topology: &str) -> TestEnv {
+    pub async fn undeclared(topology: &TopologyFile) -> TestEnv {
         TestEnv::undeclared_on(&amqp_url(), topology).await
     }
 
     /// Like [`TestEnv::undeclared`], on the broker or cluster nodes `amqp_url`.
-    pub async fn undeclared_on(amqp_url: &str, topology: &str) -> TestEnv {
+    pub async fn undeclared_on(amqp_url: &str, topology: &TopologyFile) -> TestEnv {
         let suffix = format!("{:016x}", rand::random::<u64>());
         let queue = format!("wic_test_{suffix}");
         let database = format!("wic_test_{suffix}");
@@ -158,7 +139,7 @@ impl TestEnv {
         let dir = std::env::temp_dir().join(&queue);
         std::fs::create_dir_all(&dir).expect("temp dir");
         let topology_file = dir.join("topology.toml");
-        let topology_text = topology.replace("{queue}", &queue);
+        let topology_text = topology.toml(&queue);
         std::fs::write(&topology_file, &topology_text).expect("write topology");
         let topology = Topology::parse(&topology_text, &queue).expect("valid test topology");
         TestEnv {
@@ -214,19 +195,7 @@ impl TestEnv {
 
     /// Runs the worker with these settings and an optional event hook.
     pub fn spawn_worker_with(&self, settings: Settings, events: Option<EventHook>) -> RunningWorker {
-        let shutdown = CancellationToken::new();
-        let metrics = Arc::new(Metrics::default());
-        let options = Options {
-            metrics: metrics.clone(),
-            events,
-            serve_metrics: false,
-        };
-        let handle = tokio::spawn(worker_iot_core::run_with(settings, shutdown.clone(), options));
-        RunningWorker {
-            shutdown,
-            handle,
-            metrics,
-        }
+        RunningWorker::start(settings, events, false)
     }
 
     /// Publishes to `Q` through the default exchange, confirmed.
@@ -239,6 +208,15 @@ impl TestEnv {
             .publish("", queue, body, properties)
             .await
             .expect("publish");
+    }
+
+    /// Publishes the measurements `m-<i>` of value `i`, for each `i` of
+    /// `ids`, to `Q`.
+    pub async fn publish_measurements(&self, ids: Range<i64>) {
+        for i in ids {
+            self.publish(&messages::measurement(&format!("m-{i}"), i), BasicProperties::default())
+                .await;
+        }
     }
 
     /// The broker's view of `queue` (a passive declare, on its own channel).
@@ -372,6 +350,24 @@ pub struct RunningWorker {
 }
 
 impl RunningWorker {
+    /// Runs the worker in this process until `shutdown` is cancelled; with
+    /// `serve_metrics`, with its HTTP server too.
+    pub fn start(settings: Settings, events: Option<EventHook>, serve_metrics: bool) -> RunningWorker {
+        let shutdown = CancellationToken::new();
+        let metrics = Arc::new(Metrics::default());
+        let options = Options {
+            metrics: metrics.clone(),
+            events,
+            serve_metrics,
+        };
+        let handle = tokio::spawn(worker_iot_core::run_with(settings, shutdown.clone(), options));
+        RunningWorker {
+            shutdown,
+            handle,
+            metrics,
+        }
+    }
+
     /// Waits until the worker consumes `queue`.
     pub async fn wait_ready(&self, env: &TestEnv) {
         wait_for("the worker to consume", Duration::from_secs(30), || async {

@@ -1,18 +1,17 @@
 //! A broker-wide memory alarm: RabbitMQ blocks every publisher, so the
 //! worker's retry and DLQ copies wait for the alarm to clear (docs/reliability.md, "Broker alarms").
-//! The alarm blocks every test's publishes too: this binary holds only
-//! alarm tests, and is run under the exclusive broker lock
-//! (`flock -x /tmp/wic-broker.lock cargo test --all-features --test alarm`).
-
-mod common;
+//! The alarm blocks every test's publishes too: it runs in the
+//! `whole_broker` binary, one test at a time.
 
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use common::observe::{QueueCounts, metric_value, queue_counts, rabbitmqctl, rabbitmqctl_available, wait_for_seen};
-use common::{FAST_TOPOLOGY, RunningWorker, TestEnv};
+use crate::common::messages::{measurement, with_id};
+use crate::common::observe::{
+    QueueCounts, metric_value, queue_counts, rabbitmqctl, rabbitmqctl_available, wait_for_seen,
+};
+use crate::common::{RunningWorker, TestEnv, TopologyFile};
 use lapin::BasicProperties;
-use serde_json::json;
 use worker_iot_core::broker::CONFIRM_TIMEOUT;
 use worker_iot_core::headers::{self, ERROR_KIND};
 
@@ -97,11 +96,9 @@ async fn publish_mixed(env: &TestEnv) {
     for i in 0..VALID + POISON {
         if i % 3 == 2 {
             let body = format!("{{\"type\": \"MEASUREMENT\", not json #{i}");
-            let properties = BasicProperties::default().with_message_id(format!("poison-{i}").into());
-            env.publish(body.as_bytes(), properties).await;
+            env.publish(body.as_bytes(), with_id(&format!("poison-{i}"))).await;
         } else {
-            let body = json!({"type": "MEASUREMENT", "id": format!("m-{i}"), "data": {"device_id": "d1", "sensor": "t", "value": i}});
-            env.publish(body.to_string().as_bytes(), BasicProperties::default())
+            env.publish(&measurement(&format!("m-{i}"), i), BasicProperties::default())
                 .await;
         }
     }
@@ -112,8 +109,9 @@ async fn a_memory_alarm_parks_each_poison_message_once_and_tears_nothing_down() 
     if !rabbitmqctl_available("a_memory_alarm_parks_each_poison_message_once_and_tears_nothing_down") {
         return;
     }
+    let _broker = crate::take_broker().await;
     assert!(HOLD > CONFIRM_TIMEOUT);
-    let env = TestEnv::new(FAST_TOPOLOGY).await;
+    let env = TestEnv::new(&TopologyFile::fast()).await;
     publish_mixed(&env).await;
     assert_eq!(env.queue_len(&env.queue).await, (VALID + POISON) as u32);
     let mut alarm = tokio::task::block_in_place(MemoryAlarm::raise);

@@ -3,38 +3,23 @@
 //! raw frames. Each is settled without tearing the session down, on classic
 //! and quorum queues alike, and the messages around it flow.
 
-mod common;
-
 use std::time::Duration;
 
-use common::raw_amqp::{self, FLAG_HEADERS, FLAG_MESSAGE_ID};
-use common::{TestEnv, amqp_url};
-use lapin::BasicProperties;
+use crate::common::raw_amqp::{self, FLAG_HEADERS, FLAG_MESSAGE_ID};
+use crate::common::{TestEnv, TopologyFile, amqp_url};
 use serde_json::json;
 use worker_iot_core::headers::{self, ERROR, ERROR_KIND};
 
 const WAIT: Duration = Duration::from_secs(60);
 
-fn topology(queue_type: &str) -> String {
-    format!("queue_type = \"{queue_type}\"\ndelivery_limit = 3\n[retry]\ndelays = [\"50ms\"]\nmax_attempts = 3\n")
-}
-
 /// `host:port` of the test broker.
 fn broker_addr() -> String {
-    common::proxy::upstream_of(&amqp_url()).to_string()
-}
-
-async fn measurements(env: &TestEnv, from: i64, n: i64) {
-    for i in from..from + n {
-        let body = json!({"type": "MEASUREMENT", "id": format!("m-{i}"), "data": {"device_id": "d1", "sensor": "t", "value": i}});
-        env.publish(body.to_string().as_bytes(), BasicProperties::default())
-            .await;
-    }
+    crate::common::proxy::upstream_of(&amqp_url()).to_string()
 }
 
 async fn undecodable_messages_are_settled_and_the_others_flow(queue_type: &str) {
-    let env = TestEnv::new(&topology(queue_type)).await;
-    measurements(&env, 0, 20).await;
+    let env = TestEnv::new(&TopologyFile::classic().queue_type(queue_type).delays(&["50ms"])).await;
+    env.publish_measurements(0..20).await;
     let mut bad_id = Vec::new();
     raw_amqp::short(&mut bad_id, b"\xff\xfe");
     let device_up = json!({"type": "DEVICE_UP", "data": {"device_id": "d1"}}).to_string();
@@ -47,7 +32,7 @@ async fn undecodable_messages_are_settled_and_the_others_flow(queue_type: &str) 
     )
     .await
     .expect("raw publish with a non-UTF-8 message_id");
-    measurements(&env, 20, 20).await;
+    env.publish_measurements(20..40).await;
     let deep = json!({"type": "DEVICE_UP", "id": "deep-1", "data": {"device_id": "d2"}}).to_string();
     raw_amqp::publish(
         &broker_addr(),
@@ -58,7 +43,7 @@ async fn undecodable_messages_are_settled_and_the_others_flow(queue_type: &str) 
     )
     .await
     .expect("raw publish with deeply nested headers");
-    measurements(&env, 40, 20).await;
+    env.publish_measurements(40..60).await;
     assert_eq!(env.queue_len(&env.queue).await, 62);
 
     let worker = env.spawn_worker(&[]);

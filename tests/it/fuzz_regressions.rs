@@ -1,5 +1,5 @@
 //! Every input the fuzzers found a bug with, kept as a regression test.
-//! Files in `tests/fuzz_regressions/` are named `<target>-<what>`; each is
+//! Files in `tests/it/fuzz_regressions/` are named `<target>-<what>`; each is
 //! run through the same invariant its fuzz target asserts.
 
 use chrono::{TimeZone, Utc};
@@ -21,7 +21,7 @@ fn assert_envelope_round_trips(data: &[u8]) {
 
 #[test]
 fn every_saved_decode_envelope_input_round_trips() {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fuzz_regressions");
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/it/fuzz_regressions");
     let mut seen = 0;
     for entry in std::fs::read_dir(&dir).expect("regression inputs") {
         let path = entry.unwrap().path();

@@ -1,13 +1,11 @@
 //! The retry and dead-letter engine against the real broker and database:
 //! in-process and delayed retries, parking, and the headers on each attempt.
-#![cfg(feature = "test-handlers")]
-
-mod common;
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::TestEnv;
+use crate::common::messages::{flaky, measurement};
+use crate::common::{TestEnv, TopologyFile};
 use lapin::BasicProperties;
 use lapin::message::Delivery;
 use lapin::types::{AMQPValue, FieldTable, LongString};
@@ -18,19 +16,6 @@ use worker_iot_core::headers::{self, *};
 
 const WAIT: Duration = Duration::from_secs(60);
 
-fn topology(in_process_attempts: u32, max_attempts: u32) -> String {
-    format!(
-        r#"
-queue_type = "classic"
-delivery_limit = 3
-[retry]
-delays = ["50ms", "100ms"]
-max_attempts = {max_attempts}
-in_process_attempts = {in_process_attempts}
-"#
-    )
-}
-
 /// Headers seen on each delivery of the message whose body contains `marker`.
 #[derive(Clone, Default)]
 struct Seen(Arc<Mutex<Vec<Option<FieldTable>>>>);
@@ -38,7 +23,7 @@ struct Seen(Arc<Mutex<Vec<Option<FieldTable>>>>);
 impl Seen {
     fn observer(&self, marker: &'static str) -> EventHook {
         let seen = self.0.clone();
-        common::on_received(move |delivery: &Delivery| {
+        crate::common::on_received(move |delivery: &Delivery| {
             if String::from_utf8_lossy(&delivery.data).contains(marker) {
                 seen.lock().unwrap().push(delivery.properties.headers().clone());
             }
@@ -71,9 +56,8 @@ fn producer_properties() -> BasicProperties {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_failing_transiently_twice_is_processed_on_its_third_delivery() {
-    let env = TestEnv::new(&topology(1, 5)).await;
-    let body = json!({"type": "TEST_FLAKY", "id": "flaky-twice", "data": {"fail_first": 2}}).to_string();
-    env.publish(body.as_bytes(), producer_properties()).await;
+    let env = TestEnv::new(&TopologyFile::classic().in_process_attempts(1).max_attempts(5)).await;
+    env.publish(&flaky("flaky-twice", 2), producer_properties()).await;
     let seen = Seen::default();
     let worker = env.spawn_worker_with(env.settings(&[]), Some(seen.observer("flaky-twice")));
     env.wait_for_rows("measurements WHERE message_id = 'flaky-twice'", 1, WAIT)
@@ -122,10 +106,10 @@ async fn a_message_failing_transiently_twice_is_processed_on_its_third_delivery(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_always_failing_transiently_is_parked_after_exactly_max_attempts() {
-    let env = TestEnv::new(&topology(2, 3)).await;
-    let body = json!({"type": "TEST_FLAKY", "id": "flaky-always", "data": {"fail_first": 1000}}).to_string();
+    let env = TestEnv::new(&TopologyFile::classic().in_process_attempts(2).max_attempts(3)).await;
+    let body = flaky("flaky-always", 1000);
     let properties = producer_properties().with_message_id("amqp-flaky-always".into());
-    env.publish(body.as_bytes(), properties).await;
+    env.publish(&body, properties).await;
     let seen = Seen::default();
     let worker = env.spawn_worker_with(env.settings(&[]), Some(seen.observer("flaky-always")));
     env.wait_for_queue_len(&env.dlq(), 1, WAIT).await;
@@ -135,7 +119,7 @@ async fn a_message_always_failing_transiently_is_parked_after_exactly_max_attemp
     let parked = env.drain(&env.dlq()).await;
     assert_eq!(parked.len(), 1);
     let d = &parked[0].delivery;
-    assert_eq!(d.data, body.as_bytes(), "body unchanged");
+    assert_eq!(d.data, body, "body unchanged");
     let p = &d.properties;
     assert_eq!(p.message_id().as_ref().map(|s| s.as_str()), Some("amqp-flaky-always"));
     assert_eq!(p.content_type().as_ref().map(|s| s.as_str()), Some("application/json"));
@@ -173,10 +157,8 @@ async fn a_message_always_failing_transiently_is_parked_after_exactly_max_attemp
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_permanent_failure_is_parked_at_once_without_retries() {
-    let env = TestEnv::new(&topology(3, 5)).await;
-    let body =
-        json!({"type": "MEASUREMENT", "id": "perm-1", "data": {"device_id": "d1", "sensor": "t", "value": "warm"}});
-    env.publish(body.to_string().as_bytes(), producer_properties()).await;
+    let env = TestEnv::new(&TopologyFile::classic().in_process_attempts(3).max_attempts(5)).await;
+    env.publish(&measurement("perm-1", "warm"), producer_properties()).await;
     let seen = Seen::default();
     let worker = env.spawn_worker_with(env.settings(&[]), Some(seen.observer("perm-1")));
     env.wait_for_queue_len(&env.dlq(), 1, WAIT).await;
@@ -199,10 +181,9 @@ async fn a_permanent_failure_is_parked_at_once_without_retries() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_panicking_handler_is_parked_and_its_batch_is_unharmed() {
-    let env = TestEnv::new(&topology(3, 5)).await;
+    let env = TestEnv::new(&TopologyFile::classic().in_process_attempts(3).max_attempts(5)).await;
     for i in 0..20 {
-        let body = json!({"type": "MEASUREMENT", "id": format!("ok-{i}"), "data": {"device_id": "d1", "sensor": "t", "value": i}});
-        env.publish(body.to_string().as_bytes(), BasicProperties::default())
+        env.publish(&measurement(&format!("ok-{i}"), i), BasicProperties::default())
             .await;
         if i == 10 {
             let poison = json!({"type": "TEST_PANIC", "id": "boom", "data": null});

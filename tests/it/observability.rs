@@ -2,24 +2,20 @@
 //! broker and database: exact counts after a known mix of messages,
 //! readiness that follows the broker and the database (cut through test
 //! proxies), and a metrics port that survives 2,000 idle connections.
-#![cfg(feature = "test-handlers")]
-
-mod common;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
-use common::proxy::{Proxy, upstream_of};
-use common::{RunningWorker, TestEnv, amqp_url, wait_for};
+use crate::common::messages::{flaky, measurement};
+use crate::common::proxy::{Proxy, upstream_of};
+use crate::common::{RunningWorker, TestEnv, TopologyFile, amqp_url, wait_for};
 use lapin::BasicProperties;
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio_util::sync::CancellationToken;
+use worker_iot_core::ErrorKind;
 use worker_iot_core::config::Settings;
-use worker_iot_core::{ErrorKind, Metrics, Options};
 
 const WAIT: Duration = Duration::from_secs(60);
 /// How long one HTTP request may take in these tests.
@@ -28,19 +24,7 @@ const HTTP_TIMEOUT: Duration = Duration::from_secs(3);
 /// Runs the worker with its HTTP server on a free port; returns it and the
 /// server's address.
 async fn spawn_serving(settings: Settings) -> (RunningWorker, SocketAddr) {
-    let shutdown = CancellationToken::new();
-    let metrics = Arc::new(Metrics::default());
-    let options = Options {
-        metrics: metrics.clone(),
-        events: None,
-        serve_metrics: true,
-    };
-    let handle = tokio::spawn(worker_iot_core::run_with(settings, shutdown.clone(), options));
-    let worker = RunningWorker {
-        shutdown,
-        handle,
-        metrics,
-    };
+    let worker = RunningWorker::start(settings, None, true);
     let addr = wait_for("the HTTP server to listen", WAIT, || async {
         assert!(!worker.handle.is_finished(), "worker stopped during start-up");
         worker.metrics.http_addr()
@@ -106,24 +90,16 @@ fn expected(pairs: &[(&str, f64)]) -> BTreeMap<String, f64> {
     pairs.iter().map(|(k, v)| ((*k).to_owned(), *v)).collect()
 }
 
-fn measurement(id: &str, value: serde_json::Value) -> Vec<u8> {
-    json!({"type": "MEASUREMENT", "id": id, "data": {"device_id": "d1", "sensor": "t", "value": value}})
-        .to_string()
-        .into_bytes()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_scrape_counts_each_outcome_exactly() {
-    let env = TestEnv::new(common::FAST_TOPOLOGY).await;
+    let env = TestEnv::new(&TopologyFile::fast()).await;
     let props = BasicProperties::default;
     for i in 1..=3 {
-        env.publish(&measurement(&format!("ok-{i}"), json!(20.5)), props())
-            .await;
+        env.publish(&measurement(&format!("ok-{i}"), 20.5), props()).await;
     }
-    env.publish(&measurement("ok-1", json!(20.5)), props()).await; // duplicate
+    env.publish(&measurement("ok-1", 20.5), props()).await; // duplicate
     for i in 1..=2 {
-        env.publish(&measurement(&format!("bad-{i}"), json!("warm")), props())
-            .await;
+        env.publish(&measurement(&format!("bad-{i}"), "warm"), props()).await;
     }
     env.publish(b"not json at all", props()).await;
     let unknown = json!({"type": "NO_SUCH_TYPE", "id": "u-1", "data": {}}).to_string();
@@ -132,8 +108,7 @@ async fn a_scrape_counts_each_outcome_exactly() {
     // 50ms retry queue, then succeeds. The id is unique to this test: the
     // handler counts runs per id in this process.
     let flaky_id = format!("flaky-{}", env.queue);
-    let flaky = json!({"type": "TEST_FLAKY", "id": flaky_id, "data": {"fail_first": 3}}).to_string();
-    env.publish(flaky.as_bytes(), props()).await;
+    env.publish(&flaky(&flaky_id, 3), props()).await;
 
     let (worker, addr) = spawn_serving(env.settings(&[])).await;
     let m = worker.metrics.clone();
@@ -227,7 +202,7 @@ async fn healthcheck(env: &TestEnv, addr: SocketAddr) -> (Option<i32>, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readyz_follows_the_broker_and_the_database() {
-    let env = TestEnv::new(common::FAST_TOPOLOGY).await;
+    let env = TestEnv::new(&TopologyFile::fast()).await;
     let broker = Proxy::start(upstream_of(&amqp_url())).await;
     let database = Proxy::start(upstream_of(&env.database_url)).await;
     let settings = env.settings(&[
@@ -264,7 +239,7 @@ async fn readyz_follows_the_broker_and_the_database() {
     wait_readyz(addr, 200, "ready").await;
 
     // Working again: a message goes through both proxies.
-    env.publish(&measurement("after-cuts", json!(1.0)), BasicProperties::default())
+    env.publish(&measurement("after-cuts", 1.0), BasicProperties::default())
         .await;
     env.wait_for_rows("measurements", 1, WAIT).await;
     worker.stop().await;
@@ -283,7 +258,7 @@ async fn two_thousand_idle_connections_do_not_stop_the_worker_or_its_endpoints()
         "RLIMIT_NOFILE {limit} is too low for this test"
     );
 
-    let env = TestEnv::new(common::FAST_TOPOLOGY).await;
+    let env = TestEnv::new(&TopologyFile::fast()).await;
     let (worker, addr) = spawn_serving(env.settings(&[])).await;
     worker.wait_ready(&env).await;
 
@@ -298,7 +273,7 @@ async fn two_thousand_idle_connections_do_not_stop_the_worker_or_its_endpoints()
     assert_eq!(status, 200);
     assert_eq!(samples(&text, "iot_ready"), expected(&[("", 1.0)]));
     // And the worker still works.
-    env.publish(&measurement("during-flood", json!(2.0)), BasicProperties::default())
+    env.publish(&measurement("during-flood", 2.0), BasicProperties::default())
         .await;
     env.wait_for_rows("measurements", 1, WAIT).await;
     assert!(!worker.handle.is_finished());

@@ -4,14 +4,10 @@
 //! stands in for a cluster's nodes, reached directly and through a proxy
 //! the test can cut.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::proxy::{Proxy, upstream_of};
-use common::{FAST_TOPOLOGY, TestEnv, amqp_url, wait_for};
-use lapin::BasicProperties;
-use serde_json::json;
+use crate::common::proxy::{Proxy, upstream_of};
+use crate::common::{TestEnv, TopologyFile, amqp_url, wait_for};
 
 const PUBLISH: &str = env!("CARGO_BIN_EXE_publish");
 const REQUEUE: &str = env!("CARGO_BIN_EXE_requeue");
@@ -19,17 +15,9 @@ const WAIT: Duration = Duration::from_secs(60);
 /// Nothing listens on port 1: connections are refused at once.
 const DEAD: &str = "amqp://guest:guest@127.0.0.1:1/%2f";
 
-async fn measurements(env: &TestEnv, from: i64, n: i64) {
-    for i in from..from + n {
-        let body = json!({"type": "MEASUREMENT", "id": format!("m-{i}"), "data": {"device_id": "d1", "sensor": "t", "value": i}});
-        env.publish(body.to_string().as_bytes(), BasicProperties::default())
-            .await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_worker_moves_to_another_broker_when_its_broker_goes() {
-    let env = TestEnv::new(FAST_TOPOLOGY).await;
+    let env = TestEnv::new(&TopologyFile::fast()).await;
     let proxy = Proxy::start(upstream_of(&amqp_url())).await;
     let urls = format!("{DEAD}, {}, {}", proxy.url_for(&amqp_url()), amqp_url());
     let worker = env.spawn_worker_with(env.settings(&[("AMQP_URL", &urls)]), None);
@@ -39,7 +27,7 @@ async fn the_worker_moves_to_another_broker_when_its_broker_goes() {
         proxy.addr.to_string(),
         "the first broker that answers"
     );
-    measurements(&env, 0, 100).await;
+    env.publish_measurements(0..100).await;
     env.wait_for_rows("measurements", 100, WAIT).await;
 
     proxy.set_refusing(true);
@@ -58,7 +46,7 @@ async fn the_worker_moves_to_another_broker_when_its_broker_goes() {
             .render()
             .contains(&format!("iot_broker_node_info{{node=\"{node}\"}} 1"))
     );
-    measurements(&env, 100, 100).await;
+    env.publish_measurements(100..200).await;
     env.wait_for_rows("measurements", 200, WAIT).await;
     worker.stop().await;
     assert!(moved_after < Duration::from_secs(10), "moved after {moved_after:?}");
@@ -69,7 +57,7 @@ async fn the_worker_moves_to_another_broker_when_its_broker_goes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publish_and_requeue_take_the_same_list() {
-    let env = TestEnv::new(FAST_TOPOLOGY).await;
+    let env = TestEnv::new(&TopologyFile::fast()).await;
     let urls = format!("{DEAD},{}", amqp_url());
     std::fs::write(env.dir.join("none.json"), "{}").unwrap();
     let run = |bin: &str, args: &[&str]| {

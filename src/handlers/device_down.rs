@@ -1,14 +1,10 @@
 //! `DEVICE_DOWN`: a device went offline. Upserts `devices` unless a newer
-//! event for the device was applied already.
+//! event for the device was applied already; the statement is
+//! `DEVICE_UP`'s, which writes both (see `device_up::BULK`).
 
-use futures_util::future::BoxFuture;
 use serde_json::Value;
-use sqlx::PgConnection;
 
-use super::device_up::upsert_device;
 use super::fields::{Fields, ValidationError};
-use crate::envelope::Message;
-use crate::failure::Failure;
 
 /// # Errors
 /// A [`ValidationError`] when `device_id` is missing or malformed.
@@ -16,13 +12,8 @@ pub fn parse(data: &Value) -> Result<&str, ValidationError> {
     Fields::of(data)?.device_id()
 }
 
-pub fn apply<'a>(conn: &'a mut PgConnection, message: &'a Message) -> BoxFuture<'a, Result<(), Failure>> {
-    Box::pin(async move {
-        let device_id = parse(&message.data)?;
-        upsert_device(conn, device_id, "offline", None, message.time).await?;
-        Ok(())
-    })
-}
+/// Applied by `DEVICE_UP`'s statement, with the status `offline`.
+pub use super::device_up::apply;
 
 #[cfg(test)]
 mod tests {

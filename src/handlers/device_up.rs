@@ -1,7 +1,6 @@
 //! `DEVICE_UP`: a device came online. Upserts `devices` unless a newer
 //! event for the device was applied already.
 
-use chrono::{DateTime, Utc};
 use futures_util::future::BoxFuture;
 use serde_json::Value;
 use sqlx::PgConnection;
@@ -31,40 +30,10 @@ pub fn parse(data: &Value) -> Result<DeviceUp<'_>, ValidationError> {
     })
 }
 
+/// One event alone takes the bulk statement too, so the device-state rule
+/// is written once.
 pub fn apply<'a>(conn: &'a mut PgConnection, message: &'a Message) -> BoxFuture<'a, Result<(), Failure>> {
-    Box::pin(async move {
-        let up = parse(&message.data)?;
-        upsert_device(conn, up.device_id, "online", up.ip, message.time).await?;
-        Ok(())
-    })
-}
-
-/// Records the device's state as of `seen_at`, unless the row already
-/// holds a newer event: messages arrive out of order, and an older
-/// `DEVICE_UP`/`DEVICE_DOWN` must never overwrite a newer one. On equal
-/// times the later-applied event wins. A missing `ip` keeps the known one.
-pub(super) async fn upsert_device(
-    conn: &mut PgConnection,
-    device_id: &str,
-    status: &str,
-    ip: Option<&str>,
-    seen_at: DateTime<Utc>,
-) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "INSERT INTO devices (device_id, status, ip, last_seen_at) VALUES ($1, $2, $3, $4)
-         ON CONFLICT (device_id) DO UPDATE
-         SET status = EXCLUDED.status,
-             ip = COALESCE(EXCLUDED.ip, devices.ip),
-             last_seen_at = EXCLUDED.last_seen_at
-         WHERE devices.last_seen_at <= EXCLUDED.last_seen_at",
-    )
-    .bind(device_id)
-    .bind(status)
-    .bind(ip)
-    .bind(seen_at)
-    .execute(conn)
-    .await?;
-    Ok(())
+    Box::pin(async move { apply_many(conn, &[message]).await })
 }
 
 /// The bulk path of `DEVICE_UP` and `DEVICE_DOWN` together: one statement

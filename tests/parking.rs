@@ -532,3 +532,37 @@ async fn a_retried_message_keeps_its_properties_and_header_types() {
     );
     env.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_keeper_deletes_old_retried_and_archived_rows_never_parked_ones() {
+    let env = TestEnv::new(FAST_TOPOLOGY).await;
+    for age in ["old", "new"] {
+        for status in ["parked", "retried", "archived"] {
+            park(&env, &format!("{age}-{status}"), ErrorKind::Validation, "bad").await;
+        }
+    }
+    env.run_requeue(&["--list"]);
+    sqlx::query(
+        "UPDATE parked_messages SET status = split_part(message_id, '-', 2),
+             status_changed_at = now() - CASE WHEN message_id LIKE 'old-%' THEN interval '31 days' ELSE interval '29 days' END",
+    )
+    .execute(&env.pool)
+    .await
+    .unwrap();
+    let worker = env.spawn_worker(&[KEEPER_ON, ("PARKED_RETENTION_DAYS", "30")]);
+    env.wait_for_rows("parked_messages", 4, WAIT).await;
+    wait_for("the gauge to count the lot", WAIT, || async {
+        let text = worker.metrics.render();
+        (text.contains("iot_parked_messages{status=\"parked\"} 2\n")
+            && text.contains("iot_parked_messages{status=\"retried\"} 1\n"))
+        .then_some(())
+    })
+    .await;
+    worker.stop().await;
+    let kept: Vec<String> = sqlx::query_scalar("SELECT message_id FROM parked_messages ORDER BY 1")
+        .fetch_all(&env.pool)
+        .await
+        .unwrap();
+    assert_eq!(kept, ["new-archived", "new-parked", "new-retried", "old-parked"]);
+    env.cleanup().await;
+}

@@ -377,13 +377,7 @@ impl Keeper {
     /// due. Errors are logged: housekeeping never stops the keeper.
     async fn housekeeping(&self, due: &mut Housekeeping) {
         let now = Instant::now();
-        if now >= due.stats_due {
-            due.stats_due = now + STATS_INTERVAL;
-            match store::deadline(lot::counts(&self.pool, &self.queue)).await {
-                Ok(counts) => self.metrics.set_parked(&counts),
-                Err(e) => tracing::debug!(error.message = %e, "parking keeper: cannot count the lot"),
-            }
-        }
+        // Cleanup first, so the counts that follow leave out what it deleted.
         if now >= due.cleanup_due {
             due.cleanup_due = now + CLEANUP_INTERVAL;
             match store::deadline(self.delete_expired()).await {
@@ -393,6 +387,13 @@ impl Keeper {
                     "deleted retried and archived parked messages past their retention"
                 ),
                 Err(e) => tracing::warn!(error.message = %e, "parking keeper: retention cleanup failed"),
+            }
+        }
+        if now >= due.stats_due {
+            due.stats_due = now + STATS_INTERVAL;
+            match store::deadline(lot::counts(&self.pool, &self.queue)).await {
+                Ok(counts) => self.metrics.set_parked(&counts),
+                Err(e) => tracing::debug!(error.message = %e, "parking keeper: cannot count the lot"),
             }
         }
     }

@@ -16,7 +16,7 @@ use lapin::options::{QueueDeclareOptions, QueueDeleteOptions};
 use lapin::types::{AMQPValue, ByteArray, DecimalValue, FieldArray, FieldTable, LongString, ShortString};
 use serde_json::{Value, json};
 use worker_iot_core::ErrorKind;
-use worker_iot_core::headers::{self, FailureRecord, REQUEUE_COUNT, REQUEUED_AT};
+use worker_iot_core::headers::{REQUEUE_COUNT, REQUEUED_AT};
 
 const WAIT: Duration = Duration::from_secs(60);
 const KEEPER_ON: (&str, &str) = ("PARKING_KEEPER", "on");
@@ -31,26 +31,9 @@ fn measurement(id: &str, value: i64) -> Vec<u8> {
         .into_bytes()
 }
 
-/// The properties of a copy the worker parks, with a failure record.
-fn parked_properties(env: &TestEnv, base: BasicProperties, kind: ErrorKind, error: &str) -> BasicProperties {
-    let record = FailureRecord {
-        kind,
-        message_type: Some("MEASUREMENT"),
-        error,
-        retry_count: 2,
-        now_ms: 1_790_000_000_000,
-        received_ms: 1_790_000_000_000,
-        exchange: "",
-        routing_key: &env.queue,
-        failed_by: "test/0",
-    };
-    headers::with_failure(&base, &record)
-}
-
 /// Parks a measurement `id` in Q.dlq the way the worker does.
 async fn park(env: &TestEnv, id: &str, kind: ErrorKind, error: &str) {
-    let properties = parked_properties(env, BasicProperties::default().with_message_id(id.into()), kind, error);
-    env.publish_to(&env.dlq(), &measurement(id, 1), properties).await;
+    env.park(&measurement(id, 1), id, kind, error).await;
 }
 
 /// `count(*)` of the lot rows matching `condition`.
@@ -225,8 +208,7 @@ async fn park_two_groups(env: &TestEnv) {
     for i in 0..4 {
         let id = format!("u-{i}");
         let body = json!({"type": "DEVICE_UP", "id": id, "data": {"device_id": "d1", "ip": 7}}).to_string();
-        let properties = parked_properties(
-            env,
+        let properties = env.parked_properties(
             BasicProperties::default().with_message_id(id.as_str().into()),
             ErrorKind::Validation,
             "data.ip must be a string",
@@ -508,7 +490,7 @@ async fn a_retried_message_keeps_its_properties_and_header_types() {
         .with_timestamp(1_790_000_000)
         .with_type("reading".into())
         .with_app_id("sensor-gw".into());
-    let parked = parked_properties(&env, base, ErrorKind::Permanent, "constraint");
+    let parked = env.parked_properties(base, ErrorKind::Permanent, "constraint");
     let body = b"{\"type\":\"MEASUREMENT\",\"data\":{}}\n\x00tail";
     env.publish_to(&env.dlq(), body, parked.clone()).await;
 

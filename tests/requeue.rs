@@ -11,32 +11,15 @@ use common::{FAST_TOPOLOGY, REQUEUE, TestEnv, amqp_url, json_lines, wait_for};
 use lapin::BasicProperties;
 use serde_json::json;
 use worker_iot_core::ErrorKind;
-use worker_iot_core::headers::{self, FailureRecord};
 
 const WAIT: Duration = Duration::from_secs(60);
-
-/// Parks `body` in the DLQ the way the worker does, with a failure record.
-async fn park(env: &TestEnv, body: &[u8], message_id: &str, kind: ErrorKind, error: &str) {
-    let record = FailureRecord {
-        kind,
-        message_type: Some("MEASUREMENT"),
-        error,
-        retry_count: 2,
-        now_ms: 1_790_000_000_000,
-        received_ms: 1_790_000_000_000,
-        exchange: "",
-        routing_key: &env.queue,
-        failed_by: "test/0",
-    };
-    let properties = headers::with_failure(&BasicProperties::default().with_message_id(message_id.into()), &record);
-    env.publish_to(&env.dlq(), body, properties).await;
-}
 
 /// Parks `n` measurements `m-0`, `m-1`, … as transient failures.
 async fn park_measurements(env: &TestEnv, n: i64) {
     for i in 0..n {
         let id = format!("m-{i}");
-        park(env, &measurement(&id, i), &id, ErrorKind::Transient, "db down").await;
+        env.park(&measurement(&id, i), &id, ErrorKind::Transient, "db down")
+            .await;
     }
 }
 
@@ -63,8 +46,7 @@ async fn after_the_fix_a_full_retry_applies_every_message_exactly_once() {
     env.wait_for_queue_len(&env.dlq(), 190, WAIT).await;
     worker.stop().await;
     // One message that was applied is parked too (its ack was lost, say).
-    park(
-        &env,
+    env.park(
         &measurement("m-3", 993),
         "m-3",
         ErrorKind::CrashLoop,

@@ -24,7 +24,8 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use worker_iot_core::broker::{self, Publisher};
 use worker_iot_core::config::Settings;
-use worker_iot_core::{Event, EventHook, Metrics, Options, Topology, WorkerError};
+use worker_iot_core::headers::{self, FailureRecord};
+use worker_iot_core::{ErrorKind, Event, EventHook, Metrics, Options, Topology, WorkerError};
 
 /// An event hook that sees every delivery before it is processed.
 pub fn on_received(see: impl Fn(&Delivery) + Send + Sync + 'static) -> EventHook {
@@ -408,6 +409,31 @@ impl RunningWorker {
             .expect("worker stops within 30 s")
             .expect("worker task did not panic");
         result.expect("worker ran without error");
+    }
+}
+
+impl TestEnv {
+    /// `base` as the worker parks it: a copy with a failure record of
+    /// type `MEASUREMENT`, as if it arrived on this test's queue.
+    pub fn parked_properties(&self, base: BasicProperties, kind: ErrorKind, error: &str) -> BasicProperties {
+        let record = FailureRecord {
+            kind,
+            message_type: Some("MEASUREMENT"),
+            error,
+            retry_count: 2,
+            now_ms: 1_790_000_000_000,
+            received_ms: 1_790_000_000_000,
+            exchange: "",
+            routing_key: &self.queue,
+            failed_by: "test/0",
+        };
+        headers::with_failure(&base, &record)
+    }
+
+    /// Parks `body` with message id `id` in Q.dlq the way the worker does.
+    pub async fn park(&self, body: &[u8], id: &str, kind: ErrorKind, error: &str) {
+        let properties = self.parked_properties(BasicProperties::default().with_message_id(id.into()), kind, error);
+        self.publish_to(&self.dlq(), body, properties).await;
     }
 }
 

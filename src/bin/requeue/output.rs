@@ -52,6 +52,17 @@ struct Summary<T: Serialize> {
     summary: T,
 }
 
+/// The last line of `--json` output.
+fn emit_summary(summary: impl Serialize) {
+    emit!(
+        "{}",
+        json_line(&Summary {
+            record: "summary",
+            summary
+        })
+    );
+}
+
 #[derive(Serialize)]
 struct ListSummary<'a> {
     queue: &'a str,
@@ -71,13 +82,7 @@ pub fn groups(groups: &[Group], queue: &str, json: bool) {
             groups: groups.len(),
             messages: total,
         };
-        emit!(
-            "{}",
-            json_line(&Summary {
-                record: "summary",
-                summary
-            })
-        );
+        emit_summary(summary);
         return;
     }
     emit!("{queue}: {total} parked message(s) in {} group(s)\n", groups.len());
@@ -247,13 +252,7 @@ pub fn dry_run_summary(action: &Action, listed: usize, matching: i64, json: bool
             matching: Some(matching),
             ..ActionSummary::of(action, listed as u64)
         };
-        emit!(
-            "{}",
-            json_line(&Summary {
-                record: "summary",
-                summary
-            })
-        );
+        emit_summary(summary);
         return;
     }
     let to = target(action).map_or(String::new(), |t| format!(" to {t}"));
@@ -271,13 +270,7 @@ pub fn action_summary(action: &Action, done: &Done, json: bool) {
             interrupted: done.interrupted,
             ..ActionSummary::of(action, done.messages)
         };
-        emit!(
-            "{}",
-            json_line(&Summary {
-                record: "summary",
-                summary
-            })
-        );
+        emit_summary(summary);
         return;
     }
     let past = match action {

@@ -314,6 +314,8 @@ async fn dry_run_changes_nothing_anywhere() {
     let text = stdout(&env.run_requeue(&["--dry-run", "--archive", "--type", "DEVICE_UP"]));
     assert_eq!(text.matches("would archive u-").count(), 4, "{text}");
     env.run_requeue(&["--dry-run", "--unarchive"]);
+    env.run_requeue(&["--dry-run", "--list"]);
+    env.run_requeue(&["--dry-run", "--show", "u-1"]);
     assert_eq!(snapshot(&env).await, before, "same rows, no action, same queues");
     env.cleanup().await;
 }

@@ -39,11 +39,11 @@ struct Args {
     queue: Option<String>,
     /// Groups by fingerprint: count, kind, types, first and last time,
     /// sample error (only the messages the filters match).
-    #[arg(long, conflicts_with_all = ["to", "limit", "rate", "dry_run", "keep_retry_count", "yes"])]
+    #[arg(long, conflicts_with_all = ["to", "limit", "rate", "keep_retry_count", "yes"])]
     list: bool,
     /// One message: headers, properties, body, error, times parked, and the
     /// actions on it.
-    #[arg(long, value_name = "MESSAGE_ID", conflicts_with_all = ["to", "limit", "rate", "dry_run", "keep_retry_count", "yes"])]
+    #[arg(long, value_name = "MESSAGE_ID", conflicts_with_all = ["to", "limit", "rate", "keep_retry_count", "yes"])]
     show: Option<String>,
     /// Mark the matching parked messages archived (no publish).
     #[arg(long, conflicts_with_all = ["to", "keep_retry_count"])]
@@ -87,8 +87,8 @@ struct Args {
     /// --unarchive).
     #[arg(long, value_parser = parse_status)]
     status: Option<Status>,
-    /// Change nothing (nothing is taken from Q.dlq either); print what would
-    /// happen.
+    /// Change nothing (nothing is taken from Q.dlq either): print what an
+    /// action would do, or list and show the lot as it is.
     #[arg(long)]
     dry_run: bool,
     /// Keep iot-retry-count instead of clearing it.

@@ -114,6 +114,70 @@ pub async fn connect_to_any(urls: &str, name: &str, next: &AtomicUsize) -> Resul
     Err(last_error)
 }
 
+/// How long [`Reconnect::connect`] waits for a connection (each broker of
+/// the list has its own [`CONNECT_TIMEOUT_PER_BROKER`]).
+pub const RECONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The connections of a background task with a broker connection of its
+/// own (the outbox relay, the parking keeper): one after another, to the
+/// brokers of the list in turn, with a backoff between failures.
+pub struct Reconnect<D> {
+    urls: String,
+    name: &'static str,
+    next_broker: AtomicUsize,
+    backoff: fn() -> D,
+    delays: D,
+}
+
+impl<D: Iterator<Item = Duration>> Reconnect<D> {
+    /// Connections named `name` to the brokers of `urls`, waiting out the
+    /// delays of `backoff` between failures.
+    pub fn new(urls: &str, name: &'static str, backoff: fn() -> D) -> Reconnect<D> {
+        Reconnect {
+            urls: urls.to_owned(),
+            name,
+            next_broker: AtomicUsize::new(0),
+            backoff,
+            delays: backoff(),
+        }
+    }
+
+    /// The next connection (the backoff starts over), or why there is none
+    /// within [`RECONNECT_TIMEOUT`]; `None` once `shutdown` is cancelled.
+    pub async fn connect(&mut self, shutdown: &CancellationToken) -> Option<Result<Connection, String>> {
+        let connect = connect_to_any(&self.urls, self.name, &self.next_broker);
+        let connected = tokio::select! {
+            () = shutdown.cancelled() => return None,
+            connected = tokio::time::timeout(RECONNECT_TIMEOUT, connect) => connected,
+        };
+        Some(match connected {
+            Ok(Ok((connection, _))) => {
+                self.delays = (self.backoff)();
+                Ok(connection)
+            }
+            Ok(Err(e)) => Err(format!("RabbitMQ: {e}")),
+            Err(_) => Err(format!("RabbitMQ: no connection within {RECONNECT_TIMEOUT:?}")),
+        })
+    }
+
+    /// Logs why the connection or its session ended and waits the next
+    /// delay; `false` when `shutdown` came first.
+    pub async fn pause(&mut self, error: &str, shutdown: &CancellationToken) -> bool {
+        let delay = self.delays.next().unwrap_or(Duration::from_secs(10));
+        tracing::warn!(error.message = %error, ?delay, "{}: broker session ended; reconnecting", self.name);
+        tokio::select! {
+            () = shutdown.cancelled() => false,
+            () = tokio::time::sleep(delay) => true,
+        }
+    }
+}
+
+/// Closes `connection`, waiting at most a second.
+pub async fn close(connection: Connection, reason: &str) {
+    let close = connection.close(200, reason.into());
+    tokio::time::timeout(Duration::from_secs(1), close).await.ok();
+}
+
 /// `host:port` of an AMQP URL, for logs (never the credentials).
 pub fn broker_address(url: &str) -> String {
     let rest = url.split_once("://").map_or(url, |(_, rest)| rest);

@@ -199,6 +199,20 @@ settings! {
         parse: |text| integer(text, 1, 3650).map(|days: u64| Duration::from_secs(days * 86_400)),
         show: |retention| (retention.as_secs() / 86_400).to_string(),
     }
+    /// Whether this worker runs the parking keeper, which moves what
+    /// reaches `Q.dlq` into the parking lot.
+    parking_keeper: bool = "PARKING_KEEPER" {
+        default: "on",
+        parse: on_off,
+        show: |on| if *on { "on" } else { "off" }.into(),
+    }
+    /// How long `retried` and `archived` parked messages are kept
+    /// (`parked` ones are never deleted).
+    parked_retention: Duration = "PARKED_RETENTION_DAYS" {
+        default: "30",
+        parse: |text| integer(text, 1, 3650).map(|days: u64| Duration::from_secs(days * 86_400)),
+        show: |retention| (retention.as_secs() / 86_400).to_string(),
+    }
     /// The broker, or the nodes of one cluster (comma-separated). Connect
     /// with `amqp_url.expose()`; printing it masks the passwords.
     amqp_url: SecretUrl = "AMQP_URL" {
@@ -432,6 +446,8 @@ mod tests {
         assert_eq!((s.prefetch_count, s.batch_max_size, s.pool_size()), (256, 64, 16));
         assert_eq!(s.batch_max_wait, Duration::from_millis(5));
         assert_eq!(s.outbox_retention, Duration::from_secs(7 * 24 * 3600));
+        assert_eq!(s.parked_retention, Duration::from_secs(30 * 24 * 3600));
+        assert!(s.parking_keeper);
         assert_eq!(s.otel_endpoint, None);
         assert_eq!(s.otel_protocol, OtlpProtocol::Grpc);
         assert_eq!(s.otel_service_name, "worker-iot-core");
@@ -567,6 +583,11 @@ mod tests {
         assert_eq!(
             invalid_key(load(None, &[("OUTBOX_RETENTION_DAYS", "0")])),
             "OUTBOX_RETENTION_DAYS"
+        );
+        let err = load(None, &[("PARKED_RETENTION_DAYS", "0")]).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "invalid setting PARKED_RETENTION_DAYS=\"0\" (from environment): expected an integer from 1 to 3650"
         );
         assert_eq!(
             invalid_key(load(Some(r#"{"EVENTS_TO_OMIT": ["A"]}"#), &[])),

@@ -299,8 +299,14 @@ pub fn put_long(headers: &mut FieldTable, key: &str, value: i64) {
 /// the error with its variable parts masked, so alike failures share one
 /// fingerprint.
 pub fn fingerprint(kind: ErrorKind, message_type: Option<&str>, error: &str) -> String {
+    fingerprint_of(kind.as_str(), message_type, error)
+}
+
+/// [`fingerprint`] of a kind given by name: also the kinds the broker
+/// gives a message it dead-lettered itself (`expired`, `delivery_limit`, …).
+pub fn fingerprint_of(kind: &str, message_type: Option<&str>, error: &str) -> String {
     let mut hasher = Sha256::new();
-    hasher.update(kind.as_str().as_bytes());
+    hasher.update(kind.as_bytes());
     hasher.update([0]);
     hasher.update(message_type.unwrap_or("-").as_bytes());
     hasher.update([0]);

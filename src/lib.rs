@@ -18,7 +18,10 @@
 //!   [`http`] serves the metrics and the readiness ([`health`] checks the
 //!   database);
 //! * [`relay`] publishes the device messages that commands left in the
-//!   [`outbox`]; [`requeue`] is the library of the `requeue` tool;
+//!   [`outbox`];
+//! * [`parking`] keeps parked messages in PostgreSQL: its keeper moves
+//!   them from `Q.dlq` into the lot, and its actions (list, show, retry,
+//!   archive) are what `requeue` and the console call;
 //! * [`config`] reads the settings; [`telemetry`] sets up logs and the
 //!   OpenTelemetry export, and carries trace context in AMQP headers.
 //!
@@ -31,7 +34,7 @@ pub mod cli;
 pub mod config;
 pub mod envelope;
 pub mod headers;
-pub mod requeue;
+pub mod parking;
 pub mod store;
 pub mod telemetry;
 

@@ -51,6 +51,10 @@ mod name {
     pub const OUTBOX_PENDING: &str = "iot_outbox_pending_rows";
     pub const OUTBOX_FAILED: &str = "iot_outbox_failed_rows";
     pub const OUTBOX_OLDEST: &str = "iot_outbox_oldest_pending_seconds";
+    pub const PARKED: &str = "iot_parked_messages";
+    pub const PARKING_MOVED: &str = "iot_parking_moved_total";
+    pub const PARKING_ERRORS: &str = "iot_parking_errors_total";
+    pub const PARKING_PAUSED: &str = "iot_parking_paused";
 }
 
 /// Upper bounds of the handling-duration histogram, in seconds.
@@ -138,9 +142,16 @@ impl Metrics {
             name::OUTBOX_PUBLISHED,
             name::OUTBOX_UNROUTABLE,
             name::OUTBOX_ERRORS,
+            name::PARKING_ERRORS,
         ] {
             metrics.counter(counter, vec![]).absolute(0);
         }
+        for result in MoveResult::ALL {
+            metrics
+                .counter(name::PARKING_MOVED, vec![Label::new("result", result.as_str())])
+                .absolute(0);
+        }
+        metrics.gauge(name::PARKING_PAUSED, vec![]).set(0.0);
         metrics.in_flight.set(0.0);
         metrics.gauge(name::BLOCKED, vec![]).set(0.0);
         metrics.refresh_readiness();
@@ -343,6 +354,32 @@ impl Metrics {
             .set(stats.oldest_pending.as_secs_f64());
     }
 
+    /// Sets `iot_parked_messages{status}` from the lot's counts.
+    pub(crate) fn set_parked(&self, counts: &[(&'static str, i64)]) {
+        for (status, n) in counts {
+            self.gauge(name::PARKED, vec![Label::new("status", *status)])
+                .set((*n).max(0) as f64);
+        }
+    }
+
+    /// Counts messages the keeper (or `requeue`) moved from `Q.dlq` into
+    /// the lot, by what became of each.
+    pub(crate) fn record_parking_moves(&self, result: MoveResult, n: u64) {
+        self.counter(name::PARKING_MOVED, vec![Label::new("result", result.as_str())])
+            .increment(n);
+    }
+
+    /// Counts one failed attempt to store a batch in the lot.
+    pub(crate) fn record_parking_error(&self) {
+        self.counter(name::PARKING_ERRORS, vec![]).increment(1);
+    }
+
+    /// 1 while the keeper has stopped taking from `Q.dlq`.
+    pub(crate) fn set_parking_paused(&self, paused: bool) {
+        self.gauge(name::PARKING_PAUSED, vec![])
+            .set(f64::from(u8::from(paused)));
+    }
+
     pub fn outbox_errors(&self) -> u64 {
         self.outbox_errors.load(Ordering::Relaxed)
     }
@@ -399,8 +436,33 @@ impl Metrics {
     }
 }
 
+/// What became of one message moved from `Q.dlq` into the lot
+/// (docs/reliability.md, "The parking lot").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MoveResult {
+    /// A new row.
+    Stored,
+    /// A message parked again after a retry: its row is `parked` again.
+    ParkedAgain,
+    /// A copy of a parking already stored (a crash between confirm and
+    /// ack): nothing changed.
+    Duplicate,
+}
+
+impl MoveResult {
+    pub const ALL: [MoveResult; 3] = [MoveResult::Stored, MoveResult::ParkedAgain, MoveResult::Duplicate];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MoveResult::Stored => "stored",
+            MoveResult::ParkedAgain => "parked_again",
+            MoveResult::Duplicate => "duplicate",
+        }
+    }
+}
+
 /// The `# HELP` lines of the counters.
-const COUNTERS: [(&str, &str); 9] = [
+const COUNTERS: [(&str, &str); 11] = [
     (
         name::DELIVERIES,
         "Deliveries settled, by message type (unknown when undecodable or unhandled), outcome (processed, duplicate, omitted, retried, parked) and, when parked, kind.",
@@ -428,10 +490,18 @@ const COUNTERS: [(&str, &str); 9] = [
         name::OUTBOX_ERRORS,
         "Database or broker errors of the outbox relay (it backs off).",
     ),
+    (
+        name::PARKING_MOVED,
+        "Messages moved from Q.dlq into the parking lot, by result (stored, parked_again, duplicate).",
+    ),
+    (
+        name::PARKING_ERRORS,
+        "Batches the parking keeper could not store (it stops taking from Q.dlq and tries again).",
+    ),
 ];
 
 /// The `# HELP` lines (and units) of the gauges.
-const GAUGES: [(&str, Option<Unit>, &str); 12] = [
+const GAUGES: [(&str, Option<Unit>, &str); 14] = [
     (
         name::IN_FLIGHT,
         None,
@@ -475,6 +545,16 @@ const GAUGES: [(&str, Option<Unit>, &str); 12] = [
         name::OUTBOX_OLDEST,
         Some(Unit::Seconds),
         "Age of the oldest pending outbox row.",
+    ),
+    (
+        name::PARKED,
+        None,
+        "Rows of the parking lot of this worker's queue, by status (parked, retried, archived); every worker reports the same lot.",
+    ),
+    (
+        name::PARKING_PAUSED,
+        None,
+        "1 while the parking keeper does not take from Q.dlq (the database is unreachable).",
     ),
 ];
 
@@ -580,5 +660,24 @@ mod tests {
         a.record_outbox_published(3);
         assert!(a.render().contains("iot_outbox_published_total 3\n"));
         assert!(b.render().contains("iot_outbox_published_total 0\n"));
+    }
+
+    #[test]
+    fn the_parking_lot_has_its_gauge_and_counters() {
+        let metrics = Metrics::new();
+        let text = metrics.render();
+        assert!(
+            text.contains("iot_parking_moved_total{result=\"duplicate\"} 0\n"),
+            "{text}"
+        );
+        assert!(text.contains("iot_parking_paused 0\n"), "{text}");
+        metrics.set_parked(&[("parked", 3), ("retried", 0)]);
+        metrics.record_parking_moves(MoveResult::Stored, 3);
+        let text = metrics.render();
+        assert!(text.contains("iot_parked_messages{status=\"parked\"} 3\n"), "{text}");
+        assert!(
+            text.contains("iot_parking_moved_total{result=\"stored\"} 3\n"),
+            "{text}"
+        );
     }
 }

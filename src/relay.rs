@@ -31,7 +31,6 @@
 //! consume session; database errors make it wait and try again.
 
 use std::sync::Arc;
-use std::sync::atomic::AtomicUsize;
 use std::time::{Duration, Instant};
 
 use lapin::BasicProperties;
@@ -40,7 +39,7 @@ use sqlx::PgPool;
 use sqlx::postgres::PgListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::broker::{self, BlockedHook, Outgoing, PublishError, Publisher};
+use crate::broker::{self, BlockedHook, Outgoing, PublishError, Publisher, Reconnect};
 use crate::metrics::Metrics;
 use crate::outbox::{self, Row};
 use crate::retry::reconnect_backoff as backoff;
@@ -68,8 +67,6 @@ const CLEANUP_INTERVAL: Duration = Duration::from_secs(3600);
 const CLEANUP_CHUNK: i64 = 10_000;
 /// How often the gauges are refreshed at most.
 const STATS_INTERVAL: Duration = Duration::from_secs(1);
-/// Bounds the broker connect (each broker of the list has its own 5 s).
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 /// Bounds connecting the `LISTEN` connection; the relay polls meanwhile.
 const LISTEN_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -110,45 +107,45 @@ impl Relay {
             stats_due: Instant::now(),
             cleanup_due: Instant::now(),
         };
-        let mut delays = backoff();
-        let next_broker = AtomicUsize::new(0);
+        let mut reconnect = Reconnect::new(&self.amqp_url, "worker-iot-core outbox relay", backoff);
         loop {
-            let connect = tokio::time::timeout(CONNECT_TIMEOUT, async {
-                let relay = "worker-iot-core outbox relay";
-                let (connection, _) = broker::connect_to_any(&self.amqp_url, relay, &next_broker).await?;
-                let metrics = self.metrics.clone();
-                let on_blocked: BlockedHook =
-                    Arc::new(move |reason| metrics.set_broker_blocked("outbox relay", reason));
-                let publisher = Publisher::open_watched(&connection, Some(on_blocked)).await?;
-                Ok::<_, lapin::Error>((connection, publisher))
-            });
-            let connected = tokio::select! {
-                () = shutdown.cancelled() => return,
-                connected = connect => connected,
-            };
-            let error = match connected {
-                Ok(Ok((connection, publisher))) => {
-                    tracing::info!("outbox relay connected");
-                    delays = backoff();
-                    let result = self.session(&publisher, &mut wake, &mut housekeeping, &shutdown).await;
-                    let close = connection.close(200, "relay stopping".into());
-                    tokio::time::timeout(Duration::from_secs(1), close).await.ok();
+            let error = match reconnect.connect(&shutdown).await {
+                None => return,
+                Some(Ok(connection)) => {
+                    let result = self
+                        .connected(&connection, &mut wake, &mut housekeeping, &shutdown)
+                        .await;
+                    broker::close(connection, "relay stopping").await;
                     match result {
                         Ok(()) => return,
-                        Err(e) => e.to_string(),
+                        Err(e) => e,
                     }
                 }
-                Ok(Err(e)) => format!("RabbitMQ: {e}"),
-                Err(_) => format!("RabbitMQ: no connection within {CONNECT_TIMEOUT:?}"),
+                Some(Err(e)) => e,
             };
             self.metrics.record_outbox_error();
-            let delay = delays.next().unwrap_or(Duration::from_secs(10));
-            tracing::warn!(error.message = %error, ?delay, "outbox relay: broker session ended; reconnecting");
-            tokio::select! {
-                () = shutdown.cancelled() => return,
-                () = tokio::time::sleep(delay) => {}
+            if !reconnect.pause(&error, &shutdown).await {
+                return;
             }
         }
+    }
+
+    /// Opens the publisher (watching for broker alarms) and relays on it.
+    async fn connected(
+        &self,
+        connection: &lapin::Connection,
+        wake: &mut Wake,
+        housekeeping: &mut Housekeeping,
+        shutdown: &CancellationToken,
+    ) -> Result<(), String> {
+        let metrics = self.metrics.clone();
+        let on_blocked: BlockedHook = Arc::new(move |reason| metrics.set_broker_blocked("outbox relay", reason));
+        let publisher = Publisher::open_watched(connection, Some(on_blocked))
+            .await
+            .map_err(|e| format!("RabbitMQ: {e}"))?;
+        tracing::info!("outbox relay connected");
+        let result = self.session(&publisher, wake, housekeeping, shutdown).await;
+        result.map_err(|e| e.to_string())
     }
 
     /// Relays on one broker connection until shutdown (`Ok`) or a broker

@@ -22,6 +22,9 @@ pub const TABLES: &[&str] = &[
     "beacon_readings",
     "outbox",
     "delivery_attempts",
+    "operator_action_messages",
+    "operator_actions",
+    "parked_messages",
     "_sqlx_migrations",
 ];
 

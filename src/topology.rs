@@ -91,14 +91,10 @@ pub enum TopologyError {
          and the DLQ are quorum queues with at-least-once dead-lettering, and a queue's type cannot \
          change. Migrate without losing a message: (1) stop every worker of '{main}'; (2) wait until \
          each '{main}.retry.*' queue is empty (its messages go back to '{main}' when their delay ends) \
-         and delete it: rabbitmqctl delete_queue '{main}.retry.<delay>' --if-empty; (3) declare a \
-         holding queue, for example rabbitmqadmin declare queue name='{main}.hold.dlq' durable=true, \
-         and move the parked messages there: requeue --queue '{main}' --to '{main}.hold.dlq' \
-         --keep-retry-count --yes; (4) rabbitmqctl delete_queue '{main}.dlq' --if-empty; (5) start \
-         the worker, which declares the new queues; (6) move the parked messages back: requeue \
-         --queue '{main}.hold' --to '{main}.dlq' --keep-retry-count --yes, then rabbitmqctl \
-         delete_queue '{main}.hold.dlq' --if-empty. Or set queue_type = \"classic\" to keep the \
-         single-node topology"
+         and delete it: rabbitmqctl delete_queue '{main}.retry.<delay>' --if-empty; (3) move the \
+         parked messages into the parking lot: requeue --queue '{main}' --list; (4) rabbitmqctl \
+         delete_queue '{main}.dlq' --if-empty; (5) start the worker, which declares the new queues. \
+         Or set queue_type = \"classic\" to keep the single-node topology"
     )]
     NeedsMigration {
         queue: String,
@@ -470,7 +466,7 @@ mod tests {
             let error = needs_migration(conflict_over(argument), true, "q");
             assert!(matches!(error, TopologyError::NeedsMigration { .. }), "{argument}");
             let text = error.to_string();
-            assert!(text.contains("requeue --queue 'q' --to 'q.hold.dlq'"), "{text}");
+            assert!(text.contains("requeue --queue 'q' --list"), "{text}");
         }
         let changed_delay = needs_migration(conflict_over("x-message-ttl"), true, "q");
         assert!(matches!(changed_delay, TopologyError::Conflict { .. }));

@@ -16,6 +16,7 @@ use crate::health;
 use crate::http;
 use crate::metrics::Metrics;
 use crate::outcome::{Event, EventHook};
+use crate::parking::Keeper;
 use crate::pipeline::{Pipeline, PipelineConfig};
 use crate::relay::Relay;
 use crate::retry::reconnect_backoff;
@@ -103,6 +104,10 @@ pub async fn run_with(settings: Settings, shutdown: CancellationToken, options: 
     let relay = settings
         .outbox_relay
         .then(|| spawn_relay(&settings, &pool, &options, relay_stop.clone()));
+    // The parking keeper too (docs/reliability.md, "The parking lot").
+    let keeper = settings
+        .parking_keeper
+        .then(|| spawn_keeper(&settings, &pool, &options, relay_stop.clone()));
 
     let supervisor = Supervisor {
         next_broker: AtomicUsize::new(0),
@@ -117,6 +122,9 @@ pub async fn run_with(settings: Settings, shutdown: CancellationToken, options: 
     background.cancel();
     if let Some(relay) = relay {
         stop_relay(relay).await;
+    }
+    if let Some(keeper) = keeper {
+        stop_relay(keeper).await;
     }
     if let Some(server) = server {
         tokio::time::timeout(http::SHUTDOWN_GRACE, server.task).await.ok();
@@ -203,9 +211,21 @@ fn spawn_relay(settings: &Settings, pool: &PgPool, options: &Options, stop: Canc
     tokio::spawn(relay.run(stop))
 }
 
-/// Waits a little for the relay to finish its batch. A batch still waiting
-/// for confirms is then dropped: its transaction rolls back and its rows
-/// are published again later.
+fn spawn_keeper(settings: &Settings, pool: &PgPool, options: &Options, stop: CancellationToken) -> JoinHandle<()> {
+    let keeper = Keeper {
+        pool: pool.clone(),
+        amqp_url: settings.amqp_url.expose().to_owned(),
+        queue: settings.queue.clone(),
+        retention: settings.parked_retention,
+        metrics: options.metrics.clone(),
+    };
+    tokio::spawn(keeper.run(stop))
+}
+
+/// Waits a little for the relay (or the parking keeper) to finish its
+/// batch. A relay batch still waiting for confirms is then dropped: its
+/// transaction rolls back and its rows are published again later; a
+/// keeper batch not stored yet goes back to `Q.dlq` with its channel.
 async fn stop_relay(relay: JoinHandle<()>) {
     let abort = relay.abort_handle();
     if tokio::time::timeout(RELAY_STOP_TIMEOUT, relay).await.is_err() {

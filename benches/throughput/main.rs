@@ -35,6 +35,8 @@
 //! `BENCH_OUTBOX=off` skips it). `BENCH_EXPORT=on` makes the worker export
 //! its spans over OTLP gRPC to a receiver in the bench ([`export`]): compare
 //! a run with it and one without for the cost of tracing.
+//! `BENCH_PARKING=on` adds the parking lot section ([`parking`]) on a
+//! classic queue; `BENCH_ONLY=parking` runs that section alone.
 
 mod child;
 mod drain;
@@ -42,6 +44,7 @@ mod export;
 mod latency;
 mod mix;
 mod outbox;
+mod parking;
 mod raw;
 mod report;
 mod support;
@@ -95,28 +98,41 @@ pub struct Target {
 #[tokio::main]
 async fn main() {
     let bench = Bench::open().await;
+    let only_parking = env_or("BENCH_ONLY", "") == "parking";
+    if !only_parking {
+        throughput(&bench).await;
+    }
+    if only_parking || env_or("BENCH_PARKING", "off") == "on" {
+        let target = bench.target("classic").await;
+        parking::bench(&bench, &target).await;
+        bench.remove(&target).await;
+    }
+    bench.close().await;
+}
+
+/// The throughput, latency and relay sections.
+async fn throughput(bench: &Bench) {
     let types: Vec<String> = env_or("BENCH_QUEUE_TYPES", "classic,quorum")
         .split(',')
         .map(|t| t.trim().to_owned())
         .filter(|t| !t.is_empty())
         .collect();
-    report::header(&bench);
+    report::header(bench);
     println!("mix: {}", mix::describe(&mix::build(bench.n, 1, Variant::Clean)));
     let mut results = Vec::new();
     for queue_type in &types {
         let target = bench.target(queue_type).await;
-        results.push((queue_type.clone(), measure(&bench, &target).await));
+        results.push((queue_type.clone(), measure(bench, &target).await));
         bench.remove(&target).await;
     }
-    report::table(&bench, &results);
+    report::table(bench, &results);
     match &bench.export {
         Some(export) => println!("trace export: on, {} spans received over OTLP", export.spans()),
         None => println!("trace export: off (BENCH_EXPORT=on to export to an in-process OTLP receiver)"),
     }
     if env_or("BENCH_OUTBOX", "on") != "off" {
-        outbox::bench(&bench).await;
+        outbox::bench(bench).await;
     }
-    bench.close().await;
 }
 
 /// Every figure of one queue type, `rounds` times.

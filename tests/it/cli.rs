@@ -28,7 +28,7 @@ const JOBS: [(&str, &[&str], bool, bool); 5] = [
     (WORKER, &[], true, true),
     (CREATE_DB, &[], false, true),
     (DELETE_DB, &["-y"], false, true),
-    (REQUEUE, &["--list"], true, false),
+    (REQUEUE, &["--list"], true, true),
     (PUBLISH, &["sample", "--count", "1"], true, false),
 ];
 

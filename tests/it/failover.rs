@@ -64,6 +64,7 @@ async fn publish_and_requeue_take_the_same_list() {
         let out = std::process::Command::new(bin)
             .args(args)
             .env("AMQP_URL", &urls)
+            .env("DATABASE_URL", &env.database_url)
             .env("SETTINGS_FILE", env.dir.join("none.json"))
             .output()
             .expect("run binary");

@@ -30,6 +30,7 @@ mod fuzz_regressions;
 #[cfg(feature = "test-handlers")]
 mod observability;
 mod outbox;
+mod parking;
 mod pipeline;
 mod requeue;
 #[cfg(feature = "test-handlers")]

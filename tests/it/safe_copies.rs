@@ -127,33 +127,36 @@ async fn a_user_id_of_another_user_is_removed_not_looped_on() {
     let error = headers::read_string(parked.properties.headers().as_ref(), ERROR).unwrap();
     assert!(error.contains(&format!("user_id \"{}\" removed", user.0)), "{error}");
 
-    // requeue cycles (keeps) a non-matching message the same way: one
-    // published by the other user straight into the DLQ no longer blocks a
-    // drain.
+    // requeue's retry copy is made safe the same way: one published by the
+    // other user straight into the DLQ is retried without its user_id.
     publisher
-        .publish("", &env.dlq(), b"{broken too", signed)
+        .publish(
+            "",
+            &env.dlq(),
+            b"{broken too",
+            signed.with_message_id("signed-2".into()),
+        )
         .await
         .expect("publish to the DLQ as the other user");
     std::fs::write(env.dir.join("none.json"), "{}").unwrap();
     let out = std::process::Command::new(REQUEUE)
-        .args(["--queue", &env.queue, "--type", "NO_SUCH_TYPE"])
+        .args(["--queue", &env.queue, "--yes"])
         .env("AMQP_URL", amqp_url())
+        .env("DATABASE_URL", &env.database_url)
         .env("SETTINGS_FILE", env.dir.join("none.json"))
         .output()
         .expect("run requeue");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let kept = env.drain(&env.dlq()).await;
-    assert_eq!(kept.len(), 2, "both stay in the DLQ");
-    assert!(kept.iter().all(|m| m.delivery.properties.user_id().is_none()));
+    let retried = env.drain(&env.queue).await;
+    assert_eq!(retried.len(), 2, "both retried");
+    assert!(retried.iter().all(|m| m.delivery.properties.user_id().is_none()));
     connection.close(200, "".into()).await.ok();
     env.cleanup().await;
 }
 
 /// The DLQ's only message, left in place.
 async fn peek_parked(env: &TestEnv) -> Delivery {
-    let mut all = worker_iot_core::requeue::peek(&env.connection, &env.dlq())
-        .await
-        .unwrap();
+    let mut all = env.peek(&env.dlq()).await;
     assert_eq!(all.len(), 1);
     all.remove(0)
 }

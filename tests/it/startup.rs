@@ -201,26 +201,24 @@ async fn a_classic_dlq_under_a_quorum_topology_is_refused_and_migrates_without_l
     assert_eq!(env.queue_len(&env.dlq()).await, PARKED, "nothing touched");
 
     // The steps of the message (the retry queues were never declared here).
-    let hold = format!("{}.hold", env.queue);
-    declared_with(&env, &format!("{hold}.dlq"), FieldTable::default())
-        .await
-        .unwrap();
-    let requeue = |args: &[&str]| {
-        std::fs::write(env.dir.join("none.json"), "{}").unwrap();
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_requeue"))
-            .args(args)
-            .env("AMQP_URL", crate::common::amqp_url())
-            .env("SETTINGS_FILE", env.dir.join("none.json"))
-            .output()
-            .expect("run requeue");
-        assert!(
-            out.status.success(),
-            "requeue {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
-    let hold_dlq = format!("{hold}.dlq");
-    requeue(&["--queue", &env.queue, "--to", &hold_dlq, "--keep-retry-count", "--yes"]);
+    std::fs::write(env.dir.join("none.json"), "{}").unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_requeue"))
+        .args(["--queue", &env.queue, "--list"])
+        .env("AMQP_URL", crate::common::amqp_url())
+        .env("DATABASE_URL", &env.database_url)
+        .env("SETTINGS_FILE", env.dir.join("none.json"))
+        .output()
+        .expect("run requeue");
+    assert!(
+        out.status.success(),
+        "requeue --list: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        env.count("parked_messages").await,
+        i64::from(PARKED),
+        "every parked message is in the lot"
+    );
     let channel = env.connection.create_channel().await.unwrap();
     let if_empty = lapin::options::QueueDeleteOptions {
         if_empty: true,
@@ -229,7 +227,6 @@ async fn a_classic_dlq_under_a_quorum_topology_is_refused_and_migrates_without_l
     channel.queue_delete(env.dlq().as_str().into(), if_empty).await.unwrap();
     let mut worker = env.spawn_binary(WORKER, &env.settings_json(), &[], "migrated");
     wait_consuming(&env, &mut worker).await;
-    requeue(&["--queue", &hold, "--to", &env.dlq(), "--keep-retry-count", "--yes"]);
     worker.signal("TERM");
     assert!(worker.wait_exit(Duration::from_secs(20)).await.success());
 
@@ -237,9 +234,7 @@ async fn a_classic_dlq_under_a_quorum_topology_is_refused_and_migrates_without_l
     declared_with(&env, &env.dlq(), quorum_dlq)
         .await
         .expect("the DLQ is a quorum queue now");
-    assert_eq!(env.queue_len(&env.dlq()).await, PARKED, "every parked message is back");
-    assert_eq!(env.queue_len(&hold_dlq).await, 0);
-    channel.queue_delete(hold_dlq.as_str().into(), if_empty).await.unwrap();
+    assert_eq!(env.count("parked_messages").await, i64::from(PARKED));
     env.cleanup().await;
 }
 

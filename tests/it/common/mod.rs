@@ -28,7 +28,8 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use worker_iot_core::broker::{self, Publisher};
 use worker_iot_core::config::Settings;
-use worker_iot_core::{Event, EventHook, Metrics, Options, Topology, WorkerError};
+use worker_iot_core::headers::{self, FailureRecord};
+use worker_iot_core::{ErrorKind, Event, EventHook, Metrics, Options, Topology, WorkerError};
 
 /// An event hook that sees every delivery before it is processed.
 pub fn on_received(see: impl Fn(&Delivery) + Send + Sync + 'static) -> EventHook {
@@ -171,6 +172,9 @@ impl TestEnv {
             ("METRICS_ADDR", "127.0.0.1:0".into()),
             ("DATABASE_MAX_CONNECTIONS", "8".into()),
             ("RABBITMQ_PREFETCH_COUNT", "16".into()),
+            // Most tests look at the parked copies in Q.dlq; tests/parking.rs
+            // turns the keeper on to see them move into the lot.
+            ("PARKING_KEEPER", "off".into()),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v))
@@ -247,6 +251,20 @@ impl TestEnv {
 
     /// Takes every message from `queue` (acking them), in order.
     pub async fn drain(&self, queue: &str) -> Vec<BasicGetMessage> {
+        self.get_all(queue, true).await
+    }
+
+    /// Every message of `queue`, in order, left in place: read without
+    /// acking, then handed back by closing the channel.
+    pub async fn peek(&self, queue: &str) -> Vec<Delivery> {
+        self.get_all(queue, false)
+            .await
+            .into_iter()
+            .map(|m| m.delivery)
+            .collect()
+    }
+
+    async fn get_all(&self, queue: &str, ack: bool) -> Vec<BasicGetMessage> {
         let channel = self.connection.create_channel().await.expect("channel");
         let mut out = Vec::new();
         while let Some(message) = channel
@@ -254,12 +272,14 @@ impl TestEnv {
             .await
             .expect("basic_get")
         {
-            message
-                .delivery
-                .acker
-                .ack(BasicAckOptions::default())
-                .await
-                .expect("ack");
+            if ack {
+                message
+                    .delivery
+                    .acker
+                    .ack(BasicAckOptions::default())
+                    .await
+                    .expect("ack");
+            }
             out.push(message);
         }
         channel.close(200, "".into()).await.ok();
@@ -386,6 +406,69 @@ impl RunningWorker {
             .expect("worker task did not panic");
         result.expect("worker ran without error");
     }
+}
+
+impl TestEnv {
+    /// `base` as the worker parks it: a copy with a failure record of
+    /// type `MEASUREMENT`, as if it arrived on this test's queue.
+    pub fn parked_properties(&self, base: BasicProperties, kind: ErrorKind, error: &str) -> BasicProperties {
+        let record = FailureRecord {
+            kind,
+            message_type: Some("MEASUREMENT"),
+            error,
+            retry_count: 2,
+            now_ms: 1_790_000_000_000,
+            received_ms: 1_790_000_000_000,
+            exchange: "",
+            routing_key: &self.queue,
+            failed_by: "test/0",
+        };
+        headers::with_failure(&base, &record)
+    }
+
+    /// Parks `body` with message id `id` in Q.dlq the way the worker does.
+    pub async fn park(&self, body: &[u8], id: &str, kind: ErrorKind, error: &str) {
+        let properties = self.parked_properties(BasicProperties::default().with_message_id(id.into()), kind, error);
+        self.publish_to(&self.dlq(), body, properties).await;
+    }
+}
+
+/// The `requeue` binary of this build.
+pub const REQUEUE: &str = env!("CARGO_BIN_EXE_requeue");
+
+impl TestEnv {
+    /// `requeue --queue Q ARGS` on this test's broker and database, with
+    /// an empty settings file.
+    pub fn requeue(&self, args: &[&str]) -> std::process::Command {
+        std::fs::write(self.dir.join("none.json"), "{}").expect("write settings");
+        let mut command = std::process::Command::new(REQUEUE);
+        command
+            .args(["--queue", &self.queue])
+            .args(args)
+            .env("AMQP_URL", &self.amqp_url)
+            .env("DATABASE_URL", &self.database_url)
+            .env("SETTINGS_FILE", self.dir.join("none.json"));
+        command
+    }
+
+    /// Runs [`TestEnv::requeue`] and checks that it succeeded.
+    pub fn run_requeue(&self, args: &[&str]) -> std::process::Output {
+        let output = self.requeue(args).output().expect("run requeue");
+        assert!(
+            output.status.success(),
+            "requeue {args:?} failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        output
+    }
+}
+
+/// A command's stdout, one JSON value per line.
+pub fn json_lines(output: &std::process::Output) -> Vec<serde_json::Value> {
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON line"))
+        .collect()
 }
 
 /// A worker binary started as a user would: settings file plus environment,

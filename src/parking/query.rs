@@ -1,0 +1,200 @@
+//! Reading the lot: a [`Filter`] in SQL, the groups of `requeue --list`,
+//! the messages a dry run names, and one message with the actions on it.
+//!
+//! Every statement is static SQL: the filter is one `WHERE` clause whose
+//! conditions are off when their parameter is empty or NULL (PostgreSQL
+//! plans each execution with the values, so an unused condition costs
+//! nothing). `--list` over 100,000 rows is one grouping scan
+//! (docs/benchmarks.md, "The parking lot").
+
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+use sqlx::PgPool;
+
+use super::{Filter, Status};
+
+/// The filter's `WHERE` clause: `$1` the queue, `$2` the statuses, `$3` to
+/// `$9` the filter's fields ([`bind_filter!`]); further parameters start
+/// at `$10`.
+macro_rules! matching {
+    () => {
+        "queue = $1 AND status = ANY($2::text[])
+         AND (cardinality($3::text[]) = 0 OR message_type = ANY($3::text[]))
+         AND (cardinality($4::text[]) = 0 OR error_kind = ANY($4::text[]))
+         AND ($5::text IS NULL OR fingerprint = $5::text)
+         AND ($6::text IS NULL OR strpos(error, $6::text) > 0 OR strpos(message_id, $6::text) > 0
+              OR position(convert_to($6::text, 'UTF8') IN body) > 0)
+         AND (cardinality($7::text[]) = 0 OR message_id = ANY($7::text[]))
+         AND ($8::timestamptz IS NULL OR last_parked_at >= $8::timestamptz)
+         AND ($9::timestamptz IS NULL OR last_parked_at < $9::timestamptz)"
+    };
+}
+pub(crate) use matching;
+
+/// Binds `$1` to `$9` of [`matching!`] on a query.
+macro_rules! bind_filter {
+    ($query:expr, $queue:expr, $filter:expr, $default:expr) => {
+        $query
+            .bind($queue)
+            .bind($filter.statuses($default))
+            .bind(&$filter.types)
+            .bind(&$filter.error_kinds)
+            .bind(&$filter.fingerprint)
+            .bind(&$filter.grep)
+            .bind(&$filter.ids)
+            .bind($filter.since)
+            .bind($filter.until)
+    };
+}
+pub(crate) use bind_filter;
+
+impl TryFrom<String> for Status {
+    type Error = String;
+
+    fn try_from(text: String) -> Result<Status, String> {
+        Status::parse(&text).ok_or_else(|| format!("unknown status {text:?}"))
+    }
+}
+
+/// One group of `--list`: the messages sharing a fingerprint.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct Group {
+    pub fingerprint: String,
+    pub count: i64,
+    pub error_kind: String,
+    /// Message types in the group, sorted.
+    pub types: Vec<String>,
+    pub first_parked_at: DateTime<Utc>,
+    pub last_parked_at: DateTime<Utc>,
+    pub sample_error: String,
+}
+
+/// One parked message, as lists show it.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct Message {
+    pub id: i64,
+    pub message_id: String,
+    pub message_type: Option<String>,
+    pub error_kind: String,
+    pub error: String,
+    pub fingerprint: String,
+    #[sqlx(try_from = "String")]
+    pub status: Status,
+    pub times_parked: i32,
+    pub first_parked_at: DateTime<Utc>,
+    pub last_parked_at: DateTime<Utc>,
+}
+
+/// Everything the lot holds of one message, for `--show`.
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
+pub struct Shown {
+    #[sqlx(flatten)]
+    pub message: Message,
+    pub headers: Value,
+    pub properties: Value,
+    pub body: Vec<u8>,
+    pub status_changed_at: DateTime<Utc>,
+    pub status_changed_by: Option<String>,
+    pub failed_at: Option<DateTime<Utc>>,
+    #[sqlx(skip)]
+    pub actions: Vec<ActionOn>,
+}
+
+/// An operator action that changed one message.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct ActionOn {
+    pub id: i64,
+    pub at: DateTime<Utc>,
+    pub actor: String,
+    pub action: String,
+    pub target: Option<String>,
+}
+
+/// The groups by fingerprint of the messages `filter` matches (status
+/// `parked` unless it says otherwise), most numerous first.
+///
+/// # Errors
+/// The database error.
+pub async fn groups(pool: &PgPool, queue: &str, filter: &Filter) -> Result<Vec<Group>, sqlx::Error> {
+    let query = sqlx::query_as(concat!(
+        "SELECT fingerprint, count(*) AS count, min(error_kind) AS error_kind,
+                array_remove(array_agg(DISTINCT message_type), NULL) AS types,
+                min(first_parked_at) AS first_parked_at, max(last_parked_at) AS last_parked_at,
+                min(error COLLATE \"C\") AS sample_error
+         FROM parked_messages WHERE ",
+        matching!(),
+        " GROUP BY fingerprint ORDER BY count(*) DESC, fingerprint"
+    ));
+    bind_filter!(query, queue, filter, Status::Parked).fetch_all(pool).await
+}
+
+/// How many messages `filter` matches, `default` being the status when it
+/// names none.
+///
+/// # Errors
+/// The database error.
+pub async fn count(pool: &PgPool, queue: &str, filter: &Filter, default: Status) -> Result<i64, sqlx::Error> {
+    let query = sqlx::query_scalar(concat!("SELECT count(*) FROM parked_messages WHERE ", matching!()));
+    bind_filter!(query, queue, filter, default).fetch_one(pool).await
+}
+
+/// The first `limit` messages `filter` matches, oldest parking first: what
+/// an action would take.
+///
+/// # Errors
+/// The database error.
+pub async fn messages(
+    pool: &PgPool,
+    queue: &str,
+    filter: &Filter,
+    default: Status,
+    limit: i64,
+) -> Result<Vec<Message>, sqlx::Error> {
+    let query = sqlx::query_as(concat!(
+        "SELECT id, message_id, message_type, error_kind, error, fingerprint, status, times_parked,
+                first_parked_at, last_parked_at
+         FROM parked_messages WHERE ",
+        matching!(),
+        " ORDER BY last_parked_at, id LIMIT $10"
+    ));
+    bind_filter!(query, queue, filter, default)
+        .bind(limit)
+        .fetch_all(pool)
+        .await
+}
+
+/// The message `message_id` of `queue`'s lot, whatever its status, with
+/// the actions that changed it, oldest first.
+///
+/// # Errors
+/// The database error.
+pub async fn show(pool: &PgPool, queue: &str, message_id: &str) -> Result<Option<Shown>, sqlx::Error> {
+    let found: Option<Shown> = sqlx::query_as(
+        "SELECT id, message_id, message_type, error_kind, error, fingerprint, status, times_parked,
+                first_parked_at, last_parked_at, headers, properties, body, status_changed_at,
+                status_changed_by, failed_at
+         FROM parked_messages WHERE queue = $1 AND message_id = $2",
+    )
+    .bind(queue)
+    .bind(message_id)
+    .fetch_optional(pool)
+    .await?;
+    let Some(mut shown) = found else { return Ok(None) };
+    shown.actions = actions_on(pool, shown.message.id).await?;
+    Ok(Some(shown))
+}
+
+/// The actions that changed row `parked_id`, oldest first.
+///
+/// # Errors
+/// The database error.
+pub async fn actions_on(pool: &PgPool, parked_id: i64) -> Result<Vec<ActionOn>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT a.id, a.at, a.actor, a.action, a.target
+         FROM operator_action_messages m JOIN operator_actions a ON a.id = m.action_id
+         WHERE m.parked_id = $1 ORDER BY a.at, a.id",
+    )
+    .bind(parked_id)
+    .fetch_all(pool)
+    .await
+}

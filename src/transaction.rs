@@ -228,10 +228,28 @@ async fn apply_bulk(
         };
         applied[*index] = Some(Applied::Done(outcome));
     }
-    match fresh.is_empty() {
-        true => Ok(()),
-        false => (bulk.apply_many)(tx, &fresh).await,
+    if fresh.is_empty() {
+        return Ok(());
     }
+    (bulk.apply_many)(tx, &fresh).instrument(bulk_span(&fresh)).await
+}
+
+/// The `handler` span of a bulk statement, named by the types it applies
+/// (`handler DEVICE_UP` for one of them, as a message alone gets).
+fn bulk_span(messages: &[&Message]) -> Span {
+    let mut types: Vec<&str> = Vec::new();
+    for message in messages {
+        if !types.contains(&message.message_type.as_str()) {
+            types.push(&message.message_type);
+        }
+    }
+    let types = types.join(", ");
+    tracing::debug_span!(
+        "handler",
+        otel.name = %format_args!("handler {types}"),
+        iot.message.type = %types,
+        iot.batch.size = messages.len(),
+    )
 }
 
 /// One message in its own savepoint: rolled back to it if it fails.

@@ -104,13 +104,16 @@ pub async fn run_with(settings: Settings, shutdown: CancellationToken, options: 
     let relay = settings
         .outbox_relay
         .then(|| spawn_relay(&settings, &pool, &options, relay_stop.clone()));
-    // The parking keeper too (docs/reliability.md, "The parking lot").
+    // The parking keeper too (docs/reliability.md, "The parking lot"),
+    // once the first session declared `Q.dlq`.
+    let declared = CancellationToken::new();
     let keeper = settings
         .parking_keeper
-        .then(|| spawn_keeper(&settings, &pool, &options, relay_stop.clone()));
+        .then(|| spawn_keeper(&settings, &pool, &options, &declared, relay_stop.clone()));
 
     let supervisor = Supervisor {
         next_broker: AtomicUsize::new(0),
+        declared,
         settings,
         topology,
         pipeline,
@@ -211,7 +214,13 @@ fn spawn_relay(settings: &Settings, pool: &PgPool, options: &Options, stop: Canc
     tokio::spawn(relay.run(stop))
 }
 
-fn spawn_keeper(settings: &Settings, pool: &PgPool, options: &Options, stop: CancellationToken) -> JoinHandle<()> {
+fn spawn_keeper(
+    settings: &Settings,
+    pool: &PgPool,
+    options: &Options,
+    declared: &CancellationToken,
+    stop: CancellationToken,
+) -> JoinHandle<()> {
     let keeper = Keeper {
         pool: pool.clone(),
         amqp_url: settings.amqp_url.expose().to_owned(),
@@ -219,7 +228,13 @@ fn spawn_keeper(settings: &Settings, pool: &PgPool, options: &Options, stop: Can
         retention: settings.parked_retention,
         metrics: options.metrics.clone(),
     };
-    tokio::spawn(keeper.run(stop))
+    let declared = declared.clone();
+    tokio::spawn(async move {
+        tokio::select! {
+            () = stop.cancelled() => {}
+            () = declared.cancelled() => keeper.run(stop).await,
+        }
+    })
 }
 
 /// Waits a little for the relay (or the parking keeper) to finish its
@@ -236,6 +251,9 @@ async fn stop_relay(relay: JoinHandle<()>) {
 struct Supervisor {
     /// The broker of `AMQP_URL`'s list to try first at the next connect.
     next_broker: AtomicUsize,
+    /// Cancelled once a session declared the topology: the parking keeper
+    /// waits for it, so it never looks for a `Q.dlq` not declared yet.
+    declared: CancellationToken,
     settings: Settings,
     topology: Arc<Topology>,
     pipeline: Arc<Pipeline>,
@@ -285,6 +303,7 @@ impl Supervisor {
         };
         self.metrics.record_connection(&session.node);
         self.metrics.set_consuming(true);
+        self.declared.cancel();
         tracing::info!(node = %session.node, queue = %self.topology.queue(), queue_type = ?self.topology.queue_type,
                        prefetch = self.settings.prefetch_count, "topology declared; consuming");
         let batching = Batching {

@@ -255,3 +255,19 @@ pub async fn record_events_in_inbox(
     .await
     .map(|ids: Vec<String>| ids.into_iter().collect())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::TABLES;
+
+    /// The script that moves a superuser-migrated database to the worker's
+    /// role names its tables one by one: every table the worker owns must
+    /// be among them (docs/deployment.md).
+    #[test]
+    fn the_move_to_the_worker_role_names_every_table() {
+        let script = include_str!("../deploy/postgres/move-to-worker-role.sql");
+        for table in TABLES {
+            assert!(script.contains(&format!("'{table}'")), "{table} is missing");
+        }
+    }
+}

@@ -21,7 +21,8 @@ DECLARE
     -- What the migrations create (store::TABLES, and the relay's trigger
     -- function). A table that is not there is skipped.
     tables text[] := ARRAY['events', 'commands', 'devices', 'measurements', 'beacon_readings',
-                           'outbox', 'delivery_attempts', '_sqlx_migrations'];
+                           'outbox', 'delivery_attempts', 'operator_action_messages',
+                           'operator_actions', 'parked_messages', '_sqlx_migrations'];
     role text := current_setting('worker.role');
     name text;
 BEGIN

@@ -127,7 +127,7 @@ impl Apply for Database {
                 Ok(conn) => conn,
                 Err(e) => return aborted(items.len(), Failure::Database(e)),
             };
-            match run(&mut conn, items).await {
+            let applied = match run(&mut conn, items).await {
                 Ok(applied) => applied,
                 Err(failure) => {
                     if let Failure::Database(e) = &failure {
@@ -135,7 +135,15 @@ impl Apply for Database {
                     }
                     aborted(items.len(), failure)
                 }
+            };
+            // One message's statement answered 25006: this connection
+            // reaches a read-only server, so it is not pooled either.
+            for failed in &applied {
+                if let Applied::Failed(Failure::Database(e)) = failed {
+                    store::close_if_read_only(&mut conn, e);
+                }
             }
+            applied
         })
     }
 }

@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Output, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use lapin::options::{
     BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions, QueueBindOptions, QueueDeclareOptions,
@@ -29,6 +29,10 @@ use sqlx::{Connection as _, PgConnection};
 use tokio::process::{Child, Command};
 use url::Url;
 
+use crate::common::wait_for;
+
+/// How long a condition may take to hold.
+const WAIT: Duration = Duration::from_secs(60);
 const WORKER: &str = env!("CARGO_BIN_EXE_worker-iot-core");
 const CREATE_DB: &str = env!("CARGO_BIN_EXE_create_db");
 const DELETE_DB: &str = env!("CARGO_BIN_EXE_delete_db");
@@ -96,19 +100,23 @@ async fn the_worker_runs_as_a_role_that_owns_its_tables_and_nothing_else() {
     broker.publish(&scratch.name, &measurement(&device, "lp-m")).await;
     broker.publish(&scratch.name, &led_command(&device, "lp-led")).await;
     let (scratch_ref, device_ref) = (&scratch, &device);
-    wait_for("the events, the command and its device message", move || async move {
-        let row: (i64, i64, i64, i64) = sqlx::query_as(
-            "SELECT (SELECT count(*) FROM iot.devices WHERE device_id = $1 AND status = 'online'),
+    wait_for(
+        "the events, the command and its device message",
+        WAIT,
+        move || async move {
+            let row: (i64, i64, i64, i64) = sqlx::query_as(
+                "SELECT (SELECT count(*) FROM iot.devices WHERE device_id = $1 AND status = 'online'),
                     (SELECT count(*) FROM iot.measurements WHERE device_id = $1),
                     (SELECT count(*) FROM iot.commands WHERE device_id = $1),
                     (SELECT count(*) FROM iot.outbox WHERE published_at IS NOT NULL)",
-        )
-        .bind(device_ref)
-        .fetch_one(&mut scratch_ref.admin().await)
-        .await
-        .ok()?;
-        (row == (1, 1, 1, 1)).then_some(())
-    })
+            )
+            .bind(device_ref)
+            .fetch_one(&mut scratch_ref.admin().await)
+            .await
+            .ok()?;
+            (row == (1, 1, 1, 1)).then_some(())
+        },
+    )
     .await;
     let sent = broker.take_all(&devices_queue).await;
     assert_eq!(sent, vec![b"on".to_vec()], "the device got its message once");
@@ -336,6 +344,7 @@ async fn postgres_and_rabbitmq_over_tls_with_a_private_ca() {
     let (scratch_ref, device_ref) = (&scratch, &device);
     wait_for(
         "the event and the command applied, the device message relayed",
+        WAIT,
         move || async move {
             let row: (i64, i64) = sqlx::query_as(
                 "SELECT (SELECT count(*) FROM devices WHERE device_id = $1),
@@ -413,22 +422,6 @@ fn text(output: &Output) -> String {
 
 fn assert_success(what: &str, output: &Output) {
     assert!(output.status.success(), "{what}: {}", text(output));
-}
-
-/// Waits until `check` returns `Some`, or panics after 60 s naming `what`.
-async fn wait_for<T, F, Fut>(what: &str, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Some(value) = check().await {
-            return value;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 /// Runs a binary to its end (at most 60 s) in `dir`, with only `env` (and
@@ -695,7 +688,7 @@ impl Broker {
 
     async fn wait_for_consumer(&self, queue: &str) {
         let connection = &self.connection;
-        wait_for("the worker to consume", move || async move {
+        wait_for("the worker to consume", WAIT, move || async move {
             let options = QueueDeclareOptions {
                 passive: true,
                 ..Default::default()

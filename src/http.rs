@@ -90,8 +90,17 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> std::io::Result<Server> {
     let listener = TcpListener::bind(addr).await?;
+    serve_router(listener, router(AppState { metrics, pool }), shutdown)
+}
+
+/// Serves `router` on `listener` with this module's limits (timeouts,
+/// connection cap, graceful shutdown) until `shutdown`: the console's
+/// server too.
+///
+/// # Errors
+/// The listener's address cannot be read.
+pub fn serve_router(listener: TcpListener, router: Router, shutdown: CancellationToken) -> std::io::Result<Server> {
     let addr = listener.local_addr()?;
-    let router = router(AppState { metrics, pool });
     let limit = connection_limit();
     tracing::debug!(%addr, connection_limit = limit, "HTTP server listening");
     let task = tokio::spawn(accept_loop(listener, router, limit, shutdown));

@@ -32,6 +32,7 @@
 pub mod broker;
 pub mod cli;
 pub mod config;
+pub mod console;
 pub mod envelope;
 pub mod headers;
 pub mod parking;

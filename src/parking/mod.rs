@@ -25,15 +25,31 @@ pub mod query;
 pub mod record;
 
 use chrono::{DateTime, Utc};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 pub use actions::{Action, ActionError, Done, Request};
 pub use keeper::{Keeper, take_waiting};
 pub use query::{Group, Message, Shown};
 pub use record::Parking;
 
+/// The error kinds of messages the broker dead-lettered itself (from
+/// `x-first-death-reason`), beside the worker's [`ErrorKind`]s, and
+/// `unknown`.
+///
+/// [`ErrorKind`]: crate::ErrorKind
+pub const BROKER_KINDS: [&str; 5] = ["expired", "rejected", "maxlen", "delivery_limit", "unknown"];
+
+/// Every error kind a parked message can have.
+pub fn error_kinds() -> Vec<&'static str> {
+    crate::ErrorKind::ALL
+        .iter()
+        .map(|k| k.as_str())
+        .chain(BROKER_KINDS)
+        .collect()
+}
+
 /// Where a parked message stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Status {
     /// Waiting for an operator (the state a parking starts in).
@@ -64,7 +80,8 @@ impl Status {
 
 /// Which parked messages an action or a view takes. Empty lists and `None`
 /// match everything; all given conditions must hold.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct Filter {
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub types: Vec<String>,
@@ -103,6 +120,20 @@ impl Filter {
     pub fn statuses(&self, default: Status) -> Vec<String> {
         vec![self.status.unwrap_or(default).as_str().to_owned()]
     }
+}
+
+/// A time given by a person: RFC 3339, or a duration such as `2h`
+/// meaning that long ago (`requeue --since`, the console's time filter).
+///
+/// # Errors
+/// What is allowed, naming the text.
+pub fn parse_when(text: &str) -> Result<DateTime<Utc>, String> {
+    if let Ok(ago) = humantime::parse_duration(text) {
+        let ago = chrono::Duration::from_std(ago).map_err(|e| e.to_string())?;
+        return Ok(Utc::now() - ago);
+    }
+    crate::envelope::parse_time(text)
+        .map_err(|problem| format!("{text:?} is not a time ({problem}): expected RFC 3339 or a duration such as 2h"))
 }
 
 #[cfg(test)]

@@ -8,6 +8,7 @@
 //! (docs/benchmarks.md, "The parking lot").
 
 use chrono::{DateTime, Utc};
+use serde::Serialize;
 use serde_json::Value;
 use sqlx::PgPool;
 
@@ -57,7 +58,7 @@ impl TryFrom<String> for Status {
 }
 
 /// One group of `--list`: the messages sharing a fingerprint.
-#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
 pub struct Group {
     pub fingerprint: String,
     pub count: i64,
@@ -70,7 +71,7 @@ pub struct Group {
 }
 
 /// One parked message, as lists show it.
-#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
 pub struct Message {
     pub id: i64,
     pub message_id: String,
@@ -101,7 +102,7 @@ pub struct Shown {
 }
 
 /// An operator action that changed one message.
-#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
 pub struct ActionOn {
     pub id: i64,
     pub at: DateTime<Utc>,
@@ -163,25 +164,113 @@ pub async fn messages(
         .await
 }
 
+/// The columns of [`Shown`].
+macro_rules! shown {
+    () => {
+        "SELECT id, message_id, message_type, error_kind, error, fingerprint, status, times_parked,
+        first_parked_at, last_parked_at, headers, properties, body, status_changed_at,
+        status_changed_by, failed_at
+    FROM parked_messages"
+    };
+}
+
 /// The message `message_id` of `queue`'s lot, whatever its status, with
 /// the actions that changed it, oldest first.
 ///
 /// # Errors
 /// The database error.
 pub async fn show(pool: &PgPool, queue: &str, message_id: &str) -> Result<Option<Shown>, sqlx::Error> {
-    let found: Option<Shown> = sqlx::query_as(
-        "SELECT id, message_id, message_type, error_kind, error, fingerprint, status, times_parked,
-                first_parked_at, last_parked_at, headers, properties, body, status_changed_at,
-                status_changed_by, failed_at
-         FROM parked_messages WHERE queue = $1 AND message_id = $2",
-    )
-    .bind(queue)
-    .bind(message_id)
-    .fetch_optional(pool)
-    .await?;
+    let found = sqlx::query_as(concat!(shown!(), " WHERE queue = $1 AND message_id = $2"))
+        .bind(queue)
+        .bind(message_id)
+        .fetch_optional(pool)
+        .await?;
+    with_actions(pool, found).await
+}
+
+/// Row `id` of `queue`'s lot, as [`show`] gives it.
+///
+/// # Errors
+/// The database error.
+pub async fn show_row(pool: &PgPool, queue: &str, id: i64) -> Result<Option<Shown>, sqlx::Error> {
+    let found = sqlx::query_as(concat!(shown!(), " WHERE queue = $1 AND id = $2"))
+        .bind(queue)
+        .bind(id)
+        .fetch_optional(pool)
+        .await?;
+    with_actions(pool, found).await
+}
+
+async fn with_actions(pool: &PgPool, found: Option<Shown>) -> Result<Option<Shown>, sqlx::Error> {
     let Some(mut shown) = found else { return Ok(None) };
     shown.actions = actions_on(pool, shown.message.id).await?;
     Ok(Some(shown))
+}
+
+/// Where a page of messages starts: after this `(last_parked_at, id)`,
+/// newest first.
+pub type Cursor = (DateTime<Utc>, i64);
+
+/// One page of the messages `filter` matches, newest parking first,
+/// starting after `after` (keyset pagination: each page is an index range,
+/// however deep).
+///
+/// # Errors
+/// The database error.
+pub async fn page(
+    pool: &PgPool,
+    queue: &str,
+    filter: &Filter,
+    after: Option<Cursor>,
+    limit: i64,
+) -> Result<Vec<Message>, sqlx::Error> {
+    let query = sqlx::query_as(concat!(
+        "SELECT id, message_id, message_type, error_kind, error, fingerprint, status, times_parked,
+                first_parked_at, last_parked_at
+         FROM parked_messages WHERE ",
+        matching!(),
+        " AND ($10::timestamptz IS NULL OR (last_parked_at, id) < ($10::timestamptz, $11::bigint))
+         ORDER BY last_parked_at DESC, id DESC LIMIT $12"
+    ));
+    bind_filter!(query, queue, filter, Status::Parked)
+        .bind(after.map(|a| a.0))
+        .bind(after.map_or(0, |a| a.1))
+        .bind(limit)
+        .fetch_all(pool)
+        .await
+}
+
+/// One row of `operator_actions`.
+#[derive(Debug, Clone, PartialEq, Serialize, sqlx::FromRow)]
+pub struct ActionRow {
+    pub id: i64,
+    pub at: DateTime<Utc>,
+    pub actor: String,
+    pub action: String,
+    pub filter: Value,
+    pub messages: i32,
+    pub target: Option<String>,
+}
+
+/// The actions on `queue`'s lot, newest first, with ids below `before`.
+///
+/// # Errors
+/// The database error.
+pub async fn actions(
+    pool: &PgPool,
+    queue: &str,
+    before: Option<i64>,
+    limit: i64,
+) -> Result<Vec<ActionRow>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT id, at, actor, action, filter, messages, target FROM operator_actions
+         WHERE queue = $1 AND ($2::bigint IS NULL OR id < $2) ORDER BY id DESC LIMIT $3",
+    )
+    .bind(queue)
+    .bind(before)
+    .bind(limit)
+    .fetch_all(pool)
+    .await
 }
 
 /// The actions that changed row `parked_id`, oldest first.

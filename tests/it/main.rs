@@ -20,6 +20,7 @@ mod batching;
 mod cli;
 #[cfg(feature = "test-handlers")]
 mod cluster;
+mod console;
 mod deploy;
 #[cfg(feature = "test-handlers")]
 mod edges;

@@ -15,8 +15,8 @@ use tokio_util::sync::CancellationToken;
 use worker_iot_core::broker::{self, Publisher};
 use worker_iot_core::cli::{self, EXIT_INTERRUPTED, Generate, UsageError};
 use worker_iot_core::config::{BROKER_KEYS, DATABASE_KEYS, Settings};
-use worker_iot_core::parking::{Action, Filter, Request, Status, actions, keeper, query};
-use worker_iot_core::{ErrorKind, store};
+use worker_iot_core::parking::{self, Action, Filter, Request, Status, actions, keeper, query};
+use worker_iot_core::store;
 
 mod output;
 
@@ -78,10 +78,10 @@ struct Args {
     ids: Vec<String>,
     /// Only messages last parked at or after TIME (RFC 3339, or a duration
     /// such as 2h meaning that long ago).
-    #[arg(long, value_name = "TIME", value_parser = parse_when)]
+    #[arg(long, value_name = "TIME", value_parser = parking::parse_when)]
     since: Option<chrono::DateTime<chrono::Utc>>,
     /// Only messages last parked before TIME.
-    #[arg(long, value_name = "TIME", value_parser = parse_when)]
+    #[arg(long, value_name = "TIME", value_parser = parking::parse_when)]
     until: Option<chrono::DateTime<chrono::Utc>>,
     /// Only messages in this status (default: parked; archived for
     /// --unarchive).
@@ -117,14 +117,11 @@ fn parse_rate(text: &str) -> Result<f64, String> {
     }
 }
 
-/// The worker's kinds, the broker's dead-lettering reasons, and `unknown`.
-const BROKER_KINDS: [&str; 5] = ["expired", "rejected", "maxlen", "delivery_limit", "unknown"];
-
 fn parse_kind(text: &str) -> Result<String, String> {
-    if ErrorKind::parse(text).is_some() || BROKER_KINDS.contains(&text) {
+    let known = parking::error_kinds();
+    if known.contains(&text) {
         return Ok(text.to_owned());
     }
-    let known: Vec<&str> = ErrorKind::ALL.iter().map(|k| k.as_str()).chain(BROKER_KINDS).collect();
     Err(format!(
         "{text:?} is not an error kind: expected one of {}",
         known.join(", ")
@@ -133,15 +130,6 @@ fn parse_kind(text: &str) -> Result<String, String> {
 
 fn parse_status(text: &str) -> Result<Status, String> {
     Status::parse(text).ok_or_else(|| format!("{text:?} is not a status: expected parked, retried or archived"))
-}
-
-fn parse_when(text: &str) -> Result<chrono::DateTime<chrono::Utc>, String> {
-    if let Ok(ago) = humantime::parse_duration(text) {
-        let ago = chrono::Duration::from_std(ago).map_err(|e| e.to_string())?;
-        return Ok(chrono::Utc::now() - ago);
-    }
-    worker_iot_core::envelope::parse_time(text)
-        .map_err(|problem| format!("{text:?} is not a time ({problem}): expected RFC 3339 or a duration such as 2h"))
 }
 
 #[tokio::main]

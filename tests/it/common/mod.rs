@@ -2,6 +2,7 @@
 //! suffix), its own database, and helpers that wait on conditions with a
 //! deadline instead of sleeping.
 
+pub mod browser;
 pub mod messages;
 pub mod observe;
 pub mod proxy;

@@ -1,0 +1,153 @@
+//! Retry, Archive and Unarchive from the console: the pages and the API
+//! both come here, and this calls [`actions::run`], `requeue`'s own path
+//! (confirmed publish, then marked, then logged in `operator_actions`).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use lapin::Connection;
+use tokio::sync::Mutex;
+use tokio_util::sync::CancellationToken;
+
+use super::Console;
+use super::auth::Who;
+use crate::broker::{self, Publisher};
+use crate::parking::{Action, Done, Filter, Request, Status, actions, query};
+
+/// How long a request waits for its action. A longer one (a retry of very
+/// many messages) goes on in the background: each batch commits on its
+/// own, and the Actions page counts them.
+pub const ANSWER_WITHIN: Duration = Duration::from_secs(20);
+
+/// The console's broker connection, opened at the first retry and again
+/// after it broke.
+pub struct Broker {
+    urls: String,
+    open: Mutex<Option<(Connection, Publisher)>>,
+}
+
+impl Broker {
+    pub fn new(urls: &str) -> Broker {
+        Broker {
+            urls: urls.to_owned(),
+            open: Mutex::new(None),
+        }
+    }
+
+    async fn publisher(&self) -> Result<Publisher, String> {
+        let mut open = self.open.lock().await;
+        if let Some((connection, publisher)) = open.as_ref()
+            && connection.status().connected()
+        {
+            return Ok(publisher.clone());
+        }
+        let connection = broker::connect(&self.urls, "worker-iot-core console")
+            .await
+            .map_err(|e| format!("cannot reach RabbitMQ: {e}"))?;
+        let publisher = Publisher::open(&connection)
+            .await
+            .map_err(|e| format!("cannot open a channel: {e}"))?;
+        *open = Some((connection, publisher.clone()));
+        Ok(publisher)
+    }
+
+    /// Forgets the connection after a failed publish: the next retry opens
+    /// a new one.
+    async fn forget(&self) {
+        if let Some((connection, _)) = self.open.lock().await.take() {
+            broker::close(connection, "publish failed").await;
+        }
+    }
+}
+
+/// An action asked for by a person or a script.
+#[derive(Debug, Clone)]
+pub struct Order {
+    pub action: Action,
+    pub filter: Filter,
+    pub limit: Option<u64>,
+}
+
+/// How an action ended, as far as the request saw it.
+#[derive(Debug)]
+pub enum Finished {
+    Done(Done),
+    /// Still running after [`ANSWER_WITHIN`].
+    Running,
+}
+
+/// `retry`, `archive` or `unarchive`: a retry goes back to `Q`.
+///
+/// # Errors
+/// The word is none of them, or unarchive on another status than archived.
+pub fn action(word: &str, queue: &str, filter: &Filter) -> Result<Action, String> {
+    let action = match word {
+        "retry" => Action::Retry {
+            target: queue.to_owned(),
+            keep_retry_count: false,
+        },
+        "archive" => Action::Archive,
+        "unarchive" => Action::Unarchive,
+        _ => return Err(format!("action: {word:?} is not retry, archive or unarchive")),
+    };
+    if action == Action::Unarchive && filter.status.is_some_and(|s| s != Status::Archived) {
+        return Err("unarchive works on archived messages only".into());
+    }
+    Ok(action)
+}
+
+/// How many messages `order` would touch now.
+///
+/// # Errors
+/// The database error.
+pub async fn count(console: &Console, order: &Order) -> Result<u64, sqlx::Error> {
+    let matching = query::count(&console.pool, &console.queue, &order.filter, order.action.from_status()).await?;
+    let matching = u64::try_from(matching).unwrap_or(0);
+    Ok(order.limit.map_or(matching, |limit| matching.min(limit)))
+}
+
+/// Runs `order` for `who`, waiting up to [`ANSWER_WITHIN`]; the action
+/// itself goes on if the request ends first.
+///
+/// # Errors
+/// Why it stopped (what it committed before stays done).
+pub async fn run(console: &Arc<Console>, who: &Who, order: Order) -> Result<Finished, String> {
+    let publisher = match order.action {
+        Action::Retry { .. } => Some(console.broker.publisher().await?),
+        Action::Archive | Action::Unarchive => None,
+    };
+    let console = console.clone();
+    let actor = who.actor();
+    let task = tokio::spawn(async move {
+        let request = Request {
+            queue: &console.queue,
+            filter: &order.filter,
+            limit: order.limit,
+            rate: None,
+            actor: &actor,
+        };
+        let stop = CancellationToken::new();
+        let result = actions::run(
+            &console.pool,
+            publisher.as_ref(),
+            &request,
+            &order.action,
+            &stop,
+            |_| {},
+        )
+        .await;
+        if let Err(e) = &result {
+            tracing::warn!(error.message = %e, actor, action = order.action.as_str(), "console action stopped");
+            if matches!(e, actions::ActionError::Publish { .. }) {
+                console.broker.forget().await;
+            }
+        }
+        result
+    });
+    match tokio::time::timeout(ANSWER_WITHIN, task).await {
+        Ok(Ok(Ok(done))) => Ok(Finished::Done(done)),
+        Ok(Ok(Err(e))) => Err(e.to_string()),
+        Ok(Err(join)) => Err(format!("the action failed: {join}")),
+        Err(_) => Ok(Finished::Running),
+    }
+}

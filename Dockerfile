@@ -29,11 +29,12 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
        target/release/create_db \
        target/release/delete_db \
        target/release/publish \
+       target/release/console \
        /out/bin/
 # Shell completions and man pages, written by each binary's hidden flags
 # from the same clap definition that parses its command line.
 RUN mkdir -p /out/bash /out/zsh /out/fish /out/man \
- && for bin in worker-iot-core requeue create_db delete_db publish; do \
+ && for bin in worker-iot-core requeue create_db delete_db publish console; do \
       /out/bin/$bin --generate-completions bash > /out/bash/$bin \
    && /out/bin/$bin --generate-completions zsh > /out/zsh/_$bin \
    && /out/bin/$bin --generate-completions fish > /out/fish/$bin.fish \

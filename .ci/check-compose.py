@@ -42,10 +42,14 @@ SECRETS = {
     # drop a database each).
     "POSTGRES_PASSWORD": {"postgres", "test"},
     # The worker's database role: created by the database's init script,
-    # used by the worker.
-    "WORKER_DB_PASSWORD": {"postgres", "worker-iot-core"},
-    # The broker's user: the broker, the worker and the tests log in as it.
-    "RABBITMQ_DEFAULT_PASS": {"rabbitmq", "worker-iot-core", "test"},
+    # used by the worker and the console (which acts on the same lot).
+    "WORKER_DB_PASSWORD": {"postgres", "worker-iot-core", "console"},
+    # The broker's user: the broker, the worker, the console (its retries
+    # publish) and the tests log in as it.
+    "RABBITMQ_DEFAULT_PASS": {"rabbitmq", "worker-iot-core", "console", "test"},
+    # The console's tokens: the console only.
+    "CONSOLE_TOKEN": {"console"},
+    "CONSOLE_VIEWER_TOKEN": {"console"},
 }
 SECRET_NAME = re.compile(r"PASS|TOKEN|SECRET", re.IGNORECASE)
 WORKER = "worker-iot-core"

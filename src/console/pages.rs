@@ -143,7 +143,7 @@ fn filter_form(filter: &Filter) -> Markup {
                     }
                 }
             }
-            label { "Type " input type="text" name="type" value=(filter.types.join(" ")) placeholder="MEASUREMENT"; }
+            label { "Type " input type="text" name="type" value=(filter.types.join(", ")) placeholder="MEASUREMENT"; }
             label { "Search " input type="search" name="q" value=(filter.grep.as_deref().unwrap_or(""))
                 placeholder="id, error or body text"; }
             label { "Since " input type="text" name="since" placeholder="2h or 2026-11-30T10:00:00Z"

@@ -57,8 +57,19 @@ impl Params {
                 Status::parse(text).ok_or_else(|| format!("status: {text:?} is not parked, retried or archived"))
             })
             .transpose()?;
+        // A type field may hold several, as the form shows them.
+        let types = self
+            .all("type")
+            .iter()
+            .flat_map(|t| {
+                t.split([',', ' '])
+                    .filter(|t| !t.is_empty())
+                    .map(str::to_owned)
+                    .collect::<Vec<_>>()
+            })
+            .collect();
         Ok(Filter {
-            types: self.all("type"),
+            types,
             error_kinds: self.all("kind"),
             fingerprint: self.get("fingerprint").map(str::to_owned),
             grep: self.get("q").map(str::to_owned),
@@ -130,10 +141,10 @@ mod tests {
     #[test]
     fn a_filter_goes_to_pairs_and_back() {
         let params = Params::from_form(
-            b"status=archived&kind=validation&type=A&type=B&q=%3Cscript%3E&since=2026-11-30T10:00:00Z&fingerprint=f1&id=m1&id=m2&x=",
+            b"status=archived&kind=validation&type=A&type=B%2C+C&q=%3Cscript%3E&since=2026-11-30T10:00:00Z&fingerprint=f1&id=m1&id=m2&x=",
         );
         let filter = params.filter().unwrap();
-        assert_eq!(filter.types, ["A", "B"]);
+        assert_eq!(filter.types, ["A", "B", "C"]);
         assert_eq!(filter.grep.as_deref(), Some("<script>"));
         assert_eq!(filter.status, Some(Status::Archived));
         let again = Params::from_form(query_string(&filter_pairs(&filter)).as_bytes())

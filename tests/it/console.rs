@@ -318,6 +318,9 @@ async fn tokens_decide_who_reads_and_who_acts_and_archive_hides_a_group() {
     .await;
     assert_eq!(status, 403);
     browser.click("header form button").await;
+    // The login form is on the login page only: its showing is the end
+    // of the navigation.
+    browser.text("form[action='/login'] button").await;
     assert_eq!(browser.client.current_url().await.expect("url").path(), "/login");
 
     // The operator: a POST without the CSRF token, or from another origin,

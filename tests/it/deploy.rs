@@ -29,6 +29,7 @@ use sqlx::{Connection as _, PgConnection};
 use tokio::process::{Child, Command};
 use url::Url;
 
+use crate::common::browser::{CONSOLE, free_port, http};
 use crate::common::wait_for;
 
 /// How long a condition may take to hold.
@@ -120,7 +121,22 @@ async fn the_worker_runs_as_a_role_that_owns_its_tables_and_nothing_else() {
     .await;
     let sent = broker.take_all(&devices_queue).await;
     assert_eq!(sent, vec![b"on".to_vec()], "the device got its message once");
+
+    // The parking lot: the keeper parks as the role, and the console
+    // reads and archives as the role.
+    broker
+        .publish(&scratch.name, r#"{"type": "TELEPORT", "id": "lp-bad", "data": {}}"#)
+        .await;
+    wait_for("the parked message in the lot", WAIT, move || async move {
+        let parked: i64 = sqlx::query_scalar("SELECT count(*) FROM iot.parked_messages WHERE message_id = 'lp-bad'")
+            .fetch_one(&mut scratch_ref.admin().await)
+            .await
+            .ok()?;
+        (parked == 1).then_some(())
+    })
+    .await;
     worker.stop().await;
+    console_as(&scratch, &role_url).await;
 
     // What the role is not, and cannot do.
     let (superuser, createdb, createrole): (bool, bool, bool) =
@@ -596,6 +612,35 @@ async fn cleanup(name: &str, dir: &Path) {
     std::fs::remove_dir_all(dir).ok();
 }
 
+/// The console as the role: it migrates nothing new, lists the lot and
+/// archives the parked message through the JSON API.
+async fn console_as(scratch: &Scratch, role_url: &str) {
+    let token = "deploy-test-token-0123456789";
+    let addr = format!("127.0.0.1:{}", free_port());
+    let env = [
+        ("DATABASE_URL", role_url),
+        ("AMQP_URL", &amqp_url()),
+        ("CONSOLE_ADDR", &addr),
+        ("CONSOLE_TOKEN", token),
+    ];
+    let mut console = Worker::start_binary(CONSOLE, scratch, &env).await;
+    let listening = &console;
+    wait_for("the console to listen", WAIT, move || async move {
+        listening.log().contains("console listening").then_some(())
+    })
+    .await;
+    let bearer = format!("Authorization: Bearer {token}");
+    let (status, _, body) = http(&addr, &format!("GET /api/groups HTTP/1.1\r\n{bearer}"), "").await;
+    assert_eq!(status, 200, "{body}\n{}", console.log());
+    assert!(body.contains("TELEPORT"), "{body}");
+    let archive = r#"{"action": "archive", "filter": {"ids": ["lp-bad"]}}"#;
+    let post = format!("POST /api/actions HTTP/1.1\r\n{bearer}\r\nContent-Type: application/json");
+    let (status, _, body) = http(&addr, &post, archive).await;
+    assert_eq!(status, 200, "{body}\n{}", console.log());
+    assert!(body.contains(r#""messages":1"#), "{body}");
+    console.stop().await;
+}
+
 /// A worker process of a test, stopped by SIGTERM in [`Worker::stop`] or
 /// killed when dropped.
 struct Worker {
@@ -605,9 +650,15 @@ struct Worker {
 
 impl Worker {
     async fn start(scratch: &Scratch, extra: &[(&str, &str)]) -> Worker {
+        Worker::start_binary(WORKER, scratch, extra).await
+    }
+
+    /// Starts `bin` (the worker, or the console) with the worker's
+    /// environment plus `extra`.
+    async fn start_binary(bin: &str, scratch: &Scratch, extra: &[(&str, &str)]) -> Worker {
         let log = scratch.dir.join(format!("worker-{:08x}.log", rand::random::<u32>()));
         let file = std::fs::File::create(&log).expect("log file");
-        let child = Command::new(WORKER)
+        let child = Command::new(bin)
             .current_dir(&scratch.dir)
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())

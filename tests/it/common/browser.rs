@@ -26,7 +26,7 @@ pub struct Browser {
 }
 
 /// A free loopback port (bound, then let go).
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free port");
     listener.local_addr().expect("local address").port()
 }

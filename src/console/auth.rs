@@ -223,53 +223,24 @@ pub async fn guard(State(console): State<Arc<Console>>, mut request: Request, ne
     let api = path.starts_with("/api/");
     let headers = request.headers();
     if !console.settings.protected() && !loopback_host(headers) {
-        return refuse(
-            api,
-            StatusCode::FORBIDDEN,
-            "without CONSOLE_TOKEN the console answers loopback names only",
-        );
+        let why = "without CONSOLE_TOKEN the console answers loopback names only";
+        return refuse(api, StatusCode::FORBIDDEN, why);
     }
-    let public = path == "/login" || path.starts_with("/static/");
-    let bearer = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    let mut new_cookie = None;
-    let who = match bearer {
-        Some(token) => match role_of(&console, token.trim()) {
-            Some(role) => Some(Who {
-                role,
-                name: "api".into(),
-                csrf: None,
-            }),
-            None => return refuse(api, StatusCode::UNAUTHORIZED, "wrong token"),
-        },
-        None => match cookie_value(headers, COOKIE).and_then(|id| console.sessions.get(id)) {
-            Some(who) => Some(who),
-            None if !console.settings.protected() => {
-                let (id, who) = console.sessions.start(Role::Operator, "local");
-                new_cookie = Some(id);
-                Some(who)
-            }
-            None => None,
-        },
+    let (who, new_cookie) = match identify(&console, headers, api) {
+        Ok(found) => found,
+        Err(refused) => return refused,
     };
-    if request.method() == Method::POST && (who.as_ref().is_none_or(|w| w.csrf.is_some())) && !same_origin(headers) {
-        return refuse(
-            api,
-            StatusCode::FORBIDDEN,
-            "a POST must come from the console's own pages",
-        );
+    if request.method() == Method::POST
+        && let Some(why) = post_refusal(headers, who.as_ref(), &path)
+    {
+        return refuse(api, StatusCode::FORBIDDEN, why);
     }
     let response = match who {
         Some(who) => {
-            if request.method() == Method::POST && !who.may_act() && path != "/logout" {
-                return refuse(api, StatusCode::FORBIDDEN, "the viewer token may only read");
-            }
             request.extensions_mut().insert(who);
             next.run(request).await
         }
-        None if public => next.run(request).await,
+        None if path == "/login" || path.starts_with("/static/") => next.run(request).await,
         None if api => return refuse(true, StatusCode::UNAUTHORIZED, "log in or send Authorization: Bearer"),
         None => {
             let target = request.uri().path_and_query().map_or("/", |p| p.as_str());
@@ -277,6 +248,59 @@ pub async fn guard(State(console): State<Arc<Console>>, mut request: Request, ne
         }
     };
     with_cookie(response, new_cookie.as_deref(), SESSION_LIFETIME)
+}
+
+/// Who asks: a bearer token's role, a session's person, or (without
+/// `CONSOLE_TOKEN`) the operator `local`, with a new session for a
+/// browser (its cookie id returned) and none for a script of the API.
+fn identify(console: &Console, headers: &HeaderMap, api: bool) -> Result<(Option<Who>, Option<String>), Response> {
+    let bearer = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    if let Some(token) = bearer {
+        let role =
+            role_of(console, token.trim()).ok_or_else(|| refuse(api, StatusCode::UNAUTHORIZED, "wrong token"))?;
+        return Ok((Some(Who::script(role)), None));
+    }
+    if let Some(who) = cookie_value(headers, COOKIE).and_then(|id| console.sessions.get(id)) {
+        return Ok((Some(who), None));
+    }
+    if console.settings.protected() {
+        return Ok((None, None));
+    }
+    if api {
+        return Ok((Some(Who::script(Role::Operator)), None));
+    }
+    let (id, who) = console.sessions.start(Role::Operator, "local");
+    Ok((Some(who), Some(id)))
+}
+
+impl Who {
+    /// A script: no session, so no CSRF token (a browser never sends a
+    /// bearer token by itself, nor, cross-site, a JSON body).
+    fn script(role: Role) -> Who {
+        Who {
+            role,
+            name: "api".into(),
+            csrf: None,
+        }
+    }
+}
+
+/// Why a POST is refused, if it is: another origin named; a browser's
+/// (a session's, or a login's) without proof of coming from our pages; a
+/// viewer's.
+fn post_refusal(headers: &HeaderMap, who: Option<&Who>, path: &str) -> Option<&'static str> {
+    let origin_named = headers.contains_key(header::ORIGIN);
+    let browser = who.is_none_or(|w| w.csrf.is_some());
+    if (origin_named || browser) && !same_origin(headers) {
+        return Some("a POST must come from the console's own pages");
+    }
+    if who.is_some_and(|w| !w.may_act()) && path != "/logout" {
+        return Some("the viewer token may only read");
+    }
+    None
 }
 
 fn with_cookie(mut response: Response, id: Option<&str>, max_age: Duration) -> Response {

@@ -208,6 +208,23 @@ async fn a_person_reads_the_lot_and_retries_one_group() {
     };
     assert_eq!(untouched(&after), untouched(&before), "nothing else changed");
 
+    // A selection, and one message from its own page.
+    browser.client.goto(&console.url).await.expect("failures");
+    open_group(&browser, "TELEPORT").await;
+    browser.click("#messages input[value=b1]").await;
+    browser.click("#selection button[value=archive]").await;
+    assert_eq!(browser.text("#result").await, "Archived 1 message(s) (action #2).");
+    browser
+        .client
+        .goto(&format!("{}/messages/{}", console.url, row_id(&env, "b1").await))
+        .await
+        .expect("b1");
+    assert_eq!(browser.text("#status").await, "archived");
+    assert!(browser.text("#history").await.contains("archive by operator:local"));
+    browser.click("form.actions button[value=unarchive]").await;
+    assert_eq!(browser.text("#result").await, "Unarchived 1 message(s) (action #3).");
+    assert_eq!(statuses(&env, "parked").await, set(&["b1", "b2", "x1"]));
+
     // A hostile body and HTML in an error are text; no script runs.
     let hostile_row = row_id(&env, "x1").await;
     browser
@@ -437,6 +454,25 @@ async fn without_a_token_the_console_keeps_to_loopback() {
     let (status, head, _) = http(&console.addr, "GET / HTTP/1.1", "").await;
     assert_eq!(status, 200, "{head}");
     assert!(head.contains("content-security-policy: default-src 'self'"), "{head}");
+
+    // A script on this machine may use the API without a token; a page of
+    // another origin may not, nor a form's body.
+    let api = "POST /api/actions HTTP/1.1\r\nContent-Type: application/json";
+    let archive = r#"{"action": "archive", "filter": {"ids": ["none"]}}"#;
+    let (status, _, body) = http(&console.addr, api, archive).await;
+    assert_eq!((status, body.contains(r#""messages":0"#)), (200, true), "{body}");
+    let cross = format!("{api}\r\nOrigin: http://evil.example");
+    assert_eq!(http(&console.addr, &cross, archive).await.0, 403);
+    let form = "POST /api/actions HTTP/1.1\r\nContent-Type: text/plain";
+    assert_eq!(http(&console.addr, form, archive).await.0, 415);
+    assert_eq!(
+        sqlx::query_scalar::<_, String>("SELECT actor FROM operator_actions")
+            .fetch_all(&env.pool)
+            .await
+            .expect("actions"),
+        ["operator:api"],
+        "only the script's action was logged"
+    );
     stop(console).await;
     env.cleanup().await;
 }

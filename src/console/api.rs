@@ -120,6 +120,17 @@ struct ActRequest {
     dry_run: bool,
 }
 
+/// The request and the order it makes.
+fn parse(body: &[u8], queue: &str) -> Result<(ActRequest, Order), String> {
+    let request: ActRequest = serde_json::from_slice(body).map_err(|e| format!("the request: {e}"))?;
+    let order = Order {
+        action: act::action(&request.action, queue, &request.filter)?,
+        limit: request.limit,
+        filter: request.filter.clone(),
+    };
+    Ok((request, order))
+}
+
 /// `POST /api/actions`: runs an action. JSON only (a browser cannot send
 /// it cross-site without asking first), with the session's
 /// `X-CSRF-Token` when it comes from a logged-in browser.
@@ -143,18 +154,9 @@ pub async fn act(
             "send Content-Type: application/json",
         );
     }
-    let request: ActRequest = match serde_json::from_slice(&body) {
-        Ok(request) => request,
-        Err(e) => return problem(StatusCode::BAD_REQUEST, format!("the request: {e}")),
-    };
-    let action = match act::action(&request.action, &console.queue, &request.filter) {
-        Ok(action) => action,
+    let (request, mut order) = match parse(&body, &console.queue) {
+        Ok(parsed) => parsed,
         Err(why) => return problem(StatusCode::BAD_REQUEST, why),
-    };
-    let mut order = Order {
-        action,
-        limit: request.limit,
-        filter: request.filter,
     };
     let matching = match act::count(&console, &order).await {
         Ok(n) => n,

@@ -226,9 +226,8 @@ pub async fn guard(State(console): State<Arc<Console>>, mut request: Request, ne
         let why = "without CONSOLE_TOKEN the console answers loopback names only";
         return refuse(api, StatusCode::FORBIDDEN, why);
     }
-    let (who, new_cookie) = match identify(&console, headers, api) {
-        Ok(found) => found,
-        Err(refused) => return refused,
+    let Ok((who, new_cookie)) = identify(&console, headers, api) else {
+        return refuse(api, StatusCode::UNAUTHORIZED, "wrong token");
     };
     if request.method() == Method::POST
         && let Some(why) = post_refusal(headers, who.as_ref(), &path)
@@ -253,14 +252,13 @@ pub async fn guard(State(console): State<Arc<Console>>, mut request: Request, ne
 /// Who asks: a bearer token's role, a session's person, or (without
 /// `CONSOLE_TOKEN`) the operator `local`, with a new session for a
 /// browser (its cookie id returned) and none for a script of the API.
-fn identify(console: &Console, headers: &HeaderMap, api: bool) -> Result<(Option<Who>, Option<String>), Response> {
+fn identify(console: &Console, headers: &HeaderMap, api: bool) -> Result<(Option<Who>, Option<String>), WrongToken> {
     let bearer = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "));
     if let Some(token) = bearer {
-        let role =
-            role_of(console, token.trim()).ok_or_else(|| refuse(api, StatusCode::UNAUTHORIZED, "wrong token"))?;
+        let role = role_of(console, token.trim()).ok_or(WrongToken)?;
         return Ok((Some(Who::script(role)), None));
     }
     if let Some(who) = cookie_value(headers, COOKIE).and_then(|id| console.sessions.get(id)) {
@@ -275,6 +273,9 @@ fn identify(console: &Console, headers: &HeaderMap, api: bool) -> Result<(Option
     let (id, who) = console.sessions.start(Role::Operator, "local");
     Ok((Some(who), Some(id)))
 }
+
+/// A bearer token that is neither token.
+struct WrongToken;
 
 impl Who {
     /// A script: no session, so no CSRF token (a browser never sends a

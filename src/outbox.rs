@@ -75,14 +75,60 @@ pub async fn enqueue(
     Ok(())
 }
 
-/// Claims up to `limit` pending rows that are due, oldest first, skipping
-/// rows another relay is claiming: counts the attempt about to be made and
-/// leases each row for `lease` (it is not due again before). Commit at
-/// once; the rows come back with their new attempt count, by id.
+/// A device message to write, for [`enqueue_many`].
+pub struct Pending<'a> {
+    pub message_id: &'a str,
+    pub routing_key: String,
+    pub body: Vec<u8>,
+    /// The writing command's trace context.
+    pub trace: Option<&'a (String, Option<String>)>,
+}
+
+/// Writes many device messages to the outbox in one statement, in the
+/// caller's transaction and in the order given (ids follow it, and the
+/// relay publishes by id), each with its command's trace context.
 ///
 /// # Errors
 /// The database error.
-pub async fn claim(conn: &mut PgConnection, limit: i64, lease: Duration) -> Result<Vec<Row>, sqlx::Error> {
+pub async fn enqueue_many(conn: &mut PgConnection, rows: &[Pending<'_>]) -> Result<(), sqlx::Error> {
+    let ids: Vec<&str> = rows.iter().map(|r| r.message_id).collect();
+    let keys: Vec<&str> = rows.iter().map(|r| r.routing_key.as_str()).collect();
+    let bodies: Vec<&[u8]> = rows.iter().map(|r| r.body.as_slice()).collect();
+    let parents: Vec<Option<&str>> = rows.iter().map(|r| r.trace.map(|t| t.0.as_str())).collect();
+    let states: Vec<Option<&str>> = rows.iter().map(|r| r.trace.and_then(|t| t.1.as_deref())).collect();
+    sqlx::query(
+        "INSERT INTO outbox (message_id, exchange, routing_key, body, traceparent, tracestate)
+         SELECT m.message_id, $6, m.routing_key, m.body, m.traceparent, m.tracestate
+         FROM UNNEST($1::text[], $2::text[], $3::bytea[], $4::text[], $5::text[]) WITH ORDINALITY
+             AS m (message_id, routing_key, body, traceparent, tracestate, n)
+         ORDER BY m.n",
+    )
+    .bind(ids)
+    .bind(keys)
+    .bind(bodies)
+    .bind(parents)
+    .bind(states)
+    .bind(DEVICE_EXCHANGE)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Claims up to `limit` pending rows that are due, oldest first, skipping
+/// rows another relay is claiming and rows for `skip_routing_keys` (the
+/// devices whose earlier messages this relay has not seen confirmed yet):
+/// counts the attempt about to be made and leases each row for `lease` (it
+/// is not due again before). Commit at once; the rows come back with their
+/// new attempt count, by id.
+///
+/// # Errors
+/// The database error.
+pub async fn claim(
+    conn: &mut PgConnection,
+    limit: i64,
+    lease: Duration,
+    skip_routing_keys: &[String],
+) -> Result<Vec<Row>, sqlx::Error> {
     let mut rows: Vec<Row> = sqlx::query_as(
         "UPDATE outbox SET attempts = attempts + 1,
                 next_attempt_at = clock_timestamp() + make_interval(secs => $2)
@@ -90,11 +136,13 @@ pub async fn claim(conn: &mut PgConnection, limit: i64, lease: Duration) -> Resu
              SELECT id FROM outbox
              WHERE published_at IS NULL AND failed_at IS NULL
                AND (next_attempt_at IS NULL OR next_attempt_at <= now())
+               AND routing_key <> ALL($3::text[])
              ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED)
          RETURNING id, message_id, exchange, routing_key, body, created_at, attempts, traceparent, tracestate",
     )
     .bind(limit)
     .bind(lease.as_secs_f64())
+    .bind(skip_routing_keys)
     .fetch_all(conn)
     .await?;
     rows.sort_by_key(|row| row.id);

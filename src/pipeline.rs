@@ -37,7 +37,7 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::crash_guard::{Admission, Admitted};
 use crate::divert::{self, Origin, Writer};
-use crate::envelope::{self, Message, MessageType};
+use crate::envelope::{self, Kind, Message, MessageType};
 use crate::failure::{Failed, Failure};
 use crate::handlers::{self, Handler};
 use crate::headers;
@@ -171,13 +171,18 @@ impl Pipeline {
                     None => self.prepare_caught(delivery, received, &span),
                 };
                 match prepared {
-                    Prepared::Apply(message, handler) => ready.push(Ready {
-                        delivery,
-                        received,
-                        span,
-                        message,
-                        handler,
-                    }),
+                    Prepared::Apply(mut message, handler) => {
+                        if message.kind == Kind::Command {
+                            message.trace = telemetry::context_headers(&span);
+                        }
+                        ready.push(Ready {
+                            delivery,
+                            received,
+                            span,
+                            message,
+                            handler,
+                        });
+                    }
                     Prepared::Done(processed, message_type) => ended.push(Ended {
                         one: Resolved::new(delivery, message_type, started, span),
                         received,

@@ -14,6 +14,14 @@
 //! 3. mark the confirmed rows `published_at`, and put the others off until
 //!    their next attempt, in one transaction.
 //!
+//! Batches are pipelined: up to [`WINDOW`] batches are published and wait
+//! for their confirms at once (each on a channel of its own, so a return
+//! is matched within its batch), while the next is claimed; each is marked
+//! as its confirms arrive, oldest first. A device's messages keep their
+//! order: a claim skips the routing keys of the batches still in flight, so
+//! a device's next message is published only after the broker confirmed
+//! (routed) its previous ones.
+//!
 //! Every send is an attempt counted before it happens, so a device gets at
 //! most as many copies of a command as its row counts attempts, however
 //! slowly the broker confirms. A crash before 3 commits leaves the rows to
@@ -30,6 +38,7 @@
 //! broker connection, rebuilt with backoff, so it never disturbs the
 //! consume session; database errors make it wait and try again.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -37,6 +46,7 @@ use lapin::BasicProperties;
 use lapin::types::ShortString;
 use sqlx::PgPool;
 use sqlx::postgres::PgListener;
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::broker::{self, BlockedHook, Outgoing, PublishError, Publisher, Reconnect};
@@ -48,6 +58,9 @@ use crate::telemetry;
 
 /// Rows claimed and published per transaction.
 pub const BATCH_SIZE: i64 = 100;
+/// Batches published and waiting for their confirms at most: a window of
+/// `WINDOW × BATCH_SIZE` unconfirmed device messages.
+pub const WINDOW: usize = 4;
 /// The longest the relay sleeps without a notification.
 pub const POLL_INTERVAL: Duration = Duration::from_secs(1);
 /// Attempts, the last of them returned (no queue bound for the routing
@@ -69,15 +82,6 @@ const CLEANUP_CHUNK: i64 = 10_000;
 const STATS_INTERVAL: Duration = Duration::from_secs(1);
 /// Bounds connecting the `LISTEN` connection; the relay polls meanwhile.
 const LISTEN_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// Why a batch stopped.
-#[derive(Debug, thiserror::Error)]
-enum RelayError {
-    #[error("PostgreSQL: {0}")]
-    Database(#[from] sqlx::Error),
-    #[error(transparent)]
-    Broker(#[from] PublishError),
-}
 
 /// The relay's dependencies.
 pub struct Relay {
@@ -149,7 +153,9 @@ impl Relay {
     }
 
     /// Relays on one broker connection until shutdown (`Ok`) or a broker
-    /// failure (`Err`, to reconnect).
+    /// failure (`Err`, to reconnect): claims and publishes while the window
+    /// has room and rows wait, marks the oldest batch once its confirms are
+    /// in, and sleeps only when nothing is in flight and nothing is due.
     async fn session(
         &self,
         publisher: &Publisher,
@@ -157,70 +163,100 @@ impl Relay {
         housekeeping: &mut Housekeeping,
         shutdown: &CancellationToken,
     ) -> Result<(), PublishError> {
+        let mut window: VecDeque<InFlight> = VecDeque::with_capacity(WINDOW);
         let mut database_delays = backoff();
-        while !shutdown.is_cancelled() {
-            // Each database step has its own deadline, so a silent database
-            // partition cannot hang the relay; the publish has the confirm
-            // timeout, which waits out a broker that blocks publishers.
-            let result = self.relay_batch(publisher).await;
+        loop {
             // Rate-limited inside, and done under a backlog too, so the
             // gauges stay fresh exactly when the outbox lags.
             self.housekeeping(housekeeping).await;
-            match result {
-                // A full batch: more rows may be waiting.
-                Ok(claimed) if claimed == BATCH_SIZE as usize => continue,
-                Ok(_) => database_delays = backoff(),
-                Err(RelayError::Broker(e)) => return Err(e),
-                Err(RelayError::Database(e)) => {
-                    self.metrics.record_outbox_error();
-                    let delay = database_delays.next().unwrap_or(Duration::from_secs(10));
-                    tracing::warn!(error.message = %e, ?delay, "outbox relay: database error; trying again");
-                    tokio::select! {
-                        () = shutdown.cancelled() => return Ok(()),
-                        () = tokio::time::sleep(delay) => {}
+            let mut more = false;
+            if window.len() < WINDOW && !shutdown.is_cancelled() {
+                match self.claim(&window).await {
+                    Ok(rows) => {
+                        database_delays = backoff();
+                        more = rows.len() == BATCH_SIZE as usize;
+                        if !rows.is_empty() {
+                            window.push_back(InFlight::publish(publisher, rows));
+                        }
                     }
-                    continue;
+                    Err(e) => self.database_error(&e, &mut database_delays, shutdown).await,
                 }
             }
-            wake.wait(shutdown).await;
+            if more && window.len() < WINDOW {
+                continue;
+            }
+            match window.pop_front() {
+                Some(oldest) => {
+                    if let Err(e) = self.settle(oldest).await {
+                        return Err(self.drain(window, e).await);
+                    }
+                }
+                None if shutdown.is_cancelled() => return Ok(()),
+                None => wake.wait(shutdown).await,
+            }
         }
-        Ok(())
     }
 
-    /// Claims, publishes and marks one batch. Returns how many rows it
-    /// claimed. The database steps each have [`store::DEADLINE`]; the
-    /// publish has the confirm timeout, which does not run while the broker
-    /// blocks the connection.
-    async fn relay_batch(&self, publisher: &Publisher) -> Result<usize, RelayError> {
-        let rows = store::deadline(async {
-            let mut conn = self.pool.acquire().await?;
-            outbox::claim(&mut conn, BATCH_SIZE, CLAIM_LEASE).await
-        })
-        .await?;
-        if rows.is_empty() {
-            return Ok(0);
-        }
-        // Sent one after the other, so a device gets its messages in the
-        // order the commands committed; the confirms are awaited together.
-        let spans: Vec<_> = rows.iter().map(publish_span).collect();
-        let messages: Vec<Outgoing<'_>> = rows
+    /// Claims the next batch, skipping the devices still in flight.
+    async fn claim(&self, window: &VecDeque<InFlight>) -> Result<Vec<Row>, sqlx::Error> {
+        let busy: Vec<String> = window
             .iter()
-            .zip(&spans)
-            .map(|(row, span)| Outgoing {
-                exchange: &row.exchange,
-                routing_key: &row.routing_key,
-                body: &row.body,
-                properties: telemetry::with_context_of(span, device_message_properties(row)),
-            })
+            .flat_map(|batch| batch.routing_keys.iter().cloned())
             .collect();
-        let results = publisher.publish_all(&messages).await;
+        store::deadline(async {
+            let mut conn = self.pool.acquire().await?;
+            outbox::claim(&mut conn, BATCH_SIZE, CLAIM_LEASE, &busy).await
+        })
+        .await
+    }
+
+    async fn database_error(
+        &self,
+        e: &sqlx::Error,
+        delays: &mut impl Iterator<Item = Duration>,
+        shutdown: &CancellationToken,
+    ) {
+        self.metrics.record_outbox_error();
+        let delay = delays.next().unwrap_or(Duration::from_secs(10));
+        tracing::warn!(error.message = %e, ?delay, "outbox relay: database error; trying again");
+        tokio::select! {
+            () = shutdown.cancelled() => {}
+            () = tokio::time::sleep(delay) => {}
+        }
+    }
+
+    /// Waits for a batch's confirms and marks it. A database error leaves
+    /// its rows leased (sent again after [`CLAIM_LEASE`], as a new counted
+    /// attempt); a broken channel or connection is returned.
+    async fn settle(&self, batch: InFlight) -> Result<(), PublishError> {
+        let (rows, results) = match batch.confirms.await {
+            Ok(done) => done,
+            // The publish task panicked: nothing is known of its confirms.
+            Err(e) => {
+                tracing::error!(error.message = %e, "outbox relay: a publish task failed; its rows wait for their lease");
+                return Ok(());
+            }
+        };
         #[cfg(feature = "test-handlers")]
         crash_after_confirm_for_tests(&results);
-        let broken = store::deadline(self.record(&rows, results)).await?;
-        match broken {
-            Some(e) => Err(e.into()),
-            None => Ok(rows.len()),
+        match store::deadline(self.record(&rows, results)).await {
+            Ok(None) => Ok(()),
+            Ok(Some(broken)) => Err(broken),
+            Err(e) => {
+                self.metrics.record_outbox_error();
+                tracing::warn!(error.message = %e, "outbox relay: cannot mark a batch; its rows wait for their lease");
+                Ok(())
+            }
         }
+    }
+
+    /// After a broken publish: the batches still in flight are settled
+    /// (their confirms fail or arrive) before the connection is rebuilt.
+    async fn drain(&self, window: VecDeque<InFlight>, first: PublishError) -> PublishError {
+        for batch in window {
+            self.settle(batch).await.ok();
+        }
+        first
     }
 
     /// Marks the confirmed rows published and puts the others off until
@@ -310,6 +346,46 @@ impl Relay {
                 return Ok(total);
             }
         }
+    }
+}
+
+/// A batch published, its confirms awaited by a task of its own.
+struct InFlight {
+    /// The batch's devices: no later row of theirs is claimed meanwhile.
+    routing_keys: Vec<String>,
+    /// The rows and each one's confirm.
+    confirms: JoinHandle<Confirmed>,
+}
+
+/// A batch's rows and each one's publish result.
+type Confirmed = (Vec<Row>, Vec<Result<(), PublishError>>);
+
+impl InFlight {
+    /// Publishes `rows`, one after the other on one channel, so a device
+    /// gets its messages in the order the commands committed; the task
+    /// then waits for the confirms together.
+    fn publish(publisher: &Publisher, rows: Vec<Row>) -> InFlight {
+        let mut routing_keys: Vec<String> = rows.iter().map(|row| row.routing_key.clone()).collect();
+        routing_keys.sort_unstable();
+        routing_keys.dedup();
+        let publisher = publisher.clone();
+        let confirms = tokio::spawn(async move {
+            let spans: Vec<_> = rows.iter().map(publish_span).collect();
+            let messages: Vec<Outgoing<'_>> = rows
+                .iter()
+                .zip(&spans)
+                .map(|(row, span)| Outgoing {
+                    exchange: &row.exchange,
+                    routing_key: &row.routing_key,
+                    body: &row.body,
+                    properties: telemetry::with_context_of(span, device_message_properties(row)),
+                })
+                .collect();
+            let results = publisher.publish_all(&messages).await;
+            drop(messages);
+            (rows, results)
+        });
+        InFlight { routing_keys, confirms }
     }
 }
 

@@ -256,6 +256,38 @@ pub async fn record_events_in_inbox(
     .map(|ids: Vec<String>| ids.into_iter().collect())
 }
 
+/// Records many commands in the inbox in one statement, as
+/// [`record_events_in_inbox`] does events. Returns the ids that were new.
+///
+/// # Errors
+/// The database error.
+pub async fn record_commands_in_inbox(
+    conn: &mut PgConnection,
+    commands: &[&Message],
+) -> Result<std::collections::HashSet<String>, sqlx::Error> {
+    let ids: Vec<&str> = commands.iter().map(|m| m.id.as_str()).collect();
+    let types: Vec<&str> = commands.iter().map(|m| m.message_type.as_str()).collect();
+    let devices: Vec<Option<&str>> = commands
+        .iter()
+        .map(|m| m.data.get("device_id").and_then(|v| v.as_str()))
+        .collect();
+    let data: Vec<_> = commands.iter().map(|m| sqlx::types::Json(&m.data)).collect();
+    sqlx::query_scalar(
+        "INSERT INTO commands (message_id, type, device_id, data)
+         SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::jsonb[]) AS c (message_id, type, device_id, data)
+         ORDER BY message_id
+         ON CONFLICT (message_id) DO NOTHING
+         RETURNING message_id",
+    )
+    .bind(ids)
+    .bind(types)
+    .bind(devices)
+    .bind(data)
+    .fetch_all(conn)
+    .await
+    .map(|ids: Vec<String>| ids.into_iter().collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::TABLES;

@@ -10,9 +10,9 @@
 //!   transiently runs again alone, with backoff, while it has in-process
 //!   attempts left.
 //!
-//! Messages whose handler has a bulk path (`MEASUREMENT`) are checked first,
-//! and the ones that pass are written with one inbox statement and one
-//! statement of the handler's. Every other message of a batch runs inside
+//! Messages whose handler has a bulk path (every type but the test
+//! handlers) are checked first, and the ones that pass are written with one
+//! inbox statement and one statement of the handler's per bulk path. Every other message of a batch runs inside
 //! its own savepoint: a message whose handler fails is rolled back to it and
 //! leaves the batch, and its batch-mates commit. A failure of the batch
 //! itself (a lost connection, a failed commit, the deadline, a panic) rolls
@@ -199,9 +199,7 @@ fn lock_order(items: &[Item<'_>]) -> Vec<usize> {
 fn bulk_groups(items: &[Item<'_>], applied: &mut [Option<Applied>]) -> Vec<(&'static Bulk, Vec<usize>)> {
     let mut groups: Vec<(&'static Bulk, Vec<usize>)> = Vec::new();
     for (index, (message, handler)) in items.iter().enumerate() {
-        let Some(bulk) = handler.bulk.filter(|_| handler.kind == Kind::Event) else {
-            continue;
-        };
+        let Some(bulk) = handler.bulk else { continue };
         if let Err(failure) = (bulk.check)(message) {
             applied[index] = Some(Applied::Failed(failure));
             continue;
@@ -225,7 +223,10 @@ async fn apply_bulk(
     applied: &mut [Option<Applied>],
 ) -> Result<(), Failure> {
     let messages: Vec<&Message> = indexes.iter().map(|i| items[*i].0).collect();
-    let mut new_ids = store::record_events_in_inbox(tx, &messages).await?;
+    let mut new_ids = match items[indexes[0]].1.kind {
+        Kind::Event => store::record_events_in_inbox(tx, &messages).await?,
+        Kind::Command => store::record_commands_in_inbox(tx, &messages).await?,
+    };
     let mut fresh = Vec::with_capacity(messages.len());
     for (index, message) in indexes.iter().zip(&messages) {
         let outcome = if new_ids.remove(&message.id) {

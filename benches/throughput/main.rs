@@ -98,8 +98,11 @@ pub struct Target {
 #[tokio::main]
 async fn main() {
     let bench = Bench::open().await;
-    let only_parking = env_or("BENCH_ONLY", "") == "parking";
-    if !only_parking {
+    let only = env_or("BENCH_ONLY", "");
+    let only_parking = only == "parking";
+    if only == "relay" {
+        outbox::bench(&bench).await;
+    } else if !only_parking {
         throughput(&bench).await;
     }
     if only_parking || env_or("BENCH_PARKING", "off") == "on" {

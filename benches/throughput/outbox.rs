@@ -1,4 +1,8 @@
-//! The outbox relay, measured in this process (`run_with`), as before the
+//! The outbox relay, measured in this process (`run_with`). First the relay
+//! alone against the broker's own pace: `BENCH_RELAY_ROWS` (default 10000)
+//! rows written to the outbox at once, relayed to a device queue, against
+//! the same number of persistent confirmed publishes (window 100) to it
+//! (`BENCH_ONLY=relay` runs only this). Then, as before the
 //! drain sections: `BENCH_COMMANDS` (default 2000) `SET_LED` commands from a
 //! pre-filled queue; the relay publishes their device messages to a queue
 //! bound to `amq.topic`; the rate runs from the worker starting to the last
@@ -8,6 +12,7 @@
 //! confirm) minus `created_at` (the start of the command's transaction, so
 //! a little before its commit: the figure is an upper bound).
 
+use std::cell::Cell;
 use std::time::{Duration, Instant};
 
 use lapin::BasicProperties;
@@ -16,7 +21,7 @@ use lapin::types::FieldTable;
 use serde_json::json;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
-use worker_iot_core::broker::Publisher;
+use worker_iot_core::broker::{Outgoing, Publisher};
 use worker_iot_core::config::Settings;
 use worker_iot_core::{Options, Topology};
 
@@ -183,10 +188,22 @@ async fn outbox_bench(settings: &Settings, publisher: &Publisher, pool: &PgPool,
         .await
         .unwrap();
     let target = (device.as_str(), device_queue.as_str());
+    let burst: usize = env_or("BENCH_RELAY_ROWS", "10000").parse().expect("BENCH_RELAY_ROWS");
     let mut rates = Vec::new();
     let mut p50s = Vec::new();
     let mut p99s = Vec::new();
+    let mut relayed = Vec::new();
+    let mut broker = Vec::new();
     for round in 0..rounds {
+        broker.push(broker_rate(publisher, &key, &device_queue, burst).await);
+        relayed.push(relay_rate(settings, publisher, pool, target, burst).await);
+        println!(
+            "round {round}: relay {:.0} msg/s, broker confirmed publishes {:.0} msg/s",
+            relayed[round], broker[round]
+        );
+        if env_or("BENCH_ONLY", "") == "relay" {
+            continue;
+        }
         rates.push(outbox_rate(settings, publisher, pool, target, n, round).await);
         let (p50, p99) = outbox_latency(settings, publisher, pool, target, round).await;
         p50s.push(p50);
@@ -195,16 +212,103 @@ async fn outbox_bench(settings: &Settings, publisher: &Publisher, pool: &PgPool,
     println!();
     println!("| outbox relay | figure (median of {rounds}) |");
     println!("|---|---|");
-    println!(
-        "| {n} SET_LED commands, queue → device queue | {:.0} commands/s |",
-        median(&rates)
-    );
-    println!("| 50 commands/s, commit → confirm p50 | {:.1} ms |", median(&p50s));
-    println!("| 50 commands/s, commit → confirm p99 | {:.1} ms |", median(&p99s));
+    let (relay, ceiling) = (median(&relayed), median(&broker));
+    println!("| {burst} rows in the outbox → device queue: the relay | {relay:.0} msg/s |");
+    println!("| the broker's own confirmed persistent publishes, window {WINDOW} | {ceiling:.0} msg/s |");
+    println!("| relay ÷ broker | **{:.2}** |", relay / ceiling);
+    if !rates.is_empty() {
+        println!(
+            "| {n} SET_LED commands, queue → device queue | {:.0} commands/s |",
+            median(&rates)
+        );
+        println!("| 50 commands/s, commit → confirm p50 | {:.1} ms |", median(&p50s));
+        println!("| 50 commands/s, commit → confirm p99 | {:.1} ms |", median(&p99s));
+    }
     channel
         .queue_delete(device_queue.as_str().into(), QueueDeleteOptions::default())
         .await
         .ok();
+}
+
+/// Unconfirmed publishes at most in the broker's own rate.
+const WINDOW: usize = 100;
+
+/// The broker's own pace for what the relay does: persistent, mandatory
+/// publishes to `amq.topic` for the device, `WINDOW` at a time, each group
+/// confirmed before the next; from the first publish to the last confirm.
+async fn broker_rate(publisher: &Publisher, key: &str, device_queue: &str, n: usize) -> f64 {
+    let properties = BasicProperties::default().with_delivery_mode(2);
+    let ids: Vec<String> = (0..n).map(|i| format!("b-{i}")).collect();
+    let started = Instant::now();
+    for chunk in ids.chunks(WINDOW) {
+        let messages: Vec<Outgoing<'_>> = chunk
+            .iter()
+            .map(|id| Outgoing {
+                exchange: "amq.topic",
+                routing_key: key,
+                body: b"on",
+                properties: properties.clone().with_message_id(id.as_str().into()),
+            })
+            .collect();
+        for result in publisher.publish_all(&messages).await {
+            result.expect("a confirmed publish");
+        }
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    assert_eq!(passive_len(publisher, device_queue).await as usize, n);
+    purge(publisher, device_queue).await;
+    n as f64 / seconds
+}
+
+/// The relay alone: `n` rows written to the outbox at once (as committed
+/// commands leave them), then a worker; device messages per second from
+/// the first to the last in the device queue, and none twice.
+async fn relay_rate(settings: &Settings, publisher: &Publisher, pool: &PgPool, device: (&str, &str), n: usize) -> f64 {
+    let (device, device_queue) = device;
+    sqlx::query("TRUNCATE commands, outbox").execute(pool).await.unwrap();
+    sqlx::query(
+        "INSERT INTO outbox (message_id, exchange, routing_key, body)
+         SELECT 'r-' || g, 'amq.topic', $1, convert_to('on', 'UTF8') FROM generate_series(1, $2) AS g",
+    )
+    .bind(format!("led.{device}"))
+    .bind(i64::try_from(n).unwrap())
+    .execute(pool)
+    .await
+    .unwrap();
+    // (when the first device message was seen, how many there were), and
+    // when the last one was.
+    let (first, last) = (Cell::new(None), Cell::new(None));
+    let (first_ref, last_ref) = (&first, &last);
+    run_worker_until(settings, move || async move {
+        let len = passive_len(publisher, device_queue).await as usize;
+        let now = Instant::now();
+        if len > 0 && first_ref.get().is_none() {
+            first_ref.set(Some((now, len)));
+        }
+        if len >= n {
+            last_ref.set(Some(now));
+        }
+        len >= n
+    })
+    .await;
+    let (started, already) = first.get().expect("a first device message");
+    let seconds = last
+        .get()
+        .expect("the last device message")
+        .duration_since(started)
+        .as_secs_f64();
+    let unique: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox WHERE published_at IS NOT NULL")
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    assert_eq!(unique as usize, n, "every row marked once");
+    assert_eq!(
+        passive_len(publisher, device_queue).await as usize,
+        n,
+        "no device message twice"
+    );
+    purge(publisher, device_queue).await;
+    (n - already) as f64 / seconds
 }
 
 fn settings_from(env: &[(&str, String)]) -> Settings {

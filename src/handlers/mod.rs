@@ -33,13 +33,40 @@ pub type ApplyManyFn = for<'a> fn(&'a mut PgConnection, &'a [&'a Message]) -> Bo
 
 /// A handler's bulk path, for batches: `check` validates one message
 /// without the database (a message it refuses stays out of the bulk), and
-/// `apply_many` applies the checked ones. Only for events, whose inbox rows
-/// are then written in bulk too. Handlers that share one `Bulk` (the same
-/// static) share its statement: `DEVICE_UP` and `DEVICE_DOWN` write
-/// `devices` together.
+/// `apply_many` applies the checked ones; their inbox rows (`events` or
+/// `commands`) are written in bulk too. Handlers that share one `Bulk` (the
+/// same static) share its statement: `DEVICE_UP` and `DEVICE_DOWN` write
+/// `devices` together. All messages of one `Bulk` are of one kind.
 pub struct Bulk {
     pub check: fn(&Message) -> Result<(), Failure>,
     pub apply_many: ApplyManyFn,
+}
+
+/// What a command sends its device: routing key and body.
+type DeviceMessage = fn(&serde_json::Value) -> Result<(String, Vec<u8>), fields::ValidationError>;
+
+/// A command's bulk path: the device messages of the checked commands
+/// written to the outbox in one statement, each with its command's trace
+/// context ([`Message::trace`]).
+fn enqueue_all<'a>(
+    conn: &'a mut PgConnection,
+    messages: &'a [&'a Message],
+    device_message: DeviceMessage,
+) -> BoxFuture<'a, Result<(), Failure>> {
+    Box::pin(async move {
+        let mut rows = Vec::with_capacity(messages.len());
+        for message in messages {
+            let (routing_key, body) = device_message(&message.data)?;
+            rows.push(crate::outbox::Pending {
+                message_id: &message.id,
+                routing_key,
+                body,
+                trace: message.trace.as_ref(),
+            });
+        }
+        crate::outbox::enqueue_many(conn, &rows).await?;
+        Ok(())
+    })
 }
 
 /// One row of the handler mapping.
@@ -61,8 +88,8 @@ pub static HANDLERS: &[Handler] = &[
     Handler { message_type: "IBEACON_READ",       kind: Kind::Event,   apply: record_only::apply,         bulk: Some(&record_only::BULK) },
     Handler { message_type: "HTTP_COAP_REQUEST",  kind: Kind::Event,   apply: record_only::apply,         bulk: Some(&record_only::BULK) },
     Handler { message_type: "COAP_HTTP_RESPONSE", kind: Kind::Event,   apply: record_only::apply,         bulk: Some(&record_only::BULK) },
-    Handler { message_type: "SET_LED",            kind: Kind::Command, apply: set_led::apply,             bulk: None },
-    Handler { message_type: "SET_PUBLISH_PERIOD", kind: Kind::Command, apply: set_publish_period::apply,  bulk: None },
+    Handler { message_type: "SET_LED",            kind: Kind::Command, apply: set_led::apply,             bulk: Some(&set_led::BULK) },
+    Handler { message_type: "SET_PUBLISH_PERIOD", kind: Kind::Command, apply: set_publish_period::apply,  bulk: Some(&set_publish_period::BULK) },
     #[cfg(feature = "test-handlers")]
     Handler { message_type: "TEST_ABORT",         kind: Kind::Event,   apply: test_only::abort,           bulk: None },
     #[cfg(feature = "test-handlers")]

@@ -5,6 +5,7 @@ use futures_util::future::BoxFuture;
 use serde_json::Value;
 use sqlx::PgConnection;
 
+use super::Bulk;
 use super::fields::{Fields, ValidationError};
 use crate::envelope::Message;
 use crate::failure::Failure;
@@ -23,13 +24,28 @@ pub fn parse(data: &Value) -> Result<(&str, &str), ValidationError> {
     }
 }
 
+/// The device message: `led.<device_id>`, body `on` or `off`.
+///
+/// # Errors
+/// As [`parse`].
+pub fn device_message(data: &Value) -> Result<(String, Vec<u8>), ValidationError> {
+    let (device_id, state) = parse(data)?;
+    Ok((format!("led.{device_id}"), state.as_bytes().to_vec()))
+}
+
 pub fn apply<'a>(conn: &'a mut PgConnection, message: &'a Message) -> BoxFuture<'a, Result<(), Failure>> {
     Box::pin(async move {
-        let (device_id, state) = parse(&message.data)?;
-        outbox::enqueue(conn, &message.id, &format!("led.{device_id}"), state.as_bytes()).await?;
+        let (routing_key, body) = device_message(&message.data)?;
+        outbox::enqueue(conn, &message.id, &routing_key, &body).await?;
         Ok(())
     })
 }
+
+/// In a batch: every `SET_LED`'s device message in one statement.
+pub static BULK: Bulk = Bulk {
+    check: |message| device_message(&message.data).map(drop).map_err(Failure::from),
+    apply_many: |conn, messages| super::enqueue_all(conn, messages, device_message),
+};
 
 #[cfg(test)]
 mod tests {

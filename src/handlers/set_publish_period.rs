@@ -6,6 +6,7 @@ use futures_util::future::BoxFuture;
 use serde_json::Value;
 use sqlx::PgConnection;
 
+use super::Bulk;
 use super::fields::{Fields, ValidationError};
 use crate::envelope::Message;
 use crate::failure::Failure;
@@ -20,14 +21,29 @@ pub fn parse(data: &Value) -> Result<(&str, i64), ValidationError> {
     Ok((fields.device_id()?, fields.integer("period_ms", 1000..=10_000)?))
 }
 
+/// The device message: `<device_id>.config`, body the period in ms.
+///
+/// # Errors
+/// As [`parse`].
+pub fn device_message(data: &Value) -> Result<(String, Vec<u8>), ValidationError> {
+    let (device_id, period_ms) = parse(data)?;
+    Ok((format!("{device_id}.config"), period_ms.to_string().into_bytes()))
+}
+
 pub fn apply<'a>(conn: &'a mut PgConnection, message: &'a Message) -> BoxFuture<'a, Result<(), Failure>> {
     Box::pin(async move {
-        let (device_id, period_ms) = parse(&message.data)?;
-        let routing_key = format!("{device_id}.config");
-        outbox::enqueue(conn, &message.id, &routing_key, period_ms.to_string().as_bytes()).await?;
+        let (routing_key, body) = device_message(&message.data)?;
+        outbox::enqueue(conn, &message.id, &routing_key, &body).await?;
         Ok(())
     })
 }
+
+/// In a batch: every `SET_PUBLISH_PERIOD`'s device message in one
+/// statement.
+pub static BULK: Bulk = Bulk {
+    check: |message| device_message(&message.data).map(drop).map_err(Failure::from),
+    apply_many: |conn, messages| super::enqueue_all(conn, messages, device_message),
+};
 
 #[cfg(test)]
 mod tests {

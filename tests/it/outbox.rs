@@ -2,7 +2,7 @@
 //! device queue bound to `amq.topic`, through crashes in both windows of
 //! the relay, a cut broker, and two workers relaying one outbox.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use crate::common::messages::{message_id, set_led, set_period};
@@ -347,5 +347,69 @@ async fn two_workers_relay_one_outbox_without_publishing_a_row_twice() {
     assert_eq!(received.len(), N, "no row published by both workers");
     let distinct: BTreeSet<String> = received.iter().map(message_id).collect();
     assert_eq!(distinct, ids);
+    env.cleanup().await;
+}
+
+/// The relay pipelines batches (several wait for confirms at once), yet a
+/// device gets its messages in the order they were written: 1,500 rows
+/// for three devices, one of them with long runs that span many batches,
+/// arrive in order, each once. (The three devices' keys are bound to one
+/// queue: its order is the order the broker routed them in.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overlapping_batches_keep_each_devices_order() {
+    const N: usize = 1500;
+    let env = TestEnv::new(&TopologyFile::outbox()).await;
+    let device = Device::bind(&env).await;
+    let keys: Vec<String> = ["a", "b", "c"].iter().map(|s| format!("led.{}-{s}", device.id)).collect();
+    let channel = env.connection.create_channel().await.expect("channel");
+    for key in &keys {
+        channel
+            .queue_bind(
+                device.queue.as_str().into(),
+                "amq.topic".into(),
+                key.as_str().into(),
+                Default::default(),
+                Default::default(),
+            )
+            .await
+            .expect("bind");
+    }
+    let mut written: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    {
+        let mut conn = env.pool.acquire().await.expect("connection");
+        for i in 0..N {
+            // Runs of 250 for the first device, the others in between.
+            let key = &keys[match i % 500 {
+                0..250 => 0,
+                n => 1 + n % 2,
+            }];
+            let id = format!("o-{i}");
+            worker_iot_core::enqueue_device_message(&mut conn, &id, key, b"on")
+                .await
+                .expect("enqueue");
+            written.entry(key.clone()).or_default().push(id);
+        }
+    }
+    let worker = env.spawn_worker(&[]);
+    wait_all_published(&env, N as i64, Duration::from_secs(60)).await;
+    worker.stop().await;
+    let mut received: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for m in env.drain(&device.queue).await {
+        received
+            .entry(m.delivery.routing_key.to_string())
+            .or_default()
+            .push(message_id(&m));
+    }
+    for (key, expected) in &written {
+        let got = &received[key];
+        let first_difference = got.iter().zip(expected).position(|(g, e)| g != e);
+        assert!(
+            first_difference.is_none() && got.len() == expected.len(),
+            "{key} got {} messages for {}; first out of order at {first_difference:?}: {:?}",
+            got.len(),
+            expected.len(),
+            first_difference.map(|i| &got[i.saturating_sub(2)..(i + 3).min(got.len())]),
+        );
+    }
     env.cleanup().await;
 }

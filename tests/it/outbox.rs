@@ -360,7 +360,10 @@ async fn overlapping_batches_keep_each_devices_order() {
     const N: usize = 1500;
     let env = TestEnv::new(&TopologyFile::outbox()).await;
     let device = Device::bind(&env).await;
-    let keys: Vec<String> = ["a", "b", "c"].iter().map(|s| format!("led.{}-{s}", device.id)).collect();
+    let keys: Vec<String> = ["a", "b", "c"]
+        .iter()
+        .map(|s| format!("led.{}-{s}", device.id))
+        .collect();
     let channel = env.connection.create_channel().await.expect("channel");
     for key in &keys {
         channel

@@ -47,13 +47,18 @@ type DeviceMessage = fn(&serde_json::Value) -> Result<(String, Vec<u8>), fields:
 
 /// A command's bulk path: the device messages of the checked commands
 /// written to the outbox in one statement, each with its command's trace
-/// context ([`Message::trace`]).
+/// context: a lone command's `handler` span (the current span, in its own
+/// trace), or, in a batch, its delivery's ([`Message::trace`]).
 fn enqueue_all<'a>(
     conn: &'a mut PgConnection,
     messages: &'a [&'a Message],
     device_message: DeviceMessage,
 ) -> BoxFuture<'a, Result<(), Failure>> {
     Box::pin(async move {
+        let alone = match messages {
+            [_] => crate::telemetry::context_headers(&tracing::Span::current()),
+            _ => None,
+        };
         let mut rows = Vec::with_capacity(messages.len());
         for message in messages {
             let (routing_key, body) = device_message(&message.data)?;
@@ -61,7 +66,7 @@ fn enqueue_all<'a>(
                 message_id: &message.id,
                 routing_key,
                 body,
-                trace: message.trace.as_ref(),
+                trace: alone.as_ref().or(message.trace.as_ref()),
             });
         }
         crate::outbox::enqueue_many(conn, &rows).await?;

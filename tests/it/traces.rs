@@ -264,6 +264,61 @@ fn a_command_s_device_message_carries_the_command_s_trace() {
     });
 }
 
+/// Commands applied together (one bulk outbox statement): each device
+/// message is in its own command's trace, under that command's delivery.
+#[test]
+fn commands_in_one_batch_each_keep_their_own_trace() {
+    run_traced(async {
+        let env = TestEnv::new(&topology(3)).await;
+        let Device {
+            id: device,
+            queue: device_queue,
+        } = Device::bind(&env).await;
+        let mut traces = Vec::new();
+        for i in 0..5 {
+            let (trace_id, _, traceparent) = producer_context();
+            let state = if i % 2 == 0 { "on" } else { "off" };
+            env.publish(&set_led(&format!("batched-{i}"), &device, state), traced(&traceparent))
+                .await;
+            traces.push(trace_id);
+        }
+        // Published before the worker starts: they arrive as one batch.
+        let worker = env.spawn_worker(&[]);
+        env.wait_for_queue_len(&device_queue, 5, WAIT).await;
+        worker.stop().await;
+
+        let sent = env.drain(&device_queue).await;
+        let carried: Vec<String> = sent
+            .iter()
+            .map(|m| {
+                worker_iot_core::headers::read_string(m.delivery.properties.headers().as_ref(), "traceparent").unwrap()
+            })
+            .collect();
+        for (trace_id, carried) in traces.iter().zip(&carried) {
+            assert!(
+                carried.starts_with(&format!("00-{trace_id}-")),
+                "{carried} is in trace {trace_id}"
+            );
+            let spans = spans_of(trace_id);
+            let publish = spans
+                .iter()
+                .find(|s| s.name == "publish amq.topic")
+                .expect("the relay's publish");
+            let delivery = spans
+                .iter()
+                .find(|s| s.span_kind == SpanKind::Consumer)
+                .expect("the delivery");
+            assert_eq!(publish.parent_span_id, delivery.span_context.span_id());
+        }
+        let batch: i64 = sqlx::query_scalar("SELECT count(DISTINCT traceparent) FROM outbox")
+            .fetch_one(&env.pool)
+            .await
+            .unwrap();
+        assert_eq!(batch, 5, "one trace context per command");
+        env.cleanup().await;
+    });
+}
+
 /// An OTLP gRPC trace receiver: keeps every request.
 #[derive(Clone, Default)]
 struct Receiver {

@@ -53,9 +53,45 @@ pub struct Mix {
     pub expected: Expected,
 }
 
+/// The base mix (`BENCH_MIX`): `sample` (the `publish sample` mix, the
+/// default), `fleet` (a fleet's traffic: 75 % readings over 200 devices,
+/// 10 % `DEVICE_UP`/`DEVICE_DOWN`, 10 % `IBEACON_READ`, 5 % `SET_LED`) or
+/// `readings` (`MEASUREMENT` only, over 200 devices).
+fn base(n: usize, seed: u64) -> Vec<Vec<u8>> {
+    let which = crate::support::env_or("BENCH_MIX", "sample");
+    if which == "sample" {
+        return samples::mix(n, seed);
+    }
+    let readings_only = match which.as_str() {
+        "fleet" => false,
+        "readings" => true,
+        other => panic!("BENCH_MIX={other:?}: expected sample, fleet or readings"),
+    };
+    (0..n)
+        .map(|i| {
+            // A fixed spread, the same for every seed but the ids.
+            let device = format!("fleet-{}", (i * 7919) % 200);
+            let id = format!("{which}-{seed}-{i}");
+            let roll = if readings_only { 0 } else { (i * 37) % 100 };
+            let (kind, message_type, data) = match roll {
+                0..75 => (
+                    Kind::Event,
+                    "MEASUREMENT",
+                    json!({"device_id": device, "sensor": "temperature", "value": (i % 400) as f64 / 10.0, "unit": "C"}),
+                ),
+                75..80 => (Kind::Event, "DEVICE_UP", json!({"device_id": device, "ip": format!("10.0.{}.{}", i % 200, i % 250)})),
+                80..85 => (Kind::Event, "DEVICE_DOWN", json!({"device_id": device})),
+                85..95 => (Kind::Event, "IBEACON_READ", json!({"raw": "0201061aff4c00", "device_id": device})),
+                _ => (Kind::Command, "SET_LED", json!({"device_id": device, "state": if i % 2 == 0 { "on" } else { "off" }})),
+            };
+            samples::envelope(kind, message_type, data, Some(&id))
+        })
+        .collect()
+}
+
 /// `n` messages of `variant`, deterministic for `seed`.
 pub fn build(n: usize, seed: u64, variant: Variant) -> Mix {
-    let mut bodies = samples::mix(n, seed);
+    let mut bodies = base(n, seed);
     for i in (DUPLICATE_LAG..n).filter(|i| i % DUPLICATE_EVERY == DUPLICATE_EVERY / 2) {
         bodies[i] = bodies[i - DUPLICATE_LAG].clone();
     }

@@ -12,15 +12,18 @@ use tokio_util::sync::CancellationToken;
 use super::Console;
 use super::auth::Who;
 use crate::broker::{self, Publisher};
-use crate::parking::{Action, Done, Filter, Request, Status, actions, query};
+use crate::parking::{Action, Done, Filter, Request, Status, actions, keeper, query};
 
 /// How long a request waits for its action. A longer one (a retry of very
 /// many messages) goes on in the background: each batch commits on its
 /// own, and the Actions page counts them.
 pub const ANSWER_WITHIN: Duration = Duration::from_secs(20);
 
-/// The console's broker connection, opened at the first retry and again
-/// after it broke.
+/// How long a page waits for the depth of `Q.dlq`.
+const WAITING_TIMEOUT: Duration = Duration::from_millis(300);
+
+/// The console's broker connection, opened at the first retry (or the
+/// first look at `Q.dlq`) and again after it broke.
 pub struct Broker {
     urls: String,
     open: Mutex<Option<(Connection, Publisher)>>,
@@ -32,6 +35,19 @@ impl Broker {
             urls: urls.to_owned(),
             open: Mutex::new(None),
         }
+    }
+
+    /// How many messages wait in `queue` (the DLQ, not yet in the lot),
+    /// if the broker answers within [`WAITING_TIMEOUT`]: a page never
+    /// waits for a broker that is down.
+    pub async fn waiting(&self, queue: &str) -> Option<u32> {
+        let ask = async {
+            self.publisher().await.ok()?;
+            let open = self.open.lock().await;
+            let (connection, _) = open.as_ref()?;
+            keeper::queue_depth(connection, queue).await.ok().flatten()
+        };
+        tokio::time::timeout(WAITING_TIMEOUT, ask).await.ok().flatten()
     }
 
     async fn publisher(&self) -> Result<Publisher, String> {

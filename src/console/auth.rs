@@ -27,7 +27,7 @@ use axum::response::{IntoResponse, Redirect, Response};
 use maud::{Markup, html};
 use sha2::{Digest, Sha256};
 
-use super::pages::layout_bare;
+use super::layout::layout_bare;
 use super::params::Params;
 use super::{Console, settings::Token};
 

@@ -15,6 +15,7 @@
 mod act;
 mod api;
 pub mod auth;
+mod layout;
 mod pages;
 mod params;
 pub mod settings;

@@ -11,12 +11,13 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, Utc};
-use maud::{DOCTYPE, Markup, html};
+use maud::{Markup, html};
 use serde_json::Value;
 
 use super::Console;
 use super::act::{self, Finished, Order};
 use super::auth::{Who, csrf_ok, csrf_refusal};
+use super::layout::{document, layout_bare};
 use super::params::{Params, cursor_text, filter_pairs, query_string};
 use crate::parking::query::{self, Group, Message, Shown};
 use crate::parking::{Filter, Status, error_kinds};
@@ -57,11 +58,6 @@ impl IntoResponse for PageError {
 
 type Page = Result<Markup, PageError>;
 
-/// A page without the navigation (login, errors).
-pub fn layout_bare(title: &str, body: Markup) -> Markup {
-    document(title, None, body)
-}
-
 /// A page with the navigation and who is logged in.
 fn layout(console: &Console, who: &Who, title: &str, body: Markup) -> Markup {
     let nav = html! {
@@ -81,24 +77,6 @@ fn layout(console: &Console, who: &Who, title: &str, body: Markup) -> Markup {
         }
     };
     document(title, Some(nav), body)
-}
-
-fn document(title: &str, header: Option<Markup>, body: Markup) -> Markup {
-    html! {
-        (DOCTYPE)
-        html lang="en" {
-            head {
-                meta charset="utf-8";
-                meta name="viewport" content="width=device-width, initial-scale=1";
-                // No inline styles or eval: the CSP allows 'self' only.
-                meta name="htmx-config" content=r#"{"includeIndicatorStyles":false,"allowEval":false,"allowScriptTags":false}"#;
-                title { (title) " · worker-iot-core console" }
-                link rel="stylesheet" href="/static/console.css";
-                script src="/static/htmx.min.js" defer {}
-            }
-            body { @if let Some(header) = header { (header) } main { (body) } }
-        }
-    }
 }
 
 fn csrf_field(who: &Who) -> Markup {
@@ -190,8 +168,15 @@ pub async fn failures(State(console): State<Arc<Console>>, Extension(who): Exten
     let groups = query::groups(&console.pool, &console.queue, &filter).await?;
     let total: i64 = groups.iter().map(|g| g.count).sum();
     let status = filter.status.unwrap_or(Status::Parked).as_str();
+    let dlq = crate::MainQueue::new(&console.queue).dlq();
+    let waiting = console.broker.waiting(&dlq).await.filter(|n| *n > 0);
     let body = html! {
         h1 { "Failures" }
+        @if let Some(n) = waiting {
+            p.note #waiting { (n) " message(s) wait in " code { (dlq) } " and are not shown yet: a worker's parking keeper \
+                moves them into the lot within a second (is every worker's PARKING_KEEPER off?), and "
+                code { "requeue" } " moves them when it starts." }
+        }
         (filter_form(&filter))
         p.summary #summary { (total) " " (status) " message(s) in " (groups.len()) " group(s)" }
         @if groups.len() > GROUPS_SHOWN { p { "Showing the " (GROUPS_SHOWN) " largest groups; narrow the filter to see the rest." } }

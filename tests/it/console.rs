@@ -11,6 +11,7 @@ use fantoccini::Locator;
 use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable};
 use serde_json::{Value, json};
+use worker_iot_core::ErrorKind;
 
 const WAIT: Duration = Duration::from_secs(60);
 const OPERATOR: &str = "operator-token-0123456789";
@@ -451,9 +452,21 @@ async fn without_a_token_the_console_keeps_to_loopback() {
     let rebound = "GET / HTTP/1.1\r\nHost: evil.example";
     let (status, _, _) = http(&console.addr, rebound, "").await;
     assert_eq!(status, 403);
-    let (status, head, _) = http(&console.addr, "GET / HTTP/1.1", "").await;
+    // A message parked while no keeper runs waits in Q.dlq: the page says so.
+    env.park(
+        &measurement("w1"),
+        "w1",
+        ErrorKind::Validation,
+        "data.value must be a number",
+    )
+    .await;
+    let (status, head, body) = http(&console.addr, "GET / HTTP/1.1", "").await;
     assert_eq!(status, 200, "{head}");
     assert!(head.contains("content-security-policy: default-src 'self'"), "{head}");
+    assert!(
+        body.contains(&format!("1 message(s) wait in <code>{}</code>", env.dlq())),
+        "{body}"
+    );
 
     // A script on this machine may use the API without a token; a page of
     // another origin may not, nor a form's body.

@@ -20,7 +20,7 @@ use super::auth::{Who, csrf_ok, csrf_refusal};
 use super::layout::{document, layout_bare};
 use super::params::{Params, cursor_text, filter_pairs, query_string};
 use crate::parking::query::{self, Group, Message, Shown};
-use crate::parking::{Filter, Status, error_kinds};
+use crate::parking::{Action, Filter, Status, error_kinds};
 
 /// Messages on one page of a group.
 pub const PAGE_SIZE: i64 = 50;
@@ -469,9 +469,10 @@ async fn act_page(console: &Arc<Console>, who: &Who, params: &Params, fragment: 
         filter,
         limit: confirmed,
     };
+    let (_, past) = words(&order.action);
     if bulk && confirmed.is_none() {
         let count = act::count(console, &order).await?;
-        let page = confirmation(who, params, word, scope, count);
+        let page = confirmation(who, &order, scope, count);
         return Ok(if fragment {
             page
         } else {
@@ -483,7 +484,7 @@ async fn act_page(console: &Arc<Console>, who: &Who, params: &Params, fragment: 
     }
     let result = match act::run(console, who, order).await {
         Ok(Finished::Done(done)) => html! {
-            p.done role="status" #result { (past(word)) " " (done.messages) " message(s) (action #" (done.action_id) ")." }
+            p.done role="status" #result { (past) " " (done.messages) " message(s) (action #" (done.action_id) ")." }
         },
         Ok(Finished::Running) => html! {
             p.done role="status" #result { "The action goes on in the background; the " a href="/actions" { "Actions" } " page counts it." }
@@ -494,22 +495,18 @@ async fn act_page(console: &Arc<Console>, who: &Who, params: &Params, fragment: 
     Ok(layout(console, who, "Done", body))
 }
 
-fn past(word: &str) -> &'static str {
-    match word {
-        "retry" => "Retried",
-        "archive" => "Archived",
-        _ => "Unarchived",
+/// An action's button and its result, as a page words them.
+fn words(action: &Action) -> (&'static str, &'static str) {
+    match action {
+        Action::Retry { .. } => ("Retry", "Retried"),
+        Action::Archive => ("Archive", "Archived"),
+        Action::Unarchive => ("Unarchive", "Unarchived"),
     }
 }
 
 /// "Retry 12 messages?" with the form that confirms it.
-fn confirmation(who: &Who, params: &Params, word: &str, scope: &str, count: u64) -> Markup {
-    let Ok(filter) = params.filter() else { return html! {} };
-    let label = match word {
-        "retry" => "Retry",
-        "archive" => "Archive",
-        _ => "Unarchive",
-    };
+fn confirmation(who: &Who, order: &Order, scope: &str, count: u64) -> Markup {
+    let (label, _) = words(&order.action);
     html! {
         section.confirm role="dialog" aria-labelledby="confirm-question" {
             @if count == 0 {
@@ -519,9 +516,9 @@ fn confirmation(who: &Who, params: &Params, word: &str, scope: &str, count: u64)
                 form method="post" action="/act" {
                     (csrf_field(who))
                     input type="hidden" name="scope" value=(scope);
-                    input type="hidden" name="action" value=(word);
+                    input type="hidden" name="action" value=(order.action.as_str());
                     input type="hidden" name="confirm" value=(count);
-                    (hidden(&filter_pairs(&filter)))
+                    (hidden(&filter_pairs(&order.filter)))
                     button #confirm-button type="submit" { (label) " " (count) " message(s)" }
                     " "
                     a href="/" { "Cancel" }

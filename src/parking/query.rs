@@ -32,6 +32,14 @@ macro_rules! matching {
 }
 pub(crate) use matching;
 
+/// The columns of [`Message`], after `SELECT`.
+macro_rules! message_columns {
+    () => {
+        "SELECT id, message_id, message_type, error_kind, error, fingerprint, status, times_parked,
+                first_parked_at, last_parked_at"
+    };
+}
+
 /// Binds `$1` to `$9` of [`matching!`] on a query.
 macro_rules! bind_filter {
     ($query:expr, $queue:expr, $filter:expr, $default:expr) => {
@@ -152,9 +160,8 @@ pub async fn messages(
     limit: i64,
 ) -> Result<Vec<Message>, sqlx::Error> {
     let query = sqlx::query_as(concat!(
-        "SELECT id, message_id, message_type, error_kind, error, fingerprint, status, times_parked,
-                first_parked_at, last_parked_at
-         FROM parked_messages WHERE ",
+        message_columns!(),
+        " FROM parked_messages WHERE ",
         matching!(),
         " ORDER BY last_parked_at, id LIMIT $10"
     ));
@@ -167,10 +174,10 @@ pub async fn messages(
 /// The columns of [`Shown`].
 macro_rules! shown {
     () => {
-        "SELECT id, message_id, message_type, error_kind, error, fingerprint, status, times_parked,
-        first_parked_at, last_parked_at, headers, properties, body, status_changed_at,
-        status_changed_by, failed_at
-    FROM parked_messages"
+        concat!(
+            message_columns!(),
+            ", headers, properties, body, status_changed_at, status_changed_by, failed_at FROM parked_messages"
+        )
     };
 }
 
@@ -225,9 +232,8 @@ pub async fn page(
     limit: i64,
 ) -> Result<Vec<Message>, sqlx::Error> {
     let query = sqlx::query_as(concat!(
-        "SELECT id, message_id, message_type, error_kind, error, fingerprint, status, times_parked,
-                first_parked_at, last_parked_at
-         FROM parked_messages WHERE ",
+        message_columns!(),
+        " FROM parked_messages WHERE ",
         matching!(),
         " AND ($10::timestamptz IS NULL OR (last_parked_at, id) < ($10::timestamptz, $11::bigint))
          ORDER BY last_parked_at DESC, id DESC LIMIT $12"

@@ -8,10 +8,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::future::BoxFuture;
-use lapin::BasicProperties;
 use lapin::message::Delivery;
 
-use crate::broker::PublishError;
+use crate::broker::{Outgoing, PublishError};
 use crate::envelope::MessageType;
 use crate::retry::Disposition;
 
@@ -88,12 +87,9 @@ pub trait Outlet: Send + Sync {
     /// Acks settled deliveries together.
     fn ack<'a>(&'a self, tags: &'a [u64]) -> BoxFuture<'a, Result<(), lapin::Error>>;
 
-    /// Publishes a copy through the default exchange and waits for the
-    /// broker's confirm.
-    fn publish<'a>(
-        &'a self,
-        routing_key: &'a str,
-        body: &'a [u8],
-        properties: BasicProperties,
-    ) -> BoxFuture<'a, Result<(), PublishError>>;
+    /// Publishes copies together and waits for the broker's confirms: one
+    /// result per copy, in order (see [`Publisher::publish_all`]).
+    ///
+    /// [`Publisher::publish_all`]: crate::broker::Publisher::publish_all
+    fn publish_all<'a>(&'a self, copies: &'a [Outgoing<'a>]) -> BoxFuture<'a, Vec<Result<(), PublishError>>>;
 }

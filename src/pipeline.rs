@@ -28,13 +28,13 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use chrono::{DateTime, Utc};
-use futures_util::future::join_all;
 use lapin::message::Delivery;
 use opentelemetry::trace::Status;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, Span};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
+use crate::broker::Outgoing;
 use crate::crash_guard::{Admission, Admitted};
 use crate::divert::{self, Origin, Writer};
 use crate::envelope::{self, Kind, Message, MessageType};
@@ -190,8 +190,12 @@ impl Pipeline {
                     }),
                 }
             }
-            ended.extend(self.apply(ready, started).await);
-            self.settle_all(ended, outlet).await?;
+            // What failed before its transaction is copied while the
+            // transaction runs: the copies' confirms wait beside the commit.
+            let (failed, mut ended): (Vec<_>, Vec<_>) = ended.into_iter().partition(|e| e.processed.is_err());
+            let (copied, applied) = tokio::join!(self.copy(failed, outlet), self.apply(ready, started));
+            ended.extend(applied);
+            self.settle_all(ended, copied, outlet).await?;
             permit.settled().await;
             Ok(())
         }
@@ -272,44 +276,45 @@ impl Pipeline {
         span
     }
 
-    /// Settles deliveries whose processing ended. Those that need no copy
-    /// are acked at once, together. Then the copies of the failed ones are
-    /// published, concurrently, and each original is acked once its copy is
-    /// confirmed: a message waiting for its copy (a broker that blocks
-    /// publishers, a slow confirm) never holds the others of its batch up.
+    /// Settles deliveries whose processing ended, with `copied`, those
+    /// whose copies were published already. Those that need no copy, and
+    /// the copied ones, are acked at once, together. Then the copies of the
+    /// others that failed are published, and each original is acked once
+    /// its own copy is confirmed: a copy that is not confirmed leaves only
+    /// its delivery unacked.
     ///
     /// # Errors
     /// The first [`SettleError`]; every other delivery is settled, and the
     /// ones whose copy failed are left unacked for redelivery.
-    async fn settle_all(&self, ended: Vec<Ended<'_>>, outlet: &dyn Outlet) -> Result<(), SettleError> {
-        let mut done = Vec::with_capacity(ended.len());
-        let mut failed = Vec::new();
-        for Ended {
-            mut one,
-            received,
-            processed,
-        } in ended
-        {
-            match processed {
-                Ok(outcome) => {
-                    one.outcome = outcome;
-                    done.push(one);
-                }
-                Err(failure) => failed.push((one, received, failure)),
-            }
-        }
-        self.ack(&done, outlet).await?;
-        let copies = failed
-            .iter()
-            .map(|(one, received, failed)| self.divert(one.delivery, *received, failed, outlet, &one.span));
-        let copies = join_all(copies).await;
-        let mut copied = Vec::with_capacity(failed.len());
+    async fn settle_all<'d>(
+        &self,
+        ended: Vec<Ended<'d>>,
+        copied: Vec<Copied<'d>>,
+        outlet: &dyn Outlet,
+    ) -> Result<(), SettleError> {
+        let (failed, ended): (Vec<_>, Vec<_>) = ended.into_iter().partition(|e| e.processed.is_err());
         let mut first_error = None;
-        for ((mut one, ..), copy) in failed.into_iter().zip(copies) {
+        let mut done = self.confirmed(copied, &mut first_error);
+        done.extend(ended.into_iter().filter_map(|Ended { mut one, processed, .. }| {
+            one.outcome = processed.ok()?;
+            Some(one)
+        }));
+        self.ack(&done, outlet).await?;
+        let copied = self.copy(failed, outlet).await;
+        let copied = self.confirmed(copied, &mut first_error);
+        self.ack(&copied, outlet).await?;
+        first_error.map_or(Ok(()), Err)
+    }
+
+    /// The deliveries whose copy was confirmed, with its outcome; the
+    /// others are unsettled, and the first error is kept for the caller.
+    fn confirmed<'d>(&self, copied: Vec<Copied<'d>>, first_error: &mut Option<SettleError>) -> Vec<Resolved<'d>> {
+        let mut confirmed = Vec::with_capacity(copied.len());
+        for (mut one, copy) in copied {
             match copy {
                 Ok(outcome) => {
                     one.outcome = outcome;
-                    copied.push(one);
+                    confirmed.push(one);
                 }
                 Err(e) => {
                     one.span.record("iot.outcome", "unsettled");
@@ -318,8 +323,7 @@ impl Pipeline {
                 }
             }
         }
-        self.ack(&copied, outlet).await?;
-        first_error.map_or(Ok(()), Err)
+        confirmed
     }
 
     /// Acks settled deliveries together (see [`Acks`]) and tells the hooks.
@@ -355,8 +359,9 @@ impl Pipeline {
             .unwrap_or_else(|panic| Prepared::Done(Err(Failed::untyped(Failure::from_panic(&*panic))), None))
     }
 
-    /// Decodes a delivery and finds its handler, or says how it ended
-    /// without one (omitted, undecodable, unknown type). Names the
+    /// Decodes a delivery, finds its handler and runs the handler's check,
+    /// or says how it ended without one (omitted, undecodable, unknown
+    /// type, refused by the check). Names the
     /// delivery's `span` by the message's idempotency key and type.
     fn prepare(&self, delivery: &Delivery, received: DateTime<Utc>, span: &Span) -> Prepared {
         let amqp_id = delivery.properties.message_id().as_ref().map(|id| id.as_str());
@@ -372,7 +377,13 @@ impl Pipeline {
         if self.events_to_omit.contains(&message.message_type) {
             return Prepared::Done(Ok(Outcome::Omitted), Some(message_type));
         }
-        match handlers::lookup(&message) {
+        // A handler's own check (no database) refuses a message here, so
+        // that its copy is published while the batch's transaction runs.
+        let checked = handlers::lookup(&message).and_then(|handler| match handler.bulk {
+            Some(bulk) => (bulk.check)(&message).map(|()| handler),
+            None => Ok(handler),
+        });
+        match checked {
             Ok(handler) => Prepared::Apply(message, handler),
             Err(failure) => Prepared::Done(
                 Err(Failed {
@@ -384,33 +395,93 @@ impl Pipeline {
         }
     }
 
-    /// Stage 2 or parking: publishes the copy the retry policy plans and
-    /// waits for the confirm. `span` is the delivery's.
-    async fn divert(
-        &self,
-        delivery: &Delivery,
+    /// Stage 2 or parking: publishes the copies the retry policy plans for
+    /// the `failed` deliveries, in one group (one channel, its confirms
+    /// awaited together: a batch's copies cost the broker one stream, not
+    /// one channel each), and says what became of each.
+    async fn copy<'d>(&self, failed: Vec<Ended<'d>>, outlet: &dyn Outlet) -> Vec<Copied<'d>> {
+        if failed.is_empty() {
+            return Vec::new();
+        }
+        let writer = Writer {
+            failed_by: &self.failed_by,
+            frame_max: outlet.frame_max(),
+        };
+        let now = Utc::now();
+        let mut copies: Vec<(Resolved<'d>, Failed, Copy)> = failed
+            .into_iter()
+            .filter_map(
+                |Ended {
+                     one,
+                     received,
+                     processed,
+                 }| {
+                    let failed = processed.err()?;
+                    let copy = Copy::plan(&one, received, &failed, &self.topology, writer, now);
+                    Some((one, failed, copy))
+                },
+            )
+            .collect();
+        let outgoing: Vec<Outgoing<'_>> = copies
+            .iter_mut()
+            .map(|(one, _, copy)| Outgoing {
+                exchange: "",
+                routing_key: &copy.plan.routing_key,
+                body: &one.delivery.data,
+                properties: std::mem::take(&mut copy.plan.properties),
+            })
+            .collect();
+        let published = outlet.publish_all(&outgoing).await;
+        drop(outgoing);
+        copies
+            .into_iter()
+            .zip(published)
+            .map(|((one, failed, copy), published)| {
+                let outcome = published.map(|()| {
+                    copy.log(&one.span, &failed.failure);
+                    copy.plan.outcome
+                });
+                (one, outcome.map_err(SettleError::from))
+            })
+            .collect()
+    }
+}
+
+/// A failed delivery after its copy's publish: the outcome once the copy
+/// is confirmed, or why it was not.
+type Copied<'d> = (Resolved<'d>, Result<Outcome, SettleError>);
+
+/// The copy a failed delivery becomes, and the span of its publish (a
+/// child of the delivery's span), whose context the copy carries on: the
+/// next attempt, or the requeued message, is its child, in the same trace.
+/// The span ends when the copy is dropped, after the confirm.
+struct Copy {
+    plan: divert::Plan,
+    fingerprint: Option<String>,
+    _publish: Span,
+}
+
+impl Copy {
+    fn plan(
+        one: &Resolved<'_>,
         received: DateTime<Utc>,
         failed: &Failed,
-        outlet: &dyn Outlet,
-        span: &Span,
-    ) -> Result<Outcome, SettleError> {
+        topology: &Topology,
+        writer: Writer<'_>,
+        now: DateTime<Utc>,
+    ) -> Copy {
+        let delivery = one.delivery;
         let origin = Origin {
             properties: &delivery.properties,
             exchange: delivery.exchange.as_str(),
             routing_key: delivery.routing_key.as_str(),
             received,
         };
-        let writer = Writer {
-            failed_by: &self.failed_by,
-            frame_max: outlet.frame_max(),
-        };
-        let plan = divert::plan(&origin, failed, &self.topology, writer, Utc::now());
+        let mut plan = divert::plan(&origin, failed, topology, writer, now);
         let routing_key = &plan.routing_key;
         let fingerprint = headers::read_string(plan.properties.headers().as_ref(), headers::ERROR_FINGERPRINT);
-        // The copy carries the publish span's context: the next attempt
-        // (or the requeued message) is its child, in the same trace.
         let publish = tracing::debug_span!(
-            parent: span,
+            parent: &one.span,
             "publish",
             otel.name = %format_args!("publish {routing_key}"),
             otel.kind = "producer",
@@ -418,23 +489,27 @@ impl Pipeline {
             messaging.operation.type = "send",
             messaging.destination.name = %routing_key,
         );
-        let properties = telemetry::with_context_of(&publish, plan.properties);
-        outlet
-            .publish(routing_key, &delivery.data, properties)
-            .instrument(publish)
-            .await?;
-        let error = &failed.failure;
-        span.in_scope(|| match &plan.outcome {
+        plan.properties = telemetry::with_context_of(&publish, std::mem::take(&mut plan.properties));
+        Copy {
+            plan,
+            fingerprint,
+            _publish: publish,
+        }
+    }
+
+    /// Says, in the delivery's `span`, where the confirmed copy went.
+    fn log(&self, span: &Span, error: &Failure) {
+        let routing_key = &self.plan.routing_key;
+        span.in_scope(|| match &self.plan.outcome {
             Outcome::Diverted(Disposition::Park { kind }) => {
                 // The final failure: the only one that makes the span an error.
                 span.set_status(Status::error(error.to_string()));
                 span.set_attribute("error.type", kind.as_str());
-                tracing::warn!(%routing_key, error.kind = %kind, error.fingerprint = fingerprint.as_deref().unwrap_or("-"),
+                tracing::warn!(%routing_key, error.kind = %kind, error.fingerprint = self.fingerprint.as_deref().unwrap_or("-"),
                                error.message = %error, "message parked");
             }
             _ => tracing::debug!(%routing_key, error.message = %error, "message sent to delayed retry"),
         });
-        Ok(plan.outcome)
     }
 }
 
@@ -445,7 +520,6 @@ mod tests {
     use std::sync::Mutex;
 
     use futures_util::future::BoxFuture;
-    use lapin::BasicProperties;
     use serde_json::json;
 
     use super::*;
@@ -471,6 +545,8 @@ mod tests {
         acks: Vec<Vec<u64>>,
         /// Each copy: routing key and its `iot-error-kind`.
         copies: Vec<(String, String)>,
+        /// How many copies each publish carried.
+        groups: Vec<usize>,
         /// What the hooks were told: tag and outcome, `unsettled` or `cut_off`.
         events: Vec<(u64, String)>,
         /// Tags whose admission was given back at a cut-off.
@@ -548,18 +624,24 @@ mod tests {
             Box::pin(std::future::ready(Ok(())))
         }
 
-        fn publish<'a>(
-            &'a self,
-            routing_key: &'a str,
-            _body: &'a [u8],
-            properties: BasicProperties,
-        ) -> BoxFuture<'a, Result<(), PublishError>> {
-            if self.refuse == Some(routing_key) {
-                return Box::pin(std::future::ready(Err(PublishError::Nacked(routing_key.into()))));
-            }
-            let kind = headers::read_string(properties.headers().as_ref(), headers::ERROR_KIND).unwrap_or_default();
-            self.seen.lock().unwrap().copies.push((routing_key.into(), kind));
-            Box::pin(std::future::ready(Ok(())))
+        fn publish_all<'a>(&'a self, messages: &'a [Outgoing<'a>]) -> BoxFuture<'a, Vec<Result<(), PublishError>>> {
+            self.seen.lock().unwrap().groups.push(messages.len());
+            let results = messages
+                .iter()
+                .map(|m| {
+                    if self.refuse == Some(m.routing_key) {
+                        return Err(PublishError::Nacked(m.routing_key.into()));
+                    }
+                    let kind = headers::read_string(m.properties.headers().as_ref(), headers::ERROR_KIND);
+                    self.seen
+                        .lock()
+                        .unwrap()
+                        .copies
+                        .push((m.routing_key.into(), kind.unwrap_or_default()));
+                    Ok(())
+                })
+                .collect();
+            Box::pin(std::future::ready(results))
         }
     }
 
@@ -769,6 +851,7 @@ mod tests {
                 ("q.dlq".into(), "unknown_type".into())
             ]
         );
+        assert_eq!(seen.groups, vec![2], "a batch's copies are published together");
         assert!(seen.events.contains(&(3, "omitted".into())));
         assert_eq!(seen.acks.concat().len(), 4);
     }

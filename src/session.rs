@@ -17,13 +17,13 @@ use futures_util::{FutureExt, StreamExt};
 use lapin::message::Delivery;
 use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
-use lapin::{BasicProperties, Channel, Connection, Consumer};
+use lapin::{Channel, Connection, Consumer};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::acks::Acks;
-use crate::broker::{self, BlockedHook, PublishError, Publisher};
+use crate::broker::{self, BlockedHook, Outgoing, PublishError, Publisher};
 use crate::failure::panic_text;
 use crate::metrics::Metrics;
 use crate::outcome::{Outlet, SettleError};
@@ -97,13 +97,8 @@ impl Outlet for Copies {
         Box::pin(self.acks.ack(tags))
     }
 
-    fn publish<'a>(
-        &'a self,
-        routing_key: &'a str,
-        body: &'a [u8],
-        properties: BasicProperties,
-    ) -> BoxFuture<'a, Result<(), PublishError>> {
-        Box::pin(self.publisher.publish("", routing_key, body, properties))
+    fn publish_all<'a>(&'a self, copies: &'a [Outgoing<'a>]) -> BoxFuture<'a, Vec<Result<(), PublishError>>> {
+        Box::pin(self.publisher.publish_all(copies))
     }
 }
 
@@ -206,7 +201,7 @@ impl Session {
         let outlet = Arc::new(Copies {
             publisher: Publisher::open_watched(&copies, Some(on_blocked)).await?,
             frame_max: usize::try_from(copies.configuration().frame_max()).unwrap_or(usize::MAX),
-            acks: Acks::new(channel.clone(), endpoint.metrics.in_flight()),
+            acks: Acks::new(channel.clone(), endpoint.metrics.in_flight(), endpoint.prefetch),
         });
         let consumer = channel
             .basic_consume(
@@ -248,11 +243,16 @@ impl Session {
         let mut pending = Pending::default();
         loop {
             let flush_at = pending.since.map(|since| since + batching.max_wait);
+            let acks = &self.outlet.acks;
+            let release_at = acks.release_at();
             tokio::select! {
                 () = shutdown.cancelled() => return Ok(()),
                 () = self.in_flight.fault.cancelled() => return Err(SessionError::SettleFailed),
                 () = sleep_until(flush_at), if flush_at.is_some() => {}
                 () = self.in_flight.batch_done.notified() => {}
+                () = acks.holding() => {}
+                // Held acks past their time, with no other ack to take them.
+                () = sleep_until(release_at), if release_at.is_some() => acks.ack(&[]).await?,
                 next = self.consumer.next() => {
                     self.take(next, pipeline, &mut pending)?;
                     // What the broker already sent joins the batch, without waiting.
@@ -304,6 +304,8 @@ impl Session {
             .basic_cancel(self.consumer.tag(), BasicCancelOptions::default());
         tokio::time::timeout(CLOSE_TIMEOUT, cancel).await.ok();
         self.in_flight.drain(if clean { grace } else { FAULT_GRACE }).await;
+        // Settled deliveries still held above one that never ran.
+        tokio::time::timeout(CLOSE_TIMEOUT, self.outlet.acks.flush()).await.ok();
         self.close().await;
     }
 

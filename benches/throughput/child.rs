@@ -34,6 +34,20 @@ pub fn passed_through() -> Vec<(String, String)> {
     vars
 }
 
+/// `SETTINGS_FILE` naming the repository's `_storage/settings.json` (what
+/// `docker compose up` and a bare start read) when `BENCH_SETTINGS=shipped`;
+/// the variables the bench sets still win over the file.
+pub fn shipped_settings() -> Option<(&'static str, String)> {
+    match crate::support::env_or("BENCH_SETTINGS", "defaults").as_str() {
+        "defaults" => None,
+        "shipped" => Some((
+            "SETTINGS_FILE",
+            format!("{}/_storage/settings.json", env!("CARGO_MANIFEST_DIR")),
+        )),
+        other => panic!("BENCH_SETTINGS={other:?}: expected defaults or shipped"),
+    }
+}
+
 /// Deliveries the worker has settled (acked after commit or divert), by
 /// outcome, from `iot_deliveries_total`.
 #[derive(Clone, Copy, Debug, Default)]
@@ -91,10 +105,12 @@ impl WorkerProcess {
         let output = std::fs::File::create(&log).expect("worker log file");
         let endpoint = bench.export.as_ref().map_or("", |export| export.endpoint.as_str());
         let child = tokio::process::Command::new(WORKER)
-            // No settings file: the worker's defaults, the variables below
-            // and the pass-through ones.
+            // No settings file (unless `BENCH_SETTINGS=shipped`): the
+            // worker's defaults, the variables below and the pass-through
+            // ones.
             .current_dir(&bench.dir)
             .env_clear()
+            .envs(shipped_settings())
             .envs(passed_through())
             .env("AMQP_URL", &bench.amqp_url)
             .env("DATABASE_URL", &bench.database_url)

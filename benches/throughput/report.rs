@@ -2,7 +2,7 @@
 //! final markdown table for docs/benchmarks.md.
 
 use crate::Bench;
-use crate::child::passed_through;
+use crate::child::{passed_through, shipped_settings};
 use crate::support::median;
 
 /// Every round's figures of one queue type.
@@ -58,12 +58,16 @@ pub fn header(bench: &Bench) {
         "{} messages per drain, {} round(s), medians; machine: {cores} cores",
         bench.n, bench.rounds
     );
+    let base = match shipped_settings() {
+        Some((_, file)) => format!("the shipped {file}"),
+        None => "its defaults".to_owned(),
+    };
     let settings = passed_through();
     if settings.is_empty() {
-        println!("worker settings: its defaults");
+        println!("worker settings: {base}");
     } else {
         let shown: Vec<String> = settings.iter().map(|(k, v)| format!("{k}={v}")).collect();
-        println!("worker settings: {} (others: its defaults)", shown.join(" "));
+        println!("worker settings: {} (others: {base})", shown.join(" "));
     }
     if !cfg!(feature = "test-handlers") {
         println!(

@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use crate::common::messages::{body, flaky, invalid_measurement, measurement, slow};
+use crate::common::observe::{QueueCounts, queue_counts, rabbitmqctl_available};
 use crate::common::{RunningWorker, TestEnv, TopologyFile, wait_for};
 use lapin::BasicProperties;
 use serde_json::json;
@@ -18,14 +19,24 @@ const WAIT: Duration = Duration::from_secs(60);
 /// publishes `bodies` while it runs: they arrive together and wait (up to
 /// `BATCH_MAX_WAIT_MS`, 1 s) for it, then go as one batch.
 async fn start_behind_a_slow_one(env: &TestEnv, bodies: &[Vec<u8>]) -> RunningWorker {
-    let slow = slow("slow", 0.5);
-    env.publish(&slow, BasicProperties::default()).await;
+    start_behind_a_slow_one_for(env, bodies, 0.5, &[]).await
+}
+
+/// [`start_behind_a_slow_one`], with the slow one taking `seconds` and
+/// more settings for the worker.
+async fn start_behind_a_slow_one_for(
+    env: &TestEnv,
+    bodies: &[Vec<u8>],
+    seconds: f64,
+    more: &[(&str, &str)],
+) -> RunningWorker {
+    env.publish(&slow("slow", seconds), BasicProperties::default()).await;
     let received = Arc::new(AtomicUsize::new(0));
     let seen = received.clone();
     let hook = crate::common::on_received(move |_| {
         seen.fetch_add(1, Ordering::SeqCst);
     });
-    let settings = env.settings(&[("BATCH_MAX_SIZE", "50"), ("BATCH_MAX_WAIT_MS", "1000")]);
+    let settings = env.settings(&[&[("BATCH_MAX_SIZE", "50"), ("BATCH_MAX_WAIT_MS", "1000")], more].concat());
     let worker = env.spawn_worker_with(settings, Some(hook));
     wait_for("the slow message taken", WAIT, || async {
         (received.load(Ordering::SeqCst) >= 1).then_some(())
@@ -125,6 +136,39 @@ async fn a_panic_in_a_batch_parks_that_message_and_applies_the_others_once() {
     let parked = env.drain(&env.dlq()).await;
     let kind = headers::read_string(parked[0].delivery.properties.headers().as_ref(), ERROR_KIND);
     assert_eq!(kind.as_deref(), Some("panic"));
+}
+
+/// Settled deliveries above an unsettled one wait for it only briefly, so
+/// that one `multiple` ack covers them all (src/acks.rs): a slow message
+/// does not hold the acks of those after it. With a prefetch of 256 the
+/// 200 below fit the hold (240), so only its time limit releases their
+/// acks while the slow one still runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_message_holds_the_acks_of_those_after_it_only_briefly() {
+    if !rabbitmqctl_available("a_slow_message_holds_the_acks_of_those_after_it_only_briefly") {
+        return;
+    }
+    let env = TestEnv::new(&TopologyFile::fast()).await;
+    let bodies: Vec<Vec<u8>> = (0..200).map(|i| measurement(&format!("m-{i}"), i)).collect();
+    // 8 s: within the database deadline (12 s), so it runs once.
+    let more = [("RABBITMQ_PREFETCH_COUNT", "256")];
+    let worker = start_behind_a_slow_one_for(&env, &bodies, 8.0, &more).await;
+    let counts = wait_for(
+        "every delivery acked but the slow one",
+        Duration::from_secs(6),
+        || async {
+            let counts = queue_counts(&env.queue).await?;
+            (counts == QueueCounts { ready: 0, unacked: 1 }).then_some(counts)
+        },
+    )
+    .await;
+    assert_eq!(env.count("measurements").await, 200, "{counts:?}");
+    let slow_done: i64 = sqlx::query_scalar("SELECT count(*) FROM events WHERE message_id = 'slow'")
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+    assert_eq!(slow_done, 0, "the slow one still runs");
+    worker.stop().await;
 }
 
 /// `devices` after one batch of `DEVICE_UP`/`DEVICE_DOWN`

@@ -62,12 +62,6 @@ struct Due {
     alone: Vec<u64>,
 }
 
-impl Due {
-    fn count(&self) -> usize {
-        self.alone.len() + usize::from(self.contiguous.is_some())
-    }
-}
-
 impl Tags {
     /// `settled` joins the held ones; returns what is due at `now`, and
     /// how many deliveries that acks: the held ones below the lowest
@@ -135,9 +129,9 @@ impl Acks {
     pub async fn ack(&self, tags: &[u64]) -> Result<(), lapin::Error> {
         let _sending = self.sending.lock().await;
         let (due, acked, holds) = {
-            let mut held = self.lock();
-            let (due, acked) = held.settle(tags, self.hold, Instant::now());
-            (due, acked, !held.held.is_empty())
+            let mut unacked = self.lock();
+            let (due, acked) = unacked.settle(tags, self.hold, Instant::now());
+            (due, acked, !unacked.held.is_empty())
         };
         if holds {
             self.holding.notify_one();
@@ -182,9 +176,6 @@ impl Acks {
     }
 
     async fn send(&self, due: Due) -> Result<(), lapin::Error> {
-        if due.count() == 0 {
-            return Ok(());
-        }
         if let Some((tag, multiple)) = due.contiguous {
             self.channel.basic_ack(tag, BasicAckOptions { multiple }).await?;
         }

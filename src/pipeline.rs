@@ -408,7 +408,7 @@ impl Pipeline {
             frame_max: outlet.frame_max(),
         };
         let now = Utc::now();
-        let mut copies: Vec<(Resolved<'d>, Failed, Copy)> = failed
+        let mut copies: Vec<(Resolved<'d>, Failed, CopyPlan)> = failed
             .into_iter()
             .filter_map(
                 |Ended {
@@ -417,7 +417,7 @@ impl Pipeline {
                      processed,
                  }| {
                     let failed = processed.err()?;
-                    let copy = Copy::plan(&one, received, &failed, &self.topology, writer, now);
+                    let copy = CopyPlan::plan(&one, received, &failed, &self.topology, writer, now);
                     Some((one, failed, copy))
                 },
             )
@@ -455,13 +455,13 @@ type Copied<'d> = (Resolved<'d>, Result<Outcome, SettleError>);
 /// child of the delivery's span), whose context the copy carries on: the
 /// next attempt, or the requeued message, is its child, in the same trace.
 /// The span ends when the copy is dropped, after the confirm.
-struct Copy {
+struct CopyPlan {
     plan: divert::Plan,
     fingerprint: Option<String>,
     _publish: Span,
 }
 
-impl Copy {
+impl CopyPlan {
     fn plan(
         one: &Resolved<'_>,
         received: DateTime<Utc>,
@@ -469,7 +469,7 @@ impl Copy {
         topology: &Topology,
         writer: Writer<'_>,
         now: DateTime<Utc>,
-    ) -> Copy {
+    ) -> CopyPlan {
         let delivery = one.delivery;
         let origin = Origin {
             properties: &delivery.properties,
@@ -490,7 +490,7 @@ impl Copy {
             messaging.destination.name = %routing_key,
         );
         plan.properties = telemetry::with_context_of(&publish, std::mem::take(&mut plan.properties));
-        Copy {
+        CopyPlan {
             plan,
             fingerprint,
             _publish: publish,
@@ -547,6 +547,8 @@ mod tests {
         copies: Vec<(String, String)>,
         /// How many copies each publish carried.
         groups: Vec<usize>,
+        /// How many copies were published when each run began.
+        copies_at_run: Vec<usize>,
         /// What the hooks were told: tag and outcome, `unsettled` or `cut_off`.
         events: Vec<(u64, String)>,
         /// Tags whose admission was given back at a cut-off.
@@ -567,6 +569,8 @@ mod tests {
             let run = {
                 let mut seen = self.seen.lock().unwrap();
                 seen.runs.push(items.iter().map(|(m, _)| m.id.clone()).collect());
+                let copies = seen.copies.len();
+                seen.copies_at_run.push(copies);
                 seen.runs.len()
             };
             Box::pin(std::future::ready((self.script)(run, items)))
@@ -870,6 +874,23 @@ mod tests {
         assert!(seen.runs.is_empty());
         assert_eq!(seen.copies, vec![("q.dlq".to_owned(), "crash_loop".to_owned())]);
         assert_eq!(seen.acks, vec![vec![7]]);
+    }
+
+    #[tokio::test]
+    async fn what_fails_before_the_transaction_is_copied_while_it_runs_and_acked_with_the_batch() {
+        let f = fixture(|_, items| done(items));
+        f.handle(&[reading(1), with_body(2, "{not json"), reading(3)])
+            .await
+            .unwrap();
+        let seen = f.seen();
+        assert_eq!(
+            seen.copies_at_run,
+            vec![1],
+            "the copy was out before the transaction ended"
+        );
+        let mut acked = seen.acks.concat();
+        acked.sort_unstable();
+        assert_eq!((seen.acks.len(), acked), (1, vec![1, 2, 3]), "one ack for all three");
     }
 
     #[tokio::test]

@@ -62,12 +62,21 @@ impl fmt::Display for ErrorKind {
     }
 }
 
-/// Why `data` does not fit its handler. Always permanent.
+/// Why `data` does not fit its handler. Always permanent. An empty
+/// `field` is `data` itself.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("data.{field} {problem}")]
 pub struct ValidationError {
     pub field: String,
     pub problem: String,
+}
+
+impl fmt::Display for ValidationError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.field.as_str() {
+            "" => write!(f, "data {}", self.problem),
+            field => write!(f, "data.{field} {}", self.problem),
+        }
+    }
 }
 
 impl ValidationError {
@@ -209,6 +218,14 @@ pub fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_validation_error_names_its_field_or_data_itself() {
+        let field = ValidationError::new("device_id", "is missing");
+        assert_eq!(field.to_string(), "data.device_id is missing");
+        let whole = ValidationError::new("", "must be a JSON object");
+        assert_eq!(whole.to_string(), "data must be a JSON object");
+    }
 
     #[test]
     fn kinds_round_trip() {

@@ -11,8 +11,9 @@
 //!   attempts left.
 //!
 //! Messages whose handler has a bulk path (every type but the test
-//! handlers) are checked first, and the ones that pass are written with one
-//! inbox statement and one statement of the handler's per bulk path. Every other message of a batch runs inside
+//! handlers) come checked (the pipeline's `prepare` ran the handler's
+//! `check`) and are written with one inbox statement and one statement of
+//! the handler's per bulk path. Every other message of a batch runs inside
 //! its own savepoint: a message whose handler fails is rolled back to it and
 //! leaves the batch, and its batch-mates commit. A failure of the batch
 //! itself (a lost connection, a failed commit, the deadline, a panic) rolls
@@ -153,7 +154,7 @@ impl Apply for Database {
 async fn run(conn: &mut PgConnection, items: &[Item<'_>]) -> Result<Vec<Applied>, Failure> {
     let mut tx = conn.begin().await?;
     let mut applied: Vec<Option<Applied>> = items.iter().map(|_| None).collect();
-    for (bulk, indexes) in bulk_groups(items, &mut applied) {
+    for (bulk, indexes) in bulk_groups(items) {
         apply_bulk(&mut tx, bulk, items, &indexes, &mut applied).await?;
     }
     for index in lock_order(items) {
@@ -194,16 +195,15 @@ fn lock_order(items: &[Item<'_>]) -> Vec<usize> {
     order
 }
 
-/// The items that take a bulk path, by [`Bulk`]. An item its
-/// `check` refuses fails at once; items without a bulk path stay `None`.
-fn bulk_groups(items: &[Item<'_>], applied: &mut [Option<Applied>]) -> Vec<(&'static Bulk, Vec<usize>)> {
+/// The items that take a bulk path, by [`Bulk`]; the others run one by
+/// one. Every item passed its handler's `check` already (the pipeline's
+/// `prepare` runs it, so that a refused message is copied while the
+/// transaction runs); one that did not would fail its bulk statement, and
+/// with it the run, whose messages then run alone.
+fn bulk_groups(items: &[Item<'_>]) -> Vec<(&'static Bulk, Vec<usize>)> {
     let mut groups: Vec<(&'static Bulk, Vec<usize>)> = Vec::new();
-    for (index, (message, handler)) in items.iter().enumerate() {
+    for (index, (_, handler)) in items.iter().enumerate() {
         let Some(bulk) = handler.bulk else { continue };
-        if let Err(failure) = (bulk.check)(message) {
-            applied[index] = Some(Applied::Failed(failure));
-            continue;
-        }
         match groups.iter_mut().find(|(b, _)| std::ptr::eq(*b, bulk)) {
             Some((_, indexes)) => indexes.push(index),
             None => groups.push((bulk, vec![index])),

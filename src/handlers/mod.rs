@@ -32,7 +32,8 @@ pub type ApplyFn = for<'a> fn(&'a mut PgConnection, &'a Message) -> BoxFuture<'a
 pub type ApplyManyFn = for<'a> fn(&'a mut PgConnection, &'a [&'a Message]) -> BoxFuture<'a, Result<(), Failure>>;
 
 /// A handler's bulk path, for batches: `check` validates one message
-/// without the database (a message it refuses stays out of the bulk), and
+/// without the database (the pipeline runs it before the transaction, and
+/// a message it refuses is parked without reaching the bulk), and
 /// `apply_many` applies the checked ones; their inbox rows (`events` or
 /// `commands`) are written in bulk too. Handlers that share one `Bulk` (the
 /// same static) share its statement: `DEVICE_UP` and `DEVICE_DOWN` write

@@ -98,11 +98,6 @@ pub struct Message {
     /// When it happened; the receive time when the envelope had none.
     pub time: DateTime<Utc>,
     pub data: Value,
-    /// The delivery's trace context (`traceparent`, `tracestate`), set by
-    /// the pipeline for a command: a batch writes its outbox rows with it,
-    /// so each device message joins its own command's trace. Not part of
-    /// the envelope.
-    pub trace: Option<(String, Option<String>)>,
 }
 
 impl Message {
@@ -209,7 +204,6 @@ pub fn decode(
         target,
         time,
         data,
-        trace: None,
     })
 }
 
@@ -676,7 +670,6 @@ mod tests {
                     target,
                     time,
                     data,
-                    trace: None,
                 })
         }
 

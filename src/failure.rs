@@ -8,7 +8,7 @@
 
 use std::fmt;
 
-use crate::envelope::{DecodeError, MessageType};
+use crate::envelope::{DecodeError, Kind, MessageType};
 
 /// The `iot-error-kind` header values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -95,8 +95,8 @@ pub enum Failure {
     Decode(#[from] DecodeError),
     #[error(transparent)]
     Invalid(#[from] ValidationError),
-    #[error("no handler for {kind} type {message_type}")]
-    UnknownType { kind: &'static str, message_type: String },
+    #[error("no handler for {} type {message_type}", kind.as_str())]
+    UnknownType { kind: Kind, message_type: String },
     #[error("database: {0}")]
     Database(#[from] sqlx::Error),
     #[error("handler panicked: {0}")]
@@ -104,10 +104,10 @@ pub enum Failure {
     #[error("delivery {deliveries} of a message that never settled: it may crash the worker")]
     CrashLoop { deliveries: u32 },
     /// The transaction of the batch the message was in failed as a whole
-    /// (a lost connection, a failed commit, the deadline); its messages run
-    /// again alone. `transient` says whether the batch's failure was.
-    #[error("the batch's transaction failed: {reason}")]
-    BatchAborted { transient: bool, reason: String },
+    /// (a lost connection, a failed commit, the deadline), with this
+    /// transient failure; its messages run again alone.
+    #[error("the batch's transaction failed: {0}")]
+    BatchAborted(#[source] std::sync::Arc<Failure>),
 }
 
 /// A delivery that failed, with what is known of it: the message type when
@@ -142,7 +142,7 @@ impl Failure {
             | Failure::UnknownType { .. }
             | Failure::Panic(_)
             | Failure::CrashLoop { .. } => false,
-            Failure::BatchAborted { transient, .. } => *transient,
+            Failure::BatchAborted(failure) => failure.is_transient(),
             Failure::Database(e) => is_transient_database_error(e),
         }
     }
@@ -155,8 +155,8 @@ impl Failure {
             Failure::UnknownType { .. } => ErrorKind::UnknownType,
             Failure::Panic(_) => ErrorKind::Panic,
             Failure::CrashLoop { .. } => ErrorKind::CrashLoop,
-            Failure::Database(_) | Failure::BatchAborted { .. } if self.is_transient() => ErrorKind::Transient,
-            Failure::Database(_) | Failure::BatchAborted { .. } => ErrorKind::Permanent,
+            Failure::Database(_) | Failure::BatchAborted(_) if self.is_transient() => ErrorKind::Transient,
+            Failure::Database(_) | Failure::BatchAborted(_) => ErrorKind::Permanent,
         }
     }
 }
@@ -247,18 +247,20 @@ mod tests {
 
     #[test]
     fn an_aborted_batch_is_as_transient_as_its_cause() {
-        let aborted = |transient| Failure::BatchAborted {
-            transient,
-            reason: "connection reset".into(),
-        };
-        assert!(aborted(true).is_transient());
-        assert_eq!(aborted(true).kind(), ErrorKind::Transient);
-        assert!(!aborted(false).is_transient());
-        assert_eq!(aborted(false).kind(), ErrorKind::Permanent);
+        let reset = || sqlx::Error::Io(std::io::Error::from(std::io::ErrorKind::ConnectionReset));
+        let aborted = |cause| Failure::BatchAborted(std::sync::Arc::new(cause));
+        assert!(aborted(Failure::Database(reset())).is_transient());
+        assert_eq!(aborted(Failure::Database(reset())).kind(), ErrorKind::Transient);
+        let refused = aborted(Failure::Database(sqlx::Error::RowNotFound));
+        assert!(!refused.is_transient());
+        assert_eq!(refused.kind(), ErrorKind::Permanent);
+        let failure = aborted(Failure::Database(reset()));
         assert_eq!(
-            aborted(true).to_string(),
-            "the batch's transaction failed: connection reset"
+            failure.to_string(),
+            "the batch's transaction failed: database: error communicating with database: connection reset"
         );
+        let source = std::error::Error::source(&failure).expect("the cause is kept");
+        assert!(source.to_string().starts_with("database: "), "{source}");
     }
 
     /// One case per code: a failover or a server short of resources is

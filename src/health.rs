@@ -1,7 +1,7 @@
-//! Readiness's database half: a background check that the pool can still
-//! run `SELECT 1`, so `/readyz` answers from the last result instead of
-//! querying on every request (a flood of probes cannot load the database,
-//! and a probe never waits for it).
+//! Readiness's database half ([`crate::readiness`]): a background check
+//! that the pool can still run `SELECT 1`, so `/readyz` answers from the
+//! last result instead of querying on every request (a flood of probes
+//! cannot load the database, and a probe never waits for it).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,6 +10,7 @@ use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
+use crate::readiness::{DatabaseDown, Readiness};
 
 /// How often the database is checked.
 pub const CHECK_INTERVAL: Duration = Duration::from_secs(1);
@@ -18,9 +19,9 @@ pub const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 /// How often histogram samples are folded into their buckets.
 const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
 
-/// Checks the database every [`CHECK_INTERVAL`] until `shutdown`, and
-/// keeps the pool gauges and the metrics' upkeep going.
-pub async fn watch(pool: PgPool, metrics: Arc<Metrics>, shutdown: CancellationToken) {
+/// Checks the database every [`CHECK_INTERVAL`] until `shutdown`, telling
+/// `readiness`, and keeps the pool gauges and the metrics' upkeep going.
+pub async fn watch(pool: PgPool, readiness: Arc<Readiness>, metrics: Arc<Metrics>, shutdown: CancellationToken) {
     let mut check = tokio::time::interval(CHECK_INTERVAL);
     check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut upkeep = tokio::time::interval(UPKEEP_INTERVAL);
@@ -32,7 +33,7 @@ pub async fn watch(pool: PgPool, metrics: Arc<Metrics>, shutdown: CancellationTo
                     if let Err(e) = &result {
                         tracing::debug!(error.message = %e, "database check failed");
                     }
-                    metrics.set_database(result);
+                    readiness.set_database(result);
                 }
                 metrics.set_pool(pool.size(), pool.num_idle(), pool.options().get_max_connections());
             }
@@ -44,11 +45,11 @@ pub async fn watch(pool: PgPool, metrics: Arc<Metrics>, shutdown: CancellationTo
 /// One `SELECT 1` through the pool. `None` when it timed out only because
 /// every connection is busy: a pool full of working transactions proves
 /// the database answers, and a busy worker must not be reported unready.
-async fn check_once(pool: &PgPool) -> Option<Result<(), String>> {
+async fn check_once(pool: &PgPool) -> Option<Result<(), DatabaseDown>> {
     match tokio::time::timeout(CHECK_TIMEOUT, sqlx::query("SELECT 1").execute(pool)).await {
         Ok(Ok(_)) => Some(Ok(())),
-        Ok(Err(e)) => Some(Err(e.to_string())),
+        Ok(Err(e)) => Some(Err(DatabaseDown::Error(Arc::new(e)))),
         Err(_) if pool.num_idle() == 0 && pool.size() >= pool.options().get_max_connections() => None,
-        Err(_) => Some(Err(format!("no answer to SELECT 1 within {CHECK_TIMEOUT:?}"))),
+        Err(_) => Some(Err(DatabaseDown::NoAnswer(CHECK_TIMEOUT))),
     }
 }

@@ -39,6 +39,7 @@ use tokio_util::task::TaskTracker;
 use tower_http::timeout::TimeoutLayer;
 
 use crate::metrics::Metrics;
+use crate::readiness::Readiness;
 
 /// How long a client may take to send a request head, and how long an
 /// idle keep-alive connection stays open.
@@ -61,6 +62,7 @@ const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
 #[derive(Clone)]
 struct AppState {
     metrics: Arc<Metrics>,
+    readiness: Arc<Readiness>,
     pool: PgPool,
 }
 
@@ -85,12 +87,17 @@ pub fn connection_limit() -> usize {
 /// The bind error.
 pub async fn serve(
     addr: SocketAddr,
-    metrics: Arc<Metrics>,
+    (metrics, readiness): (Arc<Metrics>, Arc<Readiness>),
     pool: PgPool,
     shutdown: CancellationToken,
 ) -> std::io::Result<Server> {
     let listener = TcpListener::bind(addr).await?;
-    serve_router(listener, router(AppState { metrics, pool }), shutdown)
+    let state = AppState {
+        metrics,
+        readiness,
+        pool,
+    };
+    serve_router(listener, router(state), shutdown)
 }
 
 /// Serves `router` on `listener` with this module's limits (timeouts,
@@ -131,7 +138,7 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
 /// 200 while connected, consuming and the database reachable; 503 with
 /// the reasons otherwise.
 async fn readyz(State(state): State<AppState>) -> (StatusCode, String) {
-    match state.metrics.readiness() {
+    match state.readiness.check() {
         Ok(()) => (StatusCode::OK, "ready\n".into()),
         Err(reasons) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {reasons}\n")),
     }

@@ -7,16 +7,17 @@
 //!   broker sessions; [`session`] opens one (connect with [`broker`],
 //!   declare the [`topology`], consume) and drains it;
 //! * [`pipeline`] takes each delivery: admit ([`crash_guard`]) → process
-//!   ([`envelope`] decodes, [`handlers`] maps the type to a handler that
-//!   runs in a PostgreSQL transaction, with [`store`] recording the inbox
-//!   row first) → settle;
+//!   ([`envelope`] decodes, [`handlers`] maps the type to its handler,
+//!   which parses `data` once into a typed item; [`transaction`] writes a
+//!   batch's items by handler in one PostgreSQL transaction, with [`store`]
+//!   recording the inbox rows first) → settle;
 //! * a failed delivery becomes a [`failure::Failed`]; the retry policy
 //!   ([`retry`]) decides its [`Disposition`], and [`divert`] plans the copy
 //!   (routing key and [`headers`]) that the pipeline publishes before it
 //!   acks;
 //! * every step is an [`Event`]: [`metrics`] counts them, tests watch them;
-//!   [`http`] serves the metrics and the readiness ([`health`] checks the
-//!   database);
+//!   [`http`] serves the metrics and the [`readiness`] ([`health`] checks
+//!   the database);
 //! * [`relay`] publishes the device messages that commands left in the
 //!   [`outbox`];
 //! * [`parking`] keeps parked messages in PostgreSQL: its keeper moves
@@ -50,6 +51,7 @@ mod metrics;
 mod outbox;
 mod outcome;
 mod pipeline;
+mod readiness;
 mod relay;
 mod retry;
 mod session;
@@ -62,6 +64,7 @@ pub use http::probe_ready;
 pub use metrics::Metrics;
 pub use outbox::enqueue as enqueue_device_message;
 pub use outcome::{Event, EventHook, Handling, Outcome};
+pub use readiness::{DatabaseDown, NotReady, Readiness, Reason};
 pub use retry::{Disposition, next_retry};
 pub use topology::{MainQueue, QueueType, Topology, TopologyError};
 pub use worker::{Options, WorkerError, run, run_with};

@@ -1,5 +1,6 @@
-//! The worker's metrics and readiness, rendered in the Prometheus text
-//! format by [`crate::http`] on `METRICS_ADDR`.
+//! The worker's metrics, rendered in the Prometheus text format by
+//! [`crate::http`] on `METRICS_ADDR`. Readiness is its own concept
+//! ([`crate::readiness`]), which keeps its gauges here.
 //!
 //! Every [`Metrics`] owns its recorder: a `metrics-exporter-prometheus`
 //! [`PrometheusRecorder`] that this module records into directly through
@@ -12,9 +13,8 @@
 //! A few aggregate counts are also kept in atomics, for the supervisor and
 //! the tests ([`Metrics::processed`], [`Metrics::parked`], …).
 
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};
 
 use metrics::{Counter, Gauge, Key, KeyName, Label, Level, Metadata, Recorder, SharedString, Unit};
@@ -72,7 +72,7 @@ fn type_label(message_type: Option<&MessageType>) -> &'static str {
     message_type.map_or("unknown", MessageType::label)
 }
 
-/// The worker's live state: metrics and readiness.
+/// The worker's live counts.
 pub struct Metrics {
     recorder: PrometheusRecorder,
     handle: PrometheusHandle,
@@ -85,14 +85,8 @@ pub struct Metrics {
     outbox_unroutable: AtomicU64,
     outbox_errors: AtomicU64,
     in_flight: Gauge,
-    /// Connected to the broker and consuming.
-    consuming: AtomicBool,
-    /// The last database check: `Err` holds why it failed.
-    database: Mutex<Result<(), String>>,
     /// `host:port` of the broker of the current (or last) session.
     node: Mutex<String>,
-    /// The publishing connections the broker blocks now, with its reason.
-    blocked: Mutex<BTreeMap<&'static str, String>>,
     /// Where `/metrics` is served, once bound.
     http_addr: Mutex<Option<SocketAddr>>,
 }
@@ -126,10 +120,7 @@ impl Metrics {
             outbox_unroutable: AtomicU64::new(0),
             outbox_errors: AtomicU64::new(0),
             in_flight,
-            consuming: AtomicBool::new(false),
-            database: Mutex::new(Err("not checked yet".into())),
             node: Mutex::new(String::new()),
-            blocked: Mutex::default(),
             http_addr: Mutex::new(None),
         };
         // Series that exist from the start, so a dashboard or an alert
@@ -153,8 +144,7 @@ impl Metrics {
         }
         metrics.gauge(name::PARKING_PAUSED, vec![]).set(0.0);
         metrics.in_flight.set(0.0);
-        metrics.gauge(name::BLOCKED, vec![]).set(0.0);
-        metrics.refresh_readiness();
+        metrics.readiness_gauge().set(0.0);
         metrics
     }
 
@@ -230,66 +220,19 @@ impl Metrics {
         }
     }
 
-    /// Whether `/readyz` answers 200: connected to the broker, consuming,
-    /// and the database reachable.
-    pub fn is_ready(&self) -> bool {
-        self.readiness().is_ok()
-    }
-
-    /// `Ok` when ready; otherwise every reason it is not, for `/readyz`.
-    ///
-    /// # Errors
-    /// The reasons, joined by `; `.
-    pub fn readiness(&self) -> Result<(), String> {
-        let mut reasons = Vec::new();
-        if !self.consuming.load(Ordering::SeqCst) {
-            reasons.push("not connected to RabbitMQ (not consuming)".to_owned());
-        }
-        if let Err(e) = &*self.database.lock().unwrap_or_else(PoisonError::into_inner) {
-            reasons.push(format!("database unreachable: {e}"));
-        }
-        for (connection, reason) in &*self.blocked.lock().unwrap_or_else(PoisonError::into_inner) {
-            reasons.push(format!("RabbitMQ blocks the {connection} connection: {reason}"));
-        }
-        if reasons.is_empty() {
-            Ok(())
-        } else {
-            Err(reasons.join("; "))
-        }
-    }
-
-    /// Set by the supervisor: a broker session is consuming (or not).
-    pub(crate) fn set_consuming(&self, consuming: bool) {
-        self.consuming.store(consuming, Ordering::SeqCst);
-        self.refresh_readiness();
-    }
-
-    /// Set when the broker blocks the publishing `connection` (`copies` or
-    /// `outbox relay`) with `reason`, and unblocks it (`None`).
-    pub(crate) fn set_broker_blocked(&self, connection: &'static str, reason: Option<&str>) {
-        let any = {
-            let mut blocked = self.blocked.lock().unwrap_or_else(PoisonError::into_inner);
-            match reason {
-                Some(reason) => blocked.insert(connection, reason.to_owned()),
-                None => blocked.remove(connection),
-            };
-            !blocked.is_empty()
-        };
-        self.gauge(name::BLOCKED, vec![]).set(f64::from(u8::from(any)));
-        self.refresh_readiness();
-    }
-
-    /// Set by the database check: the result of the last check.
-    pub(crate) fn set_database(&self, result: Result<(), String>) {
-        let up = result.is_ok();
-        *self.database.lock().unwrap_or_else(PoisonError::into_inner) = result;
-        self.gauge(name::DATABASE_UP, vec![]).set(f64::from(u8::from(up)));
-        self.refresh_readiness();
-    }
-
-    fn refresh_readiness(&self) {
+    /// `iot_ready`, which [`crate::readiness`] keeps.
+    pub(crate) fn readiness_gauge(&self) -> Gauge {
         self.gauge(name::READY, vec![])
-            .set(f64::from(u8::from(self.is_ready())));
+    }
+
+    /// `iot_database_up`, which [`crate::readiness`] keeps.
+    pub(crate) fn database_up_gauge(&self) -> Gauge {
+        self.gauge(name::DATABASE_UP, vec![])
+    }
+
+    /// `iot_broker_blocked`, which [`crate::readiness`] keeps.
+    pub(crate) fn broker_blocked_gauge(&self) -> Gauge {
+        self.gauge(name::BLOCKED, vec![])
     }
 
     /// Counts one broker connection established (the first and every
@@ -599,46 +542,6 @@ mod tests {
         assert!(text.contains("iot_broker_reconnects_total 0\n"), "{text}");
         assert!(text.contains("iot_ready 0\n"), "{text}");
         assert!(text.contains("# TYPE iot_deliveries_in_flight gauge\n"), "{text}");
-    }
-
-    #[test]
-    fn readiness_needs_the_broker_and_the_database() {
-        let metrics = Metrics::new();
-        assert_eq!(
-            metrics.readiness(),
-            Err("not connected to RabbitMQ (not consuming); database unreachable: not checked yet".into())
-        );
-        metrics.set_consuming(true);
-        assert_eq!(metrics.readiness(), Err("database unreachable: not checked yet".into()));
-        metrics.set_database(Ok(()));
-        assert_eq!(metrics.readiness(), Ok(()));
-        assert!(metrics.render().contains("iot_ready 1\n"));
-        metrics.set_database(Err("timed out".into()));
-        assert_eq!(metrics.readiness(), Err("database unreachable: timed out".into()));
-        assert!(metrics.render().contains("iot_ready 0\n"));
-    }
-
-    #[test]
-    fn a_blocked_publisher_shows_in_the_gauge_and_in_readiness() {
-        let metrics = Metrics::new();
-        metrics.set_consuming(true);
-        metrics.set_database(Ok(()));
-        assert!(metrics.render().contains("iot_broker_blocked 0\n"));
-        metrics.set_broker_blocked("copies", Some("low on memory"));
-        metrics.set_broker_blocked("outbox relay", Some("low on memory"));
-        assert!(metrics.render().contains("iot_broker_blocked 1\n"));
-        assert_eq!(
-            metrics.readiness(),
-            Err("RabbitMQ blocks the copies connection: low on memory; RabbitMQ blocks the outbox relay connection: low on memory".into())
-        );
-        metrics.set_broker_blocked("copies", None);
-        assert!(
-            metrics.render().contains("iot_broker_blocked 1\n"),
-            "the relay is still blocked"
-        );
-        metrics.set_broker_blocked("outbox relay", None);
-        assert!(metrics.render().contains("iot_broker_blocked 0\n"));
-        assert_eq!(metrics.readiness(), Ok(()));
     }
 
     #[test]

@@ -14,7 +14,7 @@ use chrono::{DateTime, Utc};
 use sqlx::{PgConnection, PgPool};
 use tracing::Span;
 
-use crate::telemetry;
+use crate::telemetry::{self, TraceContext};
 
 /// Exchange that device messages from commands are published to, so MQTT
 /// devices get them through RabbitMQ's MQTT plugin.
@@ -48,8 +48,8 @@ pub struct Stats {
 }
 
 /// Writes one device message to the outbox, in the caller's transaction,
-/// with the trace context of the current span (the command's handler), so
-/// that its publish joins the command's trace.
+/// with the trace context of the current span, so that its publish joins
+/// the writer's trace: [`enqueue_many`] with one row.
 ///
 /// # Errors
 /// The database error.
@@ -59,29 +59,23 @@ pub async fn enqueue(
     routing_key: &str,
     body: &[u8],
 ) -> Result<(), sqlx::Error> {
-    let (traceparent, tracestate) = telemetry::context_headers(&Span::current()).unzip();
-    sqlx::query(
-        "INSERT INTO outbox (message_id, exchange, routing_key, body, traceparent, tracestate)
-         VALUES ($1, $2, $3, $4, $5, $6)",
-    )
-    .bind(message_id)
-    .bind(DEVICE_EXCHANGE)
-    .bind(routing_key)
-    .bind(body)
-    .bind(traceparent)
-    .bind(tracestate.flatten())
-    .execute(conn)
-    .await?;
-    Ok(())
+    let trace = telemetry::context_headers(&Span::current());
+    let row = Pending {
+        message_id,
+        routing_key,
+        body,
+        trace: trace.as_ref(),
+    };
+    enqueue_many(conn, &[row]).await
 }
 
 /// A device message to write, for [`enqueue_many`].
 pub struct Pending<'a> {
     pub message_id: &'a str,
-    pub routing_key: String,
-    pub body: Vec<u8>,
+    pub routing_key: &'a str,
+    pub body: &'a [u8],
     /// The writing command's trace context.
-    pub trace: Option<&'a (String, Option<String>)>,
+    pub trace: Option<&'a TraceContext>,
 }
 
 /// Writes many device messages to the outbox in one statement, in the
@@ -92,8 +86,8 @@ pub struct Pending<'a> {
 /// The database error.
 pub async fn enqueue_many(conn: &mut PgConnection, rows: &[Pending<'_>]) -> Result<(), sqlx::Error> {
     let ids: Vec<&str> = rows.iter().map(|r| r.message_id).collect();
-    let keys: Vec<&str> = rows.iter().map(|r| r.routing_key.as_str()).collect();
-    let bodies: Vec<&[u8]> = rows.iter().map(|r| r.body.as_slice()).collect();
+    let keys: Vec<&str> = rows.iter().map(|r| r.routing_key).collect();
+    let bodies: Vec<&[u8]> = rows.iter().map(|r| r.body).collect();
     let parents: Vec<Option<&str>> = rows.iter().map(|r| r.trace.map(|t| t.0.as_str())).collect();
     let states: Vec<Option<&str>> = rows.iter().map(|r| r.trace.and_then(|t| t.1.as_deref())).collect();
     sqlx::query(

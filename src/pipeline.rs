@@ -37,9 +37,9 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 use crate::broker::Outgoing;
 use crate::crash_guard::{Admission, Admitted};
 use crate::divert::{self, Origin, Writer};
-use crate::envelope::{self, Kind, Message, MessageType};
+use crate::envelope::{self, MessageType};
 use crate::failure::{Failed, Failure};
-use crate::handlers::{self, Handler};
+use crate::handlers::{self, Prepared};
 use crate::headers;
 use crate::outcome::{Event, EventHook, Handling, Outcome, Outlet, SettleError};
 use crate::retry::Disposition;
@@ -64,10 +64,10 @@ struct Ended<'d> {
     processed: Result<Outcome, Failed>,
 }
 
-/// A decoded delivery with its handler, or how it ended without one (with
-/// its type, when it was decoded).
-enum Prepared {
-    Apply(Message, &'static Handler),
+/// A decoded delivery prepared for its handler, or how it ended without
+/// one (with its type, when it was decoded).
+enum Decided {
+    Apply(Box<Prepared>),
     Done(Result<Outcome, Failed>, Option<MessageType>),
 }
 
@@ -76,8 +76,7 @@ struct Ready<'d> {
     delivery: &'d Delivery,
     received: DateTime<Utc>,
     span: Span,
-    message: Message,
-    handler: &'static Handler,
+    prepared: Box<Prepared>,
 }
 
 /// How deliveries are processed: built once at start-up, shared by every
@@ -166,24 +165,18 @@ impl Pipeline {
             for ((delivery, span), refusal) in deliveries.iter().zip(spans).zip(refused) {
                 // The time of an envelope without `time`: the same on every attempt.
                 let received = headers::first_received(&delivery.properties).unwrap_or_else(Utc::now);
-                let prepared = match refusal {
-                    Some(failure) => Prepared::Done(Err(Failed::untyped(failure)), None),
+                let decided = match refusal {
+                    Some(failure) => Decided::Done(Err(Failed::untyped(failure)), None),
                     None => self.prepare_caught(delivery, received, &span),
                 };
-                match prepared {
-                    Prepared::Apply(mut message, handler) => {
-                        if message.kind == Kind::Command {
-                            message.trace = telemetry::context_headers(&span);
-                        }
-                        ready.push(Ready {
-                            delivery,
-                            received,
-                            span,
-                            message,
-                            handler,
-                        });
-                    }
-                    Prepared::Done(processed, message_type) => ended.push(Ended {
+                match decided {
+                    Decided::Apply(prepared) => ready.push(Ready {
+                        delivery,
+                        received,
+                        span,
+                        prepared,
+                    }),
+                    Decided::Done(processed, message_type) => ended.push(Ended {
                         one: Resolved::new(delivery, message_type, started, span),
                         received,
                         processed,
@@ -206,7 +199,7 @@ impl Pipeline {
     /// Runs the decoded deliveries' handlers (stage 1 included) and says
     /// how each ended.
     async fn apply<'d>(&self, ready: Vec<Ready<'d>>, started: Instant) -> Vec<Ended<'d>> {
-        let items: Vec<Item<'_>> = ready.iter().map(|r| (&r.message, r.handler)).collect();
+        let items: Vec<Item<'_>> = ready.iter().map(|r| &*r.prepared).collect();
         let spans: Vec<Span> = ready.iter().map(|r| r.span.clone()).collect();
         let tried = self.retries.run(&items, &spans).await;
         drop(items);
@@ -214,7 +207,7 @@ impl Pipeline {
             .into_iter()
             .zip(tried)
             .map(|(r, tried)| {
-                let message_type = MessageType::Handled(r.handler.message_type);
+                let message_type = MessageType::Handled(r.prepared.route.message_type);
                 let mut one = Resolved::new(r.delivery, Some(message_type.clone()), started, r.span);
                 one.handling.in_process_retries = tried.in_process_retries;
                 Ended {
@@ -354,20 +347,20 @@ impl Pipeline {
 
     /// [`Pipeline::prepare`], with a panic in it (a decoder bug) taken as
     /// the message's failure: it is parked, and its batch goes on.
-    fn prepare_caught(&self, delivery: &Delivery, received: DateTime<Utc>, span: &Span) -> Prepared {
+    fn prepare_caught(&self, delivery: &Delivery, received: DateTime<Utc>, span: &Span) -> Decided {
         std::panic::catch_unwind(AssertUnwindSafe(|| self.prepare(delivery, received, span)))
-            .unwrap_or_else(|panic| Prepared::Done(Err(Failed::untyped(Failure::from_panic(&*panic))), None))
+            .unwrap_or_else(|panic| Decided::Done(Err(Failed::untyped(Failure::from_panic(&*panic))), None))
     }
 
-    /// Decodes a delivery, finds its handler and runs the handler's check,
-    /// or says how it ended without one (omitted, undecodable, unknown
-    /// type, refused by the check). Names the
-    /// delivery's `span` by the message's idempotency key and type.
-    fn prepare(&self, delivery: &Delivery, received: DateTime<Utc>, span: &Span) -> Prepared {
+    /// Decodes a delivery and has its handler parse its `data` into the
+    /// typed item its write takes, or says how it ended without one
+    /// (omitted, undecodable, unknown type, refused by the handler). Names
+    /// the delivery's `span` by the message's idempotency key and type.
+    fn prepare(&self, delivery: &Delivery, received: DateTime<Utc>, span: &Span) -> Decided {
         let amqp_id = delivery.properties.message_id().as_ref().map(|id| id.as_str());
         let message = match envelope::decode(&delivery.data, amqp_id, received, self.max_message_bytes) {
             Ok(message) => message,
-            Err(e) => return Prepared::Done(Err(Failed::untyped(e)), None),
+            Err(e) => return Decided::Done(Err(Failed::untyped(e)), None),
         };
         if amqp_id != Some(message.id.as_str()) {
             span.record("messaging.message.id", message.id.as_str());
@@ -375,17 +368,13 @@ impl Pipeline {
         let message_type = handlers::type_of(&message);
         span.record("iot.message.type", message_type.as_str());
         if self.events_to_omit.contains(&message.message_type) {
-            return Prepared::Done(Ok(Outcome::Omitted), Some(message_type));
+            return Decided::Done(Ok(Outcome::Omitted), Some(message_type));
         }
-        // A handler's own check (no database) refuses a message here, so
+        // The handler refuses a message here, without the database, so
         // that its copy is published while the batch's transaction runs.
-        let checked = handlers::lookup(&message).and_then(|handler| match handler.bulk {
-            Some(bulk) => (bulk.check)(&message).map(|()| handler),
-            None => Ok(handler),
-        });
-        match checked {
-            Ok(handler) => Prepared::Apply(message, handler),
-            Err(failure) => Prepared::Done(
+        match handlers::prepare(message, span) {
+            Ok(prepared) => Decided::Apply(Box::new(prepared)),
+            Err(failure) => Decided::Done(
                 Err(Failed {
                     message_type: Some(message_type.clone()),
                     failure,
@@ -525,6 +514,7 @@ mod tests {
     use super::*;
     use crate::broker::PublishError;
     use crate::crash_guard::Release;
+    use crate::envelope::Message;
     use crate::transaction::{Applied, CatchPanic, Deadline};
 
     const TOPOLOGY: &str = r#"
@@ -568,7 +558,7 @@ mod tests {
         fn apply<'a>(&'a self, items: &'a [Item<'a>]) -> BoxFuture<'a, Vec<Applied>> {
             let run = {
                 let mut seen = self.seen.lock().unwrap();
-                seen.runs.push(items.iter().map(|(m, _)| m.id.clone()).collect());
+                seen.runs.push(items.iter().map(|p| p.message.id.clone()).collect());
                 let copies = seen.copies.len();
                 seen.copies_at_run.push(copies);
                 seen.runs.len()
@@ -728,7 +718,7 @@ mod tests {
         move |_, items| {
             items
                 .iter()
-                .map(|(m, _)| match m.id == id {
+                .map(|p| match p.message.id == id {
                     true => Applied::Failed(failure()),
                     false => Applied::Done(Outcome::Processed),
                 })
@@ -936,37 +926,37 @@ mod tests {
     }
 
     fn message(id: &str) -> Message {
-        let body = json!({"type": "MEASUREMENT", "kind": "event", "id": id, "data": {}});
+        let body = json!({"type": "IBEACON_READ", "kind": "event", "id": id, "data": {}});
         envelope::decode(body.to_string().as_bytes(), None, Utc::now(), 4096).unwrap()
+    }
+
+    fn prepared(id: &str) -> Prepared {
+        handlers::prepare(message(id), &Span::none()).unwrap()
     }
 
     #[tokio::test(start_paused = true)]
     async fn the_deadline_layer_fails_a_lone_message_and_counts_a_batch_as_each_ones_attempt() {
-        let handler = handlers::lookup(&message("a")).unwrap();
-        let (a, b) = (message("a"), message("b"));
-        let alone = Deadline(Stuck).apply(&[(&a, handler)]).await;
+        let (a, b) = (prepared("a"), prepared("b"));
+        let alone = Deadline(Stuck).apply(&[&a]).await;
         assert!(matches!(&alone[..], [Applied::Failed(f)] if f.is_transient() && matches!(f, Failure::Database(_))));
-        let together = Deadline(Stuck).apply(&[(&a, handler), (&b, handler)]).await;
-        assert!(
-            together
-                .iter()
-                .all(|a| matches!(a, Applied::Failed(Failure::BatchAborted { transient: true, .. })))
-        );
+        let together = Deadline(Stuck).apply(&[&a, &b]).await;
+        assert!(together.iter().all(
+            |a| matches!(a, Applied::Failed(f @ Failure::BatchAborted(cause)) if f.is_transient() && matches!(**cause, Failure::Database(_)))
+        ));
     }
 
     #[tokio::test]
     async fn the_panic_layer_fails_a_lone_message_and_runs_a_batch_again_alone() {
-        let handler = handlers::lookup(&message("a")).unwrap();
-        let (a, b) = (message("a"), message("b"));
-        let alone = CatchPanic(Panics).apply(&[(&a, handler)]).await;
+        let (a, b) = (prepared("a"), prepared("b"));
+        let alone = CatchPanic(Panics).apply(&[&a]).await;
         assert!(matches!(&alone[..], [Applied::Failed(Failure::Panic(text))] if text == "handler bug"));
-        let together = CatchPanic(Panics).apply(&[(&a, handler), (&b, handler)]).await;
+        let together = CatchPanic(Panics).apply(&[&a, &b]).await;
         assert!(together.iter().all(|a| matches!(a, Applied::Again)));
     }
 
     #[test]
     fn a_message_type_comes_from_the_handler_table() {
-        assert_eq!(handlers::type_of(&message("a")), MessageType::Handled("MEASUREMENT"));
+        assert_eq!(handlers::type_of(&message("a")), MessageType::Handled("IBEACON_READ"));
         let mut unknown = message("b");
         unknown.message_type = "NO_SUCH".into();
         assert_eq!(handlers::type_of(&unknown).label(), "unknown");

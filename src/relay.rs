@@ -52,6 +52,7 @@ use tokio_util::sync::CancellationToken;
 use crate::broker::{self, BlockedHook, Outgoing, PublishError, Publisher, Reconnect};
 use crate::metrics::Metrics;
 use crate::outbox::{self, Row};
+use crate::readiness::Readiness;
 use crate::retry::reconnect_backoff as backoff;
 use crate::store;
 use crate::telemetry;
@@ -91,6 +92,8 @@ pub struct Relay {
     /// Published rows older than this are deleted.
     pub retention: Duration,
     pub metrics: Arc<Metrics>,
+    /// Told when the broker blocks the relay's connection.
+    pub readiness: Arc<Readiness>,
 }
 
 /// When the next housekeeping jobs are due.
@@ -142,8 +145,8 @@ impl Relay {
         housekeeping: &mut Housekeeping,
         shutdown: &CancellationToken,
     ) -> Result<(), String> {
-        let metrics = self.metrics.clone();
-        let on_blocked: BlockedHook = Arc::new(move |reason| metrics.set_broker_blocked("outbox relay", reason));
+        let readiness = self.readiness.clone();
+        let on_blocked: BlockedHook = Arc::new(move |reason| readiness.set_broker_blocked("outbox relay", reason));
         let publisher = Publisher::open_watched(connection, Some(on_blocked))
             .await
             .map_err(|e| format!("RabbitMQ: {e}"))?;

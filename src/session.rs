@@ -28,6 +28,7 @@ use crate::failure::panic_text;
 use crate::metrics::Metrics;
 use crate::outcome::{Outlet, SettleError};
 use crate::pipeline::Pipeline;
+use crate::readiness::Readiness;
 use crate::topology::{Topology, TopologyError};
 
 /// How long closing a channel or connection may take.
@@ -64,6 +65,7 @@ pub struct Endpoint<'a> {
     pub prefetch: u16,
     /// Keeps the in-flight and blocked gauges.
     pub metrics: &'a Arc<Metrics>,
+    pub readiness: &'a Arc<Readiness>,
 }
 
 /// An open session, consuming.
@@ -196,8 +198,8 @@ impl Session {
         let channel = connection.create_channel().await?;
         channel.basic_qos(endpoint.prefetch, BasicQosOptions::default()).await?;
         let copies = connect_copies(endpoint).await?;
-        let metrics = endpoint.metrics.clone();
-        let on_blocked: BlockedHook = Arc::new(move |reason| metrics.set_broker_blocked("copies", reason));
+        let readiness = endpoint.readiness.clone();
+        let on_blocked: BlockedHook = Arc::new(move |reason| readiness.set_broker_blocked("copies", reason));
         let outlet = Arc::new(Copies {
             publisher: Publisher::open_watched(&copies, Some(on_blocked)).await?,
             frame_max: usize::try_from(copies.configuration().frame_max()).unwrap_or(usize::MAX),

@@ -8,7 +8,8 @@ use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{Connection, PgConnection, PgPool, Postgres};
 
-use crate::envelope::{Kind, Message};
+use crate::envelope::Message;
+use crate::handlers::Prepared;
 
 /// The embedded migrations (`migrations/`).
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!();
@@ -182,47 +183,6 @@ pub async fn drop_tables(url: &str) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// Records the message in the inbox (`events` or `commands`), in the
-/// caller's transaction. Returns `false` when its id is there already: a
-/// duplicate, which must have no further effect.
-///
-/// A concurrent transaction inserting the same id makes this wait on the
-/// primary key until that one commits (then `false`) or rolls back.
-///
-/// # Errors
-/// The database error.
-pub async fn record_in_inbox(conn: &mut PgConnection, message: &Message) -> Result<bool, sqlx::Error> {
-    let result = match message.kind {
-        Kind::Event => {
-            sqlx::query(
-                "INSERT INTO events (message_id, type, actor, target, occurred_at, data)
-                 VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (message_id) DO NOTHING",
-            )
-            .bind(&message.id)
-            .bind(&message.message_type)
-            .bind(&message.actor)
-            .bind(&message.target)
-            .bind(message.time)
-            .bind(sqlx::types::Json(&message.data))
-            .execute(conn)
-            .await?
-        }
-        Kind::Command => {
-            sqlx::query(
-                "INSERT INTO commands (message_id, type, device_id, data)
-                 VALUES ($1, $2, $3, $4) ON CONFLICT (message_id) DO NOTHING",
-            )
-            .bind(&message.id)
-            .bind(&message.message_type)
-            .bind(message.data.get("device_id").and_then(|v| v.as_str()))
-            .bind(sqlx::types::Json(&message.data))
-            .execute(conn)
-            .await?
-        }
-    };
-    Ok(result.rows_affected() == 1)
-}
-
 /// Records many events in the inbox in one statement, in message id order
 /// (so two batches sharing ids lock them in the same order). Returns the
 /// ids that were new; an id already there (or twice in `events`) is a
@@ -230,13 +190,13 @@ pub async fn record_in_inbox(conn: &mut PgConnection, message: &Message) -> Resu
 ///
 /// # Errors
 /// The database error.
-pub async fn record_events_in_inbox(
+pub(crate) async fn record_events_in_inbox(
     conn: &mut PgConnection,
-    events: &[&Message],
+    events: &[&Prepared],
 ) -> Result<std::collections::HashSet<String>, sqlx::Error> {
-    let column = |f: fn(&Message) -> Option<&str>| events.iter().map(|m| f(m)).collect::<Vec<_>>();
-    let data: Vec<_> = events.iter().map(|m| sqlx::types::Json(&m.data)).collect();
-    let times: Vec<_> = events.iter().map(|m| m.time).collect();
+    let column = |f: fn(&Message) -> Option<&str>| events.iter().map(|p| f(&p.message)).collect::<Vec<_>>();
+    let data: Vec<_> = events.iter().map(|p| sqlx::types::Json(&p.message.data)).collect();
+    let times: Vec<_> = events.iter().map(|p| p.message.time).collect();
     sqlx::query_scalar(
         "INSERT INTO events (message_id, type, actor, target, occurred_at, data)
          SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::timestamptz[], $6::jsonb[])
@@ -246,7 +206,7 @@ pub async fn record_events_in_inbox(
          RETURNING message_id",
     )
     .bind(column(|m| Some(m.id.as_str())))
-    .bind(column(|m| Some(m.message_type.as_str())))
+    .bind(events.iter().map(|p| p.route.message_type).collect::<Vec<_>>())
     .bind(column(|m| m.actor.as_deref()))
     .bind(column(|m| m.target.as_deref()))
     .bind(times)
@@ -257,21 +217,19 @@ pub async fn record_events_in_inbox(
 }
 
 /// Records many commands in the inbox in one statement, as
-/// [`record_events_in_inbox`] does events. Returns the ids that were new.
+/// [`record_events_in_inbox`] does events, each with the device its handler
+/// found. Returns the ids that were new.
 ///
 /// # Errors
 /// The database error.
-pub async fn record_commands_in_inbox(
+pub(crate) async fn record_commands_in_inbox(
     conn: &mut PgConnection,
-    commands: &[&Message],
+    commands: &[&Prepared],
 ) -> Result<std::collections::HashSet<String>, sqlx::Error> {
-    let ids: Vec<&str> = commands.iter().map(|m| m.id.as_str()).collect();
-    let types: Vec<&str> = commands.iter().map(|m| m.message_type.as_str()).collect();
-    let devices: Vec<Option<&str>> = commands
-        .iter()
-        .map(|m| m.data.get("device_id").and_then(|v| v.as_str()))
-        .collect();
-    let data: Vec<_> = commands.iter().map(|m| sqlx::types::Json(&m.data)).collect();
+    let ids: Vec<&str> = commands.iter().map(|p| p.message.id.as_str()).collect();
+    let types: Vec<&str> = commands.iter().map(|p| p.route.message_type).collect();
+    let devices: Vec<Option<&str>> = commands.iter().map(|p| p.device_id.as_deref()).collect();
+    let data: Vec<_> = commands.iter().map(|p| sqlx::types::Json(&p.message.data)).collect();
     sqlx::query_scalar(
         "INSERT INTO commands (message_id, type, device_id, data)
          SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::jsonb[]) AS c (message_id, type, device_id, data)

@@ -240,9 +240,13 @@ pub fn start_trace(span: &Span, properties: BasicProperties) -> (BasicProperties
     (properties.with_headers(headers), trace_id)
 }
 
+/// A stored trace context: the W3C `traceparent`, and `tracestate` when
+/// there is one.
+pub type TraceContext = (String, Option<String>);
+
 /// The W3C `traceparent` and `tracestate` of `span`, for storing (the
 /// outbox keeps them with a device message until it is published).
-pub fn context_headers(span: &Span) -> Option<(String, Option<String>)> {
+pub fn context_headers(span: &Span) -> Option<TraceContext> {
     let context = span.context();
     if !context.span().span_context().is_valid() {
         return None;

@@ -10,15 +10,14 @@
 //!   transiently runs again alone, with backoff, while it has in-process
 //!   attempts left.
 //!
-//! Messages whose handler has a bulk path (every type but the test
-//! handlers) come checked (the pipeline's `prepare` ran the handler's
-//! `check`) and are written with one inbox statement and one statement of
-//! the handler's per bulk path. Every other message of a batch runs inside
-//! its own savepoint: a message whose handler fails is rolled back to it and
-//! leaves the batch, and its batch-mates commit. A failure of the batch
-//! itself (a lost connection, a failed commit, the deadline, a panic) rolls
-//! everything back; the messages then run again one by one, where the inbox
-//! makes a commit of unknown outcome safe to repeat.
+//! Messages come prepared (the pipeline's `prepare` parsed each one's
+//! `data` into its handler's typed item) and are written by handler, each
+//! group with one inbox statement and one statement of its handler's. A
+//! lone message is a group of one: there is no other path. A failure of
+//! the run (a statement, a lost connection, a failed commit, the deadline,
+//! a panic) rolls everything back; the messages then run again one by one,
+//! where the inbox makes a commit of unknown outcome safe to repeat, and a
+//! message that fails alone has failed itself.
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
@@ -32,15 +31,15 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, Span};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
-use crate::envelope::{Kind, Message};
+use crate::envelope::Kind;
 use crate::failure::Failure;
-use crate::handlers::{Bulk, Handler};
+use crate::handlers::{Prepared, Route};
 use crate::outcome::Outcome;
 use crate::retry::RetryPolicy;
 use crate::store;
 
-/// One message to apply, with the handler of its type.
-pub type Item<'a> = (&'a Message, &'static Handler);
+/// One message to apply.
+pub type Item<'a> = &'a Prepared;
 
 /// What a run did with one message of its batch.
 #[derive(Debug)]
@@ -70,13 +69,10 @@ fn aborted(items: usize, failure: Failure) -> Vec<Applied> {
         return vec![Applied::Failed(failure)];
     }
     tracing::debug!(error.message = %failure, size = items, "batch rolled back; its messages run alone");
-    let (transient, reason) = (failure.is_transient(), failure.to_string());
+    let failure = Arc::new(failure);
     (0..items)
-        .map(|_| match transient {
-            true => Applied::Failed(Failure::BatchAborted {
-                transient,
-                reason: reason.clone(),
-            }),
+        .map(|_| match failure.is_transient() {
+            true => Applied::Failed(Failure::BatchAborted(failure.clone())),
             false => Applied::Again,
         })
         .collect()
@@ -149,32 +145,26 @@ impl Apply for Database {
     }
 }
 
-/// Bulk groups first, then the others in lock order, each in a savepoint
-/// when it has batch-mates; commits unless nothing was written.
+/// Each handler's group with its inbox statement and its handler's; commits
+/// unless nothing new was written.
 async fn run(conn: &mut PgConnection, items: &[Item<'_>]) -> Result<Vec<Applied>, Failure> {
     let mut tx = conn.begin().await?;
-    let mut applied: Vec<Option<Applied>> = items.iter().map(|_| None).collect();
-    for (bulk, indexes) in bulk_groups(items) {
-        apply_bulk(&mut tx, bulk, items, &indexes, &mut applied).await?;
-    }
-    for index in lock_order(items) {
-        if applied[index].is_none() {
-            let (message, handler) = items[index];
-            applied[index] = Some(match items.len() {
-                1 => apply_one(&mut tx, handler, message)
-                    .await
-                    .map_or_else(Applied::Failed, Applied::Done),
-                _ => apply_in_savepoint(&mut tx, handler, message).await?,
-            });
+    let mut outcomes = vec![Outcome::Duplicate; items.len()];
+    for indexes in groups(items) {
+        let group: Vec<&Prepared> = indexes.iter().map(|i| items[*i]).collect();
+        let fresh = write_group(&mut tx, &group).await?;
+        for (index, fresh) in indexes.into_iter().zip(fresh) {
+            if fresh {
+                outcomes[index] = Outcome::Processed;
+            }
         }
     }
-    let applied: Vec<Applied> = applied.into_iter().map(|a| a.unwrap_or(Applied::Again)).collect();
-    // A lone failure or duplicate wrote nothing worth a commit: dropping the
+    // Duplicates alone wrote nothing worth a commit: dropping the
     // transaction rolls it back.
-    if applied.iter().any(|a| *a == Outcome::Processed) {
+    if outcomes.contains(&Outcome::Processed) {
         tx.commit().instrument(tracing::debug_span!("commit")).await?;
     }
-    Ok(applied)
+    Ok(outcomes.into_iter().map(Applied::Done).collect())
 }
 
 impl PartialEq<Outcome> for Applied {
@@ -183,73 +173,46 @@ impl PartialEq<Outcome> for Applied {
     }
 }
 
-/// The order the one-by-one items run in: by the device they are about
-/// (`data.device_id`), so that two batches in flight lock `devices` rows in
-/// the same order and cannot deadlock (PostgreSQL would break the cycle
-/// only after `deadlock_timeout`, a second). A message's outcome does not
-/// depend on its place: device state follows event time.
-fn lock_order(items: &[Item<'_>]) -> Vec<usize> {
-    let device = |i: &usize| items[*i].0.data.get("device_id").and_then(|d| d.as_str());
-    let mut order: Vec<usize> = (0..items.len()).collect();
-    order.sort_by(|a, b| device(a).cmp(&device(b)));
-    order
-}
-
-/// The items that take a bulk path, by [`Bulk`]; the others run one by
-/// one. Every item passed its handler's `check` already (the pipeline's
-/// `prepare` runs it, so that a refused message is copied while the
-/// transaction runs); one that did not would fail its bulk statement, and
-/// with it the run, whose messages then run alone.
-fn bulk_groups(items: &[Item<'_>]) -> Vec<(&'static Bulk, Vec<usize>)> {
-    let mut groups: Vec<(&'static Bulk, Vec<usize>)> = Vec::new();
-    for (index, (_, handler)) in items.iter().enumerate() {
-        let Some(bulk) = handler.bulk else { continue };
-        match groups.iter_mut().find(|(b, _)| std::ptr::eq(*b, bulk)) {
+/// The items by the statement that writes them (see [`Route::same_handler`]),
+/// in their order.
+fn groups(items: &[Item<'_>]) -> Vec<Vec<usize>> {
+    let mut groups: Vec<(&'static Route, Vec<usize>)> = Vec::new();
+    for (index, item) in items.iter().enumerate() {
+        match groups.iter_mut().find(|(route, _)| route.same_handler(item.route)) {
             Some((_, indexes)) => indexes.push(index),
-            None => groups.push((bulk, vec![index])),
+            None => groups.push((item.route, vec![index])),
         }
     }
-    groups
+    groups.into_iter().map(|(_, indexes)| indexes).collect()
 }
 
-/// Inbox rows for the group in one statement, then the new ones through
-/// the handler's `apply_many`; the first copy of an id in the batch is
-/// the one applied. A failure of `apply_many` is the whole run's.
-async fn apply_bulk(
-    tx: &mut PgConnection,
-    bulk: &Bulk,
-    items: &[Item<'_>],
-    indexes: &[usize],
-    applied: &mut [Option<Applied>],
-) -> Result<(), Failure> {
-    let messages: Vec<&Message> = indexes.iter().map(|i| items[*i].0).collect();
-    let mut new_ids = match items[indexes[0]].1.kind {
-        Kind::Event => store::record_events_in_inbox(tx, &messages).await?,
-        Kind::Command => store::record_commands_in_inbox(tx, &messages).await?,
+/// The group's inbox rows in one statement, then the new ones through
+/// their handler's `write`; the first copy of an id in the batch is the
+/// one applied. Says which items were new. A failure is the whole run's.
+async fn write_group(tx: &mut PgConnection, group: &[&Prepared]) -> Result<Vec<bool>, Failure> {
+    let mut new_ids = match group[0].route.kind {
+        Kind::Event => store::record_events_in_inbox(tx, group).await?,
+        Kind::Command => store::record_commands_in_inbox(tx, group).await?,
     };
-    let mut fresh = Vec::with_capacity(messages.len());
-    for (index, message) in indexes.iter().zip(&messages) {
-        let outcome = if new_ids.remove(&message.id) {
-            fresh.push(*message);
-            Outcome::Processed
-        } else {
-            Outcome::Duplicate
-        };
-        applied[*index] = Some(Applied::Done(outcome));
+    let fresh: Vec<bool> = group.iter().map(|p| new_ids.remove(&p.message.id)).collect();
+    let writes: Vec<&Prepared> = group.iter().zip(&fresh).filter(|(_, f)| **f).map(|(p, _)| *p).collect();
+    if !writes.is_empty() {
+        group[0]
+            .route
+            .write(tx, &writes)
+            .instrument(handler_span(&writes))
+            .await?;
     }
-    if fresh.is_empty() {
-        return Ok(());
-    }
-    (bulk.apply_many)(tx, &fresh).instrument(bulk_span(&fresh)).await
+    Ok(fresh)
 }
 
-/// The `handler` span of a bulk statement, named by the types it applies
-/// (`handler DEVICE_UP` for one of them, as a message alone gets).
-fn bulk_span(messages: &[&Message]) -> Span {
+/// The `handler` span of a write, named by the types it applies
+/// (`handler DEVICE_UP` for one of them).
+fn handler_span(batch: &[&Prepared]) -> Span {
     let mut types: Vec<&str> = Vec::new();
-    for message in messages {
-        if !types.contains(&message.message_type.as_str()) {
-            types.push(&message.message_type);
+    for prepared in batch {
+        if !types.contains(&prepared.route.message_type) {
+            types.push(prepared.route.message_type);
         }
     }
     let types = types.join(", ");
@@ -257,40 +220,8 @@ fn bulk_span(messages: &[&Message]) -> Span {
         "handler",
         otel.name = %format_args!("handler {types}"),
         iot.message.type = %types,
-        iot.batch.size = messages.len(),
+        iot.batch.size = batch.len(),
     )
-}
-
-/// One message in its own savepoint: rolled back to it if it fails.
-async fn apply_in_savepoint(tx: &mut PgConnection, handler: &Handler, message: &Message) -> Result<Applied, Failure> {
-    sqlx::raw_sql("SAVEPOINT message").execute(&mut *tx).await?;
-    match apply_one(tx, handler, message).await {
-        Ok(outcome) => {
-            sqlx::raw_sql("RELEASE SAVEPOINT message").execute(&mut *tx).await?;
-            Ok(Applied::Done(outcome))
-        }
-        Err(failure) => {
-            sqlx::raw_sql("ROLLBACK TO SAVEPOINT message; RELEASE SAVEPOINT message")
-                .execute(&mut *tx)
-                .await?;
-            Ok(Applied::Failed(failure))
-        }
-    }
-}
-
-/// One message inside an open transaction: its inbox row, then its
-/// handler; a message already in the inbox is a duplicate.
-async fn apply_one(conn: &mut PgConnection, handler: &Handler, message: &Message) -> Result<Outcome, Failure> {
-    if !store::record_in_inbox(conn, message).await? {
-        return Ok(Outcome::Duplicate);
-    }
-    let handler_span = tracing::debug_span!(
-        "handler",
-        otel.name = %format_args!("handler {}", handler.message_type),
-        iot.message.type = handler.message_type,
-    );
-    (handler.apply)(conn, message).instrument(handler_span).await?;
-    Ok(Outcome::Processed)
 }
 
 /// A message's end after stage 1, with the runs it took after the first.
@@ -325,8 +256,8 @@ impl Retries {
                         result: Ok(outcome),
                         in_process_retries: 0,
                     },
-                    Applied::Failed(failure) => self.after_failure(*item, failure).await,
-                    Applied::Again => self.alone(*item, self.policy.in_process_attempts, 0).await,
+                    Applied::Failed(failure) => self.after_failure(item, failure).await,
+                    Applied::Again => self.alone(item, self.policy.in_process_attempts, 0).await,
                 }
             };
             tried.instrument(span.clone())
@@ -356,10 +287,7 @@ impl Retries {
                 Some(Applied::Done(outcome)) => Ok(outcome),
                 Some(Applied::Failed(failure)) => Err(failure),
                 // A batch of one has no batch-mate to be rolled back for.
-                Some(Applied::Again) | None => Err(Failure::BatchAborted {
-                    transient: true,
-                    reason: "rolled back".into(),
-                }),
+                Some(Applied::Again) | None => Err(Failure::Panic("a run of one message asked to run again".into())),
             }
         })
         .retry(self.policy.in_process_backoff(runs))
@@ -367,7 +295,7 @@ impl Retries {
         .when(|failure| self.retry_allowed(failure))
         .notify(|failure, delay| {
             retries += 1;
-            tracing::debug!(message_id = %item.0.id, error.message = %failure, ?delay, "transient failure, retrying in process");
+            tracing::debug!(message_id = %item.message.id, error.message = %failure, ?delay, "transient failure, retrying in process");
         })
         .await;
         Tried {

@@ -18,6 +18,7 @@ use crate::metrics::Metrics;
 use crate::outcome::{Event, EventHook};
 use crate::parking::Keeper;
 use crate::pipeline::{Pipeline, PipelineConfig};
+use crate::readiness::Readiness;
 use crate::relay::Relay;
 use crate::retry::reconnect_backoff;
 use crate::session::{Batching, Endpoint, Session, SessionError};
@@ -42,14 +43,29 @@ pub enum WorkerError {
 }
 
 /// Extra wiring, for tests and embedding.
-#[derive(Default, Clone)]
+#[derive(Clone)]
 pub struct Options {
-    /// Shared counters and readiness; served on `METRICS_ADDR`.
+    /// Shared counters; served on `METRICS_ADDR`.
     pub metrics: Arc<Metrics>,
+    /// Whether the worker is ready, and why not (`/readyz`); its gauges
+    /// are in `metrics`.
+    pub readiness: Arc<Readiness>,
     /// Called with every pipeline event, after the metrics.
     pub events: Option<EventHook>,
     /// Serve `/metrics`, `/healthz` and `/readyz` on `METRICS_ADDR`.
     pub serve_metrics: bool,
+}
+
+impl Default for Options {
+    fn default() -> Options {
+        let metrics = Arc::new(Metrics::new());
+        Options {
+            readiness: Arc::new(Readiness::new(&metrics)),
+            metrics,
+            events: None,
+            serve_metrics: false,
+        }
+    }
 }
 
 /// `host/version`, written as `iot-failed-by`.
@@ -87,12 +103,17 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
 pub async fn run_with(settings: Settings, shutdown: CancellationToken, options: Options) -> Result<(), WorkerError> {
     let topology = Arc::new(Topology::load(&settings.topology_file, &settings.queue)?);
     let pool = open_database(&settings).await?;
-    options.metrics.set_database(Ok(()));
+    options.readiness.set_database(Ok(()));
     let pipeline = Arc::new(build_pipeline(&settings, &topology, &pool, &options, &shutdown).await);
     // The database check and the HTTP server stop with the worker, and
     // also when the supervisor fails.
     let background = shutdown.child_token();
-    tokio::spawn(health::watch(pool.clone(), options.metrics.clone(), background.clone()));
+    tokio::spawn(health::watch(
+        pool.clone(),
+        options.readiness.clone(),
+        options.metrics.clone(),
+        background.clone(),
+    ));
     let server = if options.serve_metrics {
         Some(serve_http(&settings, &options, &pool, &background).await?)
     } else {
@@ -118,6 +139,7 @@ pub async fn run_with(settings: Settings, shutdown: CancellationToken, options: 
         topology,
         pipeline,
         metrics: options.metrics,
+        readiness: options.readiness,
         shutdown: shutdown.clone(),
     };
     let result = supervisor.run().await;
@@ -164,7 +186,7 @@ async fn serve_http(
 ) -> Result<http::Server, WorkerError> {
     let server = http::serve(
         settings.metrics_addr,
-        options.metrics.clone(),
+        (options.metrics.clone(), options.readiness.clone()),
         pool.clone(),
         stop.clone(),
     )
@@ -210,6 +232,7 @@ fn spawn_relay(settings: &Settings, pool: &PgPool, options: &Options, stop: Canc
         database_url: settings.database_url.expose().to_owned(),
         retention: settings.outbox_retention,
         metrics: options.metrics.clone(),
+        readiness: options.readiness.clone(),
     };
     tokio::spawn(relay.run(stop))
 }
@@ -258,6 +281,7 @@ struct Supervisor {
     topology: Arc<Topology>,
     pipeline: Arc<Pipeline>,
     metrics: Arc<Metrics>,
+    readiness: Arc<Readiness>,
     shutdown: CancellationToken,
 }
 
@@ -267,7 +291,7 @@ impl Supervisor {
         loop {
             let healthy_before = self.metrics.processed();
             let result = self.session().await;
-            self.metrics.set_consuming(false);
+            self.readiness.set_consuming(false);
             match result {
                 Ok(()) => return Ok(()),
                 Err(SessionError::Fatal(e)) => return Err(e.into()),
@@ -296,13 +320,14 @@ impl Supervisor {
             topology: &self.topology,
             prefetch: self.settings.prefetch_count,
             metrics: &self.metrics,
+            readiness: &self.readiness,
         };
         let mut session = tokio::select! {
             () = self.shutdown.cancelled() => return Ok(()),
             opened = Session::open(&endpoint) => opened?,
         };
         self.metrics.record_connection(&session.node);
-        self.metrics.set_consuming(true);
+        self.readiness.set_consuming(true);
         self.declared.cancel();
         tracing::info!(node = %session.node, queue = %self.topology.queue(), queue_type = ?self.topology.queue_type,
                        prefetch = self.settings.prefetch_count, "topology declared; consuming");
@@ -311,7 +336,7 @@ impl Supervisor {
             max_wait: self.settings.batch_max_wait,
         };
         let result = session.consume(&self.pipeline, &self.shutdown, batching).await;
-        self.metrics.set_consuming(false);
+        self.readiness.set_consuming(false);
         session.finish(result.is_ok(), self.settings.shutdown_grace).await;
         result
     }

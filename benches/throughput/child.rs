@@ -12,6 +12,21 @@ use crate::Target;
 
 const WORKER: &str = env!("CARGO_BIN_EXE_worker-iot-core");
 
+/// The worker binary another build made, drained beside this one's in
+/// every round (`BENCH_BASELINE_WORKER`): a change is measured against the
+/// code before it in the same run, not against figures of another day.
+pub fn baseline_worker() -> Option<PathBuf> {
+    std::env::var_os("BENCH_BASELINE_WORKER").map(PathBuf::from)
+}
+
+/// Drains tagged `baseline` run [`baseline_worker`]; every other, this build's.
+fn binary(tag: &str) -> PathBuf {
+    match (tag, baseline_worker()) {
+        ("baseline", Some(path)) => path,
+        _ => PathBuf::from(WORKER),
+    }
+}
+
 /// Environment passed to the worker unchanged, so the same bench measures
 /// the worker under other settings: every `BATCH_*` variable, and these.
 const PASS_THROUGH_PREFIXES: &[&str] = &["BATCH_"];
@@ -104,7 +119,7 @@ impl WorkerProcess {
         let log = bench.dir.join(format!("worker-{}-{tag}.log", target.queue_type));
         let output = std::fs::File::create(&log).expect("worker log file");
         let endpoint = bench.export.as_ref().map_or("", |export| export.endpoint.as_str());
-        let child = tokio::process::Command::new(WORKER)
+        let child = tokio::process::Command::new(binary(tag))
             // No settings file (unless `BENCH_SETTINGS=shipped`): the
             // worker's defaults, the variables below and the pass-through
             // ones.

@@ -35,6 +35,10 @@
 //! `BENCH_OUTBOX=off` skips it). `BENCH_EXPORT=on` makes the worker export
 //! its spans over OTLP gRPC to a receiver in the bench ([`export`]): compare
 //! a run with it and one without for the cost of tracing.
+//! `BENCH_BASELINE_WORKER=<path>` also drains each round's clean mix with
+//! that worker binary (another build, say of the commit before a change),
+//! beside this build's (first in odd rounds, last in even ones), and
+//! reports the ratio.
 //! `BENCH_PARKING=on` adds the parking lot section ([`parking`]) on a
 //! classic queue; `BENCH_ONLY=parking` runs that section alone.
 
@@ -151,10 +155,23 @@ async fn measure(bench: &Bench, target: &Target) -> Figures {
         figures
             .raw_multiple
             .push(raw::rate(bench, target, &clean.bodies, multiple).await);
+        // The baseline goes first in odd rounds and last in even ones, so
+        // neither build always drains into a database the other warmed.
+        let baseline = child::baseline_worker().is_some();
+        if baseline && round % 2 == 0 {
+            figures
+                .baseline
+                .push(drain::run(bench, target, &clean, "baseline").await.rate);
+        }
         let run = drain::run(bench, target, &clean, "clean").await;
         figures.clean.push(run.rate);
         figures.rss_clean.push(run.peak_rss_mib);
         figures.rss_all.push(run.peak_rss_mib);
+        if baseline && round % 2 == 1 {
+            figures
+                .baseline
+                .push(drain::run(bench, target, &clean, "baseline").await.rate);
+        }
         let poison = mix::build(bench.n, seed, Variant::Poison);
         let run = drain::run(bench, target, &poison, "poison").await;
         figures.poison.push(run.rate);

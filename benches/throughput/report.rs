@@ -11,6 +11,8 @@ pub struct Figures {
     pub raw_each: Vec<f64>,
     pub raw_multiple: Vec<f64>,
     pub clean: Vec<f64>,
+    /// The clean mix drained by `BENCH_BASELINE_WORKER`, when set.
+    pub baseline: Vec<f64>,
     pub poison: Vec<f64>,
     pub transient: Vec<f64>,
     pub rss_clean: Vec<f64>,
@@ -35,6 +37,10 @@ const ROWS: &[Row] = &[
     }),
     ("worker ÷ raw ceiling, ack `multiple`", |f| {
         ratio(median(&f.clean), median(&f.raw_multiple))
+    }),
+    ("baseline worker, clean mix (msg/s)", |f| rate(median(&f.baseline))),
+    ("worker ÷ baseline worker", |f| {
+        ratio(median(&f.clean), median(&f.baseline))
     }),
     ("worker, 5 % poison (msg/s)", |f| rate(median(&f.poison))),
     ("worker with poison ÷ clean worker", |f| {
@@ -81,12 +87,13 @@ pub fn header(bench: &Bench) {
 pub fn round(queue_type: &str, round: usize, f: &Figures) {
     let last = |v: &Vec<f64>| v.last().copied().unwrap_or(f64::NAN);
     println!(
-        "{queue_type} round {}: raw each {} / multiple {} msg/s; worker clean {}, poison {}, transient {} msg/s; \
-         peak RSS {} MiB; p50 {} ms, p99 {} ms",
+        "{queue_type} round {}: raw each {} / multiple {} msg/s; worker clean {} (baseline {}), poison {}, \
+         transient {} msg/s; peak RSS {} MiB; p50 {} ms, p99 {} ms",
         round + 1,
         rate(last(&f.raw_each)),
         rate(last(&f.raw_multiple)),
         rate(last(&f.clean)),
+        rate(last(&f.baseline)),
         rate(last(&f.poison)),
         rate(last(&f.transient)),
         mib(last(&f.rss_clean)),

@@ -6,16 +6,16 @@ use futures_util::future::BoxFuture;
 use serde_json::Value;
 use sqlx::PgConnection;
 
-use super::Bulk;
 use super::fields::{Fields, ValidationError};
+use super::{Handler, Typed};
 use crate::envelope::Message;
 use crate::failure::Failure;
 
 /// The validated `data` of an `IBEACON_CHANGE` with a beacon in range.
 #[derive(Debug, PartialEq, Eq)]
-pub struct Beacon<'a> {
-    pub mac_address: &'a str,
-    pub uuid: &'a str,
+pub struct Beacon {
+    pub mac_address: String,
+    pub uuid: String,
     pub major: i32,
     pub minor: i32,
     pub tx_power: i32,
@@ -26,7 +26,7 @@ pub struct Beacon<'a> {
 ///
 /// # Errors
 /// A [`ValidationError`] naming the first bad field.
-pub fn parse(data: &Value) -> Result<Option<Beacon<'_>>, ValidationError> {
+pub fn parse(data: &Value) -> Result<Option<Beacon>, ValidationError> {
     if data.is_null() {
         return Ok(None);
     }
@@ -44,8 +44,8 @@ pub fn parse(data: &Value) -> Result<Option<Beacon<'_>>, ValidationError> {
     }
     // The ranges make the casts below lossless.
     Ok(Some(Beacon {
-        mac_address,
-        uuid,
+        mac_address: mac_address.to_owned(),
+        uuid: uuid.to_owned(),
         major: fields.integer("major", 0..=65_535)? as i32,
         minor: fields.integer("minor", 0..=65_535)? as i32,
         tx_power: fields.integer("tx_power", -128..=127)? as i32,
@@ -66,58 +66,53 @@ fn is_uuid(text: &str) -> bool {
         && groups.iter().all(|g| g.chars().all(|c| c.is_ascii_hexdigit()))
 }
 
-pub fn apply<'a>(conn: &'a mut PgConnection, message: &'a Message) -> BoxFuture<'a, Result<(), Failure>> {
-    Box::pin(async move {
-        let beacon = parse(&message.data)?;
-        sqlx::query(
-            "INSERT INTO beacon_readings (message_id, mac_address, uuid, major, minor, tx_power, rssi, observed_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
-        )
-        .bind(&message.id)
-        .bind(beacon.as_ref().map(|b| b.mac_address))
-        .bind(beacon.as_ref().map(|b| b.uuid))
-        .bind(beacon.as_ref().map(|b| b.major))
-        .bind(beacon.as_ref().map(|b| b.minor))
-        .bind(beacon.as_ref().map(|b| b.tx_power))
-        .bind(beacon.as_ref().map(|b| b.rssi))
-        .bind(message.time)
-        .execute(conn)
-        .await?;
-        Ok(())
-    })
-}
+/// Beacon readings into `beacon_readings`, with one `INSERT … SELECT FROM
+/// UNNEST`.
+pub struct Beacons;
 
-/// The bulk path: one `INSERT … SELECT FROM UNNEST` for many readings.
-pub static BULK: Bulk = Bulk {
-    check: |message| parse(&message.data).map(drop).map_err(Failure::from),
-    apply_many,
-};
+pub static BEACONS: Beacons = Beacons;
 
-fn apply_many<'a>(conn: &'a mut PgConnection, messages: &'a [&'a Message]) -> BoxFuture<'a, Result<(), Failure>> {
-    Box::pin(async move {
-        let mut beacons = Vec::with_capacity(messages.len());
-        for message in messages {
-            beacons.push(parse(&message.data)?);
-        }
-        let text = |f: fn(&Beacon<'a>) -> &'a str| beacons.iter().map(|b| b.as_ref().map(f)).collect::<Vec<_>>();
-        let number = |f: fn(&Beacon<'a>) -> i32| beacons.iter().map(|b| b.as_ref().map(f)).collect::<Vec<_>>();
-        sqlx::query(
-            "INSERT INTO beacon_readings (message_id, mac_address, uuid, major, minor, tx_power, rssi, observed_at)
-             SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::int[], $5::int[], $6::int[], $7::int[],
-                                  $8::timestamptz[])",
-        )
-        .bind(messages.iter().map(|m| m.id.as_str()).collect::<Vec<_>>())
-        .bind(text(|b| b.mac_address))
-        .bind(text(|b| b.uuid))
-        .bind(number(|b| b.major))
-        .bind(number(|b| b.minor))
-        .bind(number(|b| b.tx_power))
-        .bind(number(|b| b.rssi))
-        .bind(messages.iter().map(|m| m.time).collect::<Vec<_>>())
-        .execute(conn)
-        .await?;
-        Ok(())
-    })
+impl Handler for Beacons {
+    /// `None`: no beacon in range.
+    type Item = Option<Beacon>;
+
+    fn prepare(&self, message: &Message) -> Result<Option<Beacon>, Failure> {
+        Ok(parse(&message.data)?)
+    }
+
+    fn device_id(_: &Option<Beacon>) -> Option<&str> {
+        None
+    }
+
+    fn write<'a>(
+        &'a self,
+        conn: &'a mut PgConnection,
+        batch: &'a [Typed<'a, Option<Beacon>>],
+    ) -> BoxFuture<'a, Result<(), Failure>> {
+        let text = |f: fn(&'a Beacon) -> &'a str| batch.iter().map(|t| t.item.as_ref().map(f)).collect::<Vec<_>>();
+        let number = |f: fn(&Beacon) -> i32| batch.iter().map(|t| t.item.as_ref().map(f)).collect::<Vec<_>>();
+        let (mac_address, uuid) = (text(|b| &b.mac_address), text(|b| &b.uuid));
+        let (major, minor) = (number(|b| b.major), number(|b| b.minor));
+        let (tx_power, rssi) = (number(|b| b.tx_power), number(|b| b.rssi));
+        Box::pin(async move {
+            sqlx::query(
+                "INSERT INTO beacon_readings (message_id, mac_address, uuid, major, minor, tx_power, rssi, observed_at)
+                 SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::int[], $5::int[], $6::int[], $7::int[],
+                                      $8::timestamptz[])",
+            )
+            .bind(batch.iter().map(|t| t.id).collect::<Vec<_>>())
+            .bind(mac_address)
+            .bind(uuid)
+            .bind(major)
+            .bind(minor)
+            .bind(tx_power)
+            .bind(rssi)
+            .bind(batch.iter().map(|t| t.time).collect::<Vec<_>>())
+            .execute(conn)
+            .await?;
+            Ok(())
+        })
+    }
 }
 
 #[cfg(test)]

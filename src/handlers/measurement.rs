@@ -5,97 +5,79 @@ use futures_util::future::BoxFuture;
 use serde_json::Value;
 use sqlx::PgConnection;
 
-use super::Bulk;
 use super::fields::{Fields, ValidationError};
+use super::{Handler, Typed};
 use crate::envelope::Message;
 use crate::failure::Failure;
 
 /// The validated `data` of a `MEASUREMENT`.
 #[derive(Debug, PartialEq)]
-pub struct Measurement<'a> {
-    pub device_id: &'a str,
-    pub sensor: &'a str,
+pub struct Measurement {
+    pub device_id: String,
+    pub sensor: String,
     pub value: f64,
-    pub unit: Option<&'a str>,
+    pub unit: Option<String>,
     /// When it was measured; the message time when absent.
     pub time: Option<DateTime<Utc>>,
 }
 
 /// # Errors
 /// A [`ValidationError`] naming the first bad field.
-pub fn parse(data: &Value) -> Result<Measurement<'_>, ValidationError> {
+pub fn parse(data: &Value) -> Result<Measurement, ValidationError> {
     let fields = Fields::of(data)?;
     Ok(Measurement {
-        device_id: fields.device_id()?,
-        sensor: fields.string("sensor", 1..=64)?,
+        device_id: fields.device_id()?.to_owned(),
+        sensor: fields.string("sensor", 1..=64)?.to_owned(),
         value: fields.finite_number("value")?,
-        unit: fields.optional_string("unit", 1..=32)?,
+        unit: fields.optional_string("unit", 1..=32)?.map(str::to_owned),
         time: fields.optional_time("time")?,
     })
 }
 
-pub fn apply<'a>(conn: &'a mut PgConnection, message: &'a Message) -> BoxFuture<'a, Result<(), Failure>> {
-    Box::pin(async move {
-        let m = parse(&message.data)?;
-        sqlx::query(
-            "INSERT INTO measurements (message_id, device_id, sensor, value, unit, measured_at)
-             VALUES ($1, $2, $3, $4, $5, $6)",
-        )
-        .bind(&message.id)
-        .bind(m.device_id)
-        .bind(m.sensor)
-        .bind(m.value)
-        .bind(m.unit)
-        .bind(m.time.unwrap_or(message.time))
-        .execute(conn)
-        .await?;
-        Ok(())
-    })
-}
+/// Readings into `measurements`, with one `INSERT … SELECT FROM UNNEST`.
+pub struct Measurements;
 
-/// The bulk path: one `INSERT … SELECT FROM UNNEST` for many readings.
-pub static BULK: Bulk = Bulk {
-    check: |message| parse(&message.data).map(drop).map_err(Failure::from),
-    apply_many,
-};
+pub static MEASUREMENTS: Measurements = Measurements;
 
-fn apply_many<'a>(conn: &'a mut PgConnection, messages: &'a [&'a Message]) -> BoxFuture<'a, Result<(), Failure>> {
-    Box::pin(async move {
-        let mut columns = Columns::default();
-        for message in messages {
-            let m = parse(&message.data)?;
-            columns.message_id.push(message.id.as_str());
-            columns.device_id.push(m.device_id);
-            columns.sensor.push(m.sensor);
-            columns.value.push(m.value);
-            columns.unit.push(m.unit);
-            columns.measured_at.push(m.time.unwrap_or(message.time));
-        }
-        sqlx::query(
-            "INSERT INTO measurements (message_id, device_id, sensor, value, unit, measured_at)
-             SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::float8[], $5::text[], $6::timestamptz[])",
-        )
-        .bind(columns.message_id)
-        .bind(columns.device_id)
-        .bind(columns.sensor)
-        .bind(columns.value)
-        .bind(columns.unit)
-        .bind(columns.measured_at)
-        .execute(conn)
-        .await?;
-        Ok(())
-    })
-}
+impl Handler for Measurements {
+    type Item = Measurement;
 
-/// The `measurements` columns of many readings, for `UNNEST`.
-#[derive(Default)]
-struct Columns<'a> {
-    message_id: Vec<&'a str>,
-    device_id: Vec<&'a str>,
-    sensor: Vec<&'a str>,
-    value: Vec<f64>,
-    unit: Vec<Option<&'a str>>,
-    measured_at: Vec<DateTime<Utc>>,
+    fn prepare(&self, message: &Message) -> Result<Measurement, Failure> {
+        Ok(parse(&message.data)?)
+    }
+
+    fn device_id(item: &Measurement) -> Option<&str> {
+        Some(&item.device_id)
+    }
+
+    fn write<'a>(
+        &'a self,
+        conn: &'a mut PgConnection,
+        batch: &'a [Typed<'a, Measurement>],
+    ) -> BoxFuture<'a, Result<(), Failure>> {
+        let column = |f: fn(&'a Typed<'a, Measurement>) -> &'a str| batch.iter().map(f).collect::<Vec<_>>();
+        let message_id = column(|t| t.id);
+        let device_id = column(|t| &t.item.device_id);
+        let sensor = column(|t| &t.item.sensor);
+        let value: Vec<f64> = batch.iter().map(|t| t.item.value).collect();
+        let unit: Vec<Option<&str>> = batch.iter().map(|t| t.item.unit.as_deref()).collect();
+        let measured_at: Vec<DateTime<Utc>> = batch.iter().map(|t| t.item.time.unwrap_or(t.time)).collect();
+        Box::pin(async move {
+            sqlx::query(
+                "INSERT INTO measurements (message_id, device_id, sensor, value, unit, measured_at)
+                 SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::float8[], $5::text[], $6::timestamptz[])",
+            )
+            .bind(message_id)
+            .bind(device_id)
+            .bind(sensor)
+            .bind(value)
+            .bind(unit)
+            .bind(measured_at)
+            .execute(conn)
+            .await?;
+            Ok(())
+        })
+    }
 }
 
 #[cfg(test)]
@@ -109,7 +91,7 @@ mod tests {
                           "time": "2026-01-01T00:00:00Z"});
         let m = parse(&data).unwrap();
         assert_eq!(
-            (m.device_id, m.sensor, m.value, m.unit),
+            (m.device_id.as_str(), m.sensor.as_str(), m.value, m.unit.as_deref()),
             ("d1", "temp", 21.5, Some("C"))
         );
         assert!(m.time.is_some());

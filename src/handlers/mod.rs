@@ -1,135 +1,344 @@
-//! The handler mapping (docs/reliability.md, "Message types"): one handler
-//! per message type, each in its own file, registered in [`HANDLERS`].
+//! The handler mapping (docs/reliability.md, "Message types"; docs/architecture.md,
+//! "Where to add a message type"): one [`Handler`] per statement, registered
+//! by type in [`HANDLERS`].
 //!
-//! A handler validates `data` and applies its effect on the open
-//! transaction it is given. It never begins, commits or rolls back, and it
-//! never acks: the pipeline owns the transaction and the delivery, so several
-//! messages can later share one transaction without touching a handler.
+//! A handler has one write path. `prepare` parses a message's `data` once,
+//! before any transaction, into the handler's typed item; `write` applies a
+//! slice of prepared items with one set statement on the open transaction
+//! it is given. A lone message is a slice of one. A handler never begins,
+//! commits or rolls back, and never acks: the transaction layer owns the
+//! transaction (and the inbox rows), the pipeline the delivery.
+//!
+//! The test-only types (feature `test-handlers`) implement the same trait,
+//! so every fault test runs the path production takes.
 
-mod device_down;
-mod device_up;
+mod commands;
+mod devices;
 mod fields;
 mod ibeacon_change;
 mod measurement;
 mod record_only;
-mod set_led;
-mod set_publish_period;
 #[cfg(feature = "test-handlers")]
 mod test_only;
 
+use std::any::{Any, TypeId};
+
+use chrono::{DateTime, Utc};
 use futures_util::future::BoxFuture;
 use sqlx::PgConnection;
+use tracing::Span;
 
 use crate::envelope::{Kind, Message, MessageType};
 use crate::failure::Failure;
+use crate::telemetry::{self, TraceContext};
 
-/// Applies one message's effect inside the caller's transaction.
-pub type ApplyFn = for<'a> fn(&'a mut PgConnection, &'a Message) -> BoxFuture<'a, Result<(), Failure>>;
+/// A message type's handler: its one write path.
+pub trait Handler: Send + Sync + 'static {
+    /// A message's `data`, parsed and checked.
+    type Item: Send + Sync + 'static;
 
-/// Applies many checked messages of one type inside the caller's
-/// transaction, with the same effect as `apply` on each: all of them, or
-/// an error for the lot.
-pub type ApplyManyFn = for<'a> fn(&'a mut PgConnection, &'a [&'a Message]) -> BoxFuture<'a, Result<(), Failure>>;
+    /// Parses and checks `message.data`, without the database. The
+    /// pipeline runs it before the transaction: a message it refuses is
+    /// parked, and its copy is published while the batch's transaction
+    /// runs.
+    ///
+    /// # Errors
+    /// The [`Failure`] that parks the message: a validation error naming
+    /// the field.
+    fn prepare(&self, message: &Message) -> Result<Self::Item, Failure>;
 
-/// A handler's bulk path, for batches: `check` validates one message
-/// without the database (the pipeline runs it before the transaction, and
-/// a message it refuses is parked without reaching the bulk), and
-/// `apply_many` applies the checked ones; their inbox rows (`events` or
-/// `commands`) are written in bulk too. Handlers that share one `Bulk` (the
-/// same static) share its statement: `DEVICE_UP` and `DEVICE_DOWN` write
-/// `devices` together. All messages of one `Bulk` are of one kind.
-pub struct Bulk {
-    pub check: fn(&Message) -> Result<(), Failure>,
-    pub apply_many: ApplyManyFn,
+    /// The device the item is about, if any: the `commands` inbox row
+    /// keeps it.
+    fn device_id(item: &Self::Item) -> Option<&str>;
+
+    /// Applies `batch` (new messages only: the inbox filtered the
+    /// duplicates) with one set statement, inside the caller's
+    /// transaction: all of them, or an error for the lot.
+    fn write<'a>(
+        &'a self,
+        conn: &'a mut PgConnection,
+        batch: &'a [Typed<'a, Self::Item>],
+    ) -> BoxFuture<'a, Result<(), Failure>>;
 }
 
-/// What a command sends its device: routing key and body.
-type DeviceMessage = fn(&serde_json::Value) -> Result<(String, Vec<u8>), fields::ValidationError>;
-
-/// A command's bulk path: the device messages of the checked commands
-/// written to the outbox in one statement, each with its command's trace
-/// context: a lone command's `handler` span (the current span, in its own
-/// trace), or, in a batch, its delivery's ([`Message::trace`]).
-fn enqueue_all<'a>(
-    conn: &'a mut PgConnection,
-    messages: &'a [&'a Message],
-    device_message: DeviceMessage,
-) -> BoxFuture<'a, Result<(), Failure>> {
-    Box::pin(async move {
-        let alone = match messages {
-            [_] => crate::telemetry::context_headers(&tracing::Span::current()),
-            _ => None,
-        };
-        let mut rows = Vec::with_capacity(messages.len());
-        for message in messages {
-            let (routing_key, body) = device_message(&message.data)?;
-            rows.push(crate::outbox::Pending {
-                message_id: &message.id,
-                routing_key,
-                body,
-                trace: alone.as_ref().or(message.trace.as_ref()),
-            });
-        }
-        crate::outbox::enqueue_many(conn, &rows).await?;
-        Ok(())
-    })
+/// One prepared message as its handler's `write` sees it: the typed item
+/// and what every write may need beside it. Never the raw `data`.
+pub struct Typed<'a, T> {
+    pub id: &'a str,
+    /// When it happened (the message time).
+    pub time: DateTime<Utc>,
+    /// The delivery's trace context, kept for commands: the device
+    /// message joins its command's trace.
+    pub trace: Option<&'a TraceContext>,
+    pub item: &'a T,
 }
 
-/// One row of the handler mapping.
-pub struct Handler {
+/// A message prepared for its transaction: the envelope (for its inbox
+/// row), its handler, and its `data` parsed once into the handler's item.
+pub struct Prepared {
+    pub message: Message,
+    pub route: &'static Route,
+    /// The device the message is about, from its typed item.
+    pub device_id: Option<String>,
+    /// The delivery's trace context (commands only; see [`Typed::trace`]).
+    pub trace: Option<TraceContext>,
+    item: Box<dyn Any + Send + Sync>,
+}
+
+/// A [`Handler`] with its item type erased, so that one table maps every
+/// type. The item is put in a [`Prepared`] by a handler of the type whose
+/// `write` takes it back: [`Route`]s group a batch by handler type.
+trait Erased: Send + Sync {
+    /// The handler's type: routes whose handlers are of one type share its
+    /// statement.
+    fn statement(&self) -> TypeId;
+    fn prepare(&self, message: &Message) -> Result<(Box<dyn Any + Send + Sync>, Option<String>), Failure>;
+    fn write<'a>(&'a self, conn: &'a mut PgConnection, batch: &'a [&'a Prepared])
+    -> BoxFuture<'a, Result<(), Failure>>;
+}
+
+impl<H: Handler> Erased for H {
+    fn statement(&self) -> TypeId {
+        TypeId::of::<H>()
+    }
+
+    fn prepare(&self, message: &Message) -> Result<(Box<dyn Any + Send + Sync>, Option<String>), Failure> {
+        let item = Handler::prepare(self, message)?;
+        let device_id = H::device_id(&item).map(str::to_owned);
+        Ok((Box::new(item), device_id))
+    }
+
+    fn write<'a>(
+        &'a self,
+        conn: &'a mut PgConnection,
+        batch: &'a [&'a Prepared],
+    ) -> BoxFuture<'a, Result<(), Failure>> {
+        let typed: Vec<Typed<'a, H::Item>> = batch
+            .iter()
+            .filter_map(|p| {
+                Some(Typed {
+                    id: &p.message.id,
+                    time: p.message.time,
+                    trace: p.trace.as_ref(),
+                    // Always `Some`: this handler's `prepare` made the item.
+                    item: p.item.downcast_ref()?,
+                })
+            })
+            .collect();
+        Box::pin(async move {
+            match typed.len() == batch.len() {
+                true => Handler::write(self, conn, &typed).await,
+                false => Err(Failure::Panic(
+                    "a prepared item reached a handler of another type".into(),
+                )),
+            }
+        })
+    }
+}
+
+/// One row of the handler mapping: a type, its kind and its handler.
+/// Routes whose handlers are of one Rust type share its statement in a
+/// batch (`DEVICE_UP` and `DEVICE_DOWN` write `devices` together), so a
+/// handler's `write` depends on its items only, never on its own fields.
+pub struct Route {
     pub message_type: &'static str,
     pub kind: Kind,
-    pub apply: ApplyFn,
-    /// A faster path for many messages at once, where it pays off.
-    pub bulk: Option<&'static Bulk>,
+    handler: &'static dyn Erased,
+}
+
+impl Route {
+    /// Whether `other` writes with the same statement.
+    pub fn same_handler(&self, other: &Route) -> bool {
+        self.handler.statement() == other.handler.statement()
+    }
+
+    /// Writes `batch` (all of this route's handler) in one statement.
+    ///
+    /// # Errors
+    /// The handler's failure, for the lot.
+    pub fn write<'a>(
+        &self,
+        conn: &'a mut PgConnection,
+        batch: &'a [&'a Prepared],
+    ) -> BoxFuture<'a, Result<(), Failure>> {
+        self.handler.write(conn, batch)
+    }
+}
+
+const fn route(message_type: &'static str, kind: Kind, handler: &'static dyn Erased) -> Route {
+    Route {
+        message_type,
+        kind,
+        handler,
+    }
 }
 
 /// The handler mapping: every message type the worker knows.
 #[rustfmt::skip]
-pub static HANDLERS: &[Handler] = &[
-    Handler { message_type: "DEVICE_UP",          kind: Kind::Event,   apply: device_up::apply,           bulk: Some(&device_up::BULK) },
-    Handler { message_type: "DEVICE_DOWN",        kind: Kind::Event,   apply: device_down::apply,         bulk: Some(&device_up::BULK) },
-    Handler { message_type: "MEASUREMENT",        kind: Kind::Event,   apply: measurement::apply,         bulk: Some(&measurement::BULK) },
-    Handler { message_type: "IBEACON_CHANGE",     kind: Kind::Event,   apply: ibeacon_change::apply,      bulk: Some(&ibeacon_change::BULK) },
-    Handler { message_type: "IBEACON_READ",       kind: Kind::Event,   apply: record_only::apply,         bulk: Some(&record_only::BULK) },
-    Handler { message_type: "HTTP_COAP_REQUEST",  kind: Kind::Event,   apply: record_only::apply,         bulk: Some(&record_only::BULK) },
-    Handler { message_type: "COAP_HTTP_RESPONSE", kind: Kind::Event,   apply: record_only::apply,         bulk: Some(&record_only::BULK) },
-    Handler { message_type: "SET_LED",            kind: Kind::Command, apply: set_led::apply,             bulk: Some(&set_led::BULK) },
-    Handler { message_type: "SET_PUBLISH_PERIOD", kind: Kind::Command, apply: set_publish_period::apply,  bulk: Some(&set_publish_period::BULK) },
+pub static HANDLERS: &[Route] = &[
+    route("DEVICE_UP",          Kind::Event,   &devices::DEVICE_UP),
+    route("DEVICE_DOWN",        Kind::Event,   &devices::DEVICE_DOWN),
+    route("MEASUREMENT",        Kind::Event,   &measurement::MEASUREMENTS),
+    route("IBEACON_CHANGE",     Kind::Event,   &ibeacon_change::BEACONS),
+    route("IBEACON_READ",       Kind::Event,   &record_only::RECORD_ONLY),
+    route("HTTP_COAP_REQUEST",  Kind::Event,   &record_only::RECORD_ONLY),
+    route("COAP_HTTP_RESPONSE", Kind::Event,   &record_only::RECORD_ONLY),
+    route("SET_LED",            Kind::Command, &commands::SET_LED),
+    route("SET_PUBLISH_PERIOD", Kind::Command, &commands::SET_PUBLISH_PERIOD),
     #[cfg(feature = "test-handlers")]
-    Handler { message_type: "TEST_ABORT",         kind: Kind::Event,   apply: test_only::abort,           bulk: None },
+    route("TEST_ABORT",         Kind::Event,   &test_only::Abort),
     #[cfg(feature = "test-handlers")]
-    Handler { message_type: "TEST_PANIC",         kind: Kind::Event,   apply: test_only::panic,           bulk: None },
+    route("TEST_PANIC",         Kind::Event,   &test_only::Panic),
     #[cfg(feature = "test-handlers")]
-    Handler { message_type: "TEST_PANIC_CHECK",   kind: Kind::Event,   apply: test_only::recorded,        bulk: Some(&test_only::PANIC_CHECK_BULK) },
+    route("TEST_PANIC_CHECK",   Kind::Event,   &test_only::PanicCheck),
     #[cfg(feature = "test-handlers")]
-    Handler { message_type: "TEST_FLAKY",         kind: Kind::Event,   apply: test_only::flaky,           bulk: None },
+    route("TEST_FLAKY",         Kind::Event,   &test_only::Flaky),
     #[cfg(feature = "test-handlers")]
-    Handler { message_type: "TEST_SLOW",          kind: Kind::Event,   apply: test_only::slow,            bulk: None },
+    route("TEST_SLOW",          Kind::Event,   &test_only::Slow),
 ];
 
-/// The handler for a message's kind and type.
+/// The route for a message's kind and type.
 ///
 /// # Errors
-/// [`Failure::UnknownType`] when no handler has that kind and type.
-pub fn lookup(message: &Message) -> Result<&'static Handler, Failure> {
+/// [`Failure::UnknownType`] when no route has that kind and type.
+pub fn lookup(message: &Message) -> Result<&'static Route, Failure> {
     HANDLERS
         .iter()
-        .find(|h| h.message_type == message.message_type && h.kind == message.kind)
+        .find(|r| r.message_type == message.message_type && r.kind == message.kind)
         .ok_or_else(|| Failure::UnknownType {
-            kind: message.kind.as_str(),
+            kind: message.kind,
             message_type: message.message_type.clone(),
         })
 }
 
+/// Finds a message's handler and parses its `data`: the worker's own check
+/// of a decoded message, with nothing written. `span` is the delivery's: a
+/// command keeps its trace context, for its device message.
+///
+/// # Errors
+/// [`Failure::UnknownType`], or the handler's refusal.
+pub fn prepare(message: Message, span: &Span) -> Result<Prepared, Failure> {
+    let route = lookup(&message)?;
+    let (item, device_id) = route.handler.prepare(&message)?;
+    let trace = match route.kind {
+        Kind::Command => telemetry::context_headers(span),
+        Kind::Event => None,
+    };
+    Ok(Prepared {
+        message,
+        route,
+        device_id,
+        trace,
+        item,
+    })
+}
+
 /// The type of `message` as the flow carries it: the table's name when a
-/// handler (of either kind) has it.
+/// route (of either kind) has it.
 pub fn type_of(message: &Message) -> MessageType {
     HANDLERS
         .iter()
-        .find(|h| h.message_type == message.message_type)
+        .find(|r| r.message_type == message.message_type)
         .map_or_else(
             || MessageType::Unknown(message.message_type.as_str().into()),
-            |h| MessageType::Handled(h.message_type),
+            |r| MessageType::Handled(r.message_type),
         )
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+
+    /// The source of every handler module, by file name: the test below
+    /// fails if a file is added without being listed here.
+    const SOURCES: [(&str, &str); 7] = [
+        ("commands.rs", include_str!("commands.rs")),
+        ("devices.rs", include_str!("devices.rs")),
+        ("fields.rs", include_str!("fields.rs")),
+        ("ibeacon_change.rs", include_str!("ibeacon_change.rs")),
+        ("measurement.rs", include_str!("measurement.rs")),
+        ("record_only.rs", include_str!("record_only.rs")),
+        ("test_only.rs", include_str!("test_only.rs")),
+    ];
+
+    /// A source without its tests.
+    fn code(source: &str) -> &str {
+        source.split("#[cfg(test)]").next().unwrap_or(source)
+    }
+
+    /// The SQL statements that write, in a handler's source.
+    fn statements(source: &str) -> Vec<String> {
+        code(source)
+            .split("sqlx::query")
+            .skip(1)
+            .filter_map(|rest| rest.split('"').nth(1))
+            .map(|sql| sql.split_whitespace().collect::<Vec<_>>().join(" "))
+            .filter(|sql| ["INSERT", "UPDATE", "DELETE"].iter().any(|verb| sql.contains(verb)))
+            .collect()
+    }
+
+    /// One write path per type: a handler module writes with at most one
+    /// statement, no statement is written twice under `src/handlers/`, and
+    /// nothing but [`Handler::write`] writes (no second, single-message
+    /// path beside the set statement).
+    #[test]
+    fn every_type_has_one_write_path() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src/handlers");
+        let mut on_disk: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .filter(|name| name != "mod.rs")
+            .collect();
+        on_disk.sort();
+        assert_eq!(
+            on_disk,
+            SOURCES.map(|(name, _)| name.to_owned()),
+            "list every handler module in SOURCES"
+        );
+        let mut seen: BTreeMap<String, &str> = BTreeMap::new();
+        for (name, source) in SOURCES {
+            let found = statements(source);
+            assert!(
+                found.len() <= 1,
+                "{name} writes with {} statements: {found:?}",
+                found.len()
+            );
+            for sql in found {
+                if let Some(other) = seen.insert(sql.clone(), name) {
+                    panic!("{name} and {other} both write `{sql}`");
+                }
+            }
+            assert!(
+                !code(source).contains("fn apply"),
+                "{name} has an apply beside its write"
+            );
+        }
+        assert!(!code(include_str!("mod.rs")).contains("fn apply"));
+    }
+
+    #[test]
+    fn finds_statements_in_source() {
+        let source = "sqlx::query(\"INSERT  INTO t\n  VALUES (1)\"); sqlx::query(\"SELECT 1\"); sqlx::query_scalar(\"UPDATE t\")";
+        assert_eq!(statements(source), ["INSERT INTO t VALUES (1)", "UPDATE t"]);
+    }
+
+    /// Every production type shares nothing with a test type, and the types
+    /// that share a handler share its kind (one inbox statement per group).
+    #[test]
+    fn routes_that_share_a_handler_share_a_kind() {
+        for a in HANDLERS {
+            for b in HANDLERS.iter().filter(|b| a.same_handler(b)) {
+                assert_eq!(a.kind, b.kind, "{} and {}", a.message_type, b.message_type);
+                assert_eq!(
+                    a.message_type.starts_with("TEST_"),
+                    b.message_type.starts_with("TEST_"),
+                    "{} and {}",
+                    a.message_type,
+                    b.message_type
+                );
+            }
+        }
+    }
 }

@@ -1,20 +1,31 @@
 //! `IBEACON_READ`, `HTTP_COAP_REQUEST`, `COAP_HTTP_RESPONSE`: recorded in
-//! `events` only. The pipeline writes that row (it is the inbox), so the
+//! `events` only. The transaction writes that row (it is the inbox), so the
 //! handler has nothing left to do; any `data` is accepted.
 
 use futures_util::future::BoxFuture;
 use sqlx::PgConnection;
 
-use super::Bulk;
+use super::{Handler, Typed};
 use crate::envelope::Message;
 use crate::failure::Failure;
 
-pub fn apply<'a>(_: &'a mut PgConnection, _: &'a Message) -> BoxFuture<'a, Result<(), Failure>> {
-    Box::pin(async { Ok(()) })
-}
+/// The inbox row is the whole effect.
+pub struct RecordOnly;
 
-/// In a batch the inbox statement is the whole effect.
-pub static BULK: Bulk = Bulk {
-    check: |_| Ok(()),
-    apply_many: |_, _| Box::pin(async { Ok(()) }),
-};
+pub static RECORD_ONLY: RecordOnly = RecordOnly;
+
+impl Handler for RecordOnly {
+    type Item = ();
+
+    fn prepare(&self, _: &Message) -> Result<(), Failure> {
+        Ok(())
+    }
+
+    fn device_id(_: &()) -> Option<&str> {
+        None
+    }
+
+    fn write<'a>(&'a self, _: &'a mut PgConnection, _: &'a [Typed<'a, ()>]) -> BoxFuture<'a, Result<(), Failure>> {
+        Box::pin(async { Ok(()) })
+    }
+}

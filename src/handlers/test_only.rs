@@ -1,111 +1,193 @@
 //! Handlers that exist only to test the fault paths (feature
 //! `test-handlers`, never in a release build): `TEST_FLAKY`, `TEST_SLOW`,
-//! `TEST_PANIC` and `TEST_ABORT`.
+//! `TEST_PANIC`, `TEST_PANIC_CHECK` and `TEST_ABORT`. They implement the
+//! same [`Handler`] as the production types, so a fault test runs the
+//! production path: prepare, the inbox statement, one write per batch.
+//!
+//! Each that writes records one `measurements` row per message (sensor:
+//! its type), so tests can count applications.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
 
 use futures_util::future::BoxFuture;
+use serde_json::Value;
 use sqlx::PgConnection;
 
+use super::{Handler, Typed};
 use crate::envelope::Message;
 use crate::failure::Failure;
 
 /// Runs per message id, across every attempt in this process.
 static FLAKY_RUNS: Mutex<Option<HashMap<String, u64>>> = Mutex::new(None);
 
-/// Fails transiently on its first `data.fail_first` runs (per message id,
-/// in this process), then records a measurement of the run number.
-pub fn flaky<'a>(conn: &'a mut PgConnection, message: &'a Message) -> BoxFuture<'a, Result<(), Failure>> {
-    Box::pin(async move {
-        let fail_first = message
-            .data
-            .get("fail_first")
-            .and_then(serde_json::Value::as_u64)
-            .unwrap_or(0);
-        let run = {
+/// `TEST_FLAKY`: fails transiently on the first `data.fail_first` runs of
+/// a message (per message id, in this process), then records the run
+/// number. A batch fails as a whole while one of its messages does.
+pub struct Flaky;
+
+impl Handler for Flaky {
+    /// `data.fail_first`.
+    type Item = u64;
+
+    fn prepare(&self, message: &Message) -> Result<u64, Failure> {
+        Ok(number(message, "fail_first").map_or(0, |n| n as u64))
+    }
+
+    fn device_id(_: &u64) -> Option<&str> {
+        None
+    }
+
+    fn write<'a>(
+        &'a self,
+        conn: &'a mut PgConnection,
+        batch: &'a [Typed<'a, u64>],
+    ) -> BoxFuture<'a, Result<(), Failure>> {
+        let runs: Vec<(u64, u64)> = {
             let mut runs = FLAKY_RUNS.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            let count = runs
-                .get_or_insert_with(HashMap::new)
-                .entry(message.id.clone())
-                .or_insert(0);
-            *count += 1;
-            *count
+            let runs = runs.get_or_insert_with(HashMap::new);
+            batch
+                .iter()
+                .map(|t| {
+                    let count = runs.entry(t.id.to_owned()).or_insert(0);
+                    *count += 1;
+                    (*count, *t.item)
+                })
+                .collect()
         };
-        if run <= fail_first {
-            let error = std::io::Error::other(format!("TEST_FLAKY transient failure, run {run}"));
-            return Err(Failure::Database(sqlx::Error::Io(error)));
-        }
-        record(conn, message, run as f64).await
-    })
+        Box::pin(async move {
+            if let Some((run, _)) = runs.iter().find(|(run, fail_first)| run <= fail_first) {
+                let error = std::io::Error::other(format!("TEST_FLAKY transient failure, run {run}"));
+                return Err(Failure::Database(sqlx::Error::Io(error)));
+            }
+            let values = runs.iter().map(|(run, _)| *run as f64);
+            record(conn, "TEST_FLAKY", batch.iter().map(|t| t.id).zip(values)).await
+        })
+    }
 }
 
-/// Sleeps `data.seconds` inside the transaction, then records a
-/// measurement: work that outlives a short shutdown grace period.
-pub fn slow<'a>(conn: &'a mut PgConnection, message: &'a Message) -> BoxFuture<'a, Result<(), Failure>> {
-    Box::pin(async move {
-        let seconds = message
-            .data
-            .get("seconds")
-            .and_then(serde_json::Value::as_f64)
-            .unwrap_or(1.0);
-        sqlx::query("SELECT pg_sleep($1)")
-            .bind(seconds)
-            .execute(&mut *conn)
-            .await?;
-        record(conn, message, seconds).await
-    })
+/// `TEST_SLOW`: sleeps the longest `data.seconds` of its batch inside the
+/// transaction, then records: work that outlives a short shutdown grace
+/// period.
+pub struct Slow;
+
+impl Handler for Slow {
+    /// `data.seconds`.
+    type Item = f64;
+
+    fn prepare(&self, message: &Message) -> Result<f64, Failure> {
+        Ok(number(message, "seconds").unwrap_or(1.0))
+    }
+
+    fn device_id(_: &f64) -> Option<&str> {
+        None
+    }
+
+    fn write<'a>(
+        &'a self,
+        conn: &'a mut PgConnection,
+        batch: &'a [Typed<'a, f64>],
+    ) -> BoxFuture<'a, Result<(), Failure>> {
+        let seconds = batch.iter().map(|t| *t.item).fold(0.0, f64::max);
+        Box::pin(async move {
+            sqlx::query("SELECT pg_sleep($1)")
+                .bind(seconds)
+                .execute(&mut *conn)
+                .await?;
+            record(conn, "TEST_SLOW", batch.iter().map(|t| (t.id, *t.item))).await
+        })
+    }
 }
 
-pub fn panic<'a>(_: &'a mut PgConnection, message: &'a Message) -> BoxFuture<'a, Result<(), Failure>> {
-    Box::pin(async move { panic!("TEST_PANIC handler asked to panic by {}", message.id) })
+/// `TEST_PANIC`: its write panics.
+pub struct Panic;
+
+impl Handler for Panic {
+    type Item = ();
+
+    fn prepare(&self, _: &Message) -> Result<(), Failure> {
+        Ok(())
+    }
+
+    fn device_id(_: &()) -> Option<&str> {
+        None
+    }
+
+    fn write<'a>(&'a self, _: &'a mut PgConnection, batch: &'a [Typed<'a, ()>]) -> BoxFuture<'a, Result<(), Failure>> {
+        let ids: Vec<&str> = batch.iter().map(|t| t.id).collect();
+        Box::pin(async move { panic!("TEST_PANIC handler asked to panic by {}", ids.join(", ")) })
+    }
 }
 
-/// `TEST_PANIC_CHECK`'s bulk path: its `check` panics when `data.panic` is
-/// true, a panic outside any handler run (as a bug in a bulk check would
-/// be); the messages that pass are recorded one by one.
-pub static PANIC_CHECK_BULK: super::Bulk = super::Bulk {
-    check: |message| {
+/// `TEST_PANIC_CHECK`: its prepare panics when `data.panic` is true (a
+/// panic outside any transaction, as a bug in a type's validation would
+/// be); the messages that pass are recorded.
+pub struct PanicCheck;
+
+impl Handler for PanicCheck {
+    type Item = ();
+
+    fn prepare(&self, message: &Message) -> Result<(), Failure> {
         assert!(
-            message.data.get("panic") != Some(&serde_json::Value::Bool(true)),
-            "TEST_PANIC_CHECK bulk check asked to panic by {}",
+            message.data.get("panic") != Some(&Value::Bool(true)),
+            "TEST_PANIC_CHECK check asked to panic by {}",
             message.id
         );
         Ok(())
-    },
-    apply_many: record_many,
-};
+    }
 
-fn record_many<'a>(conn: &'a mut PgConnection, messages: &'a [&'a Message]) -> BoxFuture<'a, Result<(), Failure>> {
-    Box::pin(async move {
-        for message in messages {
-            record(&mut *conn, message, 1.0).await?;
-        }
+    fn device_id(_: &()) -> Option<&str> {
+        None
+    }
+
+    fn write<'a>(
+        &'a self,
+        conn: &'a mut PgConnection,
+        batch: &'a [Typed<'a, ()>],
+    ) -> BoxFuture<'a, Result<(), Failure>> {
+        Box::pin(record(conn, "TEST_PANIC_CHECK", batch.iter().map(|t| (t.id, 1.0))))
+    }
+}
+
+/// `TEST_ABORT`: its write aborts the process (a crash mid-transaction).
+pub struct Abort;
+
+impl Handler for Abort {
+    type Item = ();
+
+    fn prepare(&self, _: &Message) -> Result<(), Failure> {
         Ok(())
-    })
+    }
+
+    fn device_id(_: &()) -> Option<&str> {
+        None
+    }
+
+    fn write<'a>(&'a self, _: &'a mut PgConnection, _: &'a [Typed<'a, ()>]) -> BoxFuture<'a, Result<(), Failure>> {
+        std::process::abort()
+    }
 }
 
-/// `TEST_PANIC_CHECK` alone: records a measurement (its check ran first).
-pub fn recorded<'a>(conn: &'a mut PgConnection, message: &'a Message) -> BoxFuture<'a, Result<(), Failure>> {
-    Box::pin(async move {
-        (PANIC_CHECK_BULK.check)(message)?;
-        record(conn, message, 1.0).await
-    })
+/// A number in `data`, if there is one.
+fn number(message: &Message, name: &str) -> Option<f64> {
+    message.data.get(name).and_then(Value::as_f64)
 }
 
-pub fn abort<'a>(_: &'a mut PgConnection, _: &'a Message) -> BoxFuture<'a, Result<(), Failure>> {
-    std::process::abort()
-}
-
-/// One `measurements` row for the message, so tests can count applications.
-async fn record(conn: &mut PgConnection, message: &Message, value: f64) -> Result<(), Failure> {
+/// One `measurements` row per `(message id, value)`, with `sensor` as its
+/// sensor, in one statement.
+async fn record<'a>(
+    conn: &mut PgConnection,
+    sensor: &str,
+    rows: impl Iterator<Item = (&'a str, f64)>,
+) -> Result<(), Failure> {
+    let (ids, values): (Vec<&str>, Vec<f64>) = rows.unzip();
     sqlx::query(
         "INSERT INTO measurements (message_id, device_id, sensor, value, measured_at)
-         VALUES ($1, 'test', $2, $3, now())",
+         SELECT id, 'test', $2, value, now() FROM UNNEST($1::text[], $3::float8[]) AS r (id, value)",
     )
-    .bind(&message.id)
-    .bind(&message.message_type)
-    .bind(value)
+    .bind(ids)
+    .bind(sensor)
+    .bind(values)
     .execute(conn)
     .await?;
     Ok(())

@@ -223,7 +223,7 @@ async fn a_worker_whose_node_stops_moves_to_another_and_keeps_processing() {
     stop_node(1).await;
     let moved = wait_for("the first worker on another node", Duration::from_secs(30), || async {
         let node = first.metrics.node();
-        (node != node_address(1) && first.metrics.is_ready()).then_some(node)
+        (node != node_address(1) && first.readiness.is_ready()).then_some(node)
     })
     .await;
     assert!([node_address(2), node_address(3)].contains(&moved), "moved to {moved}");

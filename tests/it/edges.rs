@@ -491,7 +491,7 @@ async fn in_flight_returns_to_zero_after_a_cut_mid_burst() {
     let at_cut = env.count("measurements").await;
     assert!(at_cut < N as i64, "the cut came mid-burst ({at_cut} of {N} applied)");
     wait_for("the worker to reconnect", WAIT, || async {
-        (worker.metrics.connections() >= 2 && worker.metrics.is_ready()).then_some(())
+        (worker.metrics.connections() >= 2 && worker.readiness.is_ready()).then_some(())
     })
     .await;
     env.wait_for_rows("measurements", N as i64, Duration::from_secs(120))

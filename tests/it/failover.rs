@@ -34,7 +34,7 @@ async fn the_worker_moves_to_another_broker_when_its_broker_goes() {
     proxy.cut();
     let gone = Instant::now();
     wait_for("the worker on another broker", WAIT, || async {
-        (worker.metrics.connections() >= 2 && worker.metrics.is_ready()).then_some(())
+        (worker.metrics.connections() >= 2 && worker.readiness.is_ready()).then_some(())
     })
     .await;
     let moved_after = gone.elapsed();

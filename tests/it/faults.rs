@@ -177,7 +177,7 @@ async fn a_cut_broker_connection_is_rebuilt_and_everything_is_processed_once() {
         "the cut came mid-burst ({applied_at_cut} of {N} applied)"
     );
     wait_for("the worker to reconnect", Duration::from_secs(60), || async {
-        (worker.metrics.connections() >= 2 && worker.metrics.is_ready()).then_some(())
+        (worker.metrics.connections() >= 2 && worker.readiness.is_ready()).then_some(())
     })
     .await;
     env.wait_for_rows("measurements", N, Duration::from_secs(120)).await;

@@ -104,14 +104,20 @@ async fn a_scrape_counts_each_outcome_exactly() {
     env.publish(b"not json at all", props()).await;
     let unknown = json!({"type": "NO_SUCH_TYPE", "id": "u-1", "data": {}}).to_string();
     env.publish(unknown.as_bytes(), props()).await;
-    // Fails its three in-process runs (two in-process retries), goes to the
-    // 50ms retry queue, then succeeds. The id is unique to this test: the
-    // handler counts runs per id in this process.
-    let flaky_id = format!("flaky-{}", env.queue);
-    env.publish(&flaky(&flaky_id, 3), props()).await;
-
     let (worker, addr) = spawn_serving(env.settings(&[])).await;
     let m = worker.metrics.clone();
+    wait_for("the first eight settled", WAIT, || async {
+        let parked: u64 = ErrorKind::ALL.into_iter().map(|k| m.parked(k)).sum();
+        (m.processed() == 3 && m.duplicates() == 1 && parked == 4).then_some(())
+    })
+    .await;
+    // Fails its three in-process runs (two in-process retries), goes to the
+    // 50ms retry queue, then succeeds. Sent alone: in a batch its transient
+    // failure would roll its batch-mates back too, and their runs alone
+    // would count as in-process retries of theirs. The id is unique to
+    // this test: the handler counts runs per id in this process.
+    let flaky_id = format!("flaky-{}", env.queue);
+    env.publish(&flaky(&flaky_id, 3), props()).await;
     wait_for("every delivery settled", WAIT, || async {
         let parked: u64 = ErrorKind::ALL.into_iter().map(|k| m.parked(k)).sum();
         (m.processed() == 4 && m.duplicates() == 1 && parked == 4 && m.retried() == 1).then_some(())

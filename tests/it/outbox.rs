@@ -257,7 +257,7 @@ async fn rows_pending_while_the_broker_is_cut_are_delivered_when_it_returns() {
     proxy.set_refusing(true);
     proxy.cut();
     wait_for("the worker to notice the cut", Duration::from_secs(30), || async {
-        (!worker.metrics.is_ready()).then_some(())
+        (!worker.readiness.is_ready()).then_some(())
     })
     .await;
 

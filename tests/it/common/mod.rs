@@ -30,7 +30,7 @@ use tokio_util::sync::CancellationToken;
 use worker_iot_core::broker::{self, Publisher};
 use worker_iot_core::config::Settings;
 use worker_iot_core::headers::{self, FailureRecord};
-use worker_iot_core::{ErrorKind, Event, EventHook, Metrics, Options, Topology, WorkerError};
+use worker_iot_core::{ErrorKind, Event, EventHook, Metrics, Options, Readiness, Topology, WorkerError};
 
 /// An event hook that sees every delivery before it is processed.
 pub fn on_received(see: impl Fn(&Delivery) + Send + Sync + 'static) -> EventHook {
@@ -368,6 +368,7 @@ pub struct RunningWorker {
     pub shutdown: CancellationToken,
     pub handle: JoinHandle<Result<(), WorkerError>>,
     pub metrics: Arc<Metrics>,
+    pub readiness: Arc<Readiness>,
 }
 
 impl RunningWorker {
@@ -375,17 +376,18 @@ impl RunningWorker {
     /// `serve_metrics`, with its HTTP server too.
     pub fn start(settings: Settings, events: Option<EventHook>, serve_metrics: bool) -> RunningWorker {
         let shutdown = CancellationToken::new();
-        let metrics = Arc::new(Metrics::default());
         let options = Options {
-            metrics: metrics.clone(),
             events,
             serve_metrics,
+            ..Options::default()
         };
+        let (metrics, readiness) = (options.metrics.clone(), options.readiness.clone());
         let handle = tokio::spawn(worker_iot_core::run_with(settings, shutdown.clone(), options));
         RunningWorker {
             shutdown,
             handle,
             metrics,
+            readiness,
         }
     }
 

@@ -6,6 +6,7 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use crate::common::browser::{Browser, ConsoleProcess, http};
+use crate::common::messages::{measurement, unknown_type};
 use crate::common::{TestEnv, TopologyFile};
 use fantoccini::Locator;
 use lapin::BasicProperties;
@@ -17,18 +18,6 @@ const WAIT: Duration = Duration::from_secs(60);
 const OPERATOR: &str = "operator-token-0123456789";
 const VIEWER: &str = "viewer-token-0123456789ab";
 const TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
-
-fn measurement(id: &str) -> Vec<u8> {
-    json!({"type": "MEASUREMENT", "id": id, "data": {"device_id": "d1", "sensor": "t", "value": "high"}})
-        .to_string()
-        .into_bytes()
-}
-
-fn teleport(id: &str) -> Vec<u8> {
-    json!({"type": "TELEPORT", "id": id, "data": {}})
-        .to_string()
-        .into_bytes()
-}
 
 /// A body a person must only ever read: a script in the body, and HTML in
 /// the device id, which the validation error quotes.
@@ -123,11 +112,11 @@ fn set(ids: &[&str]) -> BTreeSet<String> {
 async fn a_person_reads_the_lot_and_retries_one_group() {
     let env = TestEnv::new(&TopologyFile::fast()).await;
     let messages = [
-        ("a1", measurement("a1")),
-        ("a2", measurement("a2")),
-        ("a3", measurement("a3")),
-        ("b1", teleport("b1")),
-        ("b2", teleport("b2")),
+        ("a1", measurement("a1", "high")),
+        ("a2", measurement("a2", "high")),
+        ("a3", measurement("a3", "high")),
+        ("b1", unknown_type("b1")),
+        ("b2", unknown_type("b2")),
         ("x1", hostile("x1")),
     ];
     fill(&env, &messages).await;
@@ -287,9 +276,9 @@ async fn tokens_decide_who_reads_and_who_acts_and_archive_hides_a_group() {
     fill(
         &env,
         &[
-            ("a1", measurement("a1")),
-            ("a2", measurement("a2")),
-            ("b1", teleport("b1")),
+            ("a1", measurement("a1", "high")),
+            ("a2", measurement("a2", "high")),
+            ("b1", unknown_type("b1")),
         ],
     )
     .await;
@@ -454,7 +443,7 @@ async fn without_a_token_the_console_keeps_to_loopback() {
     assert_eq!(status, 403);
     // A message parked while no keeper runs waits in Q.dlq: the page says so.
     env.park(
-        &measurement("w1"),
+        &measurement("w1", "high"),
         "w1",
         ErrorKind::Validation,
         "data.value must be a number",

@@ -5,16 +5,14 @@
 //! (`sslmode=verify-full`) and RabbitMQ (`amqps://`) with a private CA that
 //! the test makes, trusted through `SSL_CERT_FILE` by both clients.
 //!
-//! Self-contained: its helpers are below, after the tests. The binaries run
-//! as child processes with a cleared environment, so `SSL_CERT_FILE` (which
-//! is process-wide) never touches this process.
+//! The CA and the TLS proxies are common/tls.rs, the scripts run as psql
+//! would by common/sql.rs; this file's own helpers (a database and role of
+//! the test, the worker as a process) are below, after the tests. The
+//! binaries run as child processes with a cleared environment, so
+//! `SSL_CERT_FILE` (which is process-wide) never touches this process.
 
-use std::io::{Read, Write};
-use std::net::{Shutdown, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Output, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use lapin::options::{
@@ -23,14 +21,17 @@ use lapin::options::{
 };
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection};
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use sqlx::{Connection as _, PgConnection};
 use tokio::process::{Child, Command};
 use url::Url;
 
 use crate::common::browser::{CONSOLE, free_port, http};
-use crate::common::wait_for;
+use crate::common::command::{assert_success, output_text as text, run_clean};
+use crate::common::messages::{device_up, measurement_of, set_led, unknown_type};
+use crate::common::proxy::upstream_of;
+use crate::common::sql::run_script;
+use crate::common::tls::{Pki, TlsProxy, Upstream};
+use crate::common::{amqp_url, server_url, wait_for};
 
 /// How long a condition may take to hold.
 const WAIT: Duration = Duration::from_secs(60);
@@ -97,9 +98,11 @@ async fn the_worker_runs_as_a_role_that_owns_its_tables_and_nothing_else() {
     let devices_queue = broker.device_queue(&scratch.name, &device).await;
     let mut worker = Worker::start(&scratch, &[("DATABASE_URL", &role_url), ("AMQP_URL", &amqp_url())]).await;
     broker.wait_for_consumer(&scratch.name).await;
-    broker.publish(&scratch.name, &up(&device, "lp-up")).await;
-    broker.publish(&scratch.name, &measurement(&device, "lp-m")).await;
-    broker.publish(&scratch.name, &led_command(&device, "lp-led")).await;
+    broker.publish(&scratch.name, &device_up("lp-up", &device)).await;
+    broker
+        .publish(&scratch.name, &measurement_of(&device, "lp-m", 21.5))
+        .await;
+    broker.publish(&scratch.name, &set_led("lp-led", &device, "on")).await;
     let (scratch_ref, device_ref) = (&scratch, &device);
     wait_for(
         "the events, the command and its device message",
@@ -124,9 +127,7 @@ async fn the_worker_runs_as_a_role_that_owns_its_tables_and_nothing_else() {
 
     // The parking lot: the keeper parks as the role, and the console
     // reads and archives as the role.
-    broker
-        .publish(&scratch.name, r#"{"type": "TELEPORT", "id": "lp-bad", "data": {}}"#)
-        .await;
+    broker.publish(&scratch.name, &unknown_type("lp-bad")).await;
     wait_for("the parked message in the lot", WAIT, move || async move {
         let parked: i64 = sqlx::query_scalar("SELECT count(*) FROM iot.parked_messages WHERE message_id = 'lp-bad'")
             .fetch_one(&mut scratch_ref.admin().await)
@@ -163,7 +164,7 @@ async fn the_worker_runs_as_a_role_that_owns_its_tables_and_nothing_else() {
     // delete_db as the role drops what it owns.
     let output = run(DELETE_DB, &scratch.dir, &[("DATABASE_URL", &role_url)]).await;
     assert!(!output.status.success(), "delete_db without --yes refuses");
-    let output = run_args(DELETE_DB, &["--yes"], &scratch.dir, &[("DATABASE_URL", &role_url)]).await;
+    let output = run_clean(DELETE_DB, &["--yes"], &scratch.dir, &[("DATABASE_URL", &role_url)]).await;
     assert_success("delete_db --yes as the worker's role", &output);
     let left: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_tables WHERE schemaname = 'iot'")
         .fetch_one(&mut admin)
@@ -261,8 +262,8 @@ async fn an_existing_database_moves_to_the_role() {
 async fn postgres_and_rabbitmq_over_tls_with_a_private_ca() {
     let scratch = Scratch::new().await;
     let pki = Pki::make(&scratch.dir);
-    let postgres = TlsProxy::start(&pki, tcp_address(&server_url(), 5432), true);
-    let rabbitmq = TlsProxy::start(&pki, tcp_address(&amqp_url(), 5672), false);
+    let postgres = TlsProxy::start(&pki, upstream_of(&server_url()), Upstream::Postgres).await;
+    let rabbitmq = TlsProxy::start(&pki, upstream_of(&amqp_url()), Upstream::Amqp).await;
     let database_url = {
         let mut url = Url::parse(&scratch.admin_url()).expect("database URL");
         url.set_host(Some("localhost")).expect("host");
@@ -290,7 +291,7 @@ async fn postgres_and_rabbitmq_over_tls_with_a_private_ca() {
         text(&output)
     );
     assert!(text(&output).contains("certificate"), "says why: {}", text(&output));
-    let output = run_args(
+    let output = run_clean(
         PUBLISH,
         &[
             "--queue",
@@ -325,7 +326,7 @@ async fn postgres_and_rabbitmq_over_tls_with_a_private_ca() {
     assert!(postgres.handshakes() > 0, "PostgreSQL was reached through TLS");
     let device = format!("{}_tls", scratch.name);
     let data = format!(r#"{{"device_id":"{device}"}}"#);
-    let output = run_args(
+    let output = run_clean(
         PUBLISH,
         &[
             "--queue",
@@ -356,7 +357,7 @@ async fn postgres_and_rabbitmq_over_tls_with_a_private_ca() {
     )
     .await;
     broker.wait_for_consumer(&scratch.name).await;
-    broker.publish(&scratch.name, &led_command(&device, "tls-led")).await;
+    broker.publish(&scratch.name, &set_led("tls-led", &device, "on")).await;
     let (scratch_ref, device_ref) = (&scratch, &device);
     wait_for(
         "the event and the command applied, the device message relayed",
@@ -408,92 +409,10 @@ async fn postgres_and_rabbitmq_over_tls_with_a_private_ca() {
 // ---------------------------------------------------------------------------
 // Helpers.
 
-fn amqp_url() -> String {
-    std::env::var("AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
-}
-
-/// The PostgreSQL server, as a superuser (any database on it).
-fn server_url() -> String {
-    std::env::var("DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
-}
-
-/// `host:port` of a URL.
-fn tcp_address(url: &str, default_port: u16) -> String {
-    let url = Url::parse(url).expect("URL");
-    format!(
-        "{}:{}",
-        url.host_str().expect("host"),
-        url.port().unwrap_or(default_port)
-    )
-}
-
-fn text(output: &Output) -> String {
-    format!(
-        "status {:?}\n--- stdout\n{}--- stderr\n{}",
-        output.status.code(),
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    )
-}
-
-fn assert_success(what: &str, output: &Output) {
-    assert!(output.status.success(), "{what}: {}", text(output));
-}
-
-/// Runs a binary to its end (at most 60 s) in `dir`, with only `env` (and
-/// `PATH`) in its environment.
+/// Runs a binary to its end in `dir`, with only `env` (and `PATH`) in its
+/// environment.
 async fn run(bin: &str, dir: &Path, env: &[(&str, &str)]) -> Output {
-    run_args(bin, &[], dir, env).await
-}
-
-async fn run_args(bin: &str, args: &[&str], dir: &Path, env: &[(&str, &str)]) -> Output {
-    let mut command = Command::new(bin);
-    command
-        .args(args)
-        .current_dir(dir)
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .envs(env.iter().copied())
-        .stdin(Stdio::null())
-        .kill_on_drop(true);
-    tokio::time::timeout(Duration::from_secs(60), command.output())
-        .await
-        .unwrap_or_else(|_| panic!("{bin} did not finish within 60 s"))
-        .unwrap_or_else(|e| panic!("cannot run {bin}: {e}"))
-}
-
-/// Loads a script of deploy/postgres/ as psql would run it, and runs it on
-/// `conn`: its `\getenv` lines give way to `vars`, whose `:"name"` (an
-/// identifier) and `:'name'` (a literal) are quoted as psql quotes them.
-async fn run_script(conn: &mut PgConnection, name: &str, vars: &[(&str, &str)]) {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/postgres").join(name);
-    let source = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    let mut sql = String::new();
-    for line in source.lines() {
-        if line.starts_with("\\getenv ") {
-            continue;
-        }
-        assert!(
-            !line.starts_with('\\'),
-            "{name}: a psql command the test does not know: {line}"
-        );
-        let mut line = line.to_owned();
-        for (var, value) in vars {
-            line = line
-                .replace(&format!(":\"{var}\""), &format!("\"{}\"", value.replace('"', "\"\"")))
-                .replace(&format!(":'{var}'"), &format!("'{}'", value.replace('\'', "''")));
-        }
-        sql.push_str(&line);
-        sql.push('\n');
-    }
-    assert!(
-        !sql.contains(":\"") && !sql.contains(":'"),
-        "{name}: a psql variable left unset:\n{sql}"
-    );
-    sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
-        .execute(conn)
-        .await
-        .unwrap_or_else(|e| panic!("{name}: {e}"));
+    run_clean(bin, &[], dir, env).await
 }
 
 /// One test's database, role (the same name), queues (the same name, its
@@ -754,18 +673,19 @@ impl Broker {
         .await;
     }
 
-    async fn publish(&self, queue: &str, body: &str) {
+    async fn publish(&self, queue: &str, body: &[u8]) {
         let confirm = self
             .channel
             .basic_publish(
                 "".into(),
                 queue.into(),
                 BasicPublishOptions::default(),
-                body.as_bytes(),
+                body,
                 BasicProperties::default().with_delivery_mode(2),
             )
             .await
             .expect("publish");
+        let body = String::from_utf8_lossy(body);
         assert!(confirm.await.expect("confirm").is_ack(), "the broker took {body}");
     }
 
@@ -790,240 +710,5 @@ impl Broker {
                 .await
                 .ok();
         }
-    }
-}
-
-fn up(device: &str, id: &str) -> String {
-    format!(r#"{{"type":"DEVICE_UP","id":"{id}","data":{{"device_id":"{device}"}}}}"#)
-}
-
-fn measurement(device: &str, id: &str) -> String {
-    format!(r#"{{"type":"MEASUREMENT","id":"{id}","data":{{"device_id":"{device}","sensor":"t","value":21.5}}}}"#)
-}
-
-fn led_command(device: &str, id: &str) -> String {
-    format!(r#"{{"type":"SET_LED","kind":"command","id":"{id}","data":{{"device_id":"{device}","state":"on"}}}}"#)
-}
-
-/// A private CA and a server certificate it signed for `localhost` and
-/// 127.0.0.1, made with the `openssl` command.
-struct Pki {
-    ca: PathBuf,
-    server_cert: PathBuf,
-    server_key: PathBuf,
-}
-
-impl Pki {
-    fn make(dir: &Path) -> Pki {
-        let openssl = |args: &[&str]| {
-            let output = std::process::Command::new("openssl")
-                .args(args)
-                .current_dir(dir)
-                .output()
-                .expect("the openssl command (Debian package openssl)");
-            assert!(
-                output.status.success(),
-                "openssl {args:?}: {}",
-                String::from_utf8_lossy(&output.stderr)
-            );
-        };
-        std::fs::write(
-            dir.join("server.ext"),
-            "basicConstraints = critical, CA:FALSE\nkeyUsage = critical, digitalSignature\n\
-             extendedKeyUsage = serverAuth\nsubjectAltName = DNS:localhost, IP:127.0.0.1\n",
-        )
-        .expect("extensions file");
-        let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"];
-        openssl(
-            &[
-                &["req", "-x509", "-days", "2", "-subj", "/CN=worker-iot-core test CA"][..],
-                &ec,
-                &["-keyout", "ca.key", "-out", "ca.crt"],
-                &["-addext", "basicConstraints=critical,CA:TRUE"],
-                &["-addext", "keyUsage=critical,keyCertSign,cRLSign"],
-            ]
-            .concat(),
-        );
-        openssl(
-            &[
-                &["req", "-new", "-subj", "/CN=localhost"][..],
-                &ec,
-                &["-keyout", "server.key", "-out", "server.csr"],
-            ]
-            .concat(),
-        );
-        openssl(&[
-            "x509",
-            "-req",
-            "-in",
-            "server.csr",
-            "-CA",
-            "ca.crt",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-days",
-            "2",
-            "-extfile",
-            "server.ext",
-            "-out",
-            "server.crt",
-        ]);
-        Pki {
-            ca: dir.join("ca.crt"),
-            server_cert: dir.join("server.crt"),
-            server_key: dir.join("server.key"),
-        }
-    }
-
-    fn server_config(&self) -> Arc<rustls::ServerConfig> {
-        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&self.server_cert)
-            .expect("server certificate")
-            .collect::<Result<_, _>>()
-            .expect("server certificate");
-        let key = PrivateKeyDer::from_pem_file(&self.server_key).expect("server key");
-        let config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()
-            .expect("TLS versions")
-            .with_no_client_auth()
-            .with_single_cert(certs, key)
-            .expect("server TLS config");
-        Arc::new(config)
-    }
-}
-
-/// PostgreSQL's SSLRequest: length 8, code 80877103.
-const SSL_REQUEST: [u8; 8] = [0, 0, 0, 8, 4, 210, 22, 47];
-
-/// Terminates TLS on a local port and forwards the plaintext to `upstream`.
-/// For PostgreSQL it first answers the client's SSLRequest with `S` (and
-/// refuses a client that does not ask for TLS); AMQP over TLS starts with
-/// the handshake. A thread per connection and direction, blocking I/O.
-struct TlsProxy {
-    port: u16,
-    handshakes: Arc<AtomicUsize>,
-}
-
-impl TlsProxy {
-    fn start(pki: &Pki, upstream: String, postgres: bool) -> TlsProxy {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind the TLS proxy");
-        let port = listener.local_addr().expect("address").port();
-        let handshakes = Arc::new(AtomicUsize::new(0));
-        let (config, counted) = (pki.server_config(), handshakes.clone());
-        // Ends with the test binary; every connection ends with its client.
-        std::thread::spawn(move || {
-            for client in listener.incoming().flatten() {
-                let (config, counted, upstream) = (config.clone(), counted.clone(), upstream.clone());
-                std::thread::spawn(move || {
-                    if let Err(e) = relay(client, config, &upstream, postgres, &counted) {
-                        eprintln!("TLS proxy to {upstream}: {e}");
-                    }
-                });
-            }
-        });
-        TlsProxy { port, handshakes }
-    }
-
-    fn handshakes(&self) -> usize {
-        self.handshakes.load(Ordering::SeqCst)
-    }
-}
-
-fn relay(
-    mut client: TcpStream,
-    config: Arc<rustls::ServerConfig>,
-    upstream: &str,
-    postgres: bool,
-    handshakes: &AtomicUsize,
-) -> std::io::Result<()> {
-    let invalid = |e: rustls::Error| std::io::Error::new(std::io::ErrorKind::InvalidData, e);
-    if postgres {
-        let mut request = [0u8; 8];
-        client.read_exact(&mut request)?;
-        if request != SSL_REQUEST {
-            return Err(std::io::Error::other("the client did not ask for TLS"));
-        }
-        client.write_all(b"S")?;
-    }
-    let mut tls = rustls::ServerConnection::new(config).map_err(invalid)?;
-    while tls.is_handshaking() {
-        tls.complete_io(&mut client)?;
-    }
-    while tls.wants_write() {
-        tls.write_tls(&mut client)?;
-    }
-    handshakes.fetch_add(1, Ordering::SeqCst);
-    // The client's first bytes (PostgreSQL's startup message, AMQP's
-    // protocol header) may have come with its last handshake message.
-    let mut early = Vec::new();
-    take_plaintext(&mut tls, &mut early)?;
-    let mut server = TcpStream::connect(upstream)?;
-    server.write_all(&early)?;
-    let tls = Arc::new(Mutex::new(tls));
-
-    // Upstream to client: plaintext in, TLS records out.
-    let (to_client, mut client_out, mut from_server) = (tls.clone(), client.try_clone()?, server.try_clone()?);
-    let downstream = std::thread::spawn(move || -> std::io::Result<()> {
-        let mut buffer = vec![0u8; 16 * 1024];
-        loop {
-            let n = from_server.read(&mut buffer)?;
-            let mut tls = to_client.lock().expect("TLS state");
-            if n == 0 {
-                tls.send_close_notify();
-            } else {
-                tls.writer().write_all(&buffer[..n])?;
-            }
-            while tls.wants_write() {
-                tls.write_tls(&mut client_out)?;
-            }
-            if n == 0 {
-                client_out.shutdown(Shutdown::Write).ok();
-                return Ok(());
-            }
-        }
-    });
-
-    // Client to upstream: TLS records in, plaintext out.
-    let mut server_in = server;
-    let mut buffer = vec![0u8; 16 * 1024];
-    let result = (|| -> std::io::Result<()> {
-        loop {
-            let n = client.read(&mut buffer)?;
-            if n == 0 {
-                return Ok(());
-            }
-            let mut plain = Vec::new();
-            {
-                let mut tls = tls.lock().expect("TLS state");
-                let mut records = &buffer[..n];
-                while !records.is_empty() {
-                    tls.read_tls(&mut records)?;
-                    let state = tls.process_new_packets().map_err(invalid)?;
-                    take_plaintext(&mut tls, &mut plain)?;
-                    if state.peer_has_closed() {
-                        server_in.write_all(&plain)?;
-                        return Ok(());
-                    }
-                }
-                while tls.wants_write() {
-                    tls.write_tls(&mut client)?;
-                }
-            }
-            server_in.write_all(&plain)?;
-        }
-    })();
-    server_in.shutdown(Shutdown::Both).ok();
-    client.shutdown(Shutdown::Both).ok();
-    downstream.join().ok();
-    result
-}
-
-/// Appends the plaintext the TLS connection holds to `into`.
-fn take_plaintext(tls: &mut rustls::ServerConnection, into: &mut Vec<u8>) -> std::io::Result<()> {
-    match tls.reader().read_to_end(into) {
-        // Ok: the client closed; WouldBlock: nothing more for now.
-        Ok(_) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(()),
-        Err(e) => Err(e),
     }
 }

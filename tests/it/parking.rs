@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use std::process::Output;
 use std::time::Duration;
 
+use crate::common::messages::{device_up, measurement, measurement_of, unknown_type};
 use crate::common::proxy::{Proxy, upstream_of};
 use crate::common::{TestEnv, TopologyFile, json_lines, wait_for};
 use lapin::BasicProperties;
@@ -21,12 +22,6 @@ const KEEPER_ON: (&str, &str) = ("PARKING_KEEPER", "on");
 
 fn stdout(output: &Output) -> String {
     String::from_utf8_lossy(&output.stdout).into_owned()
-}
-
-fn measurement(id: &str, value: i64) -> Vec<u8> {
-    json!({"type": "MEASUREMENT", "id": id, "data": {"device_id": "d1", "sensor": "t", "value": value}})
-        .to_string()
-        .into_bytes()
 }
 
 /// Parks a measurement `id` in Q.dlq the way the worker does.
@@ -83,11 +78,8 @@ async fn a_mix_of_parked_kinds_lands_in_the_lot_once_each() {
     let env = TestEnv::new(&TopologyFile::fast()).await;
     let bodies: Vec<(&str, Vec<u8>)> = vec![
         ("decode", b"{broken json".to_vec()),
-        ("unknown_type", br#"{"type":"TELEPORT","id":"t-1","data":{}}"#.to_vec()),
-        (
-            "validation",
-            br#"{"type":"MEASUREMENT","id":"v-1","data":{"device_id":"bad id","sensor":"t","value":1}}"#.to_vec(),
-        ),
+        ("unknown_type", unknown_type("t-1")),
+        ("validation", measurement_of("bad id", "v-1", 1)),
         ("decode", b"\xff\xfe not utf-8 \x00".to_vec()),
     ];
     for (_, body) in &bodies {
@@ -360,8 +352,8 @@ async fn a_filtered_retry_with_a_limit_publishes_marks_and_logs_exactly_those() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retried_message_that_fails_again_is_one_row_parked_twice() {
     let env = TestEnv::new(&TopologyFile::fast()).await;
-    let body = json!({"type": "DEVICE_UP", "id": "up-1", "data": {"device_id": "has space"}}).to_string();
-    env.publish(body.as_bytes(), BasicProperties::default()).await;
+    env.publish(&device_up("up-1", "has space"), BasicProperties::default())
+        .await;
     let worker = env.spawn_worker(&[KEEPER_ON]);
     env.wait_for_rows("parked_messages WHERE status = 'parked'", 1, WAIT)
         .await;

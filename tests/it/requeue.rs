@@ -5,9 +5,9 @@
 
 use std::time::{Duration, Instant};
 
+use crate::common::messages::measurement;
 use crate::common::{REQUEUE, TestEnv, TopologyFile, amqp_url, json_lines, wait_for};
 use lapin::BasicProperties;
-use serde_json::json;
 use worker_iot_core::ErrorKind;
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -19,12 +19,6 @@ async fn park_measurements(env: &TestEnv, n: i64) {
         env.park(&measurement(&id, i), &id, ErrorKind::Transient, "db down")
             .await;
     }
-}
-
-fn measurement(id: &str, value: i64) -> Vec<u8> {
-    json!({"type": "MEASUREMENT", "id": id, "data": {"device_id": "d1", "sensor": "t", "value": value}})
-        .to_string()
-        .into_bytes()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

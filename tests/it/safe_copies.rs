@@ -5,6 +5,7 @@
 
 use std::time::Duration;
 
+use crate::common::messages::device_up;
 use crate::common::observe::{rabbitmqctl, rabbitmqctl_available};
 use crate::common::{TestEnv, TopologyFile, amqp_url};
 use lapin::BasicProperties;
@@ -113,8 +114,7 @@ async fn a_user_id_of_another_user_is_removed_not_looped_on() {
         .publish("", &env.queue, b"{broken", signed.clone())
         .await
         .expect("the broker takes user_id from its own user");
-    let good = json!({"type": "DEVICE_UP", "id": "up-1", "data": {"device_id": "d1"}}).to_string();
-    env.publish(good.as_bytes(), BasicProperties::default()).await;
+    env.publish(&device_up("up-1", "d1"), BasicProperties::default()).await;
 
     let worker = env.spawn_worker(&[]);
     env.wait_for_queue_len(&env.dlq(), 1, WAIT).await;

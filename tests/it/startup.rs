@@ -4,12 +4,11 @@
 
 use std::time::Duration;
 
-use crate::common::messages::measurement;
+use crate::common::messages::{device_up, measurement};
 use crate::common::{TestEnv, TopologyFile, wait_for};
 use lapin::BasicProperties;
 use lapin::options::QueueDeclareOptions;
 use lapin::types::{AMQPValue, FieldTable, LongString};
-use serde_json::json;
 
 const WORKER: &str = env!("CARGO_BIN_EXE_worker-iot-core");
 
@@ -109,13 +108,13 @@ async fn declares_the_whole_topology(queue_type: &str) {
     let connection = &env.connection;
     let channel = connection.create_channel().await.unwrap();
     channel.confirm_select(Default::default()).await.unwrap();
-    let body = json!({"type": "DEVICE_UP", "id": "via-topic", "data": {"device_id": "t1"}}).to_string();
+    let body = device_up("via-topic", "t1");
     channel
         .basic_publish(
             "amq.topic".into(),
             format!("{q}.devices").as_str().into(),
             Default::default(),
-            body.as_bytes(),
+            &body,
             BasicProperties::default(),
         )
         .await

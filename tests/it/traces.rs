@@ -14,7 +14,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use crate::common::messages::{flaky, set_led};
+use crate::common::messages::{device_up, flaky, set_led};
 use crate::common::{Device, TestEnv, TopologyFile};
 use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable, LongString};
@@ -435,8 +435,8 @@ async fn the_binary_exports_a_message_s_spans_over_otlp_and_flushes_them_on_sigt
     let (receiver, addr) = Receiver::start().await;
     let env = TestEnv::new(&TopologyFile::fast()).await;
     let (trace_id, _, traceparent) = producer_context();
-    let body = json!({"type": "DEVICE_UP", "id": "exported", "data": {"device_id": "otlp-1"}}).to_string();
-    env.publish(body.as_bytes(), traced(&traceparent)).await;
+    env.publish(&device_up("exported", "otlp-1"), traced(&traceparent))
+        .await;
     let endpoint = format!("http://{addr}");
     // A batch is sent only when full or after ten minutes: the spans can
     // only arrive through the flush at shutdown.

@@ -5,6 +5,7 @@
 
 use std::time::Duration;
 
+use crate::common::messages::device_up;
 use crate::common::raw_amqp::{self, FLAG_HEADERS, FLAG_MESSAGE_ID};
 use crate::common::{TestEnv, TopologyFile, amqp_url};
 use serde_json::json;
@@ -22,24 +23,24 @@ async fn undecodable_messages_are_settled_and_the_others_flow(queue_type: &str) 
     env.publish_measurements(0..20).await;
     let mut bad_id = Vec::new();
     raw_amqp::short(&mut bad_id, b"\xff\xfe");
-    let device_up = json!({"type": "DEVICE_UP", "data": {"device_id": "d1"}}).to_string();
+    let without_id = json!({"type": "DEVICE_UP", "data": {"device_id": "d1"}}).to_string();
     raw_amqp::publish(
         &broker_addr(),
         &env.queue,
         FLAG_MESSAGE_ID,
         &bad_id,
-        device_up.as_bytes(),
+        without_id.as_bytes(),
     )
     .await
     .expect("raw publish with a non-UTF-8 message_id");
     env.publish_measurements(20..40).await;
-    let deep = json!({"type": "DEVICE_UP", "id": "deep-1", "data": {"device_id": "d2"}}).to_string();
+    let deep = device_up("deep-1", "d2");
     raw_amqp::publish(
         &broker_addr(),
         &env.queue,
         FLAG_HEADERS,
         &raw_amqp::deep_table(15_000),
-        deep.as_bytes(),
+        &deep,
     )
     .await
     .expect("raw publish with deeply nested headers");
@@ -72,7 +73,7 @@ async fn undecodable_messages_are_settled_and_the_others_flow(queue_type: &str) 
             .unwrap()
             .contains("message_id property is not valid UTF-8")
     );
-    assert_eq!(parked[0].delivery.data, device_up.as_bytes(), "body kept");
+    assert_eq!(parked[0].delivery.data, without_id.as_bytes(), "body kept");
     env.cleanup().await;
 }
 

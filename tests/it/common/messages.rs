@@ -1,7 +1,7 @@
 //! The messages tests publish: a builder for each message type they use,
 //! so that every test writes the envelope the same way, and the AMQP
 //! `message_id` that tells copies apart. A body no builder makes (a
-//! malformed one, an unknown type) is written out where it is used.
+//! malformed one, one missing a field) is written out where it is used.
 
 use lapin::BasicProperties;
 use lapin::message::BasicGetMessage;
@@ -28,6 +28,17 @@ pub fn measurement_of(device: &str, id: &str, value: impl Into<Value>) -> Vec<u8
 /// with no retry.
 pub fn invalid_measurement(id: &str) -> Vec<u8> {
     measurement(id, "hot")
+}
+
+/// A `DEVICE_UP` event of `device` (no address).
+pub fn device_up(id: &str, device: &str) -> Vec<u8> {
+    body(json!({"type": "DEVICE_UP", "id": id, "data": {"device_id": device}}))
+}
+
+/// An event of a type no handler knows (`TELEPORT`): parked as
+/// `unknown_type`, with no retry.
+pub fn unknown_type(id: &str) -> Vec<u8> {
+    body(json!({"type": "TELEPORT", "id": id, "data": {}}))
 }
 
 /// A `TEST_FLAKY` event: fails transiently on its first `fail_first` runs,

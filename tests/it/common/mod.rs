@@ -3,10 +3,13 @@
 //! deadline instead of sleeping.
 
 pub mod browser;
+pub mod command;
 pub mod messages;
 pub mod observe;
 pub mod proxy;
 pub mod raw_amqp;
+pub mod sql;
+pub mod tls;
 pub mod topology;
 
 pub use topology::TopologyFile;

@@ -141,7 +141,10 @@ async fn delete_db_names_what_it_drops_and_wants_yes() {
     let env = TestEnv::new(&TopologyFile::fast()).await;
     let before = tables(&env).await;
     assert!(before >= 7, "migrated: {before} tables");
-    let target = format!("database '{}' on 127.0.0.1:5432", env.database);
+    // As the binary describes it, from the URL in use (compose's is
+    // postgres:5432, not 127.0.0.1): `database 'NAME' on HOST:PORT as user 'U'`.
+    let target = worker_iot_core::store::describe_database(&env.database_url).unwrap();
+    assert!(target.starts_with(&format!("database '{}' on ", env.database)), "{target}");
 
     let out = run(&env, DELETE_DB, &[], &[]);
     assert_eq!(out.status.code(), Some(2));
@@ -323,7 +326,10 @@ async fn check_config_says_where_each_value_came_from() {
         ("RUST_LOG", "info  (default)".into()),
         (
             "AMQP_URL",
-            format!("{}  (environment)", env.amqp_url.replace(":guest@", ":****@")),
+            format!(
+                "{}  (environment)",
+                worker_iot_core::config::mask_passwords(&env.amqp_url)
+            ),
         ),
     ] {
         let row = format!("  {key:<27} = {value}\n");

@@ -19,7 +19,7 @@ use crate::outcome::{Event, EventHook};
 use crate::parking::Keeper;
 use crate::pipeline::{Pipeline, PipelineConfig};
 use crate::relay::Relay;
-use crate::retry::reconnect_backoff;
+use crate::retry::{RECONNECT_MAX_DELAY, reconnect_backoff};
 use crate::session::{Batching, Endpoint, Session, SessionError};
 use crate::store::{self, StoreError};
 use crate::topology::{Topology, TopologyError};
@@ -37,8 +37,26 @@ pub enum WorkerError {
     Topology(#[from] TopologyError),
     #[error(transparent)]
     Store(#[from] StoreError),
-    #[error("cannot serve metrics on METRICS_ADDR: {0}")]
-    Metrics(#[source] std::io::Error),
+    #[error("cannot serve metrics on METRICS_ADDR={addr}: {source}{}", metrics_hint(source, *addr))]
+    Metrics {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// What to do when `METRICS_ADDR` is taken: most often by a second worker
+/// on the same machine (docs/configuration.md, "Settings").
+fn metrics_hint(error: &std::io::Error, addr: std::net::SocketAddr) -> String {
+    if error.kind() != std::io::ErrorKind::AddrInUse {
+        return String::new();
+    }
+    let mut other = addr;
+    other.set_port(addr.port().wrapping_add(1).max(1));
+    format!(
+        " (another process listens there; to run two workers on one machine, \
+         give each its own METRICS_ADDR, e.g. METRICS_ADDR={other})"
+    )
 }
 
 /// Extra wiring, for tests and embedding.
@@ -86,7 +104,10 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
 /// A [`WorkerError`] for bad settings, an unusable topology or database.
 pub async fn run_with(settings: Settings, shutdown: CancellationToken, options: Options) -> Result<(), WorkerError> {
     let topology = Arc::new(Topology::load(&settings.topology_file, &settings.queue)?);
-    let pool = open_database(&settings).await?;
+    let Some(pool) = wait_for_database(&settings, &options.metrics, &shutdown).await? else {
+        tracing::info!("stopped before the database could be reached");
+        return Ok(());
+    };
     options.metrics.set_database(Ok(()));
     let pipeline = Arc::new(build_pipeline(&settings, &topology, &pool, &options, &shutdown).await);
     // The database check and the HTTP server stop with the worker, and
@@ -140,6 +161,40 @@ pub async fn run_with(settings: Settings, shutdown: CancellationToken, options: 
     result
 }
 
+/// [`open_database`] until it succeeds: a worker started before its
+/// database (a pod before the database's) waits, with the reconnect backoff
+/// and one warning per attempt naming the database and the cause, instead
+/// of exiting. `None` when `shutdown` came first. A bad URL or a failed
+/// migration still stops it at once (docs/operations.md, "The database at
+/// start").
+async fn wait_for_database(
+    settings: &Settings,
+    metrics: &Metrics,
+    shutdown: &CancellationToken,
+) -> Result<Option<PgPool>, WorkerError> {
+    let mut delays = reconnect_backoff();
+    let mut attempt = 0u64;
+    loop {
+        attempt += 1;
+        let wait = tokio::select! {
+            () = shutdown.cancelled() => return Ok(None),
+            opened = open_database(settings) => match opened {
+                Ok(pool) => return Ok(Some(pool)),
+                Err(WorkerError::Store(StoreError::Unreachable(wait))) => wait,
+                Err(e) => return Err(e),
+            },
+        };
+        metrics.set_database(Err(wait.readiness_reason()));
+        let delay = delays.next().unwrap_or(RECONNECT_MAX_DELAY);
+        tracing::warn!(database = %wait.target, cause = %wait.cause, attempt, retry_in = ?delay,
+                       "waiting for the database: {}; trying again", wait.cause);
+        tokio::select! {
+            () = shutdown.cancelled() => return Ok(None),
+            () = tokio::time::sleep(delay) => {}
+        }
+    }
+}
+
 /// The worker's database, created if missing and migrated. A fresh machine
 /// with local services has no database yet; creating it needs rights the
 /// worker may lack in production, and connecting then says what is wrong.
@@ -169,7 +224,10 @@ async fn serve_http(
         stop.clone(),
     )
     .await
-    .map_err(WorkerError::Metrics)?;
+    .map_err(|source| WorkerError::Metrics {
+        addr: settings.metrics_addr,
+        source,
+    })?;
     options.metrics.set_http_addr(server.addr);
     tracing::info!(addr = %server.addr, "serving /metrics, /healthz and /readyz");
     Ok(server)
@@ -314,5 +372,22 @@ impl Supervisor {
         self.metrics.set_consuming(false);
         session.finish(result.is_ok(), self.settings.shutdown_grace).await;
         result
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_taken_metrics_addr_names_the_address_and_what_to_do() {
+        let addr: std::net::SocketAddr = "0.0.0.0:9464".parse().unwrap();
+        let taken = std::io::Error::from(std::io::ErrorKind::AddrInUse);
+        let said = WorkerError::Metrics { addr, source: taken }.to_string();
+        assert!(said.contains("METRICS_ADDR=0.0.0.0:9464"), "{said}");
+        assert!(said.contains("METRICS_ADDR=0.0.0.0:9465"), "{said}");
+        let denied = std::io::Error::from(std::io::ErrorKind::PermissionDenied);
+        let said = WorkerError::Metrics { addr, source: denied }.to_string();
+        assert!(said.contains("METRICS_ADDR=0.0.0.0:9464") && !said.contains("two workers"), "{said}");
     }
 }

@@ -303,4 +303,17 @@ mod tests {
         assert_eq!(reconnect_delay(40, 0.0), RECONNECT_MAX_DELAY);
         assert_eq!(reconnect_delay(40, 1.0), RECONNECT_MAX_DELAY / 2);
     }
+
+    #[test]
+    fn a_delivery_is_settled_long_before_a_quorum_consumer_timeout() {
+        // RabbitMQ 4.3 enforces consumer_timeout (default 30 min) on quorum
+        // queues: a delivery held past it closes the channel. The worker
+        // holds one for at most its in-process runs (10 at most, see
+        // topology.rs), each bounded by store::DEADLINE, plus their sleeps;
+        // a longer wait goes through a retry queue, acked (docs/reliability.md,
+        // "RabbitMQ 4").
+        let worst = crate::store::DEADLINE * 10 + IN_PROCESS_TOTAL_DELAY;
+        assert!(worst <= Duration::from_secs(3 * 60), "{worst:?}");
+        assert!(worst * 10 < Duration::from_secs(30 * 60), "{worst:?}");
+    }
 }

@@ -388,6 +388,9 @@ mod tests {
         assert!(said.contains("METRICS_ADDR=0.0.0.0:9465"), "{said}");
         let denied = std::io::Error::from(std::io::ErrorKind::PermissionDenied);
         let said = WorkerError::Metrics { addr, source: denied }.to_string();
-        assert!(said.contains("METRICS_ADDR=0.0.0.0:9464") && !said.contains("two workers"), "{said}");
+        assert!(
+            said.contains("METRICS_ADDR=0.0.0.0:9464") && !said.contains("two workers"),
+            "{said}"
+        );
     }
 }

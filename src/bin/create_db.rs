@@ -5,9 +5,9 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Parser;
-use worker_iot_core::emit;
 use worker_iot_core::cli::{self, Generate};
 use worker_iot_core::config::{DATABASE_KEYS, Settings};
+use worker_iot_core::emit;
 use worker_iot_core::store;
 
 /// Create the database in DATABASE_URL if it is missing (default

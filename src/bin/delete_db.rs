@@ -4,9 +4,9 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Parser;
-use worker_iot_core::emit;
 use worker_iot_core::cli::{self, EXIT_USAGE, Generate};
 use worker_iot_core::config::{DATABASE_KEYS, Settings};
+use worker_iot_core::emit;
 use worker_iot_core::store;
 
 /// Drop every table worker-iot-core owns in the database of DATABASE_URL.

@@ -6,13 +6,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use clap::Parser;
-use worker_iot_core::emit;
 use serde_json::json;
 use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 use worker_iot_core::Topology;
 use worker_iot_core::cli::{self, EXIT_INTERRUPTED, EXIT_USAGE, Generate, banner};
 use worker_iot_core::config::{KEYS, Loaded, LogFormat, Settings, SettingsFile};
+use worker_iot_core::emit;
 use worker_iot_core::telemetry::Telemetry;
 
 /// The worker of worker-iot-core: takes events and commands from the

@@ -145,7 +145,10 @@ async fn delete_db_names_what_it_drops_and_wants_yes() {
     // As the binary describes it, from the URL in use (compose's is
     // postgres:5432, not 127.0.0.1): `database 'NAME' on HOST:PORT as user 'U'`.
     let target = worker_iot_core::store::describe_database(&env.database_url).unwrap();
-    assert!(target.starts_with(&format!("database '{}' on ", env.database)), "{target}");
+    assert!(
+        target.starts_with(&format!("database '{}' on ", env.database)),
+        "{target}"
+    );
 
     let out = run(&env, DELETE_DB, &[], &[]);
     assert_eq!(out.status.code(), Some(2));
@@ -550,7 +553,12 @@ async fn the_console_exits_130_on_ctrl_c_and_0_on_sigterm() {
         let mut console = env.spawn_console(&[], &format!("signal-{signal}")).await;
         console.process.signal(signal);
         let status = console.process.wait_exit(Duration::from_secs(30)).await;
-        assert_eq!(status.code(), Some(code), "SIG{signal}: {}", console.process.stderr_text());
+        assert_eq!(
+            status.code(),
+            Some(code),
+            "SIG{signal}: {}",
+            console.process.stderr_text()
+        );
     }
     env.cleanup().await;
 }
@@ -576,4 +584,3 @@ async fn a_dry_run_against_a_missing_database_creates_nothing_and_says_so() {
     }
     env.cleanup().await;
 }
-

@@ -268,7 +268,10 @@ async fn list_groups_and_show_prints_body_headers_and_error() {
     assert!(table.contains(&format!("{}: 4 message(s)", env.queue)), "{table}");
     assert!(table.contains("MESSAGE ID"), "{table}");
     for id in ["u-0", "u-1", "u-2", "u-3"] {
-        let row = table.lines().find(|l| l.starts_with(&format!("{id} "))).unwrap_or_default();
+        let row = table
+            .lines()
+            .find(|l| l.starts_with(&format!("{id} ")))
+            .unwrap_or_default();
         assert!(row.contains("DEVICE_UP") && row.contains("validation"), "{id}: {table}");
     }
     assert!(!table.contains("m-0"), "filtered: {table}");

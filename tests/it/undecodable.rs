@@ -18,15 +18,9 @@ async fn undecodable_messages_are_settled_and_the_others_flow(queue_type: &str) 
     let mut bad_id = Vec::new();
     raw_amqp::short(&mut bad_id, b"\xff\xfe");
     let device_up = json!({"type": "DEVICE_UP", "data": {"device_id": "d1"}}).to_string();
-    raw_amqp::publish(
-        &amqp_url(),
-        &env.queue,
-        FLAG_MESSAGE_ID,
-        &bad_id,
-        device_up.as_bytes(),
-    )
-    .await
-    .expect("raw publish with a non-UTF-8 message_id");
+    raw_amqp::publish(&amqp_url(), &env.queue, FLAG_MESSAGE_ID, &bad_id, device_up.as_bytes())
+        .await
+        .expect("raw publish with a non-UTF-8 message_id");
     env.publish_measurements(20..40).await;
     let deep = json!({"type": "DEVICE_UP", "id": "deep-1", "data": {"device_id": "d2"}}).to_string();
     raw_amqp::publish(

@@ -36,7 +36,10 @@ pub async fn publish(url: &str, queue: &str, flags: u16, properties: &[u8], body
     start_ok.extend(0u32.to_be_bytes()); // client properties: empty table
     short(&mut start_ok, b"PLAIN");
     let user = &uri.authority.userinfo;
-    long(&mut start_ok, format!("\0{}\0{}", user.username, user.password).as_bytes());
+    long(
+        &mut start_ok,
+        format!("\0{}\0{}", user.username, user.password).as_bytes(),
+    );
     short(&mut start_ok, b"en_US");
     send(&mut socket, FRAME_METHOD, 0, &start_ok).await?;
     let tune = expect_method(&mut socket, 10, 30).await?;

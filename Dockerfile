@@ -5,15 +5,31 @@
 #   docker build -t worker-iot-core .
 #   docker compose up                    # worker + rabbitmq + postgres + jaeger
 #   docker compose run --rm worker-iot-core bin/requeue --list
-#   docker compose run --rm test         # the test suite, in the builder stage
+#   docker compose run --rm test         # the test suite, in the test stage
 
-# --- builder: compiles every binary; also the image the `test` service runs in
-FROM rust:1.95-bookworm AS builder
+# --- toolchain: Rust 1.95 (Cargo.toml's rust-version) on Debian bookworm
+FROM rust:1.95-bookworm AS toolchain
 WORKDIR /src
 # No sqlx query! macros may reach for a database while compiling: they read .sqlx/.
 ENV SQLX_OFFLINE=true
-# The whole context (less .dockerignore) so `cargo test` in this stage sees
-# tests/, migrations/, topology/ and _storage/ as in the repository.
+
+# --- test: the image the compose `test` service runs `cargo test` in. It
+# holds what the tests run besides the services (docs/development.md, "What
+# the tests need"; .ci/check-test-image fails CI when a package is missing):
+# a browser for the console's tests, openssl for the TLS tests, kill (procps)
+# and script (bsdutils) for the signal and terminal tests. Not rabbitmqctl:
+# the tests that need it skip here and say so.
+FROM toolchain AS test
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends chromium chromium-driver openssl procps bsdutils \
+ && rm -rf /var/lib/apt/lists/*
+# The whole context (less .dockerignore) so `cargo test` sees tests/,
+# migrations/, topology/ and _storage/ as in the repository.
+COPY . .
+CMD ["cargo", "test", "--locked", "--all-features"]
+
+# --- builder: compiles every binary
+FROM toolchain AS builder
 COPY . .
 # The crate registry and target/ are BuildKit cache mounts: they outlive the
 # build on this builder, so any change to the context recompiles only this

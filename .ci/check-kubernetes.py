@@ -25,7 +25,10 @@ checks what a schema cannot know:
   - Services are ClusterIP, select the pods they mean, and the metrics Service
     is named as the alert rules' job; every secretKeyRef names a key of
     secret.example.yaml; every environment variable is a documented setting;
-    the image tag is the crate's version; KEDA scales the queue of the settings.
+    the image names a registry and its tag is the crate's version, in the
+    manifests and in the `images:` of every kustomization that runs it;
+    every kustomization sets the same namespace; KEDA scales the queue of
+    the settings.
 
 One line per problem, exit status 1; or a summary line and 0.
 """
@@ -113,6 +116,26 @@ def check_generated(docs):
         for key, source in (("settings.json", "_storage/settings.json"), ("topology.toml", "topology/topology.toml")):
             if data.get(key) != (ROOT / source).read_text(encoding="utf-8"):
                 problem(rel(path), f"{key} differs from {source}")
+
+
+def check_kustomization_targets(version):
+    """One namespace everywhere; each kustomization whose Deployments run
+    the image sets it (`images:`) to that image at the crate's version."""
+    namespaces = {}
+    for kustomization in sorted(KUBE.rglob("kustomization.yaml")):
+        spec = yaml.safe_load(kustomization.read_text(encoding="utf-8"))
+        namespaces[rel(kustomization)] = spec.get("namespace")
+        images = {i["name"]: i for i in spec.get("images", [])}
+        for name in spec.get("resources", []):
+            for doc in load_all(kustomization.parent / name):
+                if not doc or doc.get("kind") != "Deployment":
+                    continue
+                for c in doc["spec"]["template"]["spec"]["containers"]:
+                    image = images.get(c["image"].rpartition(":")[0])
+                    if image is None or str(image.get("newTag")) != version:
+                        problem(rel(kustomization), f"sets no images: entry for {c['image']} with newTag {version}")
+    if None in namespaces.values() or len(set(namespaces.values())) != 1:
+        problem("deploy/kubernetes", f"every kustomization sets one and the same namespace: {namespaces}")
 
 
 def check_kustomizations():
@@ -248,8 +271,12 @@ def check_worker(docs, settings):
     version = tomllib.loads((ROOT / "Cargo.toml").read_text(encoding="utf-8"))["package"]["version"]
     for _, deployment in by_kind(docs, "Deployment"):
         for c in deployment["spec"]["template"]["spec"]["containers"]:
-            if c["image"] != f"worker-iot-core:{version}":
-                problem(where, f"image {c['image']}: expected worker-iot-core:{version} (Cargo.toml)")
+            name, _, tag = c["image"].rpartition(":")
+            registry = name.split("/")[0]
+            if "/" not in name or not ("." in registry or ":" in registry or registry == "localhost"):
+                problem(where, f"image {c['image']}: name a registry (registry.example.com/worker-iot-core), not a bare name Docker Hub would be asked for")
+            if not name.endswith("/worker-iot-core") or tag != version:
+                problem(where, f"image {c['image']}: expected <registry>/worker-iot-core:{version} (Cargo.toml)")
 
     pool = min(prefetch + 2, int(setting(container, settings, "DATABASE_MAX_CONNECTIONS", default_of("DATABASE_MAX_CONNECTIONS"))))
     per_worker = pool + 1  # and the outbox relay's LISTEN connection
@@ -325,6 +352,7 @@ def main():
     secrets = {d["metadata"]["name"]: d.get("stringData", {}) for d in load_all(KUBE / "secret.example.yaml")}
     check_generated(docs)
     check_kustomizations()
+    check_kustomization_targets(tomllib.loads((ROOT / "Cargo.toml").read_text(encoding="utf-8"))["package"]["version"])
     for path, deployment in by_kind(docs, "Deployment"):
         check_pod_security(path, deployment)
     worker = check_worker(docs, settings)

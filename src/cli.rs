@@ -109,6 +109,42 @@ pub fn report(binary: &str, error: &(dyn Error + 'static)) -> ExitCode {
     ExitCode::from(exit_status(error))
 }
 
+/// `println!` for what a binary prints on stdout. A closed stdout (a reader
+/// such as `head` that has what it wanted: `worker-iot-core --check-config
+/// | head`) ends the process quietly with status 0; any other write error
+/// with a line on stderr and status 1. Never a panic, as `println!` would.
+/// Called only once the work it reports is done, so stopping there loses
+/// nothing.
+#[macro_export]
+macro_rules! emit {
+    ($($arg:tt)*) => {
+        $crate::cli::write_stdout(format!("{}\n", format_args!($($arg)*)).as_bytes())
+    };
+}
+
+/// Writes `bytes` to stdout, as [`emit!`] does.
+pub fn write_stdout(bytes: &[u8]) {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = out.write_all(bytes).and_then(|()| out.flush()) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        eprintln!("cannot write to stdout: {e}");
+        std::process::exit(i32::from(EXIT_RUNTIME));
+    }
+}
+
+/// Writes `bytes` to stdout and goes on whatever happens: for what comes
+/// before the work (the worker's banner, `delete_db`'s target), which a
+/// closed stdout must not stop or cut short.
+pub fn write_stdout_before_work(bytes: &[u8]) {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    // A reader that is gone misses the line; the work goes on regardless.
+    out.write_all(bytes).and_then(|()| out.flush()).ok();
+}
+
 /// A binary's end: its own exit status, or [`report`] of its error.
 pub fn finish(binary: &str, result: anyhow::Result<ExitCode>) -> ExitCode {
     match result {

@@ -165,7 +165,10 @@ settings! {
     }
     max_message_bytes: usize = "MAX_MESSAGE_BYTES" {
         default: "262144",
-        parse: |text| integer(text, 1024, 128 * 1024 * 1024),
+        // At most RabbitMQ 4's default max_message_size (16 MiB, down from
+        // 128 MiB in 3.x): a bigger message could not be published to the
+        // broker, nor its parked copy (docs/reliability.md, "RabbitMQ 4").
+        parse: |text| integer(text, 1024, 16 * 1024 * 1024),
         show: usize::to_string,
     }
     shutdown_grace: Duration = "SHUTDOWN_GRACE_MS" {
@@ -521,6 +524,11 @@ mod tests {
         );
         assert_eq!(
             invalid_key(load(None, &[("MAX_MESSAGE_BYTES", "10")])),
+            "MAX_MESSAGE_BYTES"
+        );
+        // RabbitMQ 4's max_message_size: 16 MiB (docs/reliability.md, "RabbitMQ 4").
+        assert_eq!(
+            invalid_key(load(None, &[("MAX_MESSAGE_BYTES", "16777217")])),
             "MAX_MESSAGE_BYTES"
         );
         assert_eq!(

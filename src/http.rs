@@ -29,7 +29,6 @@ use axum::routing::get;
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
-use sqlx::PgPool;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -63,7 +62,6 @@ const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
 struct AppState {
     metrics: Arc<Metrics>,
     readiness: Arc<Readiness>,
-    pool: PgPool,
 }
 
 /// The server, running.
@@ -87,17 +85,12 @@ pub fn connection_limit() -> usize {
 /// The bind error.
 pub async fn serve(
     addr: SocketAddr,
-    (metrics, readiness): (Arc<Metrics>, Arc<Readiness>),
-    pool: PgPool,
+    metrics: Arc<Metrics>,
+    readiness: Arc<Readiness>,
     shutdown: CancellationToken,
 ) -> std::io::Result<Server> {
     let listener = TcpListener::bind(addr).await?;
-    let state = AppState {
-        metrics,
-        readiness,
-        pool,
-    };
-    serve_router(listener, router(state), shutdown)
+    serve_router(listener, router(AppState { metrics, readiness }), shutdown)
 }
 
 /// Serves `router` on `listener` with this module's limits (timeouts,
@@ -127,11 +120,8 @@ fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
+/// The pool gauges are as of the database check's last tick (a second).
 async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
-    let pool = &state.pool;
-    state
-        .metrics
-        .set_pool(pool.size(), pool.num_idle(), pool.options().get_max_connections());
     ([(header::CONTENT_TYPE, PROMETHEUS_TEXT)], state.metrics.render())
 }
 

@@ -16,6 +16,7 @@ use std::time::Duration;
 use metrics::Gauge;
 
 use crate::metrics::Metrics;
+use crate::store::DatabaseWait;
 
 /// Why the database counts as unreachable.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -29,6 +30,10 @@ pub enum DatabaseDown {
     /// The check got no answer in time.
     #[error("no answer to SELECT 1 within {0:?}")]
     NoAnswer(Duration),
+    /// The worker has not reached its database since it started, and
+    /// waits for it (docs/operations.md, "The database at start").
+    #[error("waiting for it at start-up: {0}")]
+    Starting(DatabaseWait),
 }
 
 /// One reason the worker is not ready.
@@ -195,6 +200,25 @@ mod tests {
         assert!(cause.to_string().contains("connection refused"), "{cause}");
         assert!(metrics.render().contains("iot_ready 0\n"));
         assert!(metrics.render().contains("iot_database_up 0\n"));
+    }
+
+    /// While the worker waits for its database at start, `/readyz` names
+    /// the database and the cause.
+    #[test]
+    fn a_worker_waiting_for_its_database_says_which_and_why() {
+        let readiness = Readiness::new(&Metrics::new());
+        readiness.set_consuming(true);
+        let refused = sqlx::Error::Io(std::io::Error::from(std::io::ErrorKind::ConnectionRefused));
+        let wait = DatabaseWait {
+            target: "database 'lot' on db.example:6432 as user 'iot'".into(),
+            cause: crate::store::Cause::of(&refused),
+        };
+        readiness.set_database(Err(DatabaseDown::Starting(wait)));
+        assert_eq!(
+            readiness.check().unwrap_err().to_string(),
+            "database unreachable: waiting for it at start-up: database 'lot' on db.example:6432 as user 'iot': \
+             connection refused (is PostgreSQL running there?)"
+        );
     }
 
     #[test]

@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
+use backon::ExponentialBuilder;
 
 use crate::failure::{ErrorKind, Failure};
 
@@ -108,15 +108,52 @@ pub fn next_retry(transient: bool, kind: ErrorKind, retries: u32, max_attempts: 
     }
 }
 
-/// Between broker sessions, and between the outbox relay's tries after a
-/// broker or database error: 100 ms doubling to 10 s, jittered, forever.
-pub fn reconnect_backoff() -> ExponentialBackoff {
-    ExponentialBuilder::default()
-        .with_min_delay(Duration::from_millis(100))
-        .with_max_delay(Duration::from_secs(10))
-        .with_jitter()
-        .without_max_times()
-        .build()
+/// The first reconnect delay, before jitter.
+const RECONNECT_MIN_DELAY: Duration = Duration::from_millis(100);
+/// The longest reconnect delay, jitter included.
+pub const RECONNECT_MAX_DELAY: Duration = Duration::from_secs(10);
+
+/// Between broker sessions, between the outbox relay's tries after a broker
+/// or database error, and while the worker waits for its database at start:
+/// 100 ms doubling to 10 s, jittered, forever.
+pub fn reconnect_backoff() -> ReconnectBackoff {
+    ReconnectBackoff { attempt: 0 }
+}
+
+/// The delays of [`reconnect_backoff`]. Jitter takes off up to half of each
+/// delay rather than adding to it (backon's jitter adds up to a whole delay
+/// on top of its cap, which made the documented 10 s up to 20 s): delay `n`
+/// lies in `[d/2, d]` for `d = min(100 ms × 2ⁿ, 10 s)`, so the cap holds.
+#[derive(Debug, Clone)]
+pub struct ReconnectBackoff {
+    attempt: u32,
+}
+
+impl Iterator for ReconnectBackoff {
+    type Item = Duration;
+
+    fn next(&mut self) -> Option<Duration> {
+        let delay = reconnect_delay(self.attempt, jitter_unit());
+        self.attempt = self.attempt.saturating_add(1);
+        Some(delay)
+    }
+}
+
+/// Reconnect delay `attempt` (from 0) for a jitter draw `unit` in `[0, 1]`:
+/// `d × (1 − unit/2)` with `d = min(100 ms × 2^attempt, 10 s)`.
+pub fn reconnect_delay(attempt: u32, unit: f64) -> Duration {
+    let doubled = RECONNECT_MIN_DELAY.saturating_mul(1u32.checked_shl(attempt.min(31)).unwrap_or(u32::MAX));
+    let capped = doubled.min(RECONNECT_MAX_DELAY);
+    capped.mul_f64(1.0 - unit.clamp(0.0, 1.0) / 2.0)
+}
+
+/// A uniform draw from `[0, 1)`, from the operating system's generator (0
+/// when it fails: no jitter is better than no delay).
+fn jitter_unit() -> f64 {
+    let bits = getrandom::u64().unwrap_or(0) >> 11; // 53 bits: an f64's mantissa
+    #[allow(clippy::cast_precision_loss)] // exact: below 2⁵³
+    let unit = bits as f64 / (1u64 << 53) as f64;
+    unit
 }
 
 #[cfg(test)]
@@ -246,5 +283,37 @@ mod tests {
                 prop_assert_eq!(next_retry(false, kind, retries, max_attempts), Err(kind));
             }
         }
+    }
+
+    #[test]
+    fn the_reconnect_cap_holds_with_jitter() {
+        // docs/reliability.md: "100 ms to 10 s"; jitter once added on top.
+        let delays: Vec<Duration> = reconnect_backoff().take(500).collect();
+        assert!(delays.iter().all(|d| *d <= Duration::from_secs(10)), "{delays:?}");
+        assert!(delays[0] <= Duration::from_millis(100), "{delays:?}");
+        for attempt in [0, 1, 5, 7, 8, 20, 31, 32, 1000, u32::MAX] {
+            for unit in [0.0, 0.25, 0.5, 0.999_999, 1.0] {
+                let delay = reconnect_delay(attempt, unit);
+                assert!(delay <= RECONNECT_MAX_DELAY, "{attempt} {unit}: {delay:?}");
+                assert!(delay >= Duration::from_millis(50), "{attempt} {unit}: {delay:?}");
+            }
+        }
+        assert_eq!(reconnect_delay(0, 0.0), Duration::from_millis(100));
+        assert_eq!(reconnect_delay(3, 0.0), Duration::from_millis(800));
+        assert_eq!(reconnect_delay(40, 0.0), RECONNECT_MAX_DELAY);
+        assert_eq!(reconnect_delay(40, 1.0), RECONNECT_MAX_DELAY / 2);
+    }
+
+    #[test]
+    fn a_delivery_is_settled_long_before_a_quorum_consumer_timeout() {
+        // RabbitMQ 4.3 enforces consumer_timeout (default 30 min) on quorum
+        // queues: a delivery held past it closes the channel. The worker
+        // holds one for at most its in-process runs (10 at most, see
+        // topology.rs), each bounded by store::DEADLINE, plus their sleeps;
+        // a longer wait goes through a retry queue, acked (docs/reliability.md,
+        // "RabbitMQ 4").
+        let worst = crate::store::DEADLINE * 10 + IN_PROCESS_TOTAL_DELAY;
+        assert!(worst <= Duration::from_secs(3 * 60), "{worst:?}");
+        assert!(worst * 10 < Duration::from_secs(30 * 60), "{worst:?}");
     }
 }

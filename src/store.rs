@@ -36,6 +36,10 @@ pub enum StoreError {
     Url(#[source] sqlx::Error),
     #[error("cannot connect to PostgreSQL: {0}")]
     Connect(#[source] sqlx::Error),
+    /// The server of `DATABASE_URL` cannot be reached or refuses the login:
+    /// names the database (masked) and the first connection's own error.
+    #[error("cannot connect to PostgreSQL, {0}")]
+    Unreachable(DatabaseWait),
     #[error("running migrations failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("{what} failed: {source}")]
@@ -46,10 +50,18 @@ pub enum StoreError {
     },
 }
 
+/// How long the first connection of [`connect`] may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Opens a pool of at most `size` connections.
 ///
+/// One connection is opened first, alone: a pool retries a refused
+/// connection until its acquire timeout and then says only "pool timed
+/// out", where this says why (refused, DNS, authentication, TLS) and which
+/// database.
+///
 /// # Errors
-/// [`StoreError::Url`] or [`StoreError::Connect`].
+/// [`StoreError::Url`] or [`StoreError::Unreachable`].
 pub async fn connect(url: &str, size: u32) -> Result<PgPool, StoreError> {
     let options: PgConnectOptions = url.parse().map_err(StoreError::Url)?;
     // A row lock or a runaway statement must not hold a delivery (and the
@@ -66,12 +78,97 @@ pub async fn connect(url: &str, size: u32) -> Result<PgPool, StoreError> {
         ("tcp_keepalives_interval", "2"),
         ("tcp_keepalives_count", "3"),
     ]);
+    let unreachable = |source| StoreError::Unreachable(DatabaseWait::new(&options, &source));
+    let first = tokio::time::timeout(CONNECT_TIMEOUT, PgConnection::connect_with(&options))
+        .await
+        .unwrap_or_else(|_| Err(sqlx::Error::PoolTimedOut));
+    first.map_err(unreachable)?.close().await.ok();
     PgPoolOptions::new()
         .max_connections(size)
         .acquire_timeout(Duration::from_secs(5))
-        .connect_with(options)
+        .connect_with(options.clone())
         .await
-        .map_err(StoreError::Connect)
+        .map_err(unreachable)
+}
+
+/// Why a database cannot be reached, for the worker's log while it waits
+/// at start and for its readiness: the database (no password) and the
+/// cause (docs/operations.md, "The database at start").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DatabaseWait {
+    /// `database 'NAME' on HOST:PORT as user 'USER'`.
+    pub target: String,
+    pub cause: Cause,
+}
+
+/// The cause of a failed connection, sorted so an operator knows where to
+/// look.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Cause {
+    /// Nothing listens on the port (the server is down or starting).
+    Refused,
+    /// The host name does not resolve.
+    HostNotFound(String),
+    /// The server refused the user or password.
+    Authentication(String),
+    /// The TLS handshake or the certificate failed.
+    Tls(String),
+    /// The database does not exist (the server is up).
+    NoDatabase(String),
+    /// No answer in time.
+    Timeout,
+    /// Anything else, as the client library says it.
+    Other(String),
+}
+
+impl DatabaseWait {
+    fn new(options: &PgConnectOptions, error: &sqlx::Error) -> DatabaseWait {
+        DatabaseWait {
+            target: describe_options(options),
+            cause: Cause::of(error),
+        }
+    }
+}
+
+impl std::fmt::Display for DatabaseWait {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.target, self.cause)
+    }
+}
+
+impl Cause {
+    /// Sorts a connection error.
+    pub fn of(error: &sqlx::Error) -> Cause {
+        match error {
+            sqlx::Error::Io(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => Cause::Refused,
+            sqlx::Error::Io(e) if e.kind() == std::io::ErrorKind::TimedOut => Cause::Timeout,
+            sqlx::Error::Io(e) if e.to_string().contains("lookup") || e.to_string().contains("resolve") => {
+                Cause::HostNotFound(e.to_string())
+            }
+            sqlx::Error::Tls(e) => Cause::Tls(e.to_string()),
+            sqlx::Error::Database(db) => match db.code().as_deref() {
+                Some("28P01" | "28000") => Cause::Authentication(db.message().to_owned()),
+                Some("3D000") => Cause::NoDatabase(db.message().to_owned()),
+                _ => Cause::Other(db.message().to_owned()),
+            },
+            sqlx::Error::PoolTimedOut => Cause::Timeout,
+            other => Cause::Other(other.to_string()),
+        }
+    }
+}
+
+impl std::fmt::Display for Cause {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Cause::Refused => write!(f, "connection refused (is PostgreSQL running there?)"),
+            Cause::HostNotFound(e) => write!(f, "host not found (DNS): {e}"),
+            Cause::Authentication(e) => write!(f, "authentication failed: {e}"),
+            Cause::Tls(e) => write!(f, "TLS failed: {e}"),
+            Cause::NoDatabase(e) => write!(f, "{e}"),
+            Cause::Timeout => write!(f, "no answer within {CONNECT_TIMEOUT:?}"),
+            Cause::Other(e) => write!(f, "{e}"),
+        }
+    }
 }
 
 /// How long the worker waits for one piece of database work (a whole
@@ -141,6 +238,31 @@ pub async fn create_database(url: &str) -> Result<bool, StoreError> {
     Ok(true)
 }
 
+/// Whether the database named in `url` exists (asked of the server's
+/// `postgres` database, as [`create_database`] does); creates nothing.
+///
+/// # Errors
+/// [`StoreError::Url`] or [`StoreError::Connect`].
+pub async fn database_exists(url: &str) -> Result<bool, StoreError> {
+    let _: PgConnectOptions = url.parse().map_err(StoreError::Url)?;
+    Postgres::database_exists(url).await.map_err(StoreError::Connect)
+}
+
+/// Whether `table` exists in the connection's search path.
+///
+/// # Errors
+/// [`StoreError::Query`].
+pub async fn has_table(pool: &PgPool, table: &str) -> Result<bool, StoreError> {
+    sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
+        .bind(table)
+        .fetch_one(pool)
+        .await
+        .map_err(|source| StoreError::Query {
+            what: "looking up a table",
+            source,
+        })
+}
+
 /// `database 'name' on host:port as user`, for messages that must say
 /// which database they touch (no password).
 ///
@@ -148,13 +270,17 @@ pub async fn create_database(url: &str) -> Result<bool, StoreError> {
 /// [`StoreError::Url`] for a URL that is not a PostgreSQL URL.
 pub fn describe_database(url: &str) -> Result<String, StoreError> {
     let options: PgConnectOptions = url.parse().map_err(StoreError::Url)?;
-    Ok(format!(
+    Ok(describe_options(&options))
+}
+
+fn describe_options(options: &PgConnectOptions) -> String {
+    format!(
         "database '{}' on {}:{} as user '{}'",
         options.get_database().unwrap_or("postgres"),
         options.get_host(),
         options.get_port(),
         options.get_username()
-    ))
+    )
 }
 
 /// Drops every table the worker owns (see [`TABLES`]).
@@ -248,7 +374,30 @@ pub(crate) async fn record_commands_in_inbox(
 
 #[cfg(test)]
 mod tests {
-    use super::TABLES;
+    use std::io;
+
+    use super::*;
+
+    #[test]
+    fn a_connection_error_names_its_cause_and_no_pool_timeout() {
+        let io = |kind, text: &str| sqlx::Error::Io(io::Error::new(kind, text.to_owned()));
+        let refused = io(io::ErrorKind::ConnectionRefused, "Connection refused (os error 111)");
+        assert_eq!(Cause::of(&refused), Cause::Refused);
+        let dns = io(
+            io::ErrorKind::Other,
+            "failed to lookup address information: Name or service not known",
+        );
+        assert!(matches!(Cause::of(&dns), Cause::HostNotFound(_)));
+        assert_eq!(Cause::of(&sqlx::Error::PoolTimedOut), Cause::Timeout);
+        let options: PgConnectOptions = "postgres://iot:S3cret@db.example:6432/lot".parse().unwrap();
+        let wait = DatabaseWait::new(&options, &refused);
+        assert_eq!(
+            wait.to_string(),
+            "database 'lot' on db.example:6432 as user 'iot': connection refused (is PostgreSQL running there?)"
+        );
+        let error = StoreError::Unreachable(wait);
+        assert!(!error.to_string().contains("S3cret") && !error.to_string().contains("pool"));
+    }
 
     /// The script that moves a superuser-migrated database to the worker's
     /// role names its tables one by one: every table the worker owns must

@@ -189,15 +189,7 @@ impl Topology {
     /// [`TopologyError::Conflict`] or [`TopologyError::Broker`].
     pub async fn declare(&self, channel: &Channel) -> Result<(), TopologyError> {
         let queue = self.queue();
-        let dlq = self.dlq();
-        let mut main = vec![
-            ("x-dead-letter-exchange", Arg::Str(String::new())),
-            ("x-dead-letter-routing-key", Arg::Str(dlq.clone())),
-        ];
-        if self.queue_type == QueueType::Quorum {
-            main.push(("x-queue-type", Arg::Str("quorum".into())));
-            main.push(("x-delivery-limit", Arg::Long(i64::from(self.delivery_limit))));
-        }
+        let main = self.main_queue_arguments();
         declare_queue(channel, queue, &main).await?;
         self.declare_retry_queues_and_dlq(channel).await?;
         for binding in &self.bindings {
@@ -299,6 +291,22 @@ impl Topology {
             .disposition(failure, retries, |delay| self.queue.retry_queue(delay))
     }
 
+    /// The arguments `Q` is declared with. A quorum `Q` always names its own
+    /// `x-delivery-limit`: RabbitMQ 4.0 gives quorum queues without one a
+    /// default of 20, and the worker's crash-loop limit must stay the one
+    /// that acts first (docs/reliability.md, "RabbitMQ 4").
+    fn main_queue_arguments(&self) -> Vec<(&'static str, Arg)> {
+        let mut main = vec![
+            ("x-dead-letter-exchange", Arg::Str(String::new())),
+            ("x-dead-letter-routing-key", Arg::Str(self.dlq())),
+        ];
+        if self.queue_type == QueueType::Quorum {
+            main.push(("x-queue-type", Arg::Str("quorum".into())));
+            main.push(("x-delivery-limit", Arg::Long(i64::from(self.delivery_limit))));
+        }
+        main
+    }
+
     /// Redeliveries of one message that the worker runs before parking it
     /// as a crash loop: `min(delivery_limit, max_attempts)`.
     pub fn crash_loop_limit(&self) -> u32 {
@@ -360,6 +368,7 @@ const QUORUM_AT_LEAST_ONCE: [(&str, &str); 3] = [
     ("x-overflow", "reject-publish"),
 ];
 
+#[derive(Debug)]
 enum Arg {
     Str(String),
     Long(i64),
@@ -484,6 +493,25 @@ mod tests {
         exchange = "amq.topic"
         routing_key = "iot.#"
     "#;
+
+    #[test]
+    fn a_quorum_queue_names_its_delivery_limit_below_rabbitmq_4s_default() {
+        let t = Topology::parse(GOOD, "q").unwrap();
+        let limit = t
+            .main_queue_arguments()
+            .into_iter()
+            .find(|(k, _)| *k == "x-delivery-limit");
+        assert!(matches!(limit, Some((_, Arg::Long(5)))), "{limit:?}");
+        // The worker parks a crash loop before the broker's limit would act.
+        assert!(t.crash_loop_limit() <= t.delivery_limit);
+        let classic = Topology::parse(&GOOD.replace("\"quorum\"", "\"classic\""), "q").unwrap();
+        assert!(
+            classic
+                .main_queue_arguments()
+                .iter()
+                .all(|(k, _)| *k != "x-delivery-limit")
+        );
+    }
 
     #[test]
     fn parses_the_file() {

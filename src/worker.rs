@@ -18,9 +18,9 @@ use crate::metrics::Metrics;
 use crate::outcome::{Event, EventHook};
 use crate::parking::Keeper;
 use crate::pipeline::{Pipeline, PipelineConfig};
-use crate::readiness::Readiness;
+use crate::readiness::{DatabaseDown, Readiness};
 use crate::relay::Relay;
-use crate::retry::reconnect_backoff;
+use crate::retry::{RECONNECT_MAX_DELAY, reconnect_backoff};
 use crate::session::{Batching, Endpoint, Session, SessionError};
 use crate::store::{self, StoreError};
 use crate::topology::{Topology, TopologyError};
@@ -38,8 +38,26 @@ pub enum WorkerError {
     Topology(#[from] TopologyError),
     #[error(transparent)]
     Store(#[from] StoreError),
-    #[error("cannot serve metrics on METRICS_ADDR: {0}")]
-    Metrics(#[source] std::io::Error),
+    #[error("cannot serve metrics on METRICS_ADDR={addr}: {source}{}", metrics_hint(source, *addr))]
+    Metrics {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// What to do when `METRICS_ADDR` is taken: most often by a second worker
+/// on the same machine (docs/configuration.md, "Settings").
+fn metrics_hint(error: &std::io::Error, addr: std::net::SocketAddr) -> String {
+    if error.kind() != std::io::ErrorKind::AddrInUse {
+        return String::new();
+    }
+    let mut other = addr;
+    other.set_port(addr.port().wrapping_add(1).max(1));
+    format!(
+        " (another process listens there; to run two workers on one machine, \
+         give each its own METRICS_ADDR, e.g. METRICS_ADDR={other})"
+    )
 }
 
 /// Extra wiring, for tests and embedding.
@@ -102,23 +120,30 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
 /// A [`WorkerError`] for bad settings, an unusable topology or database.
 pub async fn run_with(settings: Settings, shutdown: CancellationToken, options: Options) -> Result<(), WorkerError> {
     let topology = Arc::new(Topology::load(&settings.topology_file, &settings.queue)?);
-    let pool = open_database(&settings).await?;
+    // The HTTP server and the database check stop with the worker, and
+    // also when the supervisor fails. The server answers from the start:
+    // `/readyz` says why the worker is not ready while it waits for its
+    // database.
+    let background = shutdown.child_token();
+    let server = if options.serve_metrics {
+        Some(serve_http(&settings, &options, &background).await?)
+    } else {
+        None
+    };
+    let Some(pool) = wait_for_database(&settings, &options.readiness, &shutdown).await? else {
+        tracing::info!("stopped before the database could be reached");
+        background.cancel();
+        stop_server(server).await;
+        return Ok(());
+    };
     options.readiness.set_database(Ok(()));
     let pipeline = Arc::new(build_pipeline(&settings, &topology, &pool, &options, &shutdown).await);
-    // The database check and the HTTP server stop with the worker, and
-    // also when the supervisor fails.
-    let background = shutdown.child_token();
     tokio::spawn(health::watch(
         pool.clone(),
         options.readiness.clone(),
         options.metrics.clone(),
         background.clone(),
     ));
-    let server = if options.serve_metrics {
-        Some(serve_http(&settings, &options, &pool, &background).await?)
-    } else {
-        None
-    };
 
     // The relay stops with the worker, and also when the supervisor fails.
     let relay_stop = shutdown.child_token();
@@ -151,15 +176,54 @@ pub async fn run_with(settings: Settings, shutdown: CancellationToken, options: 
     if let Some(keeper) = keeper {
         stop_relay(keeper).await;
     }
-    if let Some(server) = server {
-        tokio::time::timeout(http::SHUTDOWN_GRACE, server.task).await.ok();
-    }
+    stop_server(server).await;
     // A connection dropped mid-statement (work cut off after the grace
     // period) is only released when the statement ends: do not wait for it.
     // The server rolls its transaction back when the process goes.
     tokio::time::timeout(CLOSE_TIMEOUT, pool.close()).await.ok();
     tracing::info!("stopped");
     result
+}
+
+/// [`open_database`] until it succeeds: a worker started before its
+/// database (a pod before the database's) waits, with the reconnect backoff
+/// and one warning per attempt naming the database and the cause, instead
+/// of exiting. `None` when `shutdown` came first. A bad URL or a failed
+/// migration still stops it at once (docs/operations.md, "The database at
+/// start").
+async fn wait_for_database(
+    settings: &Settings,
+    readiness: &Readiness,
+    shutdown: &CancellationToken,
+) -> Result<Option<PgPool>, WorkerError> {
+    let mut delays = reconnect_backoff();
+    let mut attempt = 0u64;
+    loop {
+        attempt += 1;
+        let wait = tokio::select! {
+            () = shutdown.cancelled() => return Ok(None),
+            opened = open_database(settings) => match opened {
+                Ok(pool) => return Ok(Some(pool)),
+                Err(WorkerError::Store(StoreError::Unreachable(wait))) => wait,
+                Err(e) => return Err(e),
+            },
+        };
+        readiness.set_database(Err(DatabaseDown::Starting(wait.clone())));
+        let delay = delays.next().unwrap_or(RECONNECT_MAX_DELAY);
+        tracing::warn!(database = %wait.target, cause = %wait.cause, attempt, retry_in = ?delay,
+                       "waiting for the database: {}; trying again", wait.cause);
+        tokio::select! {
+            () = shutdown.cancelled() => return Ok(None),
+            () = tokio::time::sleep(delay) => {}
+        }
+    }
+}
+
+/// Lets the HTTP server finish its requests (stopped by its token).
+async fn stop_server(server: Option<http::Server>) {
+    if let Some(server) = server {
+        tokio::time::timeout(http::SHUTDOWN_GRACE, server.task).await.ok();
+    }
 }
 
 /// The worker's database, created if missing and migrated. A fresh machine
@@ -181,17 +245,19 @@ async fn open_database(settings: &Settings) -> Result<PgPool, WorkerError> {
 async fn serve_http(
     settings: &Settings,
     options: &Options,
-    pool: &PgPool,
     stop: &CancellationToken,
 ) -> Result<http::Server, WorkerError> {
     let server = http::serve(
         settings.metrics_addr,
-        (options.metrics.clone(), options.readiness.clone()),
-        pool.clone(),
+        options.metrics.clone(),
+        options.readiness.clone(),
         stop.clone(),
     )
     .await
-    .map_err(WorkerError::Metrics)?;
+    .map_err(|source| WorkerError::Metrics {
+        addr: settings.metrics_addr,
+        source,
+    })?;
     options.metrics.set_http_addr(server.addr);
     tracing::info!(addr = %server.addr, "serving /metrics, /healthz and /readyz");
     Ok(server)
@@ -339,5 +405,25 @@ impl Supervisor {
         self.readiness.set_consuming(false);
         session.finish(result.is_ok(), self.settings.shutdown_grace).await;
         result
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_taken_metrics_addr_names_the_address_and_what_to_do() {
+        let addr: std::net::SocketAddr = "0.0.0.0:9464".parse().unwrap();
+        let taken = std::io::Error::from(std::io::ErrorKind::AddrInUse);
+        let said = WorkerError::Metrics { addr, source: taken }.to_string();
+        assert!(said.contains("METRICS_ADDR=0.0.0.0:9464"), "{said}");
+        assert!(said.contains("METRICS_ADDR=0.0.0.0:9465"), "{said}");
+        let denied = std::io::Error::from(std::io::ErrorKind::PermissionDenied);
+        let said = WorkerError::Metrics { addr, source: denied }.to_string();
+        assert!(
+            said.contains("METRICS_ADDR=0.0.0.0:9464") && !said.contains("two workers"),
+            "{said}"
+        );
     }
 }

@@ -10,7 +10,7 @@
 -- to the role, rows, indexes, sequences, triggers and the migration history
 -- with it; nothing is copied. One transaction: all or nothing. Then point
 -- DATABASE_URL at the role (docs/deployment.md, "Moving an existing
--- database to the role"); tests/deploy.rs runs this file.
+-- database to the role"); tests/it/deploy.rs runs this file.
 
 \getenv worker_role WORKER_DB_USER
 SELECT set_config('worker.role', :'worker_role', false);

@@ -14,7 +14,7 @@
 --
 -- Then the worker (or `create_db`) runs the migrations as that role:
 -- DATABASE_URL=postgres://iot_worker:...@host:5432/worker_iot_core.
--- tests/deploy.rs runs this file (its two variables set by the test) and
+-- tests/it/deploy.rs runs this file (its two variables set by the test) and
 -- the worker on top of it.
 
 \getenv worker_role WORKER_DB_USER

@@ -9,7 +9,7 @@ use clap::Parser;
 use tokio::net::TcpListener;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
-use worker_iot_core::cli::{self, Generate};
+use worker_iot_core::cli::{self, EXIT_INTERRUPTED, Generate};
 use worker_iot_core::config::{BROKER_KEYS, DATABASE_KEYS, Settings, TELEMETRY_KEYS};
 use worker_iot_core::console::{self, Broker, Console, ConsoleSettings};
 use worker_iot_core::store;
@@ -25,8 +25,8 @@ use worker_iot_core::telemetry::Telemetry;
 /// (CONSOLE_TOKEN may act, CONSOLE_VIEWER_TOKEN may only read).
 /// JAEGER_UI_URL links each message to its trace.
 ///
-/// Exit status: 0 stopped by SIGTERM or Ctrl-C, 2 bad flag or setting, 1
-/// any other error.
+/// Exit status: 0 stopped by SIGTERM, 130 stopped by SIGINT (Ctrl-C), 2
+/// bad flag or setting, 1 any other error.
 #[derive(Parser)]
 #[command(name = "console", version)]
 struct Args {
@@ -82,14 +82,16 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
     let server = console::serve(listener, console, stop.clone())?;
     let mut terminate = signal(SignalKind::terminate())?;
     let mut interrupt = signal(SignalKind::interrupt())?;
-    tokio::select! {
-        _ = terminate.recv() => {}
-        _ = interrupt.recv() => {}
-    }
+    // As every binary (docs/operations.md, "The binaries"): SIGTERM is a
+    // requested stop (0), Ctrl-C an interruption (130).
+    let code = tokio::select! {
+        _ = terminate.recv() => ExitCode::SUCCESS,
+        _ = interrupt.recv() => ExitCode::from(EXIT_INTERRUPTED),
+    };
     tracing::info!("console stopping");
     stop.cancel();
     server.task.await.ok();
     pool.close().await;
     telemetry.shutdown().await;
-    Ok(ExitCode::SUCCESS)
+    Ok(code)
 }

@@ -7,6 +7,7 @@ use anyhow::Context;
 use clap::Parser;
 use worker_iot_core::cli::{self, Generate};
 use worker_iot_core::config::{DATABASE_KEYS, Settings};
+use worker_iot_core::emit;
 use worker_iot_core::store;
 
 /// Create the database in DATABASE_URL if it is missing (default
@@ -38,7 +39,7 @@ async fn run() -> anyhow::Result<ExitCode> {
     let pool = store::connect(url, 1).await?;
     store::migrate(&pool).await.context("migrating")?;
     pool.close().await;
-    println!(
+    emit!(
         "{} and migrated: {}",
         if created { "database created" } else { "database exists" },
         settings.database_url

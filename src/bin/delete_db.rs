@@ -6,23 +6,32 @@ use anyhow::Context;
 use clap::Parser;
 use worker_iot_core::cli::{self, EXIT_USAGE, Generate};
 use worker_iot_core::config::{DATABASE_KEYS, Settings};
+use worker_iot_core::emit;
 use worker_iot_core::store;
 
-/// Drop every table worker-iot-core owns (events, commands, devices,
-/// measurements, beacon_readings, outbox, delivery_attempts and the
-/// migration history) in the database of DATABASE_URL. Says which database
-/// on which server first; without -y/--yes it only says so and exits 2.
+/// Drop every table worker-iot-core owns in the database of DATABASE_URL.
+/// Says which database on which server first; without -y/--yes it only
+/// says so and exits 2.
 ///
 /// Exit status: 0 done, 2 bad flag or setting (or no --yes), 1 any other
 /// error, 130 interrupted.
 #[derive(Parser)]
-#[command(name = "delete_db", version)]
+#[command(name = "delete_db", version, after_help = tables_help())]
 struct Args {
     /// Confirm that the data may be destroyed.
     #[arg(long, short = 'y')]
     yes: bool,
     #[command(flatten)]
     generate: Generate,
+}
+
+/// The tables it drops, from [`store::TABLES`] itself, so the help cannot
+/// leave one out.
+fn tables_help() -> String {
+    format!(
+        "Tables dropped (with their data): {}, and the function outbox_notify().",
+        store::TABLES.join(", ")
+    )
 }
 
 #[tokio::main]
@@ -43,8 +52,8 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
         eprintln!("delete_db: this would drop {tables} and all their data from {target}: run again with --yes");
         return Ok(ExitCode::from(EXIT_USAGE));
     }
-    println!("dropping {tables} from {target}");
+    cli::write_stdout_before_work(format!("dropping {tables} from {target}\n").as_bytes());
     store::drop_tables(url).await.context("dropping the tables")?;
-    println!("dropped");
+    emit!("dropped");
     Ok(ExitCode::SUCCESS)
 }

@@ -22,6 +22,7 @@ use tracing::Instrument;
 use worker_iot_core::broker::{self, Publisher};
 use worker_iot_core::cli::{self, Generate, UsageError, samples};
 use worker_iot_core::config::{BROKER_KEYS, Settings, TELEMETRY_KEYS};
+use worker_iot_core::emit;
 use worker_iot_core::envelope::Kind;
 use worker_iot_core::telemetry::{self, Telemetry};
 
@@ -163,9 +164,9 @@ async fn run(mut args: Args) -> anyhow::Result<ExitCode> {
             published: bodies.len(),
             queue: &queue,
         };
-        println!("{}", serde_json::to_string(&summary)?);
+        emit!("{}", serde_json::to_string(&summary)?);
     } else {
-        println!("published {} message(s) to {queue}", bodies.len());
+        emit!("published {} message(s) to {queue}", bodies.len());
     }
     if let Some(telemetry) = telemetry {
         telemetry.shutdown().await;
@@ -201,9 +202,9 @@ async fn publish_one(publisher: &Publisher, args: &Args, queue: &str, name: &str
             queue,
             trace_id,
         };
-        println!("{}", serde_json::to_string(&line)?);
+        emit!("{}", serde_json::to_string(&line)?);
     } else if let Some(trace_id) = trace_id {
-        println!("{name}: trace {trace_id}");
+        emit!("{name}: trace {trace_id}");
     }
     Ok(())
 }

@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 use worker_iot_core::Topology;
 use worker_iot_core::cli::{self, EXIT_INTERRUPTED, EXIT_USAGE, Generate, banner};
 use worker_iot_core::config::{KEYS, Loaded, LogFormat, Settings, SettingsFile};
+use worker_iot_core::emit;
 use worker_iot_core::telemetry::Telemetry;
 
 /// The worker of worker-iot-core: takes events and commands from the
@@ -106,7 +107,7 @@ async fn main() -> ExitCode {
 fn print_banner(settings: &Settings) {
     let text = format!("{}\nEffective configuration:\n{settings}", banner::banner());
     match settings.log_format {
-        LogFormat::Text => println!("{text}"),
+        LogFormat::Text => cli::write_stdout_before_work(format!("{text}\n").as_bytes()),
         LogFormat::Json => eprintln!("{text}"),
     }
 }
@@ -134,20 +135,20 @@ fn check_config(loaded: &Loaded, json: bool) -> ExitCode {
             "queue_type": format!("{:?}", topology.queue_type),
             "queues": queues,
         });
-        println!("{summary}");
+        emit!("{summary}");
     } else {
-        println!("Effective configuration (value, then where it came from):");
-        println!(
+        emit!("Effective configuration (value, then where it came from):");
+        emit!(
             "  {:<27} = {}  ({})",
             "SETTINGS_FILE",
             loaded.file.path,
             file_origin(&loaded.file)
         );
         for (key, value, source) in &loaded.rows {
-            println!("  {key:<27} = {value}  ({source})");
+            emit!("  {key:<27} = {value}  ({source})");
         }
-        println!("Topology ({:?}): {}", topology.queue_type, queues.join(", "));
-        println!("configuration is valid");
+        emit!("Topology ({:?}): {}", topology.queue_type, queues.join(", "));
+        emit!("configuration is valid");
     }
     ExitCode::SUCCESS
 }
@@ -168,10 +169,10 @@ fn print_json_rows(loaded: &Loaded) {
         "record": "setting", "key": "SETTINGS_FILE", "value": file.path,
         "source": file.origin.as_str(), "found": file.found,
     });
-    println!("{file_row}");
+    emit!("{file_row}");
     for (key, value, source) in &loaded.rows {
         let row = json!({"record": "setting", "key": key, "value": value, "source": source.as_str()});
-        println!("{row}");
+        emit!("{row}");
     }
 }
 

@@ -82,7 +82,10 @@ impl Generate {
         let mut command = A::command();
         let name = command.get_name().to_owned();
         if let Some(shell) = self.completions {
-            clap_complete::generate(shell, &mut command, name, &mut std::io::stdout());
+            // Into memory first: clap_complete panics on a failed write.
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut command, name, &mut script);
+            super::write_stdout(&script);
             return Some(ExitCode::SUCCESS);
         }
         let dir = self.man.as_ref()?;

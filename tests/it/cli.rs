@@ -18,6 +18,7 @@ const CREATE_DB: &str = env!("CARGO_BIN_EXE_create_db");
 const DELETE_DB: &str = env!("CARGO_BIN_EXE_delete_db");
 const REQUEUE: &str = env!("CARGO_BIN_EXE_requeue");
 const PUBLISH: &str = env!("CARGO_BIN_EXE_publish");
+const CONSOLE: &str = env!("CARGO_BIN_EXE_console");
 
 /// A password no output may show.
 const PASSWORD: &str = "S3cretPW";
@@ -141,7 +142,13 @@ async fn delete_db_names_what_it_drops_and_wants_yes() {
     let env = TestEnv::new(&TopologyFile::fast()).await;
     let before = tables(&env).await;
     assert!(before >= 7, "migrated: {before} tables");
-    let target = format!("database '{}' on 127.0.0.1:5432", env.database);
+    // As the binary describes it, from the URL in use (compose's is
+    // postgres:5432, not 127.0.0.1): `database 'NAME' on HOST:PORT as user 'U'`.
+    let target = worker_iot_core::store::describe_database(&env.database_url).unwrap();
+    assert!(
+        target.starts_with(&format!("database '{}' on ", env.database)),
+        "{target}"
+    );
 
     let out = run(&env, DELETE_DB, &[], &[]);
     assert_eq!(out.status.code(), Some(2));
@@ -210,7 +217,8 @@ async fn an_unreachable_server_exits_1_from_every_binary_without_showing_the_pas
     // Nothing listens on port 1.
     let amqp = format!("amqp://iot:{PASSWORD}@127.0.0.1:1/%2f");
     let database = format!("postgres://postgres:{PASSWORD}@127.0.0.1:1/x");
-    for (bin, args, _, _) in JOBS {
+    // Not the worker: it waits for its database (the test below).
+    for (bin, args, _, _) in JOBS.into_iter().filter(|job| job.0 != WORKER) {
         let what = format!("{} with unreachable servers", name(bin));
         let unreachable = [("AMQP_URL", amqp.as_str()), ("DATABASE_URL", database.as_str())];
         let out = run(&env, bin, args, &unreachable);
@@ -323,7 +331,10 @@ async fn check_config_says_where_each_value_came_from() {
         ("RUST_LOG", "info  (default)".into()),
         (
             "AMQP_URL",
-            format!("{}  (environment)", env.amqp_url.replace(":guest@", ":****@")),
+            format!(
+                "{}  (environment)",
+                worker_iot_core::config::mask_passwords(&env.amqp_url)
+            ),
         ),
     ] {
         let row = format!("  {key:<27} = {value}\n");
@@ -459,5 +470,129 @@ async fn ctrl_c_exits_130() {
     worker.signal("INT");
     let status = worker.wait_exit(Duration::from_secs(30)).await;
     assert_eq!(status.code(), Some(130), "{}", worker.stderr_text());
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_worker_waits_for_its_database_naming_it_and_the_cause() {
+    let env = TestEnv::new(&TopologyFile::fast()).await;
+    // Nothing listens on port 1: a database not up yet.
+    let database = format!("postgres://postgres:{PASSWORD}@127.0.0.1:1/lot");
+    let metrics = std::net::SocketAddr::from(([127, 0, 0, 1], crate::common::browser::free_port()));
+    let metrics_addr = metrics.to_string();
+    let extra = [("DATABASE_URL", database.as_str()), ("METRICS_ADDR", &metrics_addr)];
+    let mut worker = env.spawn_binary(WORKER, &env.settings_json(), &extra, "no-database");
+    wait_for("three attempts, each logged", Duration::from_secs(30), || async {
+        (worker.stdout_text().matches("waiting for the database").count() >= 3).then_some(())
+    })
+    .await;
+    // `/readyz` answers while it waits, and says why it is not ready.
+    let not_ready = worker_iot_core::probe_ready(metrics)
+        .await
+        .expect("/readyz answers")
+        .unwrap_err();
+    assert!(
+        not_ready.contains("database unreachable: waiting for it at start-up: database 'lot' on 127.0.0.1:1")
+            && not_ready.contains("connection refused"),
+        "{not_ready}"
+    );
+    let said = worker.stdout_text();
+    assert!(
+        said.contains("database 'lot' on 127.0.0.1:1 as user 'postgres'"),
+        "names the database: {said}"
+    );
+    assert!(said.contains("connection refused"), "names the cause: {said}");
+    assert!(!said.contains("pool timed out"), "{said}");
+    worker.signal("TERM");
+    let status = worker.wait_exit(Duration::from_secs(30)).await;
+    assert_eq!(status.code(), Some(0), "stopped by SIGTERM: {}", worker.stderr_text());
+    let all = format!("{said}{}", worker.stderr_text());
+    assert!(!all.contains(PASSWORD), "{all}");
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_stdout_ends_a_binary_quietly() {
+    let env = TestEnv::new(&TopologyFile::fast()).await;
+    let mut jobs: Vec<(&str, Vec<&str>)> = vec![
+        (WORKER, vec!["--check-config"]),
+        (WORKER, vec!["--check-config", "--json"]),
+        (CREATE_DB, vec![]),
+        (REQUEUE, vec!["--list"]),
+        (PUBLISH, vec!["sample", "--count", "1"]),
+    ];
+    for bin in [WORKER, CREATE_DB, DELETE_DB, REQUEUE, PUBLISH, CONSOLE] {
+        jobs.push((bin, vec!["--generate-completions", "bash"]));
+    }
+    for (bin, args) in jobs {
+        // The reading end is closed before the binary starts: every write
+        // fails with EPIPE, as under `| head` once head has quit.
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let settings = env.dir.join("settings.json");
+        std::fs::write(&settings, env.settings_json()).unwrap();
+        let out = std::process::Command::new(bin)
+            .args(&args)
+            .envs(env.env_vars(&[]))
+            .env("SETTINGS_FILE", settings)
+            .stdout(writer)
+            .stderr(std::process::Stdio::piped())
+            .output()
+            .unwrap();
+        let said = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "{} {args:?}: {said}", name(bin));
+        assert!(!said.contains("panicked"), "{} {args:?}: {said}", name(bin));
+    }
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delete_db_help_names_every_table_it_drops() {
+    let env = TestEnv::undeclared(&TopologyFile::fast()).await;
+    let out = run(&env, DELETE_DB, &["--help"], &[]);
+    let help = text(&out.stdout);
+    assert!(out.status.success(), "{help}");
+    for table in worker_iot_core::store::TABLES {
+        assert!(help.contains(table), "{table} missing from:\n{help}");
+    }
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_console_exits_130_on_ctrl_c_and_0_on_sigterm() {
+    let env = TestEnv::new(&TopologyFile::fast()).await;
+    for (signal, code) in [("INT", 130), ("TERM", 0)] {
+        let mut console = env.spawn_console(&[], &format!("signal-{signal}")).await;
+        console.process.signal(signal);
+        let status = console.process.wait_exit(Duration::from_secs(30)).await;
+        assert_eq!(
+            status.code(),
+            Some(code),
+            "SIG{signal}: {}",
+            console.process.stderr_text()
+        );
+    }
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dry_run_against_a_missing_database_creates_nothing_and_says_so() {
+    let env = TestEnv::new(&TopologyFile::fast()).await;
+    let absent = format!("{}_absent", env.database);
+    let url = crate::common::with_database(&env.database_url, &absent);
+    for args in [
+        &["--list", "--dry-run"][..],
+        &["--dry-run"],
+        &["--show", "x", "--dry-run"],
+    ] {
+        let out = run(&env, REQUEUE, args, &[("DATABASE_URL", &url)]);
+        let said = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {said}");
+        assert!(
+            said.contains(&format!("database '{absent}' on ")) && said.contains("does not exist"),
+            "{args:?}: {said}"
+        );
+        assert!(!database_exists(&env, &absent).await, "{args:?} created the database");
+    }
     env.cleanup().await;
 }

@@ -255,6 +255,22 @@ async fn list_groups_and_show_prints_body_headers_and_error() {
         "{table}"
     );
 
+    // `--list --messages` shows the ids `--show` takes (the README's tour).
+    let table = stdout(&env.run_requeue(&["--list", "--messages", "--type", "DEVICE_UP"]));
+    assert!(table.contains(&format!("{}: 4 message(s)", env.queue)), "{table}");
+    assert!(table.contains("MESSAGE ID"), "{table}");
+    for id in ["u-0", "u-1", "u-2", "u-3"] {
+        let row = table
+            .lines()
+            .find(|l| l.starts_with(&format!("{id} ")))
+            .unwrap_or_default();
+        assert!(row.contains("DEVICE_UP") && row.contains("validation"), "{id}: {table}");
+    }
+    assert!(!table.contains("m-0"), "filtered: {table}");
+    let records = json_lines(&env.run_requeue(&["--list", "--messages", "--json"]));
+    assert_eq!(records.len(), 11, "10 messages and a summary: {records:?}");
+    assert!(records.iter().any(|r| r["message_id"] == "u-2"));
+
     let shown = stdout(&env.run_requeue(&["--show", "u-2"]));
     let body = json!({"type": "DEVICE_UP", "id": "u-2", "data": {"device_id": "d1", "ip": 7}}).to_string();
     assert!(

@@ -1,7 +1,7 @@
 //! `requeue` as a command: replay after a fix applies every message once,
 //! the rate limiter, bad flags, the question on a terminal and Ctrl-C.
 //! The parking lot itself (grouping, show, dry run, filters, archive,
-//! `kill -9` mid-retry) is in tests/parking.rs.
+//! `kill -9` mid-retry) is in tests/it/parking.rs.
 
 use std::time::{Duration, Instant};
 

@@ -13,30 +13,19 @@ use worker_iot_core::headers::{self, ERROR, ERROR_KIND};
 
 const WAIT: Duration = Duration::from_secs(60);
 
-/// `host:port` of the test broker.
-fn broker_addr() -> String {
-    crate::common::proxy::upstream_of(&amqp_url()).to_string()
-}
-
 async fn undecodable_messages_are_settled_and_the_others_flow(queue_type: &str) {
     let env = TestEnv::new(&TopologyFile::classic().queue_type(queue_type).delays(&["50ms"])).await;
     env.publish_measurements(0..20).await;
     let mut bad_id = Vec::new();
     raw_amqp::short(&mut bad_id, b"\xff\xfe");
     let without_id = json!({"type": "DEVICE_UP", "data": {"device_id": "d1"}}).to_string();
-    raw_amqp::publish(
-        &broker_addr(),
-        &env.queue,
-        FLAG_MESSAGE_ID,
-        &bad_id,
-        without_id.as_bytes(),
-    )
-    .await
-    .expect("raw publish with a non-UTF-8 message_id");
+    raw_amqp::publish(&amqp_url(), &env.queue, FLAG_MESSAGE_ID, &bad_id, without_id.as_bytes())
+        .await
+        .expect("raw publish with a non-UTF-8 message_id");
     env.publish_measurements(20..40).await;
     let deep = device_up("deep-1", "d2");
     raw_amqp::publish(
-        &broker_addr(),
+        &amqp_url(),
         &env.queue,
         FLAG_HEADERS,
         &raw_amqp::deep_table(15_000),

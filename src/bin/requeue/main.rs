@@ -41,6 +41,10 @@ struct Args {
     /// sample error (only the messages the filters match).
     #[arg(long, conflicts_with_all = ["to", "limit", "rate", "keep_retry_count", "yes"])]
     list: bool,
+    /// With --list: one line per message instead of per group, its message
+    /// id first (for --show and --id), oldest parking first.
+    #[arg(long, requires = "list")]
+    messages: bool,
     /// One message: headers, properties, body, error, times parked, and the
     /// actions on it.
     #[arg(long, value_name = "MESSAGE_ID", conflicts_with_all = ["to", "limit", "rate", "keep_retry_count", "yes"])]
@@ -87,8 +91,9 @@ struct Args {
     /// --unarchive).
     #[arg(long, value_parser = parse_status)]
     status: Option<Status>,
-    /// Change nothing (nothing is taken from Q.dlq either): print what an
-    /// action would do, or list and show the lot as it is.
+    /// Change nothing (nothing is taken from Q.dlq, no database is created
+    /// or migrated): print what an action would do, or list and show the
+    /// lot as it is. Exits 1 when the database or its tables are missing.
     #[arg(long)]
     dry_run: bool,
     /// Keep iot-retry-count instead of clearing it.
@@ -169,17 +174,34 @@ impl Args {
     }
 }
 
-/// The lot's database (created and migrated if need be, as the worker
-/// does) and the broker.
-async fn open(settings: &Settings) -> anyhow::Result<(PgPool, Connection)> {
+/// The lot's database and the broker. The database is created and
+/// migrated if need be, as the worker does, except by a dry run, which
+/// changes nothing: it says that the database or the lot is missing.
+async fn open(settings: &Settings, dry_run: bool) -> anyhow::Result<(PgPool, Connection)> {
     let url = settings.database_url.expose();
-    if let Err(e) = store::create_database(url).await {
+    if dry_run {
+        if !store::database_exists(url).await? {
+            bail!(
+                "{} does not exist: nothing is parked there (a dry run creates nothing; \
+                 the worker, or requeue without --dry-run, creates it)",
+                store::describe_database(url)?
+            );
+        }
+    } else if let Err(e) = store::create_database(url).await {
         tracing::debug!(error.message = %e, "could not make sure the database exists");
     }
-    let pool = store::connect(url, 2)
-        .await
-        .with_context(|| format!("cannot reach PostgreSQL at {}", settings.database_url))?;
-    store::migrate(&pool).await?;
+    let pool = store::connect(url, 2).await?;
+    if dry_run {
+        if !store::has_table(&pool, "parked_messages").await? {
+            bail!(
+                "{} has no parking lot (table parked_messages): nothing is parked there \
+                 (a dry run migrates nothing)",
+                store::describe_database(url)?
+            );
+        }
+    } else {
+        store::migrate(&pool).await?;
+    }
     let connection = broker::connect(settings.amqp_url.expose(), "requeue")
         .await
         .with_context(|| format!("cannot reach RabbitMQ at {}", settings.amqp_url))?;
@@ -192,7 +214,7 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
     if args.unarchive && args.status.is_some_and(|s| s != Status::Archived) {
         return Err(UsageError("--unarchive works on archived messages: leave out --status".into()).into());
     }
-    let (pool, connection) = open(&settings).await?;
+    let (pool, connection) = open(&settings, args.dry_run).await?;
     let result = work(&args, &queue, &pool, &connection).await;
     connection.close(200, "done".into()).await.ok();
     pool.close().await;
@@ -218,6 +240,11 @@ async fn work(args: &Args, queue: &str, pool: &PgPool, connection: &Connection) 
         }
     }
     let filter = args.filter();
+    if args.list && args.messages {
+        let messages = query::messages(pool, queue, &filter, Status::Parked, i64::MAX).await?;
+        output::messages(&messages, queue, args.json);
+        return Ok(ExitCode::SUCCESS);
+    }
     if args.list {
         let groups = query::groups(pool, queue, &filter).await?;
         output::groups(&groups, queue, args.json);

@@ -8,20 +8,7 @@ use worker_iot_core::envelope::truncate_chars;
 use worker_iot_core::parking::query::ActionOn;
 use worker_iot_core::parking::{Action, Done, Group, Message, Shown, Status};
 
-/// `println!` that ends the process quietly when stdout is closed
-/// (`requeue --list | head`). Called only between batches, after the
-/// previous one committed, so stopping there loses nothing.
-macro_rules! emit {
-    ($($arg:tt)*) => {{
-        use std::io::Write as _;
-        if let Err(e) = writeln!(std::io::stdout(), $($arg)*) {
-            if e.kind() == std::io::ErrorKind::BrokenPipe {
-                std::process::exit(0);
-            }
-            panic!("cannot write to stdout: {e}");
-        }
-    }};
-}
+use worker_iot_core::emit;
 
 /// One JSON line: these structs of strings, numbers and JSON values always
 /// serialise.
@@ -110,6 +97,45 @@ pub fn groups(groups: &[Group], queue: &str, json: bool) {
             time(g.first_parked_at),
             time(g.last_parked_at),
             truncate_chars(&g.sample_error, 80)
+        );
+    }
+}
+
+/// `--list --messages`: a line per message, its id first (the id
+/// `--show` and `--id` take), or a JSON record per message and a summary.
+pub fn messages(messages: &[Message], queue: &str, json: bool) {
+    if json {
+        for m in messages {
+            emit!("{}", json_line(&message_line(m, None, None)));
+        }
+        let summary = ListSummary {
+            queue,
+            groups: 0,
+            messages: i64::try_from(messages.len()).unwrap_or(i64::MAX),
+        };
+        emit_summary(summary);
+        return;
+    }
+    emit!("{queue}: {} message(s)\n", messages.len());
+    emit!(
+        "{:<36}  {:<16}  {:<18}  {:<16}  {:>6}  {:<19}  ERROR",
+        "MESSAGE ID",
+        "TYPE",
+        "KIND",
+        "FINGERPRINT",
+        "PARKED",
+        "LAST PARKED"
+    );
+    for m in messages {
+        emit!(
+            "{:<36}  {:<16}  {:<18}  {:<16}  {:>6}  {:<19}  {}",
+            m.message_id,
+            m.message_type.as_deref().unwrap_or("-"),
+            m.error_kind,
+            m.fingerprint,
+            m.times_parked,
+            time(m.last_parked_at),
+            truncate_chars(&m.error, 80)
         );
     }
 }

@@ -176,7 +176,7 @@ impl TestEnv {
             ("METRICS_ADDR", "127.0.0.1:0".into()),
             ("DATABASE_MAX_CONNECTIONS", "8".into()),
             ("RABBITMQ_PREFETCH_COUNT", "16".into()),
-            // Most tests look at the parked copies in Q.dlq; tests/parking.rs
+            // Most tests look at the parked copies in Q.dlq; tests/it/parking.rs
             // turns the keeper on to see them move into the lot.
             ("PARKING_KEEPER", "off".into()),
         ]

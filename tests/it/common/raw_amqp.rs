@@ -4,7 +4,9 @@
 //! the protocol for one `basic.publish` to the default exchange.
 
 use std::io;
+use std::str::FromStr;
 
+use lapin::uri::AMQPUri;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -19,18 +21,25 @@ pub const FLAG_MESSAGE_ID: u16 = 1 << 7;
 
 /// Publishes `body` to queue `queue` through the default exchange, with
 /// `properties`: the already encoded property list for `flags`, in flag
-/// order. Logs in as guest/guest at `addr` (`host:port`).
+/// order. Connects to the broker of `url` (an `AMQP_URL`: compose's broker
+/// knows the user `iot`, not `guest`) as its user, in its vhost.
 ///
 /// # Errors
-/// Any I/O error, or an unexpected answer from the broker.
-pub async fn publish(addr: &str, queue: &str, flags: u16, properties: &[u8], body: &[u8]) -> io::Result<()> {
-    let mut socket = TcpStream::connect(addr).await?;
+/// Any I/O error, a URL lapin cannot read, or an unexpected answer from the
+/// broker.
+pub async fn publish(url: &str, queue: &str, flags: u16, properties: &[u8], body: &[u8]) -> io::Result<()> {
+    let uri = AMQPUri::from_str(url).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    let mut socket = TcpStream::connect((uri.authority.host.as_str(), uri.authority.port)).await?;
     socket.write_all(b"AMQP\x00\x00\x09\x01").await?;
     expect_method(&mut socket, 10, 10).await?; // connection.start
     let mut start_ok = method(10, 11);
     start_ok.extend(0u32.to_be_bytes()); // client properties: empty table
     short(&mut start_ok, b"PLAIN");
-    long(&mut start_ok, b"\0guest\0guest");
+    let user = &uri.authority.userinfo;
+    long(
+        &mut start_ok,
+        format!("\0{}\0{}", user.username, user.password).as_bytes(),
+    );
     short(&mut start_ok, b"en_US");
     send(&mut socket, FRAME_METHOD, 0, &start_ok).await?;
     let tune = expect_method(&mut socket, 10, 30).await?;
@@ -39,7 +48,7 @@ pub async fn publish(addr: &str, queue: &str, flags: u16, properties: &[u8], bod
     tune_ok.extend(0u16.to_be_bytes()); // no heartbeat
     send(&mut socket, FRAME_METHOD, 0, &tune_ok).await?;
     let mut open = method(10, 40);
-    short(&mut open, b"/");
+    short(&mut open, uri.vhost.as_bytes());
     short(&mut open, b"");
     open.push(0);
     send(&mut socket, FRAME_METHOD, 0, &open).await?;

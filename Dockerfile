@@ -16,12 +16,12 @@ ENV SQLX_OFFLINE=true
 # --- test: the image the compose `test` service runs `cargo test` in. It
 # holds what the tests run besides the services (docs/development.md, "What
 # the tests need"; .ci/check-test-image fails CI when a package is missing):
-# a browser for the console's tests, openssl for the TLS tests, kill (procps)
-# and script (bsdutils) for the signal and terminal tests. Not rabbitmqctl:
+# a browser for the console's tests, kill (procps) and script (bsdutils) for
+# the signal and terminal tests (the TLS tests make their CA in memory). Not rabbitmqctl:
 # the tests that need it skip here and say so.
 FROM toolchain AS test
 RUN apt-get update \
- && apt-get install -y --no-install-recommends chromium chromium-driver openssl procps bsdutils \
+ && apt-get install -y --no-install-recommends chromium chromium-driver procps bsdutils \
  && rm -rf /var/lib/apt/lists/*
 # The whole context (less .dockerignore) so `cargo test` sees tests/,
 # migrations/, topology/ and _storage/ as in the repository.

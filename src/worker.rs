@@ -130,21 +130,39 @@ pub async fn run_with(settings: Settings, shutdown: CancellationToken, options: 
     } else {
         None
     };
-    let Some(pool) = wait_for_database(&settings, &options.readiness, &shutdown).await? else {
-        tracing::info!("stopped before the database could be reached");
-        background.cancel();
-        stop_server(server).await;
-        return Ok(());
+    let result = match wait_for_database(&settings, &options.readiness, &shutdown).await {
+        Ok(Some(pool)) => run_on(pool, settings, topology, options, &shutdown, &background).await,
+        Ok(None) => {
+            tracing::info!("stopped before the database could be reached");
+            Ok(())
+        }
+        Err(e) => Err(e),
     };
+    background.cancel();
+    stop_server(server).await;
+    tracing::info!("stopped");
+    result
+}
+
+/// The worker on its database: the pipeline, the database check (until
+/// `background` is cancelled), the relay, the keeper and the supervisor of
+/// broker sessions, until `shutdown` or the supervisor's failure.
+async fn run_on(
+    pool: PgPool,
+    settings: Settings,
+    topology: Arc<Topology>,
+    options: Options,
+    shutdown: &CancellationToken,
+    background: &CancellationToken,
+) -> Result<(), WorkerError> {
     options.readiness.set_database(Ok(()));
-    let pipeline = Arc::new(build_pipeline(&settings, &topology, &pool, &options, &shutdown).await);
+    let pipeline = Arc::new(build_pipeline(&settings, &topology, &pool, &options, shutdown).await);
     tokio::spawn(health::watch(
         pool.clone(),
         options.readiness.clone(),
         options.metrics.clone(),
         background.clone(),
     ));
-
     // The relay stops with the worker, and also when the supervisor fails.
     let relay_stop = shutdown.child_token();
     let relay = settings
@@ -156,7 +174,6 @@ pub async fn run_with(settings: Settings, shutdown: CancellationToken, options: 
     let keeper = settings
         .parking_keeper
         .then(|| spawn_keeper(&settings, &pool, &options, &declared, relay_stop.clone()));
-
     let supervisor = Supervisor {
         next_broker: AtomicUsize::new(0),
         declared,
@@ -170,18 +187,13 @@ pub async fn run_with(settings: Settings, shutdown: CancellationToken, options: 
     let result = supervisor.run().await;
     relay_stop.cancel();
     background.cancel();
-    if let Some(relay) = relay {
-        stop_relay(relay).await;
+    for task in [relay, keeper].into_iter().flatten() {
+        stop_relay(task).await;
     }
-    if let Some(keeper) = keeper {
-        stop_relay(keeper).await;
-    }
-    stop_server(server).await;
     // A connection dropped mid-statement (work cut off after the grace
     // period) is only released when the statement ends: do not wait for it.
     // The server rolls its transaction back when the process goes.
     tokio::time::timeout(CLOSE_TIMEOUT, pool.close()).await.ok();
-    tracing::info!("stopped");
     result
 }
 

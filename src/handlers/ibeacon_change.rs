@@ -80,10 +80,6 @@ impl Handler for Beacons {
         Ok(parse(&message.data)?)
     }
 
-    fn device_id(_: &Option<Beacon>) -> Option<&str> {
-        None
-    }
-
     fn write<'a>(
         &'a self,
         conn: &'a mut PgConnection,

@@ -48,8 +48,10 @@ pub trait Handler: Send + Sync + 'static {
     fn prepare(&self, message: &Message) -> Result<Self::Item, Failure>;
 
     /// The device the item is about, if any: the `commands` inbox row
-    /// keeps it.
-    fn device_id(item: &Self::Item) -> Option<&str>;
+    /// keeps it. None by default (a beacon, a record-only event).
+    fn device_id(_item: &Self::Item) -> Option<&str> {
+        None
+    }
 
     /// Applies `batch` (new messages only: the inbox filtered the
     /// duplicates) with one set statement, inside the caller's

@@ -21,10 +21,6 @@ impl Handler for RecordOnly {
         Ok(())
     }
 
-    fn device_id(_: &()) -> Option<&str> {
-        None
-    }
-
     fn write<'a>(&'a self, _: &'a mut PgConnection, _: &'a [Typed<'a, ()>]) -> BoxFuture<'a, Result<(), Failure>> {
         Box::pin(async { Ok(()) })
     }

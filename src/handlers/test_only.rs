@@ -34,10 +34,6 @@ impl Handler for Flaky {
         Ok(number(message, "fail_first").map_or(0, |n| n as u64))
     }
 
-    fn device_id(_: &u64) -> Option<&str> {
-        None
-    }
-
     fn write<'a>(
         &'a self,
         conn: &'a mut PgConnection,
@@ -79,10 +75,6 @@ impl Handler for Slow {
         Ok(number(message, "seconds").unwrap_or(1.0))
     }
 
-    fn device_id(_: &f64) -> Option<&str> {
-        None
-    }
-
     fn write<'a>(
         &'a self,
         conn: &'a mut PgConnection,
@@ -109,10 +101,6 @@ impl Handler for Panic {
         Ok(())
     }
 
-    fn device_id(_: &()) -> Option<&str> {
-        None
-    }
-
     fn write<'a>(&'a self, _: &'a mut PgConnection, batch: &'a [Typed<'a, ()>]) -> BoxFuture<'a, Result<(), Failure>> {
         let ids: Vec<&str> = batch.iter().map(|t| t.id).collect();
         Box::pin(async move { panic!("TEST_PANIC handler asked to panic by {}", ids.join(", ")) })
@@ -136,10 +124,6 @@ impl Handler for PanicCheck {
         Ok(())
     }
 
-    fn device_id(_: &()) -> Option<&str> {
-        None
-    }
-
     fn write<'a>(
         &'a self,
         conn: &'a mut PgConnection,
@@ -157,10 +141,6 @@ impl Handler for Abort {
 
     fn prepare(&self, _: &Message) -> Result<(), Failure> {
         Ok(())
-    }
-
-    fn device_id(_: &()) -> Option<&str> {
-        None
     }
 
     fn write<'a>(&'a self, _: &'a mut PgConnection, _: &'a [Typed<'a, ()>]) -> BoxFuture<'a, Result<(), Failure>> {

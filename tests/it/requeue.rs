@@ -118,7 +118,12 @@ async fn bad_flags_and_missing_queues_fail_with_a_clear_message() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot reach PostgreSQL"));
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        said.contains("cannot connect to PostgreSQL, database 'x' on 127.0.0.1:1")
+            && said.contains("connection refused"),
+        "names the database and the cause: {said}"
+    );
     let out = env.requeue(&["--unarchive", "--status", "parked"]).output().unwrap();
     assert_eq!(out.status.code(), Some(2));
     let out = env.requeue(&["--since", "yesterday-ish"]).output().unwrap();

@@ -103,11 +103,6 @@ pub enum Failure {
     Panic(String),
     #[error("delivery {deliveries} of a message that never settled: it may crash the worker")]
     CrashLoop { deliveries: u32 },
-    /// The transaction of the batch the message was in failed as a whole
-    /// (a lost connection, a failed commit, the deadline), with this
-    /// transient failure; its messages run again alone.
-    #[error("the batch's transaction failed: {0}")]
-    BatchAborted(#[source] std::sync::Arc<Failure>),
 }
 
 /// A delivery that failed, with what is known of it: the message type when
@@ -142,7 +137,6 @@ impl Failure {
             | Failure::UnknownType { .. }
             | Failure::Panic(_)
             | Failure::CrashLoop { .. } => false,
-            Failure::BatchAborted(failure) => failure.is_transient(),
             Failure::Database(e) => is_transient_database_error(e),
         }
     }
@@ -155,8 +149,8 @@ impl Failure {
             Failure::UnknownType { .. } => ErrorKind::UnknownType,
             Failure::Panic(_) => ErrorKind::Panic,
             Failure::CrashLoop { .. } => ErrorKind::CrashLoop,
-            Failure::Database(_) | Failure::BatchAborted(_) if self.is_transient() => ErrorKind::Transient,
-            Failure::Database(_) | Failure::BatchAborted(_) => ErrorKind::Permanent,
+            Failure::Database(_) if self.is_transient() => ErrorKind::Transient,
+            Failure::Database(_) => ErrorKind::Permanent,
         }
     }
 }
@@ -243,24 +237,6 @@ mod tests {
         assert_eq!(f.kind(), ErrorKind::Transient);
         let f = Failure::Database(sqlx::Error::RowNotFound);
         assert_eq!(f.kind(), ErrorKind::Permanent);
-    }
-
-    #[test]
-    fn an_aborted_batch_is_as_transient_as_its_cause() {
-        let reset = || sqlx::Error::Io(std::io::Error::from(std::io::ErrorKind::ConnectionReset));
-        let aborted = |cause| Failure::BatchAborted(std::sync::Arc::new(cause));
-        assert!(aborted(Failure::Database(reset())).is_transient());
-        assert_eq!(aborted(Failure::Database(reset())).kind(), ErrorKind::Transient);
-        let refused = aborted(Failure::Database(sqlx::Error::RowNotFound));
-        assert!(!refused.is_transient());
-        assert_eq!(refused.kind(), ErrorKind::Permanent);
-        let failure = aborted(Failure::Database(reset()));
-        assert_eq!(
-            failure.to_string(),
-            "the batch's transaction failed: database: error communicating with database: connection reset"
-        );
-        let source = std::error::Error::source(&failure).expect("the cause is kept");
-        assert!(source.to_string().starts_with("database: "), "{source}");
     }
 
     /// One case per code: a failover or a server short of resources is

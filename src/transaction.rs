@@ -16,8 +16,9 @@
 //! lone message is a group of one: there is no other path. A failure of
 //! the run (a statement, a lost connection, a failed commit, the deadline,
 //! a panic) rolls everything back; the messages then run again one by one,
-//! where the inbox makes a commit of unknown outcome safe to repeat, and a
-//! message that fails alone has failed itself.
+//! each with every attempt it has, where the inbox makes a commit of
+//! unknown outcome safe to repeat, and a message that fails alone has
+//! failed itself.
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
@@ -61,21 +62,17 @@ pub trait Apply: Send + Sync {
 }
 
 /// The failure of a whole run, as each of its messages takes it: a message
-/// alone has failed itself; in a batch, a transient failure is each
-/// message's first attempt (as it would have been alone), and any other is
-/// nobody's in particular, so every message runs again alone.
+/// alone has failed itself; in a batch, the failure is nobody's in
+/// particular (one message's transient error, a lost connection, the
+/// deadline, a constraint, a panic), so every message runs again alone,
+/// with every attempt it has: another's failure never costs a message an
+/// attempt, nor sends it to a retry queue.
 fn aborted(items: usize, failure: Failure) -> Vec<Applied> {
     if items == 1 {
         return vec![Applied::Failed(failure)];
     }
     tracing::debug!(error.message = %failure, size = items, "batch rolled back; its messages run alone");
-    let failure = Arc::new(failure);
-    (0..items)
-        .map(|_| match failure.is_transient() {
-            true => Applied::Failed(Failure::BatchAborted(failure.clone())),
-            false => Applied::Again,
-        })
-        .collect()
+    (0..items).map(|_| Applied::Again).collect()
 }
 
 /// The layer that bounds a run by the database deadline (see

@@ -125,9 +125,10 @@ async fn check(bench: &Bench, target: &Target, expected: &Expected, counts: &Cou
             problems.push(format!("{what}: {got}, expected {want}"));
         }
     }
-    if counts.retried < expected.retried {
-        problems.push(format!("retried: {}, expected {}", counts.retried, expected.retried));
-    } else if counts.retried > expected.retried {
+    // A transient-once message retried in process (its batch rolled back,
+    // then it ran alone) needs no delayed retry: the planned count is an
+    // upper bound. Its rows are checked above either way.
+    if counts.retried > expected.retried {
         println!(
             "  note: {} retries, {} planned (other transient failures)",
             counts.retried, expected.retried

@@ -5,8 +5,10 @@
 //! (a duplicate: same id, no effect). The poison variant replaces every
 //! 20th message (5 %) by one of the invalid cases of `publish invalid`
 //! (parked); the transient variant replaces them by `TEST_FLAKY` events that
-//! fail transiently on their first run (retried once through the retry
-//! queue).
+//! fail transiently on their first run. In a batch that run rolls the batch
+//! back and each message runs again alone, where the flaky one succeeds in
+//! process; alone, it goes through the retry queue once. So `retried` is
+//! at most one per flaky message.
 
 use std::collections::HashSet;
 
@@ -38,6 +40,7 @@ pub struct Expected {
     pub measurements: i64,
     pub duplicates: u64,
     pub parked: u64,
+    /// At most this many delayed retries (see the module's text).
     pub retried: u64,
 }
 

@@ -15,10 +15,10 @@
 //! group with one inbox statement and one statement of its handler's. A
 //! lone message is a group of one: there is no other path. A failure of
 //! the run (a statement, a lost connection, a failed commit, the deadline,
-//! a panic) rolls everything back; the messages then run again one by one,
-//! each with every attempt it has, where the inbox makes a commit of
-//! unknown outcome safe to repeat, and a message that fails alone has
-//! failed itself.
+//! a panic) rolls everything back; the messages then go again in halves,
+//! down to one by one, each with every attempt it has, where the inbox
+//! makes a commit of unknown outcome safe to repeat, and a message that
+//! fails alone has failed itself.
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
@@ -64,9 +64,10 @@ pub trait Apply: Send + Sync {
 /// The failure of a whole run, as each of its messages takes it: a message
 /// alone has failed itself; in a batch, the failure is nobody's in
 /// particular (one message's transient error, a lost connection, the
-/// deadline, a constraint, a panic), so every message runs again alone,
-/// with every attempt it has: another's failure never costs a message an
-/// attempt, nor sends it to a retry queue.
+/// deadline, a constraint, a panic), so every message goes again (in
+/// halves, see [`Retries::run`]) with every attempt it has: another's
+/// failure never costs a message an attempt, nor sends it to a retry
+/// queue.
 fn aborted(items: usize, failure: Failure) -> Vec<Applied> {
     if items == 1 {
         return vec![Applied::Failed(failure)];
@@ -245,21 +246,40 @@ impl Retries {
         if items.is_empty() {
             return Vec::new();
         }
-        let first = self.apply.apply(items).instrument(transaction_span(spans)).await;
-        let each = items.iter().zip(spans).zip(first).map(|((item, span), applied)| {
-            let tried = async move {
-                match applied {
-                    Applied::Done(outcome) => Tried {
-                        result: Ok(outcome),
-                        in_process_retries: 0,
-                    },
-                    Applied::Failed(failure) => self.after_failure(item, failure).await,
-                    Applied::Again => self.alone(item, self.policy.in_process_attempts, 0).await,
-                }
-            };
-            tried.instrument(span.clone())
-        });
-        join_all(each).await
+        self.together(items, spans).await
+    }
+
+    /// Runs `items` in one transaction. A run rolled back for nobody in
+    /// particular goes again in two halves, each in one transaction,
+    /// concurrently, down to a message alone: a bad message among many
+    /// costs two runs per halving, not a run per message, and a transient
+    /// failure that has passed commits the halves at once.
+    fn together<'a, 'b: 'a>(&'a self, items: &'a [Item<'b>], spans: &'a [Span]) -> BoxFuture<'a, Vec<Tried>> {
+        Box::pin(async move {
+            let applied = self.apply.apply(items).instrument(transaction_span(spans)).await;
+            if items.len() > 1 && applied.iter().all(|a| matches!(a, Applied::Again)) {
+                let middle = items.len() / 2;
+                let (first, second) = tokio::join!(
+                    self.together(&items[..middle], &spans[..middle]),
+                    self.together(&items[middle..], &spans[middle..]),
+                );
+                return first.into_iter().chain(second).collect();
+            }
+            let each = items.iter().zip(spans).zip(applied).map(|((item, span), applied)| {
+                let tried = async move {
+                    match applied {
+                        Applied::Done(outcome) => Tried {
+                            result: Ok(outcome),
+                            in_process_retries: 0,
+                        },
+                        Applied::Failed(failure) => self.after_failure(item, failure).await,
+                        Applied::Again => self.alone(item, self.policy.in_process_attempts, 0).await,
+                    }
+                };
+                tried.instrument(span.clone())
+            });
+            join_all(each).await
+        })
     }
 
     /// A message whose run failed, which was its first attempt: a transient

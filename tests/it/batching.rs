@@ -84,12 +84,15 @@ async fn a_batch_with_poison_a_duplicate_and_a_transient_failure_settles_each_me
 
     // The transient failure of TEST_FLAKY's write failed the batch's
     // transaction, as a deadlock would fail production's: it was rolled
-    // back, and each message ran again alone (that run was each one's
-    // first attempt), so each committed in a transaction of its own.
-    let mut alone = transactions(&env, &["m-1", "m-2", "m-3", "flaky"]).await;
-    alone.sort();
-    alone.dedup();
-    assert_eq!(alone.len(), 4, "each committed alone: {alone:?}");
+    // back, and its messages went again in halves (costing none of them an
+    // attempt), so they committed in more than one transaction.
+    let mut runs = transactions(&env, &["m-1", "m-2", "m-3", "flaky"]).await;
+    runs.sort();
+    runs.dedup();
+    assert!(
+        runs.len() >= 2,
+        "the batch rolled back and went again in halves: {runs:?}"
+    );
     let run: f64 = sqlx::query_scalar("SELECT value FROM measurements WHERE message_id = 'flaky'")
         .fetch_one(&env.pool)
         .await

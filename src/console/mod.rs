@@ -10,10 +10,12 @@
 //!   and the security headers of every response;
 //! * `pages` and `api`: the HTML and the JSON, both through [`act`] for
 //!   actions;
+//! * `fix`: fix and retry, the edit form and its JSON twin;
 //! * `params`: filters and cursors from query strings and forms.
 
 mod act;
 mod api;
+mod fix;
 pub mod auth;
 mod layout;
 mod pages;
@@ -53,6 +55,8 @@ pub struct Console {
     pub queue: String,
     pub settings: ConsoleSettings,
     pub sessions: auth::Sessions,
+    /// `MAX_MESSAGE_BYTES`: an edit is decoded as the worker decodes.
+    pub max_message_bytes: usize,
 }
 
 /// Serves the console on `listener` until `shutdown`.
@@ -68,6 +72,7 @@ fn router(console: Arc<Console>) -> Router {
         .route("/", get(pages::failures))
         .route("/groups/{fingerprint}", get(pages::group))
         .route("/messages/{id}", get(pages::message))
+        .route("/messages/{id}/edit", post(fix::edit_page))
         .route("/actions", get(pages::actions))
         .route("/act", post(pages::act))
         .route("/login", get(auth::login_page).post(auth::login))
@@ -75,6 +80,7 @@ fn router(console: Arc<Console>) -> Router {
         .route("/api/groups", get(api::groups))
         .route("/api/messages", get(api::messages))
         .route("/api/messages/{id}", get(api::message))
+        .route("/api/messages/{id}/edit", post(fix::edit_api))
         .route("/api/actions", get(api::actions).post(api::act))
         .route("/static/htmx.min.js", get(|| async { asset("text/javascript", HTMX) }))
         .route("/static/console.css", get(|| async { asset("text/css", CSS) }))

@@ -11,10 +11,12 @@
 //! * `pages` and `api`: the HTML and the JSON, both through [`act`] for
 //!   actions;
 //! * `fix`: fix and retry, the edit form and its JSON twin;
+//! * `chart`: failures over time, an SVG drawn here, and `/api/stats`;
 //! * `params`: filters and cursors from query strings and forms.
 
 mod act;
 mod api;
+mod chart;
 mod fix;
 pub mod auth;
 mod layout;
@@ -82,6 +84,7 @@ fn router(console: Arc<Console>) -> Router {
         .route("/api/messages/{id}", get(api::message))
         .route("/api/messages/{id}/edit", post(fix::edit_api))
         .route("/api/actions", get(api::actions).post(api::act))
+        .route("/api/stats", get(chart::api))
         .route("/static/htmx.min.js", get(|| async { asset("text/javascript", HTMX) }))
         .route("/static/console.css", get(|| async { asset("text/css", CSS) }))
         .fallback(|| async { (StatusCode::NOT_FOUND, "not found\n") })

@@ -91,7 +91,7 @@ fn time(t: DateTime<Utc>) -> String {
     t.format("%Y-%m-%d %H:%M:%S UTC").to_string()
 }
 
-fn short(text: &str, max: usize) -> String {
+pub(super) fn short(text: &str, max: usize) -> String {
     if text.chars().count() <= max {
         return text.to_owned();
     }
@@ -167,6 +167,7 @@ fn bulk_form(who: &Who, filter: &Filter, scope: &str, count: i64, noun: &str, qu
 pub async fn failures(State(console): State<Arc<Console>>, Extension(who): Extension<Who>, params: Params) -> Page {
     let filter = filter_of(&params)?;
     let groups = query::groups(&console.pool, &console.queue, &filter).await?;
+    let over_time = super::chart::over_time(&console).await?;
     let total: i64 = groups.iter().map(|g| g.count).sum();
     let status = filter.status.unwrap_or(Status::Parked).as_str();
     let dlq = crate::MainQueue::new(&console.queue).dlq();
@@ -178,6 +179,7 @@ pub async fn failures(State(console): State<Arc<Console>>, Extension(who): Exten
                 moves them into the lot within a second (is every worker's PARKING_KEEPER off?), and "
                 code { "requeue" } " moves them when it starts." }
         }
+        (over_time)
         (filter_form(&filter))
         p.summary #summary { (total) " " (status) " message(s) in " (groups.len()) " group(s)" }
         @if groups.len() > GROUPS_SHOWN { p { "Showing the " (GROUPS_SHOWN) " largest groups; narrow the filter to see the rest." } }
@@ -192,7 +194,7 @@ pub async fn failures(State(console): State<Arc<Console>>, Extension(who): Exten
     Ok(layout(&console, &who, "Failures", body))
 }
 
-fn group_link(fingerprint: &str, filter: &Filter) -> String {
+pub(super) fn group_link(fingerprint: &str, filter: &Filter) -> String {
     let view = Filter {
         fingerprint: None,
         ..filter.clone()

@@ -17,6 +17,7 @@
 //!   unarchive, each written to `operator_actions`;
 //! * [`edit`]: fix and retry: an operator's edit, checked as the worker
 //!   checks a message, published, then recorded with its diff;
+//! * [`stats`]: messages parked per hour and kind, the groups that grew;
 //! * [`keeper`]: taking from `Q.dlq` in batches, for the worker and for
 //!   `requeue`.
 
@@ -26,6 +27,7 @@ pub mod keeper;
 pub mod lot;
 pub mod query;
 pub mod record;
+pub mod stats;
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};

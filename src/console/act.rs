@@ -138,7 +138,9 @@ pub fn action(word: &str, queue: &str, to: Option<&str>, filter: &Filter) -> Res
 /// # Errors
 /// The queue is missing, or the broker cannot be asked.
 pub async fn check_target(console: &Console, action: &Action) -> Result<(), String> {
-    let Action::Retry { target, .. } = action else { return Ok(()) };
+    let Action::Retry { target, .. } = action else {
+        return Ok(());
+    };
     if target == &console.queue || console.broker.queue_exists(target).await? {
         return Ok(());
     }

@@ -110,7 +110,12 @@ pub fn not_json(headers: &HeaderMap) -> Option<Response> {
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|t| t.split(';').next().is_some_and(|t| t.trim() == "application/json"));
-    (!json_body).then(|| problem(StatusCode::UNSUPPORTED_MEDIA_TYPE, "send Content-Type: application/json"))
+    (!json_body).then(|| {
+        problem(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "send Content-Type: application/json",
+        )
+    })
 }
 
 /// The body of `POST /api/actions`.

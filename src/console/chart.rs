@@ -64,10 +64,7 @@ pub async fn api(State(console): State<Arc<Console>>) -> Response {
             "grown_last_hour": grown,
         }))
         .into_response(),
-        Err(e) => super::api::problem(
-            axum::http::StatusCode::SERVICE_UNAVAILABLE,
-            format!("PostgreSQL: {e}"),
-        ),
+        Err(e) => super::api::problem(axum::http::StatusCode::SERVICE_UNAVAILABLE, format!("PostgreSQL: {e}")),
     }
 }
 
@@ -95,7 +92,8 @@ pub fn chart(hours: &[Hour], first: DateTime<Utc>) -> Markup {
     let max = hours.iter().map(|h| h.total).max().unwrap_or(0).max(1);
     let width = LEFT + HOURS * SLOT + 10;
     let base = TOP + TALL;
-    let kinds: std::collections::BTreeSet<&str> = hours.iter().flat_map(|h| h.kinds.keys()).map(String::as_str).collect();
+    let kinds: std::collections::BTreeSet<&str> =
+        hours.iter().flat_map(|h| h.kinds.keys()).map(String::as_str).collect();
     html! {
         figure #chart {
             svg #failures-chart xmlns="http://www.w3.org/2000/svg" viewBox=(format!("0 0 {width} {}", base + 25.0))
@@ -153,13 +151,22 @@ mod tests {
 
     #[test]
     fn one_bar_per_hour_with_failures_and_kinds_as_classes() {
-        let first = DateTime::parse_from_rfc3339("2026-01-01T00:00:00Z").unwrap().with_timezone(&Utc);
+        let first = DateTime::parse_from_rfc3339("2026-01-01T00:00:00Z")
+            .unwrap()
+            .with_timezone(&Utc);
         let hour = |h: i64, kinds: &[(&str, i64)]| Hour {
             hour: first + TimeDelta::hours(h),
             total: kinds.iter().map(|k| k.1).sum(),
-            kinds: kinds.iter().map(|(k, n)| ((*k).to_owned(), *n)).collect::<BTreeMap<_, _>>(),
+            kinds: kinds
+                .iter()
+                .map(|(k, n)| ((*k).to_owned(), *n))
+                .collect::<BTreeMap<_, _>>(),
         };
-        let svg = chart(&[hour(3, &[("validation", 2), ("decode", 1)]), hour(40, &[("<x>", 1)])], first).into_string();
+        let svg = chart(
+            &[hour(3, &[("validation", 2), ("decode", 1)]), hour(40, &[("<x>", 1)])],
+            first,
+        )
+        .into_string();
         assert_eq!(svg.matches("<g class=\"bar\"").count(), 2);
         assert!(svg.contains("data-count=\"3\""));
         assert!(svg.contains("class=\"k-x\""), "a kind is a safe class: {svg}");

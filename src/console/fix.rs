@@ -37,7 +37,9 @@ pub struct Draft<'a> {
 /// yet retried whose body is text. `problem` is why the last try was not
 /// sent.
 pub fn form(who: &Who, shown: &Shown, queue: &str, draft: Option<&Draft<'_>>, problem: Option<&str>) -> Markup {
-    let Ok(original) = std::str::from_utf8(&shown.body) else { return html! {} };
+    let Ok(original) = std::str::from_utf8(&shown.body) else {
+        return html! {};
+    };
     if !who.may_act() || shown.message.status == Status::Retried {
         return html! {};
     }
@@ -165,7 +167,9 @@ pub async fn edit_api(
         Ok(request) => request,
         Err(e) => return problem(StatusCode::BAD_REQUEST, format!("the request: {e}")),
     };
-    let (name, value) = request.header.map_or((String::new(), String::new()), |h| (h.name, h.value));
+    let (name, value) = request
+        .header
+        .map_or((String::new(), String::new()), |h| (h.name, h.value));
     let edit = edit_of(&request.body, &name, &value);
     match act::fix(&console, &who, id, &edit, request.to.as_deref()).await {
         Ok(action_id) => Json(json!({ "action_id": action_id, "sent": true })).into_response(),

@@ -16,9 +16,9 @@
 
 mod act;
 mod api;
+pub mod auth;
 mod chart;
 mod fix;
-pub mod auth;
 mod layout;
 mod pages;
 mod params;

@@ -84,7 +84,9 @@ struct Row {
 /// others as they say (nothing recorded).
 pub async fn fix_and_retry(pool: &PgPool, publisher: &Publisher, fix: &Fix<'_>) -> Result<i64, EditError> {
     let mut tx = pool.begin().await?;
-    let row = lock(&mut tx, fix.queue, fix.id).await?.ok_or(EditError::NotFound(fix.id))?;
+    let row = lock(&mut tx, fix.queue, fix.id)
+        .await?
+        .ok_or(EditError::NotFound(fix.id))?;
     if row.status == "retried" {
         return Err(EditError::Refused(format!(
             "message {} was already retried: only a parked or archived message is fixed",
@@ -126,8 +128,8 @@ pub fn check(
         None => stored.clone(),
     };
     let amqp_id = properties.message_id().as_ref().map(|id| id.as_str().to_owned());
-    let message = envelope::decode(&edit.body, amqp_id.as_deref(), Utc::now(), max_bytes)
-        .map_err(|e| format!("decode: {e}"))?;
+    let message =
+        envelope::decode(&edit.body, amqp_id.as_deref(), Utc::now(), max_bytes).map_err(|e| format!("decode: {e}"))?;
     if message.id != message_id && message.id_source != IdSource::BodyHash {
         return Err(format!(
             "the edit changes the message id from {message_id:?} to {:?}: fix the message, keep its id",
@@ -153,10 +155,7 @@ fn with_header(stored: &BasicProperties, name: &str, value: &str) -> Result<Basi
         ));
     }
     let mut map = stored.headers().as_ref().map(|h| h.inner().clone()).unwrap_or_default();
-    map.insert(
-        ShortString::from(name),
-        AMQPValue::LongString(LongString::from(value)),
-    );
+    map.insert(ShortString::from(name), AMQPValue::LongString(LongString::from(value)));
     Ok(stored.clone().with_headers(FieldTable::from(map)))
 }
 
@@ -301,7 +300,11 @@ mod tests {
         let set = check("m-1", &with("x-tenant"), &stored, 4096).unwrap();
         let h = set.headers().as_ref();
         assert_eq!(crate::headers::read_string(h, "x-tenant").as_deref(), Some("v"));
-        assert!(check("m-1", &with("IOT-error"), &stored, 4096).unwrap_err().contains("iot-*"));
+        assert!(
+            check("m-1", &with("IOT-error"), &stored, 4096)
+                .unwrap_err()
+                .contains("iot-*")
+        );
         assert!(check("m-1", &with(" "), &stored, 4096).is_err());
     }
 

@@ -90,7 +90,9 @@ mod tests {
 
     #[test]
     fn the_chart_ends_with_the_current_hour() {
-        let now = DateTime::parse_from_rfc3339("2026-01-08T10:42:07Z").unwrap().with_timezone(&Utc);
+        let now = DateTime::parse_from_rfc3339("2026-01-08T10:42:07Z")
+            .unwrap()
+            .with_timezone(&Utc);
         let first = first_hour(now);
         assert_eq!(first.to_rfc3339(), "2026-01-01T11:00:00+00:00");
         assert_eq!((now - first).num_hours(), HOURS - 1);

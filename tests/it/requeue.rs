@@ -249,18 +249,33 @@ async fn edit_opens_the_editor_checks_like_the_worker_then_retries() {
     let editor = |name: &str, sed: &str| {
         let path = env.dir.join(name);
         std::fs::write(&path, format!("#!/bin/sh\nsed -i '{sed}' \"$1\"\n")).expect("write the editor");
-        std::process::Command::new("chmod").arg("+x").arg(&path).status().expect("chmod");
+        std::process::Command::new("chmod")
+            .arg("+x")
+            .arg(&path)
+            .status()
+            .expect("chmod");
         path
     };
     let still_bad = editor("bad.sh", r#"s/"21.5"/"21,5"/"#);
-    let out = env.requeue(&["--edit", "e1"]).env("EDITOR", &still_bad).output().expect("requeue");
+    let out = env
+        .requeue(&["--edit", "e1"])
+        .env("EDITOR", &still_bad)
+        .output()
+        .expect("requeue");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
-    assert!(stderr.contains("nothing sent") && stderr.contains("validation: "), "{stderr}");
+    assert!(
+        stderr.contains("nothing sent") && stderr.contains("validation: "),
+        "{stderr}"
+    );
     assert_eq!(env.queue_len(&env.queue).await, 0);
 
     let fixed = editor("fix.sh", r#"s/"21.5"/21.5/"#);
-    let out = env.requeue(&["--edit", "e1", "--actor", "ed"]).env("EDITOR", &fixed).output().expect("requeue");
+    let out = env
+        .requeue(&["--edit", "e1", "--actor", "ed"])
+        .env("EDITOR", &fixed)
+        .output()
+        .expect("requeue");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let sent = env.drain(&env.queue).await;
     assert_eq!(sent.len(), 1);

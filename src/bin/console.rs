@@ -49,7 +49,8 @@ async fn main() -> ExitCode {
 
 async fn run(args: Args) -> anyhow::Result<ExitCode> {
     let own = ConsoleSettings::from_env()?;
-    let settings = Settings::load_for(&[BROKER_KEYS, DATABASE_KEYS, TELEMETRY_KEYS].concat())?.settings;
+    let settings =
+        Settings::load_for(&[BROKER_KEYS, DATABASE_KEYS, TELEMETRY_KEYS, &["MAX_MESSAGE_BYTES"]].concat())?.settings;
     let telemetry = Telemetry::install(&settings)?;
     let queue = args.queue.unwrap_or_else(|| settings.queue.clone());
     let url = settings.database_url.expose();
@@ -78,6 +79,7 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
         queue,
         settings: own,
         sessions: console::auth::Sessions::default(),
+        max_message_bytes: settings.max_message_bytes,
     };
     let server = console::serve(listener, console, stop.clone())?;
     let mut terminate = signal(SignalKind::terminate())?;

@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 use super::Console;
 use super::auth::Who;
 use crate::broker::{self, Publisher};
+use crate::parking::edit::{self, Edit, EditError, Fix};
 use crate::parking::{Action, Done, Filter, Request, Status, actions, keeper, query};
 
 /// How long a request waits for its action. A longer one (a retry of very
@@ -67,6 +68,21 @@ impl Broker {
         Ok(publisher)
     }
 
+    /// Whether `queue` exists (a passive declare), so a retry never
+    /// publishes into nothing.
+    ///
+    /// # Errors
+    /// The broker cannot be asked.
+    pub async fn queue_exists(&self, queue: &str) -> Result<bool, String> {
+        self.publisher().await?;
+        let open = self.open.lock().await;
+        let (connection, _) = open.as_ref().ok_or("the broker connection closed")?;
+        let depth = keeper::queue_depth(connection, queue)
+            .await
+            .map_err(|e| format!("cannot ask RabbitMQ about queue '{queue}': {e}"))?;
+        Ok(depth.is_some())
+    }
+
     /// Forgets the connection after a failed publish: the next retry opens
     /// a new one.
     async fn forget(&self) {
@@ -92,14 +108,19 @@ pub enum Finished {
     Running,
 }
 
-/// `retry`, `archive` or `unarchive`: a retry goes back to `Q`.
+/// `retry`, `archive` or `unarchive`: a retry goes to `to`, else back to
+/// `Q`.
 ///
 /// # Errors
-/// The word is none of them, or unarchive on another status than archived.
-pub fn action(word: &str, queue: &str, filter: &Filter) -> Result<Action, String> {
+/// The word is none of them, a target given for another action than
+/// retry, or unarchive on another status than archived.
+pub fn action(word: &str, queue: &str, to: Option<&str>, filter: &Filter) -> Result<Action, String> {
+    if to.is_some() && word != "retry" {
+        return Err(format!("to: only a retry goes to another queue, not {word}"));
+    }
     let action = match word {
         "retry" => Action::Retry {
-            target: queue.to_owned(),
+            target: to.unwrap_or(queue).to_owned(),
             keep_retry_count: false,
         },
         "archive" => Action::Archive,
@@ -110,6 +131,50 @@ pub fn action(word: &str, queue: &str, filter: &Filter) -> Result<Action, String
         return Err("unarchive works on archived messages only".into());
     }
     Ok(action)
+}
+
+/// Refuses a retry into a queue that does not exist.
+///
+/// # Errors
+/// The queue is missing, or the broker cannot be asked.
+pub async fn check_target(console: &Console, action: &Action) -> Result<(), String> {
+    let Action::Retry { target, .. } = action else {
+        return Ok(());
+    };
+    if target == &console.queue || console.broker.queue_exists(target).await? {
+        return Ok(());
+    }
+    Err(format!("queue '{target}' does not exist: nothing was sent"))
+}
+
+/// Fixes message `id` with `edit` and retries it to `to` (else `Q`), for
+/// `who`: checked as the worker checks, published, then recorded.
+///
+/// # Errors
+/// [`EditError::Refused`] with the worker's error (nothing sent), a
+/// missing target, or what stopped it.
+pub async fn fix(console: &Console, who: &Who, id: i64, edit: &Edit, to: Option<&str>) -> Result<i64, EditError> {
+    let target = to.unwrap_or(&console.queue);
+    let retry = Action::Retry {
+        target: target.to_owned(),
+        keep_retry_count: false,
+    };
+    check_target(console, &retry).await.map_err(EditError::Refused)?;
+    let publisher = console.broker.publisher().await.map_err(EditError::Refused)?;
+    let actor = who.actor();
+    let fix = Fix {
+        queue: &console.queue,
+        id,
+        edit,
+        target,
+        actor: &actor,
+        max_bytes: console.max_message_bytes,
+    };
+    let result = edit::fix_and_retry(&console.pool, &publisher, &fix).await;
+    if let Err(EditError::Publish(_)) = &result {
+        console.broker.forget().await;
+    }
+    result
 }
 
 /// How many messages `order` would touch now.
@@ -128,6 +193,7 @@ pub async fn count(console: &Console, order: &Order) -> Result<u64, sqlx::Error>
 /// # Errors
 /// Why it stopped (what it committed before stays done).
 pub async fn run(console: &Arc<Console>, who: &Who, order: Order) -> Result<Finished, String> {
+    check_target(console, &order.action).await?;
     let publisher = match order.action {
         Action::Retry { .. } => Some(console.broker.publisher().await?),
         Action::Archive | Action::Unarchive => None,

@@ -23,7 +23,8 @@ use crate::parking::query;
 /// Most messages in one answer of `/api/messages`.
 const MAX_PAGE: i64 = 500;
 
-fn problem(status: StatusCode, why: impl Into<String>) -> Response {
+/// A JSON error: `{"error": why}`.
+pub fn problem(status: StatusCode, why: impl Into<String>) -> Response {
     (status, Json(json!({ "error": why.into() }))).into_response()
 }
 
@@ -102,6 +103,21 @@ pub async fn actions(State(console): State<Arc<Console>>, params: Params) -> Res
     }
 }
 
+/// The refusal of a POST whose body is not JSON (a browser cannot send
+/// JSON cross-site without asking first).
+pub fn not_json(headers: &HeaderMap) -> Option<Response> {
+    let json_body = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|t| t.split(';').next().is_some_and(|t| t.trim() == "application/json"));
+    (!json_body).then(|| {
+        problem(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "send Content-Type: application/json",
+        )
+    })
+}
+
 /// The body of `POST /api/actions`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -118,13 +134,15 @@ struct ActRequest {
     /// Only count, change nothing.
     #[serde(default)]
     dry_run: bool,
+    /// For a retry: the queue to publish to (it must exist), else `Q`.
+    to: Option<String>,
 }
 
 /// The request and the order it makes.
 fn parse(body: &[u8], queue: &str) -> Result<(ActRequest, Order), String> {
     let request: ActRequest = serde_json::from_slice(body).map_err(|e| format!("the request: {e}"))?;
     let order = Order {
-        action: act::action(&request.action, queue, &request.filter)?,
+        action: act::action(&request.action, queue, request.to.as_deref(), &request.filter)?,
         limit: request.limit,
         filter: request.filter.clone(),
     };
@@ -144,15 +162,8 @@ pub async fn act(
     if !csrf_ok(&who, csrf) {
         return csrf_refusal(true);
     }
-    let json_body = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|t| t.split(';').next().is_some_and(|t| t.trim() == "application/json"));
-    if !json_body {
-        return problem(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "send Content-Type: application/json",
-        );
+    if let Some(refusal) = not_json(&headers) {
+        return refusal;
     }
     let (request, mut order) = match parse(&body, &console.queue) {
         Ok(parsed) => parsed,

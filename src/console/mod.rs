@@ -10,11 +10,15 @@
 //!   and the security headers of every response;
 //! * `pages` and `api`: the HTML and the JSON, both through [`act`] for
 //!   actions;
+//! * `fix`: fix and retry, the edit form and its JSON twin;
+//! * `chart`: failures over time, an SVG drawn here, and `/api/stats`;
 //! * `params`: filters and cursors from query strings and forms.
 
 mod act;
 mod api;
 pub mod auth;
+mod chart;
+mod fix;
 mod layout;
 mod pages;
 mod params;
@@ -53,6 +57,8 @@ pub struct Console {
     pub queue: String,
     pub settings: ConsoleSettings,
     pub sessions: auth::Sessions,
+    /// `MAX_MESSAGE_BYTES`: an edit is decoded as the worker decodes.
+    pub max_message_bytes: usize,
 }
 
 /// Serves the console on `listener` until `shutdown`.
@@ -68,6 +74,7 @@ fn router(console: Arc<Console>) -> Router {
         .route("/", get(pages::failures))
         .route("/groups/{fingerprint}", get(pages::group))
         .route("/messages/{id}", get(pages::message))
+        .route("/messages/{id}/edit", post(fix::edit_page))
         .route("/actions", get(pages::actions))
         .route("/act", post(pages::act))
         .route("/login", get(auth::login_page).post(auth::login))
@@ -75,7 +82,9 @@ fn router(console: Arc<Console>) -> Router {
         .route("/api/groups", get(api::groups))
         .route("/api/messages", get(api::messages))
         .route("/api/messages/{id}", get(api::message))
+        .route("/api/messages/{id}/edit", post(fix::edit_api))
         .route("/api/actions", get(api::actions).post(api::act))
+        .route("/api/stats", get(chart::api))
         .route("/static/htmx.min.js", get(|| async { asset("text/javascript", HTMX) }))
         .route("/static/console.css", get(|| async { asset("text/css", CSS) }))
         .fallback(|| async { (StatusCode::NOT_FOUND, "not found\n") })

@@ -19,7 +19,7 @@ use super::act::{self, Finished, Order};
 use super::auth::{Who, csrf_ok, csrf_refusal};
 use super::layout::{document, layout_bare};
 use super::params::{Params, cursor_text, filter_pairs, query_string};
-use crate::parking::query::{self, Group, Message, Shown};
+use crate::parking::query::{self, EditOf, Event, Group, Message, Shown};
 use crate::parking::{Action, Filter, Status, error_kinds};
 
 /// Messages on one page of a group.
@@ -91,7 +91,7 @@ fn time(t: DateTime<Utc>) -> String {
     t.format("%Y-%m-%d %H:%M:%S UTC").to_string()
 }
 
-fn short(text: &str, max: usize) -> String {
+pub(super) fn short(text: &str, max: usize) -> String {
     if text.chars().count() <= max {
         return text.to_owned();
     }
@@ -145,7 +145,7 @@ fn actions_for(status: Status) -> &'static [(&'static str, &'static str)] {
 /// A form acting on everything `filter` matches (`scope` group or
 /// matching): htmx asks for the confirmation in place; without
 /// JavaScript the confirmation is a page.
-fn bulk_form(who: &Who, filter: &Filter, scope: &str, count: i64, noun: &str) -> Markup {
+fn bulk_form(who: &Who, filter: &Filter, scope: &str, count: i64, noun: &str, queue: &str) -> Markup {
     let status = filter.status.unwrap_or(Status::Parked);
     html! {
         @if who.may_act() && count > 0 {
@@ -156,6 +156,7 @@ fn bulk_form(who: &Who, filter: &Filter, scope: &str, count: i64, noun: &str) ->
                 @for (word, label) in actions_for(status) {
                     button type="submit" name="action" value=(word) { (label) " " (noun) " (" (count) ")" }
                 }
+                (retry_options(queue))
             }
             div #confirm aria-live="polite" {}
         }
@@ -166,6 +167,7 @@ fn bulk_form(who: &Who, filter: &Filter, scope: &str, count: i64, noun: &str) ->
 pub async fn failures(State(console): State<Arc<Console>>, Extension(who): Extension<Who>, params: Params) -> Page {
     let filter = filter_of(&params)?;
     let groups = query::groups(&console.pool, &console.queue, &filter).await?;
+    let over_time = super::chart::over_time(&console).await?;
     let total: i64 = groups.iter().map(|g| g.count).sum();
     let status = filter.status.unwrap_or(Status::Parked).as_str();
     let dlq = crate::MainQueue::new(&console.queue).dlq();
@@ -177,10 +179,11 @@ pub async fn failures(State(console): State<Arc<Console>>, Extension(who): Exten
                 moves them into the lot within a second (is every worker's PARKING_KEEPER off?), and "
                 code { "requeue" } " moves them when it starts." }
         }
+        (over_time)
         (filter_form(&filter))
         p.summary #summary { (total) " " (status) " message(s) in " (groups.len()) " group(s)" }
         @if groups.len() > GROUPS_SHOWN { p { "Showing the " (GROUPS_SHOWN) " largest groups; narrow the filter to see the rest." } }
-        (bulk_form(&who, &filter, "matching", total, "all that match"))
+        (bulk_form(&who, &filter, "matching", total, "all that match", &console.queue))
         table #groups {
             thead { tr { th { "Group" } th { "Kind" } th { "Types" } th.num { "Count" } th { "First" } th { "Last" } th { "Sample error" } } }
             tbody {
@@ -191,7 +194,7 @@ pub async fn failures(State(console): State<Arc<Console>>, Extension(who): Exten
     Ok(layout(&console, &who, "Failures", body))
 }
 
-fn group_link(fingerprint: &str, filter: &Filter) -> String {
+pub(super) fn group_link(fingerprint: &str, filter: &Filter) -> String {
     let view = Filter {
         fingerprint: None,
         ..filter.clone()
@@ -245,7 +248,7 @@ pub async fn group(
         h1 { "Group " code { (short(&fingerprint, 16)) } }
         p.summary #summary { (count) " " (status.as_str()) " message(s)" }
         @if let Some(first) = messages.first() { p { "Kind " strong { (first.error_kind) } ". Latest error: " } pre.error { (first.error) } }
-        (bulk_form(&who, &filter, "group", count, "group"))
+        (bulk_form(&who, &filter, "group", count, "group", &console.queue))
         form #selection method="post" action="/act" {
             (csrf_field(&who))
             input type="hidden" name="scope" value="selection";
@@ -258,6 +261,7 @@ pub async fn group(
                 @for (word, label) in actions_for(status) {
                     button type="submit" name="action" value=(word) { (label) " selected" }
                 }
+                (retry_options(&console.queue))
             }
         }
         nav.pages {
@@ -305,7 +309,7 @@ pub async fn message(State(console): State<Arc<Console>>, Extension(who): Extens
                 } }
             }
         }
-        (message_actions(&who, m))
+        (message_actions(&who, m, &console.queue))
         h2 { "Error" }
         pre.error #error { (m.error) }
         h2 { "Body" }
@@ -316,11 +320,12 @@ pub async fn message(State(console): State<Arc<Console>>, Extension(who): Extens
         (json_table("properties", &shown.properties))
         h2 { "History" }
         (history(&shown))
+        (super::fix::form(&who, &shown, &console.queue, None, None))
     };
     Ok(layout(&console, &who, "Message", body))
 }
 
-fn message_actions(who: &Who, m: &Message) -> Markup {
+fn message_actions(who: &Who, m: &Message, queue: &str) -> Markup {
     html! {
         @if who.may_act() {
             form.actions method="post" action="/act" {
@@ -329,8 +334,17 @@ fn message_actions(who: &Who, m: &Message) -> Markup {
                 input type="hidden" name="id" value=(m.message_id);
                 input type="hidden" name="status" value=(m.status.as_str());
                 @for (word, label) in actions_for(m.status) { button type="submit" name="action" value=(word) { (label) } }
+                (retry_options(queue))
             }
         }
+    }
+}
+
+/// The fields of a retry beyond its messages: the queue it goes to (it
+/// must exist; empty: back to `Q`) and its pace.
+fn retry_options(queue: &str) -> Markup {
+    html! {
+        label.option { "Retry into queue " input.to type="text" name="to" placeholder=(queue); }
     }
 }
 
@@ -372,20 +386,46 @@ fn json_table(id: &str, value: &Value) -> Markup {
     }
 }
 
+/// Every parking and every action on the message, in order, each edit
+/// with its diff; then where it stands.
 fn history(shown: &Shown) -> Markup {
     let m = &shown.message;
     html! {
-        ul #history {
-            li { (time(m.first_parked_at)) ": first parked" }
-            @if m.times_parked > 1 {
-                li { (time(m.last_parked_at)) ": parked again, " (m.times_parked) " times in all (the error above is the latest)" }
-            }
-            @if let Some(failed) = shown.failed_at { li { (time(failed)) ": last failed" } }
-            @for a in &shown.actions {
-                li { (time(a.at)) ": " (a.action) " by " (a.actor) " (" a href=(format!("/actions?before={}", a.id + 1)) { "action #" (a.id) } ")" }
+        ol #history {
+            @for event in shown.history() {
+                @match event {
+                    Event::Parked(p) => li.parked {
+                        (time(p.at)) ": parked, " (p.error_kind)
+                        " (iot-retry-count " (p.retry_count.map_or_else(|| "none".to_owned(), |n| n.to_string()))
+                        ", iot-requeue-count " (p.requeue_count) "): " span.error { (short(&p.error, 300)) }
+                    },
+                    Event::Acted(a) => li.action {
+                        (time(a.at)) ": " (a.action)
+                        @if let Some(target) = &a.target { " to " code { (target) } }
+                        " by " span.actor { (a.actor) }
+                        " (" a href=(format!("/actions?before={}", a.id + 1)) { "action #" (a.id) } ")"
+                        @if let Some(edit) = shown.edit(a.id) { (diff_view(edit)) }
+                    },
+                }
             }
             li { (time(shown.status_changed_at)) ": status " (m.status.as_str())
                 @if let Some(by) = &shown.status_changed_by { " by " (by) } }
+        }
+    }
+}
+
+/// An edit's diff, a line at a time, marked by what happened to it;
+/// escaped like everything else.
+fn diff_view(edit: &EditOf) -> Markup {
+    html! {
+        @if let (Some(header), Some(value)) = (&edit.header, &edit.header_value) {
+            p.note { "Header " code { (header) } " set to " code { (value) } }
+        }
+        pre.diff {
+            @for line in edit.diff.lines() {
+                @let class = match line.chars().next() { Some('+') => "add", Some('-') => "del", _ => "same" };
+                span class=(class) { (line) } "\n"
+            }
         }
     }
 }
@@ -443,7 +483,7 @@ pub async fn act(
 async fn act_page(console: &Arc<Console>, who: &Who, params: &Params, fragment: bool) -> Page {
     let filter = filter_of(params)?;
     let word = params.get("action").unwrap_or("");
-    let action = act::action(word, &console.queue, &filter).map_err(PageError::BadRequest)?;
+    let action = act::action(word, &console.queue, params.get("to"), &filter).map_err(PageError::BadRequest)?;
     let scope = params.get("scope").unwrap_or("");
     let bulk = match scope {
         "message" | "selection" if filter.ids.is_empty() => {
@@ -512,12 +552,14 @@ fn confirmation(who: &Who, order: &Order, scope: &str, count: u64) -> Markup {
             @if count == 0 {
                 p #confirm-question { "No message matches: nothing to do." }
             } @else {
-                p #confirm-question { (label) " " strong #confirm-count { (count) } " message(s)?" }
+                p #confirm-question { (label) " " strong #confirm-count { (count) } " message(s)"
+                    @if let Action::Retry { target, .. } = &order.action { " into " code #confirm-target { (target) } } "?" }
                 form method="post" action="/act" {
                     (csrf_field(who))
                     input type="hidden" name="scope" value=(scope);
                     input type="hidden" name="action" value=(order.action.as_str());
                     input type="hidden" name="confirm" value=(count);
+                    @if let Action::Retry { target, .. } = &order.action { input type="hidden" name="to" value=(target); }
                     (hidden(&filter_pairs(&order.filter)))
                     button #confirm-button type="submit" { (label) " " (count) " message(s)" }
                     " "

@@ -50,8 +50,11 @@ fn latest_per_message(parkings: &[Parking]) -> Vec<&Parking> {
 /// holds a lower `requeue_count` failed again after a retry and goes back
 /// to `parked` with `times_parked` + 1 and its latest error, headers, body
 /// and properties; any other copy is the same parking again and changes
-/// nothing. Several keepers may store the same message at once: the
-/// unique key serialises them.
+/// nothing. Each row written (new or parked again) also gets its row in
+/// `parkings`, the message's history, in the same statement: the history
+/// never misses a parking the lot counts, nor holds one it does not.
+/// Several keepers may store the same message at once: the unique key
+/// serialises them.
 ///
 /// # Errors
 /// The database error; nothing is stored then.
@@ -59,20 +62,34 @@ pub async fn store(conn: &mut PgConnection, queue: &str, parkings: &[Parking]) -
     let rows = latest_per_message(parkings);
     let column = |f: fn(&Parking) -> Option<&str>| rows.iter().map(|p| f(p)).collect::<Vec<_>>();
     let inserted: Vec<bool> = sqlx::query_scalar(
-        "INSERT INTO parked_messages AS p
-             (queue, message_id, message_type, error_kind, error, fingerprint, headers, body,
-              properties, amqp_properties, requeue_count, failed_at)
-         SELECT $1, * FROM UNNEST($2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::jsonb[],
-                                  $8::bytea[], $9::jsonb[], $10::bytea[], $11::int[], $12::timestamptz[])
-         ON CONFLICT (queue, message_id) DO UPDATE SET
-             message_type = EXCLUDED.message_type, error_kind = EXCLUDED.error_kind,
-             error = EXCLUDED.error, fingerprint = EXCLUDED.fingerprint, headers = EXCLUDED.headers,
-             body = EXCLUDED.body, properties = EXCLUDED.properties,
-             amqp_properties = EXCLUDED.amqp_properties, requeue_count = EXCLUDED.requeue_count,
-             failed_at = EXCLUDED.failed_at, status = 'parked', times_parked = p.times_parked + 1,
-             last_parked_at = now(), status_changed_at = now(), status_changed_by = NULL
-         WHERE p.requeue_count < EXCLUDED.requeue_count
-         RETURNING xmax = 0",
+        "WITH input AS (
+             SELECT * FROM UNNEST($2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::jsonb[],
+                                  $8::bytea[], $9::jsonb[], $10::bytea[], $11::int[], $12::timestamptz[],
+                                  $13::bigint[])
+                 AS i (message_id, message_type, error_kind, error, fingerprint, headers, body, properties,
+                       amqp_properties, requeue_count, failed_at, retry_count)),
+         stored AS (
+             INSERT INTO parked_messages AS p
+                 (queue, message_id, message_type, error_kind, error, fingerprint, headers, body,
+                  properties, amqp_properties, requeue_count, failed_at)
+             SELECT $1, message_id, message_type, error_kind, error, fingerprint, headers, body,
+                    properties, amqp_properties, requeue_count, failed_at FROM input
+             ON CONFLICT (queue, message_id) DO UPDATE SET
+                 message_type = EXCLUDED.message_type, error_kind = EXCLUDED.error_kind,
+                 error = EXCLUDED.error, fingerprint = EXCLUDED.fingerprint, headers = EXCLUDED.headers,
+                 body = EXCLUDED.body, properties = EXCLUDED.properties,
+                 amqp_properties = EXCLUDED.amqp_properties, requeue_count = EXCLUDED.requeue_count,
+                 failed_at = EXCLUDED.failed_at, status = 'parked', times_parked = p.times_parked + 1,
+                 last_parked_at = now(), status_changed_at = now(), status_changed_by = NULL
+             WHERE p.requeue_count < EXCLUDED.requeue_count
+             RETURNING id, message_id, last_parked_at, xmax = 0 AS is_new),
+         history AS (
+             INSERT INTO parkings (parked_id, queue, at, error_kind, error, fingerprint, retry_count,
+                                   requeue_count, failed_at)
+             SELECT s.id, $1, s.last_parked_at, i.error_kind, i.error, i.fingerprint, i.retry_count,
+                    i.requeue_count, i.failed_at
+             FROM stored s JOIN input i USING (message_id))
+         SELECT is_new FROM stored",
     )
     .bind(queue)
     .bind(column(|p| Some(p.message_id.as_str())))
@@ -86,6 +103,7 @@ pub async fn store(conn: &mut PgConnection, queue: &str, parkings: &[Parking]) -
     .bind(rows.iter().map(|p| p.amqp_properties.as_slice()).collect::<Vec<_>>())
     .bind(rows.iter().map(|p| p.requeue_count).collect::<Vec<_>>())
     .bind(rows.iter().map(|p| p.failed_at).collect::<Vec<_>>())
+    .bind(rows.iter().map(|p| p.retry_count).collect::<Vec<_>>())
     .fetch_all(conn)
     .await?;
     let new = inserted.iter().filter(|&&new| new).count() as u64;
@@ -117,8 +135,8 @@ pub async fn counts(pool: &PgPool, queue: &str) -> Result<Vec<(&'static str, i64
 }
 
 /// Deletes up to `chunk` `retried` and `archived` rows whose status changed
-/// more than `retention` ago; `parked` rows are never deleted. Returns how
-/// many went.
+/// more than `retention` ago, with their history (`parkings` and edits
+/// cascade); `parked` rows are never deleted. Returns how many went.
 ///
 /// # Errors
 /// The database error.

@@ -9,20 +9,25 @@
 //! rules:
 //!
 //! * [`record`]: what the lot keeps of one delivery (pure);
-//! * [`lot`]: storing a batch (the one-row-per-message rule), counts,
-//!   retention;
+//! * [`lot`]: storing a batch (the one-row-per-message rule, and a row
+//!   of `parkings` per parking), counts, retention;
 //! * [`query`]: a [`Filter`] in SQL, the groups of `--list`, one message of
 //!   `--show`, the messages a dry run names;
 //! * [`actions`]: retry (confirmed publish, *then* marked), archive and
 //!   unarchive, each written to `operator_actions`;
+//! * [`edit`]: fix and retry: an operator's edit, checked as the worker
+//!   checks a message, published, then recorded with its diff;
+//! * [`stats`]: messages parked per hour and kind, the groups that grew;
 //! * [`keeper`]: taking from `Q.dlq` in batches, for the worker and for
 //!   `requeue`.
 
 pub mod actions;
+pub mod edit;
 pub mod keeper;
 pub mod lot;
 pub mod query;
 pub mod record;
+pub mod stats;
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};

@@ -107,6 +107,71 @@ pub struct Shown {
     pub failed_at: Option<DateTime<Utc>>,
     #[sqlx(skip)]
     pub actions: Vec<ActionOn>,
+    /// Every parking of the message, oldest first.
+    #[sqlx(skip)]
+    pub parkings: Vec<ParkingOf>,
+    /// The operators' edits of the message, oldest first.
+    #[sqlx(skip)]
+    pub edits: Vec<EditOf>,
+}
+
+/// One parking of a message (a row of `parkings`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
+pub struct ParkingOf {
+    pub at: DateTime<Utc>,
+    pub error_kind: String,
+    pub error: String,
+    pub fingerprint: String,
+    /// `iot-retry-count` of the parked copy.
+    pub retry_count: Option<i64>,
+    /// `iot-requeue-count` of the parked copy.
+    pub requeue_count: i32,
+    pub failed_at: Option<DateTime<Utc>>,
+}
+
+/// One edit of a message (fix and retry), with its diff.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
+pub struct EditOf {
+    pub action_id: i64,
+    pub header: Option<String>,
+    pub header_value: Option<String>,
+    pub diff: String,
+}
+
+/// One entry of a message's history: a parking or an operator action.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Event<'a> {
+    Parked(&'a ParkingOf),
+    Acted(&'a ActionOn),
+}
+
+impl Event<'_> {
+    pub fn at(&self) -> DateTime<Utc> {
+        match self {
+            Event::Parked(p) => p.at,
+            Event::Acted(a) => a.at,
+        }
+    }
+}
+
+impl Shown {
+    /// The parkings and the actions, in the order they happened (a parking
+    /// and an action at the same instant: the parking first).
+    pub fn history(&self) -> Vec<Event<'_>> {
+        let mut events: Vec<Event<'_>> = self
+            .parkings
+            .iter()
+            .map(Event::Parked)
+            .chain(self.actions.iter().map(Event::Acted))
+            .collect();
+        events.sort_by_key(|e| (e.at(), matches!(e, Event::Acted(_))));
+        events
+    }
+
+    /// The edit that action `action_id` made, if it was one.
+    pub fn edit(&self, action_id: i64) -> Option<&EditOf> {
+        self.edits.iter().find(|e| e.action_id == action_id)
+    }
 }
 
 /// An operator action that changed one message.
@@ -211,7 +276,37 @@ pub async fn show_row(pool: &PgPool, queue: &str, id: i64) -> Result<Option<Show
 async fn with_actions(pool: &PgPool, found: Option<Shown>) -> Result<Option<Shown>, sqlx::Error> {
     let Some(mut shown) = found else { return Ok(None) };
     shown.actions = actions_on(pool, shown.message.id).await?;
+    shown.parkings = parkings_of(pool, shown.message.id).await?;
+    shown.edits = edits_of(pool, shown.message.id).await?;
     Ok(Some(shown))
+}
+
+/// Every parking of row `parked_id`, oldest first.
+///
+/// # Errors
+/// The database error.
+pub async fn parkings_of(pool: &PgPool, parked_id: i64) -> Result<Vec<ParkingOf>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT at, error_kind, error, fingerprint, retry_count, requeue_count, failed_at
+         FROM parkings WHERE parked_id = $1 ORDER BY at, id",
+    )
+    .bind(parked_id)
+    .fetch_all(pool)
+    .await
+}
+
+/// The edits of row `parked_id`, oldest first.
+///
+/// # Errors
+/// The database error.
+pub async fn edits_of(pool: &PgPool, parked_id: i64) -> Result<Vec<EditOf>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT action_id, header, header_value, diff FROM message_edits
+         WHERE parked_id = $1 ORDER BY action_id",
+    )
+    .bind(parked_id)
+    .fetch_all(pool)
+    .await
 }
 
 /// Where a page of messages starts: after this `(last_parked_at, id)`,

@@ -15,7 +15,7 @@ use lapin::types::{AMQPValue, FieldTable};
 use serde_json::{Map, Value, json};
 
 use crate::envelope::body_hash;
-use crate::headers::{self, ERROR, ERROR_FINGERPRINT, ERROR_KIND, LAST_FAILURE_AT, REQUEUE_COUNT};
+use crate::headers::{self, ERROR, ERROR_FINGERPRINT, ERROR_KIND, LAST_FAILURE_AT, REQUEUE_COUNT, RETRY_COUNT};
 
 /// Longest envelope `id` taken as the message id (as the envelope allows).
 const MAX_ENVELOPE_ID_CHARS: usize = 128;
@@ -39,6 +39,8 @@ pub struct Parking {
     pub body: Vec<u8>,
     /// `iot-requeue-count`: which parking of the message this is.
     pub requeue_count: i32,
+    /// `iot-retry-count`: the attempts the worker made before parking it.
+    pub retry_count: Option<i64>,
     /// When it failed (`iot-last-failure-at`, or the broker's `x-death`).
     pub failed_at: Option<DateTime<Utc>>,
 }
@@ -79,6 +81,7 @@ impl Parking {
             body: body.to_vec(),
             requeue_count: headers::read_i64(h, REQUEUE_COUNT)
                 .map_or(0, |n| i32::try_from(n.max(0)).unwrap_or(i32::MAX)),
+            retry_count: headers::read_i64(h, RETRY_COUNT),
             failed_at: failed_ms.and_then(DateTime::from_timestamp_millis),
         }
     }
@@ -312,6 +315,7 @@ mod tests {
             )
         );
         assert_eq!(p.requeue_count, 0);
+        assert_eq!(p.retry_count, Some(0));
         assert_eq!(p.failed_at.map(|t| t.timestamp_millis()), Some(1_790_000_000_000));
         assert_eq!(p.headers["iot-error-kind"], "validation");
         assert_eq!(p.body, body);

@@ -14,9 +14,9 @@ use lapin::types::{AMQPValue, FieldTable};
 use serde_json::{Value, json};
 use worker_iot_core::ErrorKind;
 
-const WAIT: Duration = Duration::from_secs(60);
-const OPERATOR: &str = "operator-token-0123456789";
-const VIEWER: &str = "viewer-token-0123456789ab";
+pub(crate) const WAIT: Duration = Duration::from_secs(60);
+pub(crate) const OPERATOR: &str = "operator-token-0123456789";
+pub(crate) const VIEWER: &str = "viewer-token-0123456789ab";
 const TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
 
 /// A body a person must only ever read: a script in the body, and HTML in
@@ -31,7 +31,7 @@ fn hostile(id: &str) -> Vec<u8> {
 /// Publishes `messages` to Q with a running worker (its keeper on), and
 /// waits until each is a row of the lot; stops the worker, so a retried
 /// message stays in Q to be counted.
-async fn fill(env: &TestEnv, messages: &[(&str, Vec<u8>)]) {
+pub(crate) async fn fill(env: &TestEnv, messages: &[(&str, Vec<u8>)]) {
     let worker = env.spawn_worker(&[("PARKING_KEEPER", "on")]);
     worker.wait_ready(env).await;
     for (id, body) in messages {
@@ -50,7 +50,7 @@ async fn fill(env: &TestEnv, messages: &[(&str, Vec<u8>)]) {
 }
 
 /// The cells of each row of table `css`, as the page shows them.
-async fn table(browser: &Browser, css: &str) -> Vec<Vec<String>> {
+pub(crate) async fn table(browser: &Browser, css: &str) -> Vec<Vec<String>> {
     let script = format!(
         "return [...document.querySelectorAll('{css} tbody tr')].map(r => [...r.cells].map(c => c.innerText.trim()));"
     );
@@ -67,7 +67,7 @@ async fn lot(env: &TestEnv) -> Vec<(String, String, i32, String)> {
     .expect("read the lot")
 }
 
-async fn row_id(env: &TestEnv, message_id: &str) -> i64 {
+pub(crate) async fn row_id(env: &TestEnv, message_id: &str) -> i64 {
     sqlx::query_scalar("SELECT id FROM parked_messages WHERE message_id = $1")
         .bind(message_id)
         .fetch_one(&env.pool)
@@ -75,7 +75,7 @@ async fn row_id(env: &TestEnv, message_id: &str) -> i64 {
         .expect("a row")
 }
 
-async fn statuses(env: &TestEnv, status: &str) -> BTreeSet<String> {
+pub(crate) async fn statuses(env: &TestEnv, status: &str) -> BTreeSet<String> {
     sqlx::query_scalar("SELECT message_id FROM parked_messages WHERE status = $1")
         .bind(status)
         .fetch_all(&env.pool)
@@ -93,7 +93,7 @@ async fn actions(env: &TestEnv) -> Vec<(String, String, i32)> {
 }
 
 /// Clicks the link of the group whose types cell is `message_type`.
-async fn open_group(browser: &Browser, message_type: &str) {
+pub(crate) async fn open_group(browser: &Browser, message_type: &str) {
     let xpath = format!("//table[@id='groups']//tr[td[3]='{message_type}']//a");
     let link = browser
         .client
@@ -104,7 +104,7 @@ async fn open_group(browser: &Browser, message_type: &str) {
     browser.text("#messages").await;
 }
 
-fn set(ids: &[&str]) -> BTreeSet<String> {
+pub(crate) fn set(ids: &[&str]) -> BTreeSet<String> {
     ids.iter().map(|s| (*s).to_owned()).collect()
 }
 
@@ -239,7 +239,7 @@ async fn a_person_reads_the_lot_and_retries_one_group() {
     env.cleanup().await;
 }
 
-async fn stop(mut console: ConsoleProcess) {
+pub(crate) async fn stop(mut console: ConsoleProcess) {
     console.process.signal("TERM");
     let status = console.process.wait_exit(Duration::from_secs(10)).await;
     assert!(
@@ -250,7 +250,7 @@ async fn stop(mut console: ConsoleProcess) {
 }
 
 /// Runs `fetch` in the page: a POST of `form` to `path`; the status.
-async fn post_from_page(browser: &Browser, path: &str, form: Value) -> u16 {
+pub(crate) async fn post_from_page(browser: &Browser, path: &str, form: Value) -> u16 {
     let script = "const [path, form, done] = arguments; \
                   fetch(path, {method: 'POST', body: new URLSearchParams(form)}).then(r => done(r.status));";
     let status = browser
@@ -261,7 +261,7 @@ async fn post_from_page(browser: &Browser, path: &str, form: Value) -> u16 {
     u16::try_from(status.as_u64().expect("a status")).expect("a status")
 }
 
-async fn login(browser: &Browser, url: &str, name: &str, token: &str) {
+pub(crate) async fn login(browser: &Browser, url: &str, name: &str, token: &str) {
     browser.client.goto(&format!("{url}/login")).await.expect("login page");
     let form = browser.client.form(Locator::Css("form")).await.expect("login form");
     form.set_by_name("name", name).await.expect("name");

@@ -21,6 +21,7 @@ mod cli;
 #[cfg(feature = "test-handlers")]
 mod cluster;
 mod console;
+mod console_fixes;
 mod deploy;
 #[cfg(feature = "test-handlers")]
 mod edges;

@@ -241,3 +241,63 @@ async fn yes_skips_the_question_and_ctrl_c_exits_130_losing_nothing() {
     );
     env.cleanup().await;
 }
+
+/// `requeue --edit` through `$EDITOR` (here a script): a still-bad edit
+/// says the worker's error and sends nothing; a fixed one is sent once,
+/// recorded with its diff, and the row keeps the original bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn edit_opens_the_editor_checks_like_the_worker_then_retries() {
+    let env = TestEnv::new(&TopologyFile::fast()).await;
+    let original = measurement("e1", "21.5");
+    env.park(&original, "e1", ErrorKind::Validation, "data.value must be a number")
+        .await;
+    let editor = |name: &str, sed: &str| {
+        let path = env.dir.join(name);
+        std::fs::write(&path, format!("#!/bin/sh\nsed -i '{sed}' \"$1\"\n")).expect("write the editor");
+        std::process::Command::new("chmod")
+            .arg("+x")
+            .arg(&path)
+            .status()
+            .expect("chmod");
+        path
+    };
+    let still_bad = editor("bad.sh", r#"s/"21.5"/"21,5"/"#);
+    let out = env
+        .requeue(&["--edit", "e1"])
+        .env("EDITOR", &still_bad)
+        .output()
+        .expect("requeue");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("nothing sent") && stderr.contains("validation: "),
+        "{stderr}"
+    );
+    assert_eq!(env.queue_len(&env.queue).await, 0);
+
+    let fixed = editor("fix.sh", r#"s/"21.5"/21.5/"#);
+    let out = env
+        .requeue(&["--edit", "e1", "--actor", "ed"])
+        .env("EDITOR", &fixed)
+        .output()
+        .expect("requeue");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let sent = env.drain(&env.queue).await;
+    assert_eq!(sent.len(), 1);
+    let body: serde_json::Value = serde_json::from_slice(&sent[0].delivery.data).expect("JSON");
+    assert_eq!(body["data"]["value"], 21.5);
+    let (action, actor, diff): (String, String, String) = sqlx::query_as(
+        "SELECT a.action, a.actor, e.diff FROM operator_actions a JOIN message_edits e ON e.action_id = a.id",
+    )
+    .fetch_one(&env.pool)
+    .await
+    .expect("the edit");
+    assert_eq!((action.as_str(), actor.as_str()), ("edit", "ed"));
+    assert!(diff.contains(r#"+     "value": 21.5"#), "{diff}");
+    let kept: Vec<u8> = sqlx::query_scalar("SELECT body FROM parked_messages WHERE message_id = 'e1'")
+        .fetch_one(&env.pool)
+        .await
+        .expect("the row");
+    assert_eq!(kept, original);
+    env.cleanup().await;
+}

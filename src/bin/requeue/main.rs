@@ -18,6 +18,7 @@ use worker_iot_core::config::{BROKER_KEYS, DATABASE_KEYS, Settings};
 use worker_iot_core::parking::{self, Action, Filter, Request, Status, actions, keeper, query};
 use worker_iot_core::store;
 
+mod edit;
 mod output;
 
 /// List, show, retry and archive the parked messages of queue Q.
@@ -55,6 +56,15 @@ struct Args {
     /// Mark the matching archived messages parked again.
     #[arg(long, conflicts_with_all = ["to", "keep_retry_count"])]
     unarchive: bool,
+    /// Fix and retry one message: opens its body in $EDITOR, checks the
+    /// edit as the worker would (envelope, then the type's validation),
+    /// and only then retries it (to Q, or --to). The original bytes are
+    /// kept; the edit and its diff are an operator action.
+    #[arg(long, value_name = "MESSAGE_ID", conflicts_with_all = ["list", "show", "archive", "unarchive", "limit", "rate", "dry_run"])]
+    edit: Option<String>,
+    /// With --edit: also set this header (not iot-*), as NAME=VALUE.
+    #[arg(long, value_name = "NAME=VALUE", requires = "edit")]
+    set_header: Option<String>,
     /// Queue a retry publishes to (default: Q).
     #[arg(long, value_name = "QUEUE")]
     to: Option<String>,
@@ -160,6 +170,14 @@ impl Args {
         }
     }
 
+    /// Who acts: --actor, else $USER.
+    fn actor(&self) -> String {
+        self.actor
+            .clone()
+            .or_else(|| std::env::var("USER").ok())
+            .unwrap_or_else(|| "unknown".into())
+    }
+
     fn action(&self, queue: &str) -> Action {
         if self.archive {
             Action::Archive
@@ -209,19 +227,25 @@ async fn open(settings: &Settings, dry_run: bool) -> anyhow::Result<(PgPool, Con
 }
 
 async fn run(args: Args) -> anyhow::Result<ExitCode> {
-    let settings = Settings::load_for(&[BROKER_KEYS, DATABASE_KEYS].concat())?.settings;
+    let settings = Settings::load_for(&[BROKER_KEYS, DATABASE_KEYS, &["MAX_MESSAGE_BYTES"]].concat())?.settings;
     let queue = args.queue.clone().unwrap_or_else(|| settings.queue.clone());
     if args.unarchive && args.status.is_some_and(|s| s != Status::Archived) {
         return Err(UsageError("--unarchive works on archived messages: leave out --status".into()).into());
     }
     let (pool, connection) = open(&settings, args.dry_run).await?;
-    let result = work(&args, &queue, &pool, &connection).await;
+    let result = work(&args, &queue, &pool, &connection, settings.max_message_bytes).await;
     connection.close(200, "done".into()).await.ok();
     pool.close().await;
     result
 }
 
-async fn work(args: &Args, queue: &str, pool: &PgPool, connection: &Connection) -> anyhow::Result<ExitCode> {
+async fn work(
+    args: &Args,
+    queue: &str,
+    pool: &PgPool,
+    connection: &Connection,
+    max_bytes: usize,
+) -> anyhow::Result<ExitCode> {
     let dlq = worker_iot_core::MainQueue::new(queue).dlq();
     if args.dry_run {
         let waiting = keeper::queue_depth(connection, &dlq).await?.unwrap_or(0);
@@ -249,6 +273,9 @@ async fn work(args: &Args, queue: &str, pool: &PgPool, connection: &Connection) 
         let groups = query::groups(pool, queue, &filter).await?;
         output::groups(&groups, queue, args.json);
         return Ok(ExitCode::SUCCESS);
+    }
+    if let Some(id) = &args.edit {
+        return edit::run(args, queue, pool, connection, id, max_bytes).await;
     }
     if let Some(id) = &args.show {
         let Some(shown) = query::show(pool, queue, id).await? else {
@@ -285,11 +312,7 @@ async fn act(
         Action::Retry { .. } => Some(Publisher::open(connection).await?),
         Action::Archive | Action::Unarchive => None,
     };
-    let actor = args
-        .actor
-        .clone()
-        .or_else(|| std::env::var("USER").ok())
-        .unwrap_or_else(|| "unknown".into());
+    let actor = args.actor();
     let request = Request {
         queue,
         filter,

@@ -5,7 +5,7 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use serde_json::Value;
 use worker_iot_core::envelope::truncate_chars;
-use worker_iot_core::parking::query::ActionOn;
+use worker_iot_core::parking::query::{ActionOn, EditOf, Event, ParkingOf};
 use worker_iot_core::parking::{Action, Done, Group, Message, Shown, Status};
 
 use worker_iot_core::emit;
@@ -187,6 +187,9 @@ struct Details<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     body_hex: Option<String>,
     actions: Vec<ActionLine<'a>>,
+    /// Every parking, oldest first.
+    parkings: &'a [ParkingOf],
+    edits: &'a [EditOf],
 }
 
 #[derive(Serialize)]
@@ -320,6 +323,8 @@ pub fn shown(s: &Shown, json: bool) {
             body: text,
             body_hex: text.is_none().then(|| hex::encode(&s.body)),
             actions: s.actions.iter().map(action_line).collect(),
+            parkings: &s.parkings,
+            edits: &s.edits,
         };
         emit!("{}", json_line(&message_line(&s.message, None, Some(details))));
         return;
@@ -373,14 +378,29 @@ fn shown_text(s: &Shown, text: Option<&str>) {
     if s.actions.is_empty() {
         emit!("actions      none");
     }
-    for a in &s.actions {
-        let to = a.target.as_deref().map_or(String::new(), |t| format!(" to {t}"));
-        emit!(
-            "action       {} {}{to} by {} (operator action {})",
-            time(a.at),
-            a.action,
-            a.actor,
-            a.id
-        );
+    for event in s.history() {
+        match event {
+            Event::Parked(p) => emit!(
+                "parked       {} {}: {} (iot-retry-count {}, iot-requeue-count {})",
+                time(p.at),
+                p.error_kind,
+                p.error,
+                p.retry_count.map_or_else(|| "-".to_owned(), |n| n.to_string()),
+                p.requeue_count
+            ),
+            Event::Acted(a) => {
+                let to = a.target.as_deref().map_or(String::new(), |t| format!(" to {t}"));
+                emit!(
+                    "action       {} {}{to} by {} (operator action {})",
+                    time(a.at),
+                    a.action,
+                    a.actor,
+                    a.id
+                );
+                if let Some(edit) = s.edit(a.id) {
+                    emit!("{}", edit.diff);
+                }
+            }
+        }
     }
 }

@@ -24,9 +24,9 @@ use crate::envelope::{self, IdSource};
 
 /// Longest header name AMQP carries (a short string).
 const MAX_HEADER_NAME: usize = 255;
-/// Beyond this many line pairs the diff is not aligned: all old lines,
-/// then all new ones.
-const MAX_DIFF_CELLS: usize = 4_000_000;
+/// How long the diff of two bodies may take to align (a large body with
+/// many changes); past it, the diff is coarser, never wrong.
+const DIFF_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// What the operator changed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -223,46 +223,30 @@ fn diff_text(body: &[u8]) -> String {
 }
 
 /// A line diff of two bodies: each line prefixed `  ` (kept), `- ` (gone)
-/// or `+ ` (new).
+/// or `+ ` (new), a removed line before the line that replaces it.
 pub fn body_diff(before: &[u8], after: &[u8]) -> String {
     let (old, new) = (diff_text(before), diff_text(after));
-    line_diff(&old.lines().collect::<Vec<_>>(), &new.lines().collect::<Vec<_>>())
+    line_diff(&old, &new)
 }
 
-/// The longest common subsequence of lines, walked into a diff.
-fn line_diff(old: &[&str], new: &[&str]) -> String {
-    let (n, m) = (old.len(), new.len());
-    let mut out = Vec::with_capacity(n + m);
-    if n.saturating_mul(m) > MAX_DIFF_CELLS {
-        out.extend(old.iter().map(|l| format!("- {l}")));
-        out.extend(new.iter().map(|l| format!("+ {l}")));
-        return out.join("\n");
-    }
-    // common[i][j]: the longest common run of old[i..] and new[j..].
-    let mut common = vec![vec![0u32; m + 1]; n + 1];
-    for i in (0..n).rev() {
-        for j in (0..m).rev() {
-            common[i][j] = if old[i] == new[j] {
-                common[i + 1][j + 1] + 1
-            } else {
-                common[i + 1][j].max(common[i][j + 1])
+fn line_diff(old: &str, new: &str) -> String {
+    // Every line ends in a newline, so a last line compares like the others.
+    let (old, new) = (format!("{old}\n"), format!("{new}\n"));
+    let diff = similar::TextDiff::configure()
+        .timeout(DIFF_TIMEOUT)
+        .diff_lines(old.as_str(), new.as_str());
+    let lines: Vec<String> = diff
+        .iter_all_changes()
+        .map(|change| {
+            let sign = match change.tag() {
+                similar::ChangeTag::Equal => ' ',
+                similar::ChangeTag::Delete => '-',
+                similar::ChangeTag::Insert => '+',
             };
-        }
-    }
-    let (mut i, mut j) = (0, 0);
-    while i < n || j < m {
-        if i < n && j < m && old[i] == new[j] {
-            out.push(format!("  {}", old[i]));
-            (i, j) = (i + 1, j + 1);
-        } else if j < m && (i == n || common[i][j + 1] >= common[i + 1][j]) {
-            out.push(format!("+ {}", new[j]));
-            j += 1;
-        } else {
-            out.push(format!("- {}", old[i]));
-            i += 1;
-        }
-    }
-    out.join("\n")
+            format!("{sign} {}", change.value().trim_end_matches('\n'))
+        })
+        .collect();
+    lines.join("\n")
 }
 
 #[cfg(test)]
@@ -313,7 +297,7 @@ mod tests {
         let diff = body_diff(&measurement(json!("21.5")), &measurement(json!(21.5)));
         let changed: Vec<&str> = diff.lines().filter(|l| !l.starts_with("  ")).collect();
         assert_eq!(changed, [r#"-     "value": "21.5""#, r#"+     "value": 21.5"#]);
-        assert_eq!(line_diff(&["a", "b"], &["b", "c"]), "- a\n  b\n+ c");
-        assert_eq!(line_diff(&[], &["x"]), "+ x");
+        assert_eq!(line_diff("a\nb", "b\nc"), "- a\n  b\n+ c");
+        assert_eq!(line_diff("a", "a\nx"), "  a\n+ x");
     }
 }

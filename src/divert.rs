@@ -156,4 +156,29 @@ mod tests {
         let kind = read_string(plan.properties.headers().as_ref(), ERROR_KIND);
         assert_eq!(kind.as_deref(), Some("panic"));
     }
+
+    /// A raw device message's id, given at first receipt, travels on its
+    /// copy as `message_id`; a producer's own `message_id` is never replaced.
+    #[test]
+    fn a_minted_id_travels_on_the_copy() {
+        let topology = Topology::parse(TOPOLOGY, "iot").unwrap();
+        let failed = Failed::untyped(Failure::Database(sqlx::Error::PoolTimedOut));
+        let received = Utc.timestamp_millis_opt(7).unwrap();
+        for (own, expected) in [(None, "raw-1"), (Some("producer-9"), "producer-9")] {
+            let mut properties = BasicProperties::default();
+            if let Some(id) = own {
+                properties = properties.with_message_id(id.into());
+            }
+            let origin = Origin {
+                properties: &properties,
+                exchange: "amq.topic",
+                routing_key: "d1.pressure",
+                received,
+                message_id: Some("raw-1"),
+            };
+            let plan = plan(&origin, &failed, &topology, WRITER, received);
+            assert_eq!(plan.properties.message_id().as_ref().map(|id| id.as_str()), Some(expected));
+            assert_eq!(headers::first_received(&plan.properties), Some(received));
+        }
+    }
 }

@@ -208,7 +208,9 @@ mod tests {
             let refused = device_message("SET_LED", json!({"device_id": id, "state": "on"}), &shipped).unwrap_err();
             assert!(matches!(&refused, Failure::Invalid(e) if e.field == "device_id"), "{id}: {refused}");
             assert_eq!(refused.kind(), crate::failure::ErrorKind::Validation);
-            assert!(refused.to_string().contains("one MQTT topic level"), "{refused}");
         }
+        // `.` passes the device id rule of events: commands refuse it.
+        let dotted = device_message("SET_LED", json!({"device_id": "a.b", "state": "on"}), &shipped).unwrap_err();
+        assert!(dotted.to_string().contains("one MQTT topic level"), "{dotted}");
     }
 }

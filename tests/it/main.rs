@@ -22,6 +22,7 @@ mod cli;
 mod cluster;
 mod console;
 mod deploy;
+mod devices;
 #[cfg(feature = "test-handlers")]
 mod edges;
 mod failover;

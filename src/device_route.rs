@@ -112,17 +112,25 @@ impl DeviceRoute {
         check_filter(&file.topic).map_err(at)?;
         check_type_name(&file.message_type).map_err(|p| at(format!("type {p}")))?;
         let levels = fixed_levels(&file.topic);
-        let device_id = file.device_id.parse(levels).map_err(|p| at(format!("device_id: {p}")))?;
+        let device_id = file
+            .device_id
+            .parse(levels)
+            .map_err(|p| at(format!("device_id: {p}")))?;
         if matches!(device_id, Source::Constant(_)) {
             return Err(at("device_id must come from a topic level or a body field".into()));
         }
         let mut data = Vec::with_capacity(file.data.len());
         for (name, value) in file.data {
             if name.is_empty() || name == "device_id" {
-                return Err(at(format!("data.{name:?}: device_id is set by device_id; name another field")));
+                return Err(at(format!(
+                    "data.{name:?}: device_id is set by device_id; name another field"
+                )));
             }
             let source: SourceFile = value.try_into().map_err(|e| at(format!("data.{name}: {e}")))?;
-            data.push((name.clone(), source.parse(levels).map_err(|p| at(format!("data.{name}: {p}")))?));
+            data.push((
+                name.clone(),
+                source.parse(levels).map_err(|p| at(format!("data.{name}: {p}")))?,
+            ));
         }
         Ok(DeviceRoute {
             topic: file.topic,
@@ -153,14 +161,29 @@ impl DeviceRoute {
     ///
     /// # Errors
     /// A [`DeviceError`] naming the topic and the field.
-    pub fn decode(&self, topic: &str, body: &[u8], identity: &Identity, max_bytes: usize) -> Result<Message, DeviceError> {
+    pub fn decode(
+        &self,
+        topic: &str,
+        body: &[u8],
+        identity: &Identity,
+        max_bytes: usize,
+    ) -> Result<Message, DeviceError> {
         if body.len() > max_bytes {
-            let problem = format!("body is {} bytes, more than MAX_MESSAGE_BYTES ({max_bytes})", body.len());
+            let problem = format!(
+                "body is {} bytes, more than MAX_MESSAGE_BYTES ({max_bytes})",
+                body.len()
+            );
             return Err(self.error(topic, true, problem));
         }
         let object = match serde_json::from_slice::<Value>(body) {
             Ok(Value::Object(object)) => object,
-            Ok(other) => return Err(self.error(topic, true, format!("body must be a JSON object, found {}", kind_of(&other)))),
+            Ok(other) => {
+                return Err(self.error(
+                    topic,
+                    true,
+                    format!("body must be a JSON object, found {}", kind_of(&other)),
+                ));
+            }
             Err(e) => return Err(self.error(topic, true, format!("body is not valid JSON: {e}"))),
         };
         let levels: Vec<&str> = topic.split('/').collect();
@@ -168,7 +191,13 @@ impl DeviceRoute {
         let device_id = self.value(&self.device_id, &levels, &object);
         match device_id {
             Ok(Some(Value::String(id))) => data.insert("device_id".into(), Value::String(id)),
-            Ok(Some(other)) => return Err(self.invalid(topic, &self.device_id, &format!("must be a string, found {}", kind_of(&other)))),
+            Ok(Some(other)) => {
+                return Err(self.invalid(
+                    topic,
+                    &self.device_id,
+                    &format!("must be a string, found {}", kind_of(&other)),
+                ));
+            }
             Ok(None) | Err(()) => return Err(self.invalid(topic, &self.device_id, "is required")),
         };
         for (name, source) in &self.data {
@@ -194,7 +223,10 @@ impl DeviceRoute {
     /// `Err(())` for an absent required one.
     fn value(&self, source: &Source, levels: &[&str], body: &Map<String, Value>) -> Result<Option<Value>, ()> {
         match source {
-            Source::Level(n) => levels.get(n - 1).map(|level| Some(Value::String((*level).to_owned()))).ok_or(()),
+            Source::Level(n) => levels
+                .get(n - 1)
+                .map(|level| Some(Value::String((*level).to_owned())))
+                .ok_or(()),
             Source::Constant(value) => Ok(Some(value.clone())),
             Source::Field { name, optional } => match body.get(name).filter(|v| !v.is_null()) {
                 Some(value) => Ok(Some(value.clone())),
@@ -217,7 +249,11 @@ impl DeviceRoute {
     fn source_of(&self, field: &str) -> Option<&Source> {
         match field {
             "device_id" => Some(&self.device_id),
-            _ => self.data.iter().find(|(name, _)| name == field).map(|(_, source)| source),
+            _ => self
+                .data
+                .iter()
+                .find(|(name, _)| name == field)
+                .map(|(_, source)| source),
         }
     }
 
@@ -249,7 +285,9 @@ impl SourceFile {
                 name,
                 optional: self.optional,
             }),
-            (None, None, Some(value)) => serde_json::to_value(value).map(Source::Constant).map_err(|e| e.to_string()),
+            (None, None, Some(value)) => serde_json::to_value(value)
+                .map(Source::Constant)
+                .map_err(|e| e.to_string()),
             _ => Err("give exactly one of level = N, field = \"name\" or value = …".into()),
         }
     }
@@ -360,9 +398,15 @@ pub struct Receipt<'a> {
 pub fn identify(receipt: &Receipt<'_>, now: DateTime<Utc>, fresh: impl FnOnce() -> String) -> Identity {
     let stamp = receipt.stamp_ms.and_then(DateTime::from_timestamp_millis);
     let time = stamp.or(receipt.first_received).unwrap_or(now);
-    let (id, id_source) = match (receipt.message_id.filter(|id| (1..=255).contains(&id.len())), receipt.stamp_ms) {
+    let (id, id_source) = match (
+        receipt.message_id.filter(|id| (1..=255).contains(&id.len())),
+        receipt.stamp_ms,
+    ) {
         (Some(id), _) => (id.to_owned(), IdSource::AmqpProperty),
-        (None, Some(stamp)) => (arrival_hash(receipt.routing_key, receipt.body, stamp), IdSource::ArrivalStamp),
+        (None, Some(stamp)) => (
+            arrival_hash(receipt.routing_key, receipt.body, stamp),
+            IdSource::ArrivalStamp,
+        ),
         (None, None) => (fresh(), IdSource::Minted),
     };
     Identity { id, id_source, time }
@@ -402,8 +446,10 @@ pub fn fresh_id() -> String {
 pub struct CommandTopics(BTreeMap<String, String>);
 
 /// The firmware's command topics: MQTT `/led/<id>` and `<id>/config`.
-pub const SHIPPED_COMMAND_TOPICS: [(&str, &str); 2] =
-    [("SET_LED", ".led.{device_id}"), ("SET_PUBLISH_PERIOD", "{device_id}.config")];
+pub const SHIPPED_COMMAND_TOPICS: [(&str, &str); 2] = [
+    ("SET_LED", ".led.{device_id}"),
+    ("SET_PUBLISH_PERIOD", "{device_id}.config"),
+];
 
 impl Default for CommandTopics {
     fn default() -> CommandTopics {
@@ -430,7 +476,9 @@ impl CommandTopics {
                 return Err(at("must hold {device_id} exactly once"));
             }
             if template.contains(['*', '#', '+']) || template.len() > 200 {
-                return Err(at("a routing key to publish to holds no wildcard and is at most 200 bytes"));
+                return Err(at(
+                    "a routing key to publish to holds no wildcard and is at most 200 bytes",
+                ));
             }
             topics.0.insert(message_type, template);
         }

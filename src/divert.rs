@@ -177,7 +177,10 @@ mod tests {
                 message_id: Some("raw-1"),
             };
             let plan = plan(&origin, &failed, &topology, WRITER, received);
-            assert_eq!(plan.properties.message_id().as_ref().map(|id| id.as_str()), Some(expected));
+            assert_eq!(
+                plan.properties.message_id().as_ref().map(|id| id.as_str()),
+                Some(expected)
+            );
             assert_eq!(headers::first_received(&plan.properties), Some(received));
         }
     }

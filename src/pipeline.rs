@@ -965,7 +965,8 @@ mod tests {
                 commands: &Default::default(),
             },
             &Span::none(),
-        ).unwrap()
+        )
+        .unwrap()
     }
 
     #[tokio::test(start_paused = true)]

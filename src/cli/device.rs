@@ -88,7 +88,11 @@ impl DeviceOptions {
 ///
 /// # Errors
 /// A [`DeviceError`] when the connection fails.
-pub async fn run(options: &DeviceOptions, stop: CancellationToken, mut see: impl FnMut(Seen)) -> Result<(), DeviceError> {
+pub async fn run(
+    options: &DeviceOptions,
+    stop: CancellationToken,
+    mut see: impl FnMut(Seen),
+) -> Result<(), DeviceError> {
     let (client, mut events) = AsyncClient::new(options.mqtt(), 64);
     let led = options.topic(&format!("/led/{}", options.id));
     let config = options.topic(&format!("{}/config", options.id));
@@ -141,7 +145,10 @@ async fn finish(
 ) -> Result<(), DeviceError> {
     let place = format!("{}:{}", options.host, options.port);
     while unacked > 0 {
-        let event = events.poll().await.map_err(|e| DeviceError::Connection(place.clone(), e))?;
+        let event = events
+            .poll()
+            .await
+            .map_err(|e| DeviceError::Connection(place.clone(), e))?;
         unacked -= u64::from(is_puback(&event)).min(unacked);
         handle(&event, "", see);
     }
@@ -161,7 +168,12 @@ async fn finish(
     Ok(())
 }
 
-async fn publish(client: &AsyncClient, topic: String, payload: String, see: &mut impl FnMut(Seen)) -> Result<(), DeviceError> {
+async fn publish(
+    client: &AsyncClient,
+    topic: String,
+    payload: String,
+    see: &mut impl FnMut(Seen),
+) -> Result<(), DeviceError> {
     client.publish(&topic, QoS::AtLeastOnce, false, payload.clone()).await?;
     see(Seen::Published { topic, payload });
     Ok(())
@@ -183,8 +195,15 @@ fn handle(event: &Event, config: &str, see: &mut impl FnMut(Seen)) -> Option<Dur
                 topic: publish.topic.clone(),
                 payload: payload.clone(),
             });
-            let period = payload.trim().parse::<u64>().ok().filter(|ms| (1000..=10_000).contains(ms));
-            (publish.topic == config).then_some(period).flatten().map(Duration::from_millis)
+            let period = payload
+                .trim()
+                .parse::<u64>()
+                .ok()
+                .filter(|ms| (1000..=10_000).contains(ms));
+            (publish.topic == config)
+                .then_some(period)
+                .flatten()
+                .map(Duration::from_millis)
         }
         _ => None,
     }
@@ -197,7 +216,9 @@ pub fn describe(seen: &Seen) -> String {
         Seen::Published { topic, payload } => format!("sent {topic}: {payload}"),
         Seen::Received { topic, payload } => format!("received {topic}: {payload}"),
         Seen::PeriodChanged(period) => format!("period now {} ms", period.as_millis()),
-        Seen::Stopped { crashed: true } => "dropped the connection without DISCONNECT: the broker sends the will on down".into(),
+        Seen::Stopped { crashed: true } => {
+            "dropped the connection without DISCONNECT: the broker sends the will on down".into()
+        }
         Seen::Stopped { crashed: false } => "disconnected".into(),
     }
 }
@@ -232,8 +253,17 @@ mod tests {
     #[test]
     fn follows_a_period_on_its_config_topic_only() {
         let mut seen = Vec::new();
-        let on = |topic: &str, payload: &str| Event::Incoming(Packet::Publish(Publish::new(topic, QoS::AtLeastOnce, payload.to_owned())));
-        assert_eq!(handle(&on("d/config", "2500"), "d/config", &mut |s| seen.push(s)), Some(Duration::from_millis(2500)));
+        let on = |topic: &str, payload: &str| {
+            Event::Incoming(Packet::Publish(Publish::new(
+                topic,
+                QoS::AtLeastOnce,
+                payload.to_owned(),
+            )))
+        };
+        assert_eq!(
+            handle(&on("d/config", "2500"), "d/config", &mut |s| seen.push(s)),
+            Some(Duration::from_millis(2500))
+        );
         assert_eq!(handle(&on("d/config", "999"), "d/config", &mut |s| seen.push(s)), None);
         assert_eq!(handle(&on("/led/d", "2500"), "d/config", &mut |s| seen.push(s)), None);
         assert_eq!(seen.len(), 3, "every message received is reported");

@@ -25,7 +25,10 @@ fn identity() -> Identity {
 /// The message a raw body on `routing_key` decodes to under the shipped routes.
 fn decode(routing_key: &str, body: &str) -> Result<Message, DeviceError> {
     let topology = shipped();
-    let (index, topic) = topology.routes.find(MQTT_EXCHANGE, routing_key).expect("a route matches");
+    let (index, topic) = topology
+        .routes
+        .find(MQTT_EXCHANGE, routing_key)
+        .expect("a route matches");
     let route = topology.routes.get(index).unwrap();
     route.decode(&topic, body.as_bytes(), &identity(), 262_144)
 }
@@ -41,16 +44,29 @@ fn routes(toml: &str) -> Result<Routes, String> {
 
 #[test]
 fn the_shipped_routes_map_the_firmware_topics() {
-    let up = decode("up", r#"{"device_id":"lamp-1","ip":"192.168.0.103","status":"running"}"#).unwrap();
+    let up = decode(
+        "up",
+        r#"{"device_id":"lamp-1","ip":"192.168.0.103","status":"running"}"#,
+    )
+    .unwrap();
     assert_eq!(up.message_type, "DEVICE_UP");
     assert_eq!(up.kind, Kind::Event);
-    assert_eq!(up.data, json!({"device_id":"lamp-1","ip":"192.168.0.103","status":"running"}));
+    assert_eq!(
+        up.data,
+        json!({"device_id":"lamp-1","ip":"192.168.0.103","status":"running"})
+    );
     assert_eq!((up.id.as_str(), up.time), ("raw-1", identity().time));
 
     let down = decode("down", r#"{"device_id":"lamp-1"}"#).unwrap();
-    assert_eq!((down.message_type.as_str(), &down.data), ("DEVICE_DOWN", &json!({"device_id":"lamp-1"})));
+    assert_eq!(
+        (down.message_type.as_str(), &down.data),
+        ("DEVICE_DOWN", &json!({"device_id":"lamp-1"}))
+    );
     assert_eq!(decode(".up", r#"{"device_id":"l"}"#).unwrap().message_type, "DEVICE_UP");
-    assert_eq!(decode(".down", r#"{"device_id":"l"}"#).unwrap().message_type, "DEVICE_DOWN");
+    assert_eq!(
+        decode(".down", r#"{"device_id":"l"}"#).unwrap().message_type,
+        "DEVICE_DOWN"
+    );
 
     // The reading's `time` is milliseconds since boot: never the message time.
     let reading = decode("p-1.pressure", r#"{"value": 55, "measure": "psi", "time": 12340074}"#).unwrap();
@@ -74,7 +90,10 @@ fn the_shipped_routes_are_bound_and_commands_go_to_the_firmware_topics() {
     for key in ["up", "down", ".up", ".down", "*.pressure"] {
         assert!(keys.contains(&key), "{key} in {keys:?}");
     }
-    assert_eq!(topology.commands.routing_key("SET_LED", "lamp-1").unwrap(), ".led.lamp-1");
+    assert_eq!(
+        topology.commands.routing_key("SET_LED", "lamp-1").unwrap(),
+        ".led.lamp-1"
+    );
     assert_eq!(
         topology.commands.routing_key("SET_PUBLISH_PERIOD", "p-1").unwrap(),
         "p-1.config"
@@ -90,7 +109,10 @@ fn only_deliveries_from_amq_topic_on_a_route_match() {
     assert!(topology.routes.find(MQTT_EXCHANGE, "iot.up").is_none());
     assert!(topology.routes.find(MQTT_EXCHANGE, "a.b.pressure").is_none());
     assert!(topology.routes.find(MQTT_EXCHANGE, "led.lamp-1").is_none());
-    assert_eq!(topology.routes.find(MQTT_EXCHANGE, "a.pressure").map(|(_, t)| t), Some("a/pressure".into()));
+    assert_eq!(
+        topology.routes.find(MQTT_EXCHANGE, "a.pressure").map(|(_, t)| t),
+        Some("a/pressure".into())
+    );
 }
 
 #[test]
@@ -98,14 +120,20 @@ fn a_payload_that_does_not_fit_names_the_topic_and_the_field() {
     let error = decode("p-1.pressure", r#"{"measure": "psi"}"#).unwrap_err();
     assert!(!error.undecodable);
     let text = error.to_string();
-    assert!(text.contains("\"p-1/pressure\"") && text.contains("body field `value` is required"), "{text}");
+    assert!(
+        text.contains("\"p-1/pressure\"") && text.contains("body field `value` is required"),
+        "{text}"
+    );
 
     let error = decode("up", "not json").unwrap_err();
     assert!(error.undecodable);
     assert!(error.to_string().contains("MQTT topic \"up\""), "{error}");
     assert!(decode("up", "[1]").unwrap_err().undecodable);
     let no_id = decode("up", r#"{"ip":"1.2.3.4"}"#).unwrap_err();
-    assert!(no_id.to_string().contains("body field `device_id` is required"), "{no_id}");
+    assert!(
+        no_id.to_string().contains("body field `device_id` is required"),
+        "{no_id}"
+    );
     let number_id = decode("down", r#"{"device_id": 7}"#).unwrap_err();
     assert!(number_id.to_string().contains("must be a string"), "{number_id}");
 }
@@ -134,7 +162,10 @@ fn refuses_bad_routes() {
         ("device_id = { value = \"x\" }", "topic level or a body field"),
         ("device_id = { level = 1, field = \"a\" }", "exactly one"),
         ("device_id = { level = 1, optional = true }", "optional"),
-        ("device_id = { level = 1 }\ndata = { device_id = { value = 1 } }", "device_id"),
+        (
+            "device_id = { level = 1 }\ndata = { device_id = { value = 1 } }",
+            "device_id",
+        ),
         ("device_id = { level = 1 }\ndata = { x = { nope = 1 } }", "data.x"),
     ] {
         let error = route(bad).unwrap_err();
@@ -173,7 +204,10 @@ fn identity_prefers_the_message_id_then_the_stamp_then_a_fresh_id() {
         first_received: None,
     };
     let minted = identify(&receipt, now, || "fresh".into());
-    assert_eq!((minted.id.as_str(), minted.id_source, minted.time), ("fresh", IdSource::Minted, now));
+    assert_eq!(
+        (minted.id.as_str(), minted.id_source, minted.time),
+        ("fresh", IdSource::Minted, now)
+    );
 
     let copy = Receipt {
         message_id: Some("fresh"),
@@ -190,12 +224,20 @@ fn identity_prefers_the_message_id_then_the_stamp_then_a_fresh_id() {
     let first = identify(&stamped, now, || unreachable!());
     assert_eq!(first.id_source, IdSource::ArrivalStamp);
     assert_eq!(first.time.timestamp_millis(), 1_767_225_600_123);
-    assert_eq!(identify(&stamped, earlier, || unreachable!()), first, "a redelivery is the same message");
+    assert_eq!(
+        identify(&stamped, earlier, || unreachable!()),
+        first,
+        "a redelivery is the same message"
+    );
     let later = Receipt {
         stamp_ms: Some(1_767_225_600_124),
         ..stamped
     };
-    assert_ne!(identify(&later, now, || unreachable!()).id, first.id, "a second `up` is another message");
+    assert_ne!(
+        identify(&later, now, || unreachable!()).id,
+        first.id,
+        "a second `up` is another message"
+    );
 }
 
 #[test]

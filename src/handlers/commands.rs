@@ -187,7 +187,12 @@ mod tests {
             (led.routing_key.as_str(), led.body.as_slice()),
             (".led.lamp-1", &b"on"[..])
         );
-        let period = device_message("SET_PUBLISH_PERIOD", json!({"device_id": "p-1", "period_ms": 2500}), &shipped).unwrap();
+        let period = device_message(
+            "SET_PUBLISH_PERIOD",
+            json!({"device_id": "p-1", "period_ms": 2500}),
+            &shipped,
+        )
+        .unwrap();
         assert_eq!(
             (period.routing_key.as_str(), period.body.as_slice()),
             ("p-1.config", &b"2500"[..])
@@ -196,7 +201,8 @@ mod tests {
 
     #[test]
     fn templates_come_from_the_topology_file() {
-        let topics = CommandTopics::parse([("SET_LED".to_owned(), "site.7.led.{device_id}".to_owned())].into()).unwrap();
+        let topics =
+            CommandTopics::parse([("SET_LED".to_owned(), "site.7.led.{device_id}".to_owned())].into()).unwrap();
         let led = device_message("SET_LED", json!({"device_id": "lamp-1", "state": "off"}), &topics).unwrap();
         assert_eq!(led.routing_key, "site.7.led.lamp-1");
     }
@@ -206,7 +212,10 @@ mod tests {
         let shipped = CommandTopics::default();
         for id in ["a.b", "a/b", "a+", "a#"] {
             let refused = device_message("SET_LED", json!({"device_id": id, "state": "on"}), &shipped).unwrap_err();
-            assert!(matches!(&refused, Failure::Invalid(e) if e.field == "device_id"), "{id}: {refused}");
+            assert!(
+                matches!(&refused, Failure::Invalid(e) if e.field == "device_id"),
+                "{id}: {refused}"
+            );
             assert_eq!(refused.kind(), crate::failure::ErrorKind::Validation);
         }
         // `.` passes the device id rule of events: commands refuse it.

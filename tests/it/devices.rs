@@ -21,7 +21,10 @@ const WORKER: &str = env!("CARGO_BIN_EXE_worker-iot-core");
 const WAIT: Duration = Duration::from_secs(60);
 
 fn mqtt_port() -> u16 {
-    std::env::var("MQTT_PORT").ok().and_then(|p| p.parse().ok()).unwrap_or(1884)
+    std::env::var("MQTT_PORT")
+        .ok()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(1884)
 }
 
 /// The firmware's routes, each under the prefix `{Q}/`.
@@ -82,7 +85,10 @@ impl Mqtt {
     /// Sends DISCONNECT and waits until the event loop has sent it.
     async fn disconnect(self) {
         self.client.disconnect().await.expect("queue DISCONNECT");
-        tokio::time::timeout(WAIT, self.task).await.expect("DISCONNECT sent").ok();
+        tokio::time::timeout(WAIT, self.task)
+            .await
+            .expect("DISCONNECT sent")
+            .ok();
     }
 
     async fn next(&mut self) -> (String, String) {
@@ -93,7 +99,11 @@ impl Mqtt {
     }
 }
 
-async fn pump(mut events: EventLoop, tx: mpsc::UnboundedSender<(String, String)>, connected: tokio::sync::oneshot::Sender<()>) {
+async fn pump(
+    mut events: EventLoop,
+    tx: mpsc::UnboundedSender<(String, String)>,
+    connected: tokio::sync::oneshot::Sender<()>,
+) {
     let mut connected = Some(connected);
     loop {
         match events.poll().await {
@@ -103,7 +113,8 @@ async fn pump(mut events: EventLoop, tx: mpsc::UnboundedSender<(String, String)>
                 }
             }
             Ok(Event::Incoming(Packet::Publish(p))) => {
-                tx.send((p.topic.clone(), String::from_utf8_lossy(&p.payload).into_owned())).ok();
+                tx.send((p.topic.clone(), String::from_utf8_lossy(&p.payload).into_owned()))
+                    .ok();
             }
             // No reconnecting in tests: a dropped connection ends the client.
             Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) | Err(_) => return,
@@ -159,7 +170,10 @@ async fn up_a_last_will_and_a_reading_land_as_online_offline_and_a_measurement()
         )
         .await;
     board
-        .publish(&format!("{p}/{device}/pressure"), r#"{"value": 55, "measure": "psi", "time": 12340074}"#)
+        .publish(
+            &format!("{p}/{device}/pressure"),
+            r#"{"value": 55, "measure": "psi", "time": 12340074}"#,
+        )
         .await;
     let status = |status: &'static str| {
         let (pool, device) = (env.pool.clone(), device.clone());
@@ -207,7 +221,10 @@ async fn set_led_reaches_the_lamp_on_its_firmware_topic_also_after_it_was_offlin
     };
     env.publish(&command("led-1", "on"), BasicProperties::default()).await;
     let (topic, payload) = subscriber.next().await;
-    assert_eq!((topic.as_str(), payload.as_str()), (format!("/led/{lamp}").as_str(), "on"));
+    assert_eq!(
+        (topic.as_str(), payload.as_str()),
+        (format!("/led/{lamp}").as_str(), "on")
+    );
 
     // Offline (a clean DISCONNECT keeps a persistent session): the command
     // waits in its session's queue and arrives on reconnect.
@@ -219,7 +236,10 @@ async fn set_led_reaches_the_lamp_on_its_firmware_topic_also_after_it_was_offlin
     .await;
     let mut back = Mqtt::connect(persistent).await;
     let (topic, payload) = back.next().await;
-    assert_eq!((topic.as_str(), payload.as_str()), (format!("/led/{lamp}").as_str(), "off"));
+    assert_eq!(
+        (topic.as_str(), payload.as_str()),
+        (format!("/led/{lamp}").as_str(), "off")
+    );
     assert_eq!(
         env.count(&format!("outbox WHERE routing_key = '.led.{lamp}'")).await,
         2,
@@ -241,7 +261,9 @@ async fn a_payload_that_does_not_fit_its_route_is_parked_with_its_topic_and_the_
     let sensor = Mqtt::connect(options(&format!("sensor-{}", &env.queue["wic_test_".len()..]))).await;
     let topic = format!("{p}/s1/pressure");
     for i in 0..10 {
-        sensor.publish(&topic, json!({"value": i, "measure": "psi"}).to_string()).await;
+        sensor
+            .publish(&topic, json!({"value": i, "measure": "psi"}).to_string())
+            .await;
         if i == 3 {
             sensor.publish(&topic, r#"{"value": "high", "measure": "psi"}"#).await;
             sensor.publish(&topic, "not json").await;
@@ -259,7 +281,10 @@ async fn a_payload_that_does_not_fit_its_route_is_parked_with_its_topic_and_the_
         if error.contains("high") || error.contains("body field") {
             assert!(error.contains("body field `value`"), "{error}");
         }
-        assert!(message.delivery.properties.message_id().is_some(), "the copy carries the raw message's id");
+        assert!(
+            message.delivery.properties.message_id().is_some(),
+            "the copy carries the raw message's id"
+        );
     }
     assert_eq!(kinds, BTreeSet::from(["decode".to_owned(), "validation".to_owned()]));
     worker.stop().await;
@@ -286,12 +311,16 @@ async fn ten_thousand_raw_readings_through_two_kill_9s_none_lost() {
         for (d, device) in devices.iter().enumerate() {
             let value = (d * EACH + n) as i64;
             device
-                .publish(&format!("{p}/d{d}/pressure"), json!({"value": value, "measure": "psi", "time": n}).to_string())
+                .publish(
+                    &format!("{p}/d{d}/pressure"),
+                    json!({"value": value, "measure": "psi", "time": n}).to_string(),
+                )
                 .await;
         }
     }
     // QoS 1: every reading is in Q once the broker has taken it.
-    env.wait_for_queue_len(&env.queue, N as u32, Duration::from_secs(120)).await;
+    env.wait_for_queue_len(&env.queue, N as u32, Duration::from_secs(120))
+        .await;
     for device in devices {
         device.disconnect().await;
     }
@@ -328,7 +357,10 @@ async fn ten_thousand_raw_readings_through_two_kill_9s_none_lost() {
     assert_eq!(env.queue_len(&env.dlq()).await, 0);
     let duplicates = rows - N;
     eprintln!("raw readings: {N} sent, {rows} rows, {duplicates} duplicates after 2 kill -9 (prefetch 64)");
-    assert!(duplicates <= 2 * 64 * 2, "duplicates bounded by what was in flight at the kills: {duplicates}");
+    assert!(
+        duplicates <= 2 * 64 * 2,
+        "duplicates bounded by what was in flight at the kills: {duplicates}"
+    );
     env.cleanup().await;
 }
 
@@ -343,29 +375,56 @@ async fn the_device_simulator_is_online_reads_gets_its_command_and_its_will_take
     let id = format!("sim-{}", &env.queue["wic_test_".len()..]);
     let port = mqtt_port().to_string();
     let simulator = tokio::process::Command::new(env!("CARGO_BIN_EXE_publish"))
-        .args(["device", &id, "--mqtt-port", &port, "--prefix", &p, "--period-ms", "200", "--readings", "15", "--crash"])
+        .args([
+            "device",
+            &id,
+            "--mqtt-port",
+            &port,
+            "--prefix",
+            &p,
+            "--period-ms",
+            "200",
+            "--readings",
+            "15",
+            "--crash",
+        ])
         .stdout(std::process::Stdio::piped())
         .kill_on_drop(true)
         .spawn()
         .expect("publish device");
     let online = format!("devices WHERE device_id = '{id}' AND status = 'online'");
-    wait_for("the simulated device online", WAIT, || async { (env.count(&online).await == 1).then_some(()) }).await;
+    wait_for("the simulated device online", WAIT, || async {
+        (env.count(&online).await == 1).then_some(())
+    })
+    .await;
     // It subscribed before it sent `up`, so its queue is bound by now. Its
     // topics are under the prefix: send its LED message there, as the
     // relay would.
     let channel = env.connection.create_channel().await.unwrap();
     let key = format!("{p}..led.{id}");
     channel
-        .basic_publish("amq.topic".into(), key.as_str().into(), Default::default(), b"on", BasicProperties::default())
+        .basic_publish(
+            "amq.topic".into(),
+            key.as_str().into(),
+            Default::default(),
+            b"on",
+            BasicProperties::default(),
+        )
         .await
         .expect("publish the LED message");
-    let output = tokio::time::timeout(WAIT, simulator.wait_with_output()).await.expect("simulator ends").unwrap();
+    let output = tokio::time::timeout(WAIT, simulator.wait_with_output())
+        .await
+        .expect("simulator ends")
+        .unwrap();
     assert!(output.status.success());
     let text = String::from_utf8_lossy(&output.stdout);
     assert!(text.contains(&format!("received {p}//led/{id}: on")), "{text}");
     assert!(text.contains("without DISCONNECT"), "{text}");
     let offline = format!("devices WHERE device_id = '{id}' AND status = 'offline'");
-    wait_for("the will: offline", WAIT, || async { (env.count(&offline).await == 1).then_some(()) }).await;
+    wait_for("the will: offline", WAIT, || async {
+        (env.count(&offline).await == 1).then_some(())
+    })
+    .await;
     assert_eq!(env.count(&format!("measurements WHERE device_id = '{id}'")).await, 15);
     end_session(&id).await;
     worker.stop().await;

@@ -178,16 +178,7 @@ impl Topology {
             }
         }
         let routes = Routes::parse(file.routes)?;
-        let mut bindings = file.bindings;
-        for route in routes.iter() {
-            let binding = Binding {
-                exchange: MQTT_EXCHANGE.into(),
-                routing_key: route.routing_key(),
-            };
-            if !bindings.contains(&binding) {
-                bindings.push(binding);
-            }
-        }
+        let bindings = with_route_bindings(file.bindings, &routes);
         Ok(Topology {
             queue: MainQueue::new(queue),
             queue_type: file.queue_type,
@@ -363,6 +354,21 @@ impl MainQueue {
     pub fn retry_queue(&self, delay: &RetryDelay) -> String {
         format!("{}.retry.{}", self.0, delay.name)
     }
+}
+
+/// `bindings`, then one `amq.topic` binding per device route (its
+/// routing-key form), each once.
+fn with_route_bindings(mut bindings: Vec<Binding>, routes: &Routes) -> Vec<Binding> {
+    for route in routes.iter() {
+        let binding = Binding {
+            exchange: MQTT_EXCHANGE.into(),
+            routing_key: route.routing_key(),
+        };
+        if !bindings.contains(&binding) {
+            bindings.push(binding);
+        }
+    }
+    bindings
 }
 
 /// Parses a delay as `humantime` does (`250ms`, `1s`, `5m`, `1h`), from

@@ -29,9 +29,12 @@ pub struct DeviceMessage {
     pub body: Vec<u8>,
 }
 
+/// A command's device id and the body of its device message.
+type Addressed = (String, Vec<u8>);
+
 /// A command type: how its `data` becomes its device and body.
 pub struct Command {
-    pub device_message: fn(&Value) -> Result<(String, Vec<u8>), ValidationError>,
+    pub device_message: fn(&Value) -> Result<Addressed, ValidationError>,
 }
 
 pub static SET_LED: Command = Command {
@@ -104,7 +107,7 @@ pub fn parse_set_led(data: &Value) -> Result<(&str, &str), ValidationError> {
     }
 }
 
-fn set_led(data: &Value) -> Result<(String, Vec<u8>), ValidationError> {
+fn set_led(data: &Value) -> Result<Addressed, ValidationError> {
     let (device_id, state) = parse_set_led(data)?;
     Ok((device_id.to_owned(), state.as_bytes().to_vec()))
 }
@@ -118,7 +121,7 @@ pub fn parse_set_publish_period(data: &Value) -> Result<(&str, i64), ValidationE
     Ok((fields.device_id()?, fields.integer("period_ms", 1000..=10_000)?))
 }
 
-fn set_publish_period(data: &Value) -> Result<(String, Vec<u8>), ValidationError> {
+fn set_publish_period(data: &Value) -> Result<Addressed, ValidationError> {
     let (device_id, period_ms) = parse_set_publish_period(data)?;
     Ok((device_id.to_owned(), period_ms.to_string().into_bytes()))
 }

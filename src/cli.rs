@@ -17,6 +17,7 @@
 //! cause once.
 
 pub mod banner;
+pub mod device;
 mod generate;
 pub mod samples;
 

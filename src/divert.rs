@@ -19,8 +19,12 @@ pub struct Origin<'a> {
     pub properties: &'a BasicProperties,
     pub exchange: &'a str,
     pub routing_key: &'a str,
-    /// When this attempt was received.
+    /// When the message was first received (see [`headers::first_received`]).
     pub received: DateTime<Utc>,
+    /// The id a raw device message was given at first receipt, when its
+    /// properties carry none: the copy carries it as its `message_id`, so
+    /// every attempt is the same message (docs/devices.md, "Guarantees").
+    pub message_id: Option<&'a str>,
 }
 
 /// A copy to publish to the default exchange.
@@ -61,7 +65,11 @@ pub fn plan(origin: &Origin<'_>, failed: &Failed, topology: &Topology, writer: W
         routing_key: origin.routing_key,
         failed_by: writer.failed_by,
     };
-    let properties = headers::fit_frame(headers::with_failure(origin.properties, &record), writer.frame_max);
+    let mut properties = headers::with_failure(origin.properties, &record);
+    if let (None, Some(id)) = (properties.message_id(), origin.message_id) {
+        properties = properties.with_message_id(id.into());
+    }
+    let properties = headers::fit_frame(properties, writer.frame_max);
     Plan {
         routing_key,
         properties,
@@ -96,6 +104,7 @@ mod tests {
             exchange: "amq.topic",
             routing_key: "iot.d1",
             received: Utc.timestamp_millis_opt(7).unwrap(),
+            message_id: None,
         };
         let failed = Failed {
             message_type: Some(MessageType::Handled("MEASUREMENT")),
@@ -146,5 +155,33 @@ mod tests {
         assert_eq!(plan.routing_key, "iot.dlq");
         let kind = read_string(plan.properties.headers().as_ref(), ERROR_KIND);
         assert_eq!(kind.as_deref(), Some("panic"));
+    }
+
+    /// A raw device message's id, given at first receipt, travels on its
+    /// copy as `message_id`; a producer's own `message_id` is never replaced.
+    #[test]
+    fn a_minted_id_travels_on_the_copy() {
+        let topology = Topology::parse(TOPOLOGY, "iot").unwrap();
+        let failed = Failed::untyped(Failure::Database(sqlx::Error::PoolTimedOut));
+        let received = Utc.timestamp_millis_opt(7).unwrap();
+        for (own, expected) in [(None, "raw-1"), (Some("producer-9"), "producer-9")] {
+            let mut properties = BasicProperties::default();
+            if let Some(id) = own {
+                properties = properties.with_message_id(id.into());
+            }
+            let origin = Origin {
+                properties: &properties,
+                exchange: "amq.topic",
+                routing_key: "d1.pressure",
+                received,
+                message_id: Some("raw-1"),
+            };
+            let plan = plan(&origin, &failed, &topology, WRITER, received);
+            assert_eq!(
+                plan.properties.message_id().as_ref().map(|id| id.as_str()),
+                Some(expected)
+            );
+            assert_eq!(headers::first_received(&plan.properties), Some(received));
+        }
     }
 }

@@ -43,12 +43,19 @@ impl fmt::Display for Kind {
 }
 
 /// Where the message id came from (docs/reliability.md, "The message id":
-/// `id`, else AMQP `message_id`, else SHA-256 of the body).
+/// `id`, else AMQP `message_id`, else SHA-256 of the body; a raw device
+/// message's id comes from [`crate::device_route::identify`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum IdSource {
     Envelope,
     AmqpProperty,
     BodyHash,
+    /// A raw device message: the hash of routing key, body and the
+    /// broker's arrival stamp (docs/devices.md, "Guarantees").
+    ArrivalStamp,
+    /// A raw device message without an arrival stamp: minted at first
+    /// receipt and carried on its copies.
+    Minted,
 }
 
 /// A message's `type` as the delivery flow carries it: the handler table's

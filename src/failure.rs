@@ -8,6 +8,7 @@
 
 use std::fmt;
 
+use crate::device_route::DeviceError;
 use crate::envelope::{DecodeError, Kind, MessageType};
 
 /// The `iot-error-kind` header values.
@@ -95,6 +96,10 @@ pub enum Failure {
     Decode(#[from] DecodeError),
     #[error(transparent)]
     Invalid(#[from] ValidationError),
+    /// A raw device message that does not fit its route (or its handler),
+    /// said of its MQTT topic.
+    #[error(transparent)]
+    Device(#[from] DeviceError),
     #[error("no handler for {} type {message_type}", kind.as_str())]
     UnknownType { kind: Kind, message_type: String },
     #[error("database: {0}")]
@@ -134,6 +139,7 @@ impl Failure {
         match self {
             Failure::Decode(_)
             | Failure::Invalid(_)
+            | Failure::Device(_)
             | Failure::UnknownType { .. }
             | Failure::Panic(_)
             | Failure::CrashLoop { .. } => false,
@@ -146,6 +152,8 @@ impl Failure {
         match self {
             Failure::Decode(_) => ErrorKind::Decode,
             Failure::Invalid(_) => ErrorKind::Validation,
+            Failure::Device(e) if e.undecodable => ErrorKind::Decode,
+            Failure::Device(_) => ErrorKind::Validation,
             Failure::UnknownType { .. } => ErrorKind::UnknownType,
             Failure::Panic(_) => ErrorKind::Panic,
             Failure::CrashLoop { .. } => ErrorKind::CrashLoop,

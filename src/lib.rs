@@ -7,7 +7,8 @@
 //!   broker sessions; [`session`] opens one (connect with [`broker`],
 //!   declare the [`topology`], consume) and drains it;
 //! * [`pipeline`] takes each delivery: admit ([`crash_guard`]) → process
-//!   ([`envelope`] decodes, [`handlers`] maps the type to its handler,
+//!   ([`envelope`] decodes, or [`device_route`] for a raw device message
+//!   on a route's MQTT topic, [`handlers`] maps the type to its handler,
 //!   which parses `data` once into a typed item; [`transaction`] writes a
 //!   batch's items by handler in one PostgreSQL transaction, with [`store`]
 //!   recording the inbox rows first) → settle;
@@ -34,6 +35,7 @@ pub mod broker;
 pub mod cli;
 pub mod config;
 pub mod console;
+pub mod device_route;
 pub mod envelope;
 pub mod headers;
 pub mod parking;
@@ -41,6 +43,7 @@ pub mod store;
 pub mod telemetry;
 
 mod acks;
+mod arrival;
 mod crash_guard;
 mod divert;
 mod failure;

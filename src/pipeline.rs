@@ -34,12 +34,13 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, Span};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
+use crate::arrival::Arrival;
 use crate::broker::Outgoing;
 use crate::crash_guard::{Admission, Admitted};
 use crate::divert::{self, Origin, Writer};
 use crate::envelope::{self, MessageType};
 use crate::failure::{Failed, Failure};
-use crate::handlers::{self, Prepared};
+use crate::handlers::{self, Context, Prepared};
 use crate::headers;
 use crate::outcome::{Event, EventHook, Handling, Outcome, Outlet, SettleError};
 use crate::retry::Disposition;
@@ -60,7 +61,7 @@ struct Resolved<'d> {
 /// A delivery whose processing ended: how, and when it was received.
 struct Ended<'d> {
     one: Resolved<'d>,
-    received: DateTime<Utc>,
+    arrival: Arrival,
     processed: Result<Outcome, Failed>,
 }
 
@@ -74,7 +75,7 @@ enum Decided {
 /// A delivery about to be applied.
 struct Ready<'d> {
     delivery: &'d Delivery,
-    received: DateTime<Utc>,
+    arrival: Arrival,
     span: Span,
     prepared: Box<Prepared>,
 }
@@ -163,22 +164,23 @@ impl Pipeline {
             let mut ended = Vec::with_capacity(deliveries.len());
             let mut ready = Vec::with_capacity(deliveries.len());
             for ((delivery, span), refusal) in deliveries.iter().zip(spans).zip(refused) {
-                // The time of an envelope without `time`: the same on every attempt.
-                let received = headers::first_received(&delivery.properties).unwrap_or_else(Utc::now);
+                // The time of an envelope without `time`, and a raw device
+                // message's id and time: the same on every attempt.
+                let arrival = Arrival::of(delivery, &self.topology.routes, Utc::now());
                 let decided = match refusal {
                     Some(failure) => Decided::Done(Err(Failed::untyped(failure)), None),
-                    None => self.prepare_caught(delivery, received, &span),
+                    None => self.prepare_caught(delivery, &arrival, &span),
                 };
                 match decided {
                     Decided::Apply(prepared) => ready.push(Ready {
                         delivery,
-                        received,
+                        arrival,
                         span,
                         prepared,
                     }),
                     Decided::Done(processed, message_type) => ended.push(Ended {
                         one: Resolved::new(delivery, message_type, started, span),
-                        received,
+                        arrival,
                         processed,
                     }),
                 }
@@ -212,7 +214,7 @@ impl Pipeline {
                 one.handling.in_process_retries = tried.in_process_retries;
                 Ended {
                     one,
-                    received: r.received,
+                    arrival: r.arrival,
                     processed: tried.result.map_err(|failure| Failed {
                         message_type: Some(message_type),
                         failure,
@@ -347,18 +349,28 @@ impl Pipeline {
 
     /// [`Pipeline::prepare`], with a panic in it (a decoder bug) taken as
     /// the message's failure: it is parked, and its batch goes on.
-    fn prepare_caught(&self, delivery: &Delivery, received: DateTime<Utc>, span: &Span) -> Decided {
-        std::panic::catch_unwind(AssertUnwindSafe(|| self.prepare(delivery, received, span)))
+    fn prepare_caught(&self, delivery: &Delivery, arrival: &Arrival, span: &Span) -> Decided {
+        std::panic::catch_unwind(AssertUnwindSafe(|| self.prepare(delivery, arrival, span)))
             .unwrap_or_else(|panic| Decided::Done(Err(Failed::untyped(Failure::from_panic(&*panic))), None))
     }
 
-    /// Decodes a delivery and has its handler parse its `data` into the
-    /// typed item its write takes, or says how it ended without one
-    /// (omitted, undecodable, unknown type, refused by the handler). Names
-    /// the delivery's `span` by the message's idempotency key and type.
-    fn prepare(&self, delivery: &Delivery, received: DateTime<Utc>, span: &Span) -> Decided {
+    /// Decodes a delivery (an envelope, or a raw device message by its
+    /// route) and has its handler parse its `data` into the typed item its
+    /// write takes, or says how it ended without one (omitted,
+    /// undecodable, unknown type, refused by the handler). Names the
+    /// delivery's `span` by the message's idempotency key and type.
+    fn prepare(&self, delivery: &Delivery, arrival: &Arrival, span: &Span) -> Decided {
         let amqp_id = delivery.properties.message_id().as_ref().map(|id| id.as_str());
-        let message = match envelope::decode(&delivery.data, amqp_id, received, self.max_message_bytes) {
+        let decoded = match &arrival.raw {
+            None => envelope::decode(&delivery.data, amqp_id, arrival.received, self.max_message_bytes)
+                .map_err(Failure::from),
+            Some(raw) => raw.route(&self.topology.routes).and_then(|route| {
+                route
+                    .decode(&raw.topic, &delivery.data, &raw.identity, self.max_message_bytes)
+                    .map_err(Failure::from)
+            }),
+        };
+        let message = match decoded {
             Ok(message) => message,
             Err(e) => return Decided::Done(Err(Failed::untyped(e)), None),
         };
@@ -372,15 +384,30 @@ impl Pipeline {
         }
         // The handler refuses a message here, without the database, so
         // that its copy is published while the batch's transaction runs.
-        match handlers::prepare(message, span) {
+        let context = Context {
+            commands: &self.topology.commands,
+        };
+        match handlers::prepare(message, &context, span) {
             Ok(prepared) => Decided::Apply(Box::new(prepared)),
             Err(failure) => Decided::Done(
                 Err(Failed {
                     message_type: Some(message_type.clone()),
-                    failure,
+                    failure: self.of_topic(arrival, failure),
                 }),
                 Some(message_type),
             ),
+        }
+    }
+
+    /// A handler's refusal of a raw device message, said of its MQTT topic
+    /// and of the body field or topic level the refused field came from.
+    fn of_topic(&self, arrival: &Arrival, failure: Failure) -> Failure {
+        match (&arrival.raw, failure) {
+            (Some(raw), Failure::Invalid(e)) => match raw.route(&self.topology.routes) {
+                Ok(route) => Failure::Device(route.explain(&raw.topic, &e.field, &e.problem)),
+                Err(_) => Failure::Invalid(e),
+            },
+            (_, failure) => failure,
         }
     }
 
@@ -402,11 +429,11 @@ impl Pipeline {
             .filter_map(
                 |Ended {
                      one,
-                     received,
+                     arrival,
                      processed,
                  }| {
                     let failed = processed.err()?;
-                    let copy = CopyPlan::plan(&one, received, &failed, &self.topology, writer, now);
+                    let copy = CopyPlan::plan(&one, &arrival, &failed, &self.topology, writer, now);
                     Some((one, failed, copy))
                 },
             )
@@ -453,7 +480,7 @@ struct CopyPlan {
 impl CopyPlan {
     fn plan(
         one: &Resolved<'_>,
-        received: DateTime<Utc>,
+        arrival: &Arrival,
         failed: &Failed,
         topology: &Topology,
         writer: Writer<'_>,
@@ -464,7 +491,8 @@ impl CopyPlan {
             properties: &delivery.properties,
             exchange: delivery.exchange.as_str(),
             routing_key: delivery.routing_key.as_str(),
-            received,
+            received: arrival.received,
+            message_id: arrival.message_id(),
         };
         let mut plan = divert::plan(&origin, failed, topology, writer, now);
         let routing_key = &plan.routing_key;
@@ -931,7 +959,14 @@ mod tests {
     }
 
     fn prepared(id: &str) -> Prepared {
-        handlers::prepare(message(id), &Span::none()).unwrap()
+        handlers::prepare(
+            message(id),
+            &Context {
+                commands: &Default::default(),
+            },
+            &Span::none(),
+        )
+        .unwrap()
     }
 
     #[tokio::test(start_paused = true)]

@@ -2,6 +2,7 @@
 //! from `topology/topology.toml`, checked for lossy or contradictory setups,
 //! and declared idempotently at start-up.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
@@ -12,6 +13,7 @@ use lapin::{Channel, ExchangeKind};
 use serde::Deserialize;
 
 use crate::broker;
+use crate::device_route::{CommandTopics, MQTT_EXCHANGE, RouteFile, Routes};
 use crate::failure::Failure;
 use crate::retry::{Disposition, RetryDelay, RetryPolicy};
 
@@ -41,7 +43,12 @@ pub struct Topology {
     /// (`x-delivery-limit` on quorum queues).
     pub delivery_limit: u32,
     pub retry: RetryPolicy,
+    /// The file's bindings, then one `amq.topic` binding per device route.
     pub bindings: Vec<Binding>,
+    /// Raw device messages by MQTT topic filter (docs/devices.md).
+    pub routes: Routes,
+    /// The routing key of each command type's device message.
+    pub commands: CommandTopics,
 }
 
 #[derive(Deserialize)]
@@ -52,6 +59,10 @@ struct File {
     retry: RetryFile,
     #[serde(default)]
     bindings: Vec<Binding>,
+    #[serde(default)]
+    routes: Vec<RouteFile>,
+    #[serde(default)]
+    commands: BTreeMap<String, String>,
 }
 
 #[derive(Deserialize)]
@@ -166,6 +177,8 @@ impl Topology {
                 return Err("bindings: the default exchange \"\" cannot be bound; name an exchange".into());
             }
         }
+        let routes = Routes::parse(file.routes)?;
+        let bindings = with_route_bindings(file.bindings, &routes);
         Ok(Topology {
             queue: MainQueue::new(queue),
             queue_type: file.queue_type,
@@ -175,7 +188,9 @@ impl Topology {
                 max_attempts: file.retry.max_attempts,
                 in_process_attempts: file.retry.in_process_attempts,
             },
-            bindings: file.bindings,
+            bindings,
+            routes,
+            commands: CommandTopics::parse(file.commands)?,
         })
     }
 
@@ -339,6 +354,21 @@ impl MainQueue {
     pub fn retry_queue(&self, delay: &RetryDelay) -> String {
         format!("{}.retry.{}", self.0, delay.name)
     }
+}
+
+/// `bindings`, then one `amq.topic` binding per device route (its
+/// routing-key form), each once.
+fn with_route_bindings(mut bindings: Vec<Binding>, routes: &Routes) -> Vec<Binding> {
+    for route in routes.iter() {
+        let binding = Binding {
+            exchange: MQTT_EXCHANGE.into(),
+            routing_key: route.routing_key(),
+        };
+        if !bindings.contains(&binding) {
+            bindings.push(binding);
+        }
+    }
+    bindings
 }
 
 /// Parses a delay as `humantime` does (`250ms`, `1s`, `5m`, `1h`), from

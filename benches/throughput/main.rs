@@ -260,7 +260,7 @@ impl Bench {
     }
 }
 
-/// The routing keys of `SET_LED` (`led.<device>`) and `SET_PUBLISH_PERIOD`
+/// The routing keys of `SET_LED` (`.led.<device>`) and `SET_PUBLISH_PERIOD`
 /// (`<device>.config`) device messages.
 async fn declare_sink(publisher: &Publisher, sink: &str) {
     let channel = publisher.channel();
@@ -268,7 +268,7 @@ async fn declare_sink(publisher: &Publisher, sink: &str) {
         .queue_declare(sink.into(), durable(), FieldTable::default())
         .await
         .unwrap();
-    for key in ["led.#", "#.config"] {
+    for key in ["#.led.#", "#.config"] {
         channel
             .queue_bind(
                 sink.into(),

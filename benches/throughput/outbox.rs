@@ -176,7 +176,7 @@ async fn outbox_bench(settings: &Settings, publisher: &Publisher, pool: &PgPool,
         .queue_declare(device_queue.as_str().into(), durable(), FieldTable::default())
         .await
         .unwrap();
-    let key = format!("led.{device}");
+    let key = format!(".led.{device}");
     channel
         .queue_bind(
             device_queue.as_str().into(),
@@ -270,7 +270,7 @@ async fn relay_rate(settings: &Settings, publisher: &Publisher, pool: &PgPool, d
         "INSERT INTO outbox (message_id, exchange, routing_key, body)
          SELECT 'r-' || g, 'amq.topic', $1, convert_to('on', 'UTF8') FROM generate_series(1, $2) AS g",
     )
-    .bind(format!("led.{device}"))
+    .bind(format!(".led.{device}"))
     .bind(i64::try_from(n).unwrap())
     .execute(pool)
     .await

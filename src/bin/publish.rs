@@ -8,6 +8,7 @@
 //! publish sample --count 100
 //! publish invalid
 //! publish --trace event DEVICE_UP --data '{"device_id":"d1"}'
+//! publish device lamp-1 --mqtt-port 1884          # a simulated device over MQTT
 //! ```
 
 use std::process::ExitCode;
@@ -18,8 +19,10 @@ use clap::{CommandFactory, Parser, Subcommand};
 use lapin::BasicProperties;
 use serde::Serialize;
 use serde_json::Value;
+use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use worker_iot_core::broker::{self, Publisher};
+use worker_iot_core::cli::device::{self, DeviceOptions};
 use worker_iot_core::cli::{self, Generate, UsageError, samples};
 use worker_iot_core::config::{BROKER_KEYS, Settings, TELEMETRY_KEYS};
 use worker_iot_core::emit;
@@ -98,6 +101,46 @@ enum What {
     },
     /// One of each malformed or invalid case: all of them end in the DLQ.
     Invalid,
+    /// A simulated device over MQTT, as the firmware behaves: last will on
+    /// `down`, `up` at start, a reading on `<ID>/pressure` every period,
+    /// QoS 1 persistent subscriptions to `/led/<ID>` and `<ID>/config`
+    /// (printed; the period follows `<ID>/config`). Stops with Ctrl-C.
+    Device(DeviceArgs),
+}
+
+#[derive(clap::Args)]
+struct DeviceArgs {
+    /// The device id (also its MQTT client id, so its session persists).
+    #[arg(value_name = "ID")]
+    id: String,
+    /// The broker's MQTT listener.
+    #[arg(long, env = "MQTT_HOST", default_value = "127.0.0.1")]
+    mqtt_host: String,
+    /// Its port (compose: 1883; the test broker: 1884).
+    #[arg(long, env = "MQTT_PORT", default_value_t = 1883)]
+    mqtt_port: u16,
+    /// MQTT user name.
+    #[arg(long, env = "MQTT_USERNAME", default_value = "guest")]
+    mqtt_username: String,
+    /// MQTT password.
+    #[arg(long, env = "MQTT_PASSWORD", default_value = "guest", hide_env_values = true)]
+    mqtt_password: String,
+    /// The ip it announces in `up`.
+    #[arg(long, default_value = "127.0.0.1")]
+    ip: String,
+    /// Milliseconds between readings, until `<ID>/config` says otherwise.
+    #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u64).range(10..=3_600_000))]
+    period_ms: u64,
+    /// Stop after this many readings (default: run until Ctrl-C).
+    #[arg(long)]
+    readings: Option<u64>,
+    /// At the end, drop the connection without DISCONNECT, so the broker
+    /// publishes the last will on `down`.
+    #[arg(long)]
+    crash: bool,
+    /// Put PREFIX/ before every topic (keeps test devices apart).
+    #[arg(long, default_value = "")]
+    prefix: String,
 }
 
 /// One message published, for `--json`.
@@ -123,7 +166,12 @@ async fn main() -> ExitCode {
     if let Some(code) = args.generate.run::<Args>() {
         return code;
     }
-    cli::until_interrupted("publish", run(args)).await
+    match args.what {
+        // The simulator stops on Ctrl-C itself, with a DISCONNECT (unless
+        // --crash): dropping it mid-way would make the broker send its will.
+        Some(What::Device(_)) => cli::finish("publish", run(args).await),
+        _ => cli::until_interrupted("publish", run(args)).await,
+    }
 }
 
 async fn run(mut args: Args) -> anyhow::Result<ExitCode> {
@@ -131,10 +179,13 @@ async fn run(mut args: Args) -> anyhow::Result<ExitCode> {
         Args::command()
             .error(
                 ClapErrorKind::MissingSubcommand,
-                "what to publish is missing: event, command, raw, sample or invalid",
+                "what to publish is missing: event, command, raw, sample, invalid or device",
             )
             .exit();
     };
+    if let What::Device(device) = what {
+        return run_device(device).await;
+    }
     // The log output and the span export are only set up with --trace.
     let keys = if args.trace {
         [BROKER_KEYS, TELEMETRY_KEYS].concat()
@@ -209,6 +260,32 @@ async fn publish_one(publisher: &Publisher, args: &Args, queue: &str, name: &str
     Ok(())
 }
 
+/// Runs a simulated device until its readings are sent or Ctrl-C,
+/// printing what it sends and receives.
+async fn run_device(args: DeviceArgs) -> anyhow::Result<ExitCode> {
+    let options = DeviceOptions {
+        id: args.id,
+        host: args.mqtt_host,
+        port: args.mqtt_port,
+        username: args.mqtt_username,
+        password: args.mqtt_password,
+        ip: args.ip,
+        period: std::time::Duration::from_millis(args.period_ms),
+        readings: args.readings,
+        crash: args.crash,
+        prefix: args.prefix,
+    };
+    let stop = CancellationToken::new();
+    let on_interrupt = stop.clone();
+    tokio::spawn(async move {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            on_interrupt.cancel();
+        }
+    });
+    device::run(&options, stop, |seen| emit!("{}", device::describe(&seen))).await?;
+    Ok(ExitCode::SUCCESS)
+}
+
 /// The messages to publish, each with a name for the output.
 fn bodies(what: What) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
     Ok(match what {
@@ -227,6 +304,7 @@ fn bodies(what: What) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
             .into_iter()
             .map(|(name, b)| (name.to_owned(), b))
             .collect(),
+        What::Device(_) => Vec::new(),
     })
 }
 

@@ -1,10 +1,13 @@
 //! The commands: each writes the message for its device to the outbox
 //! (docs/reliability.md, "Commands to devices"), which the relay
-//! publishes to `amq.topic`.
+//! publishes to `amq.topic`. The routing key comes from the type's template
+//! in the topology file (docs/devices.md, "Commands"); the shipped ones are
+//! the firmware's topics:
 //!
-//! * `SET_LED`: switch a device's LED: `led.<device_id>`, body `on`/`off`.
+//! * `SET_LED`: switch a device's LED: `.led.<device_id>` (MQTT
+//!   `/led/<device_id>`), body `on`/`off`.
 //! * `SET_PUBLISH_PERIOD`: how often a device publishes:
-//!   `<device_id>.config`, body the period in ms.
+//!   `<device_id>.config` (MQTT `<device_id>/config`), body the period in ms.
 
 use futures_util::future::BoxFuture;
 use serde_json::Value;
@@ -12,7 +15,7 @@ use sqlx::PgConnection;
 use tracing::Span;
 
 use super::fields::{Fields, ValidationError};
-use super::{Handler, Typed};
+use super::{Context, Handler, Typed};
 use crate::envelope::Message;
 use crate::failure::Failure;
 use crate::outbox;
@@ -26,9 +29,12 @@ pub struct DeviceMessage {
     pub body: Vec<u8>,
 }
 
-/// A command type: how its `data` becomes its device message.
+/// A command's device id and the body of its device message.
+type Addressed = (String, Vec<u8>);
+
+/// A command type: how its `data` becomes its device and body.
 pub struct Command {
-    pub device_message: fn(&Value) -> Result<DeviceMessage, ValidationError>,
+    pub device_message: fn(&Value) -> Result<Addressed, ValidationError>,
 }
 
 pub static SET_LED: Command = Command {
@@ -41,8 +47,19 @@ pub static SET_PUBLISH_PERIOD: Command = Command {
 impl Handler for Command {
     type Item = DeviceMessage;
 
-    fn prepare(&self, message: &Message) -> Result<DeviceMessage, Failure> {
-        Ok((self.device_message)(&message.data)?)
+    /// The device message, on the routing key the topology file gives the
+    /// type: a device id that cannot be one topic level is refused here.
+    fn prepare(&self, message: &Message, context: &Context<'_>) -> Result<DeviceMessage, Failure> {
+        let (device_id, body) = (self.device_message)(&message.data)?;
+        let routing_key = context
+            .commands
+            .routing_key(&message.message_type, &device_id)
+            .map_err(|problem| ValidationError::new("device_id", problem))?;
+        Ok(DeviceMessage {
+            device_id,
+            routing_key,
+            body,
+        })
     }
 
     fn device_id(item: &DeviceMessage) -> Option<&str> {
@@ -90,13 +107,9 @@ pub fn parse_set_led(data: &Value) -> Result<(&str, &str), ValidationError> {
     }
 }
 
-fn set_led(data: &Value) -> Result<DeviceMessage, ValidationError> {
+fn set_led(data: &Value) -> Result<Addressed, ValidationError> {
     let (device_id, state) = parse_set_led(data)?;
-    Ok(DeviceMessage {
-        device_id: device_id.to_owned(),
-        routing_key: format!("led.{device_id}"),
-        body: state.as_bytes().to_vec(),
-    })
+    Ok((device_id.to_owned(), state.as_bytes().to_vec()))
 }
 
 /// `SET_PUBLISH_PERIOD`'s `data`: device id and period in milliseconds.
@@ -108,18 +121,15 @@ pub fn parse_set_publish_period(data: &Value) -> Result<(&str, i64), ValidationE
     Ok((fields.device_id()?, fields.integer("period_ms", 1000..=10_000)?))
 }
 
-fn set_publish_period(data: &Value) -> Result<DeviceMessage, ValidationError> {
+fn set_publish_period(data: &Value) -> Result<Addressed, ValidationError> {
     let (device_id, period_ms) = parse_set_publish_period(data)?;
-    Ok(DeviceMessage {
-        device_id: device_id.to_owned(),
-        routing_key: format!("{device_id}.config"),
-        body: period_ms.to_string().into_bytes(),
-    })
+    Ok((device_id.to_owned(), period_ms.to_string().into_bytes()))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::device_route::CommandTopics;
     use serde_json::json;
 
     #[test]
@@ -154,17 +164,65 @@ mod tests {
         assert_eq!(parse(&json!({"period_ms": 2000})).unwrap_err().field, "device_id");
     }
 
+    fn device_message(message_type: &str, data: Value, topics: &CommandTopics) -> Result<DeviceMessage, Failure> {
+        let command = match message_type {
+            "SET_LED" => &SET_LED,
+            _ => &SET_PUBLISH_PERIOD,
+        };
+        let message = Message {
+            id: "m1".into(),
+            id_source: crate::envelope::IdSource::Envelope,
+            kind: crate::envelope::Kind::Command,
+            message_type: message_type.into(),
+            actor: None,
+            target: None,
+            time: chrono::Utc::now(),
+            data,
+        };
+        Handler::prepare(command, &message, &Context { commands: topics })
+    }
+
     #[test]
-    fn device_messages() {
-        let led = set_led(&json!({"device_id": "lamp-1", "state": "on"})).unwrap();
+    fn device_messages_go_to_the_shipped_firmware_topics() {
+        let shipped = CommandTopics::default();
+        let led = device_message("SET_LED", json!({"device_id": "lamp-1", "state": "on"}), &shipped).unwrap();
         assert_eq!(
             (led.routing_key.as_str(), led.body.as_slice()),
-            ("led.lamp-1", &b"on"[..])
+            (".led.lamp-1", &b"on"[..])
         );
-        let period = set_publish_period(&json!({"device_id": "p-1", "period_ms": 2500})).unwrap();
+        let period = device_message(
+            "SET_PUBLISH_PERIOD",
+            json!({"device_id": "p-1", "period_ms": 2500}),
+            &shipped,
+        )
+        .unwrap();
         assert_eq!(
             (period.routing_key.as_str(), period.body.as_slice()),
             ("p-1.config", &b"2500"[..])
         );
+    }
+
+    #[test]
+    fn templates_come_from_the_topology_file() {
+        let topics =
+            CommandTopics::parse([("SET_LED".to_owned(), "site.7.led.{device_id}".to_owned())].into()).unwrap();
+        let led = device_message("SET_LED", json!({"device_id": "lamp-1", "state": "off"}), &topics).unwrap();
+        assert_eq!(led.routing_key, "site.7.led.lamp-1");
+    }
+
+    #[test]
+    fn a_device_id_that_is_not_one_topic_level_is_refused() {
+        let shipped = CommandTopics::default();
+        for id in ["a.b", "a/b", "a+", "a#"] {
+            let refused = device_message("SET_LED", json!({"device_id": id, "state": "on"}), &shipped).unwrap_err();
+            assert!(
+                matches!(&refused, Failure::Invalid(e) if e.field == "device_id"),
+                "{id}: {refused}"
+            );
+            assert_eq!(refused.kind(), crate::failure::ErrorKind::Validation);
+        }
+        // `.` passes the device id rule of events: commands refuse it.
+        let dotted = device_message("SET_LED", json!({"device_id": "a.b", "state": "on"}), &shipped).unwrap_err();
+        assert!(dotted.to_string().contains("one MQTT topic level"), "{dotted}");
     }
 }

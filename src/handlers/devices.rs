@@ -8,7 +8,7 @@ use serde_json::Value;
 use sqlx::PgConnection;
 
 use super::fields::{Fields, ValidationError};
-use super::{Handler, Typed};
+use super::{Context, Handler, Typed};
 use crate::envelope::Message;
 use crate::failure::Failure;
 
@@ -80,7 +80,7 @@ pub static DEVICE_DOWN: Devices = Devices {
 impl Handler for Devices {
     type Item = DeviceState;
 
-    fn prepare(&self, message: &Message) -> Result<DeviceState, Failure> {
+    fn prepare(&self, message: &Message, _: &Context<'_>) -> Result<DeviceState, Failure> {
         let (device_id, ip) = match self.status {
             Status::Online => {
                 let up = parse_up(&message.data)?;

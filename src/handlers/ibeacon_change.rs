@@ -7,7 +7,7 @@ use serde_json::Value;
 use sqlx::PgConnection;
 
 use super::fields::{Fields, ValidationError};
-use super::{Handler, Typed};
+use super::{Context, Handler, Typed};
 use crate::envelope::Message;
 use crate::failure::Failure;
 
@@ -76,7 +76,7 @@ impl Handler for Beacons {
     /// `None`: no beacon in range.
     type Item = Option<Beacon>;
 
-    fn prepare(&self, message: &Message) -> Result<Option<Beacon>, Failure> {
+    fn prepare(&self, message: &Message, _: &Context<'_>) -> Result<Option<Beacon>, Failure> {
         Ok(parse(&message.data)?)
     }
 

@@ -6,7 +6,7 @@ use serde_json::Value;
 use sqlx::PgConnection;
 
 use super::fields::{Fields, ValidationError};
-use super::{Handler, Typed};
+use super::{Context, Handler, Typed};
 use crate::envelope::Message;
 use crate::failure::Failure;
 
@@ -42,7 +42,7 @@ pub static MEASUREMENTS: Measurements = Measurements;
 impl Handler for Measurements {
     type Item = Measurement;
 
-    fn prepare(&self, message: &Message) -> Result<Measurement, Failure> {
+    fn prepare(&self, message: &Message, _: &Context<'_>) -> Result<Measurement, Failure> {
         Ok(parse(&message.data)?)
     }
 

@@ -28,6 +28,7 @@ use futures_util::future::BoxFuture;
 use sqlx::PgConnection;
 use tracing::Span;
 
+use crate::device_route::CommandTopics;
 use crate::envelope::{Kind, Message, MessageType};
 use crate::failure::Failure;
 use crate::telemetry::{self, TraceContext};
@@ -45,7 +46,7 @@ pub trait Handler: Send + Sync + 'static {
     /// # Errors
     /// The [`Failure`] that parks the message: a validation error naming
     /// the field.
-    fn prepare(&self, message: &Message) -> Result<Self::Item, Failure>;
+    fn prepare(&self, message: &Message, context: &Context<'_>) -> Result<Self::Item, Failure>;
 
     /// The device the item is about, if any: the `commands` inbox row
     /// keeps it. None by default (a beacon, a record-only event).
@@ -61,6 +62,14 @@ pub trait Handler: Send + Sync + 'static {
         conn: &'a mut PgConnection,
         batch: &'a [Typed<'a, Self::Item>],
     ) -> BoxFuture<'a, Result<(), Failure>>;
+}
+
+/// What a handler's `prepare` may need beside the message: the parts of
+/// the topology file that say how a type is written.
+#[derive(Debug, Clone, Copy)]
+pub struct Context<'a> {
+    /// The routing key template of each command type's device message.
+    pub commands: &'a CommandTopics,
 }
 
 /// One prepared message as its handler's `write` sees it: the typed item
@@ -94,7 +103,11 @@ trait Erased: Send + Sync {
     /// The handler's type: routes whose handlers are of one type share its
     /// statement.
     fn statement(&self) -> TypeId;
-    fn prepare(&self, message: &Message) -> Result<(Box<dyn Any + Send + Sync>, Option<String>), Failure>;
+    fn prepare(
+        &self,
+        message: &Message,
+        context: &Context<'_>,
+    ) -> Result<(Box<dyn Any + Send + Sync>, Option<String>), Failure>;
     fn write<'a>(&'a self, conn: &'a mut PgConnection, batch: &'a [&'a Prepared])
     -> BoxFuture<'a, Result<(), Failure>>;
 }
@@ -104,8 +117,12 @@ impl<H: Handler> Erased for H {
         TypeId::of::<H>()
     }
 
-    fn prepare(&self, message: &Message) -> Result<(Box<dyn Any + Send + Sync>, Option<String>), Failure> {
-        let item = Handler::prepare(self, message)?;
+    fn prepare(
+        &self,
+        message: &Message,
+        context: &Context<'_>,
+    ) -> Result<(Box<dyn Any + Send + Sync>, Option<String>), Failure> {
+        let item = Handler::prepare(self, message, context)?;
         let device_id = H::device_id(&item).map(str::to_owned);
         Ok((Box::new(item), device_id))
     }
@@ -219,9 +236,9 @@ pub fn lookup(message: &Message) -> Result<&'static Route, Failure> {
 ///
 /// # Errors
 /// [`Failure::UnknownType`], or the handler's refusal.
-pub fn prepare(message: Message, span: &Span) -> Result<Prepared, Failure> {
+pub fn prepare(message: Message, context: &Context<'_>, span: &Span) -> Result<Prepared, Failure> {
     let route = lookup(&message)?;
-    let (item, device_id) = route.handler.prepare(&message)?;
+    let (item, device_id) = route.handler.prepare(&message, context)?;
     let trace = match route.kind {
         Kind::Command => telemetry::context_headers(span),
         Kind::Event => None,

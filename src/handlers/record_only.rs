@@ -5,7 +5,7 @@
 use futures_util::future::BoxFuture;
 use sqlx::PgConnection;
 
-use super::{Handler, Typed};
+use super::{Context, Handler, Typed};
 use crate::envelope::Message;
 use crate::failure::Failure;
 
@@ -17,7 +17,7 @@ pub static RECORD_ONLY: RecordOnly = RecordOnly;
 impl Handler for RecordOnly {
     type Item = ();
 
-    fn prepare(&self, _: &Message) -> Result<(), Failure> {
+    fn prepare(&self, _: &Message, _: &Context<'_>) -> Result<(), Failure> {
         Ok(())
     }
 

@@ -14,7 +14,7 @@ use futures_util::future::BoxFuture;
 use serde_json::Value;
 use sqlx::PgConnection;
 
-use super::{Handler, Typed};
+use super::{Context, Handler, Typed};
 use crate::envelope::Message;
 use crate::failure::Failure;
 
@@ -30,7 +30,7 @@ impl Handler for Flaky {
     /// `data.fail_first`.
     type Item = u64;
 
-    fn prepare(&self, message: &Message) -> Result<u64, Failure> {
+    fn prepare(&self, message: &Message, _: &Context<'_>) -> Result<u64, Failure> {
         Ok(number(message, "fail_first").map_or(0, |n| n as u64))
     }
 
@@ -71,7 +71,7 @@ impl Handler for Slow {
     /// `data.seconds`.
     type Item = f64;
 
-    fn prepare(&self, message: &Message) -> Result<f64, Failure> {
+    fn prepare(&self, message: &Message, _: &Context<'_>) -> Result<f64, Failure> {
         Ok(number(message, "seconds").unwrap_or(1.0))
     }
 
@@ -97,7 +97,7 @@ pub struct Panic;
 impl Handler for Panic {
     type Item = ();
 
-    fn prepare(&self, _: &Message) -> Result<(), Failure> {
+    fn prepare(&self, _: &Message, _: &Context<'_>) -> Result<(), Failure> {
         Ok(())
     }
 
@@ -115,7 +115,7 @@ pub struct PanicCheck;
 impl Handler for PanicCheck {
     type Item = ();
 
-    fn prepare(&self, message: &Message) -> Result<(), Failure> {
+    fn prepare(&self, message: &Message, _: &Context<'_>) -> Result<(), Failure> {
         assert!(
             message.data.get("panic") != Some(&Value::Bool(true)),
             "TEST_PANIC_CHECK check asked to panic by {}",
@@ -139,7 +139,7 @@ pub struct Abort;
 impl Handler for Abort {
     type Item = ();
 
-    fn prepare(&self, _: &Message) -> Result<(), Failure> {
+    fn prepare(&self, _: &Message, _: &Context<'_>) -> Result<(), Failure> {
         Ok(())
     }
 

@@ -649,7 +649,7 @@ impl Broker {
             .queue_bind(
                 queue.as_str().into(),
                 "amq.topic".into(),
-                format!("led.{device}").as_str().into(),
+                format!(".led.{device}").as_str().into(),
                 QueueBindOptions::default(),
                 FieldTable::default(),
             )

@@ -122,7 +122,7 @@ async fn a_mixed_burst_of_routable_and_unroutable_commands_marks_only_the_routab
     // Every row sent at least once: the routable ones marked published, the
     // unroutable ones either deferred as they must be or (the bug) marked.
     let half = (N / 2) as i64;
-    let unroutable_key = format!("led.{nobody}");
+    let unroutable_key = format!(".led.{nobody}");
     let states = wait_for_seen("every outbox row sent once", WAIT, || async {
         let s = outbox_states(&env, &unroutable_key).await;
         let sent = s.routable_published == half && s.unroutable_deferred + s.unroutable_published == half;

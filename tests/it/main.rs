@@ -23,6 +23,7 @@ mod cluster;
 mod console;
 mod console_fixes;
 mod deploy;
+mod devices;
 #[cfg(feature = "test-handlers")]
 mod edges;
 mod failover;

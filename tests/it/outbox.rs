@@ -98,9 +98,9 @@ async fn commands_produce_exactly_their_device_messages() {
         .collect();
     seen.sort();
     let expected = [
-        ("c1", format!("led.{d}"), "on"),
+        ("c1", format!(".led.{d}"), "on"),
         ("c2", format!("{d}.config"), "5000"),
-        ("c3", format!("led.{d}"), "off"),
+        ("c3", format!(".led.{d}"), "off"),
     ];
     let expected: Vec<(String, String, String)> = expected
         .into_iter()
@@ -137,7 +137,7 @@ async fn enqueue_rows(env: &TestEnv, device: &Device, prefix: &str, n: usize) ->
     let mut ids = BTreeSet::new();
     for i in 0..n {
         let id = format!("{prefix}-{i}");
-        worker_iot_core::enqueue_device_message(&mut conn, &id, &format!("led.{}", device.id), b"on")
+        worker_iot_core::enqueue_device_message(&mut conn, &id, &format!(".led.{}", device.id), b"on")
             .await
             .expect("enqueue");
         ids.insert(id);
@@ -362,7 +362,7 @@ async fn overlapping_batches_keep_each_devices_order() {
     let device = Device::bind(&env).await;
     let keys: Vec<String> = ["a", "b", "c"]
         .iter()
-        .map(|s| format!("led.{}-{s}", device.id))
+        .map(|s| format!(".led.{}-{s}", device.id))
         .collect();
     let channel = env.connection.create_channel().await.expect("channel");
     for key in &keys {

@@ -209,7 +209,7 @@ async fn a_realistic_mix_of_1000_messages_ends_with_exactly_the_expected_rows() 
     assert_eq!(env.count("beacon_readings WHERE mac_address IS NULL").await, 50);
     assert_eq!(env.count("outbox").await, expected.outbox);
     assert_eq!(
-        env.count("outbox WHERE routing_key LIKE 'led.dev-%' AND body = 'on'")
+        env.count("outbox WHERE routing_key LIKE '.led.dev-%' AND body = 'on'")
             .await,
         50
     );

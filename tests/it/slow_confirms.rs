@@ -30,7 +30,7 @@ async fn insert_outbox_rows(env: &TestEnv, device: &Device, ids: &[String]) {
          SELECT id, 'amq.topic', $2, body FROM unnest($1::text[], $3::bytea[]) AS m(id, body)",
     )
     .bind(ids)
-    .bind(format!("led.{}", device.id))
+    .bind(format!(".led.{}", device.id))
     .bind(&states)
     .execute(&env.pool)
     .await

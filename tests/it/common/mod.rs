@@ -549,8 +549,9 @@ impl WorkerProcess {
 }
 
 /// A device of this test: a unique id, and a queue bound to `amq.topic`
-/// for both of its routing keys (`led.<id>` and `<id>.config`), as the
-/// MQTT plugin would bind a subscribed device.
+/// for both of its routing keys (`.led.<id>` and `<id>.config`, the
+/// shipped command topics), as the MQTT plugin would bind a subscribed
+/// device.
 pub struct Device {
     pub id: String,
     pub queue: String,
@@ -575,7 +576,7 @@ impl Device {
             .queue_declare(queue.as_str().into(), options, FieldTable::default())
             .await
             .expect("declare device queue");
-        for key in [format!("led.{id}"), format!("{id}.config")] {
+        for key in [format!(".led.{id}"), format!("{id}.config")] {
             channel
                 .queue_bind(
                     queue.as_str().into(),

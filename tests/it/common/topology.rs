@@ -15,6 +15,9 @@ pub struct TopologyFile {
     in_process_attempts: Option<u32>,
     /// Whether `Q` is bound to `amq.topic` with `<Q>.#`.
     bound: bool,
+    /// More TOML (device routes, command topics), with `{Q}` standing for
+    /// the main queue's name.
+    extra: String,
 }
 
 impl TopologyFile {
@@ -29,6 +32,7 @@ impl TopologyFile {
             max_attempts: 3,
             in_process_attempts: None,
             bound: false,
+            extra: String::new(),
         }
     }
 
@@ -74,6 +78,13 @@ impl TopologyFile {
         self
     }
 
+    /// Appends `toml` to the file; `{Q}` in it is the main queue's name
+    /// (a topic prefix no other test uses).
+    pub fn extra(mut self, toml: &str) -> TopologyFile {
+        self.extra.push_str(toml);
+        self
+    }
+
     /// The file's TOML, for main queue `queue`.
     pub fn toml(&self, queue: &str) -> String {
         let delays: Vec<String> = self.delays.iter().map(|d| format!("{d:?}")).collect();
@@ -92,6 +103,7 @@ impl TopologyFile {
                 "[[bindings]]\nexchange = \"amq.topic\"\nrouting_key = \"{queue}.#\"\n"
             ));
         }
+        toml.push_str(&self.extra.replace("{Q}", queue));
         toml
     }
 }

@@ -136,7 +136,11 @@ pub fn check(
             message.id
         ));
     }
-    crate::handlers::prepare(message, &tracing::Span::none())
+    // The shipped command topics: a device id that cannot be one topic
+    // level is refused whatever the template.
+    let commands = crate::device_route::CommandTopics::default();
+    let context = crate::handlers::Context { commands: &commands };
+    crate::handlers::prepare(message, &context, &tracing::Span::none())
         .map_err(|failure| format!("{}: {failure}", failure.kind().as_str()))?;
     Ok(properties)
 }

@@ -1,5 +1,5 @@
 //! Readiness: whether the worker can do its job now, and if not, why
-//! (docs/observability.md, "Health and readiness"). `/readyz` answers from
+//! (docs/observability.md, "Endpoints and readiness"). `/readyz` answers from
 //! it, and it keeps the `iot_ready`, `iot_database_up` and
 //! `iot_broker_blocked` gauges of the worker's [`Metrics`] in step.
 //!

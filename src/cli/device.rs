@@ -1,5 +1,5 @@
 //! `publish device ID`: a device simulator that speaks MQTT 3.1.1 exactly
-//! as the platform's firmware does (docs/devices.md, "`publish device`"):
+//! as the platform's firmware does (docs/devices.md, "`publish device`: a simulated board"):
 //!
 //! * it connects with a persistent session (client id = device id,
 //!   `clean_session = false`) and its last will on `down`;

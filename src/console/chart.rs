@@ -1,6 +1,6 @@
-//! The chart of the Failures page (docs/console.md, "Failures over
-//! time"): messages parked per hour over 7 days, stacked by kind, drawn on
-//! the server as SVG with maud. No script and no inline style: colours
+//! The chart of the Failures page (docs/console.md, "The pages"):
+//! messages parked per hour over 7 days, stacked by kind, drawn on the
+//! server as SVG with maud. No script and no inline style: colours
 //! come from the style sheet by class, so the CSP stays `'self'`.
 
 use std::sync::Arc;

@@ -1,6 +1,6 @@
-//! The handler mapping (docs/reliability.md, "Message types"; docs/architecture.md,
-//! "Where to add a message type"): one [`Handler`] per statement, registered
-//! by type in [`HANDLERS`].
+//! The handler mapping (docs/reliability.md, "Message types";
+//! docs/architecture.md, "A message type"): one [`Handler`] per statement,
+//! registered by type in [`HANDLERS`].
 //!
 //! A handler has one write path. `prepare` parses a message's `data` once,
 //! before any transaction, into the handler's typed item; `write` applies a

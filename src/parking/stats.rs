@@ -1,4 +1,4 @@
-//! Failures over time (docs/console.md, "Failures over time"): messages
+//! Failures over time (docs/console.md, "The pages"): messages
 //! parked per hour and kind over the last days, and the groups that grew
 //! lately, read from `parkings` (every parking, not only the latest) with
 //! one index range each.

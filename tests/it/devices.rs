@@ -20,11 +20,16 @@ use worker_iot_core::headers::{self, ERROR, ERROR_KIND};
 const WORKER: &str = env!("CARGO_BIN_EXE_worker-iot-core");
 const WAIT: Duration = Duration::from_secs(60);
 
+/// `MQTT_<name>`, the variables `publish device` reads too
+/// (docs/development.md, "What the tests need"), or `default`.
+fn mqtt_setting(name: &str, default: &str) -> String {
+    std::env::var(format!("MQTT_{name}")).unwrap_or_else(|_| default.to_owned())
+}
+
 fn mqtt_port() -> u16 {
-    std::env::var("MQTT_PORT")
-        .ok()
-        .and_then(|p| p.parse().ok())
-        .unwrap_or(1884)
+    mqtt_setting("PORT", "1884")
+        .parse()
+        .expect("MQTT_PORT is a port number")
 }
 
 /// The firmware's routes, each under the prefix `{Q}/`.
@@ -124,9 +129,9 @@ async fn pump(
 }
 
 fn options(client_id: &str) -> MqttOptions {
-    let mut options = MqttOptions::new(client_id, "127.0.0.1", mqtt_port());
+    let mut options = MqttOptions::new(client_id, mqtt_setting("HOST", "127.0.0.1"), mqtt_port());
     options
-        .set_credentials("guest", "guest")
+        .set_credentials(mqtt_setting("USERNAME", "guest"), mqtt_setting("PASSWORD", "guest"))
         .set_keep_alive(Duration::from_secs(5))
         .set_inflight(200);
     options

@@ -254,11 +254,8 @@ async fn edit_opens_the_editor_checks_like_the_worker_then_retries() {
     let editor = |name: &str, sed: &str| {
         let path = env.dir.join(name);
         std::fs::write(&path, format!("#!/bin/sh\nsed -i '{sed}' \"$1\"\n")).expect("write the editor");
-        std::process::Command::new("chmod")
-            .arg("+x")
-            .arg(&path)
-            .status()
-            .expect("chmod");
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).expect("make the editor executable");
         path
     };
     let still_bad = editor("bad.sh", r#"s/"21.5"/"21,5"/"#);

@@ -38,20 +38,26 @@ pub async fn reset(bench: &Bench, target: &Target) {
 pub async fn run(bench: &Bench, target: &Target, mix: &Mix, tag: &str) -> Drain {
     reset(bench, target).await;
     fill(&bench.publisher, target.topology.queue(), &mix.bodies).await;
+    filled(bench, target, mix.bodies.len() as u64, &mix.expected, tag).await
+}
+
+/// Lets a fresh worker drain the `n` messages already in `target`'s queue,
+/// checks the result against `expected` and returns the rate.
+pub async fn filled(bench: &Bench, target: &Target, n: u64, expected: &Expected, tag: &str) -> Drain {
     let worker = WorkerProcess::start(bench, target, tag).await;
-    let (finished, counts) = wait_settled(&worker, mix.bodies.len() as u64).await;
+    let (finished, counts) = wait_settled(&worker, n).await;
     let peak_rss_mib = worker.peak_rss_mib();
     let log = worker.log_tail();
     worker.stop().await;
     let started = first_delivery(bench).await;
-    if let Err(problem) = check(bench, target, &mix.expected, &counts).await {
+    if let Err(problem) = check(bench, target, expected, &counts).await {
         panic!(
             "{} {tag} drain is wrong: {problem}\nworker log:\n{log}",
             target.queue_type
         );
     }
     Drain {
-        rate: mix.bodies.len() as f64 / (finished - started),
+        rate: n as f64 / (finished - started),
         peak_rss_mib,
     }
 }

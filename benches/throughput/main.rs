@@ -39,10 +39,15 @@
 //! that worker binary (another build, say of the commit before a change),
 //! beside this build's (first in odd rounds, last in even ones), and
 //! reports the ratio.
+//! `BENCH_RAW_DEVICES=on` (with `BENCH_MIX=readings`) also drains, in each
+//! round, `BENCH_MESSAGES` raw readings that 200 devices publish over MQTT
+//! ([`devices`]), and reports their rate against the enveloped readings of
+//! the clean drain.
 //! `BENCH_PARKING=on` adds the parking lot section ([`parking`]) on a
 //! classic queue; `BENCH_ONLY=parking` runs that section alone.
 
 mod child;
+mod devices;
 mod drain;
 mod export;
 mod latency;
@@ -62,7 +67,7 @@ use sqlx::{Connection as _, PgConnection, PgPool};
 use worker_iot_core::broker::{self, Publisher};
 use worker_iot_core::{Topology, store};
 
-use crate::mix::Variant;
+use crate::mix::{Mix, Variant};
 use crate::raw::Ack;
 use crate::report::Figures;
 use crate::support::{durable, env_number, env_or};
@@ -90,6 +95,8 @@ pub struct Bench {
     pub sink: String,
     /// The OTLP receiver the worker exports to (`BENCH_EXPORT=on`).
     pub export: Option<export::Export>,
+    /// Whether each round drains raw device readings (`BENCH_RAW_DEVICES`).
+    pub raw_devices: bool,
 }
 
 /// One queue type's main queue and topology file.
@@ -155,23 +162,7 @@ async fn measure(bench: &Bench, target: &Target) -> Figures {
         figures
             .raw_multiple
             .push(raw::rate(bench, target, &clean.bodies, multiple).await);
-        // The baseline goes first in odd rounds and last in even ones, so
-        // neither build always drains into a database the other warmed.
-        let baseline = child::baseline_worker().is_some();
-        if baseline && round % 2 == 0 {
-            figures
-                .baseline
-                .push(drain::run(bench, target, &clean, "baseline").await.rate);
-        }
-        let run = drain::run(bench, target, &clean, "clean").await;
-        figures.clean.push(run.rate);
-        figures.rss_clean.push(run.peak_rss_mib);
-        figures.rss_all.push(run.peak_rss_mib);
-        if baseline && round % 2 == 1 {
-            figures
-                .baseline
-                .push(drain::run(bench, target, &clean, "baseline").await.rate);
-        }
+        clean_drains(bench, target, round, &clean, &mut figures).await;
         let poison = mix::build(bench.n, seed, Variant::Poison);
         let run = drain::run(bench, target, &poison, "poison").await;
         figures.poison.push(run.rate);
@@ -190,8 +181,43 @@ async fn measure(bench: &Bench, target: &Target) -> Figures {
     figures
 }
 
+/// This build's drain of the clean mix, and beside it the baseline
+/// worker's and the raw device readings' drains (when on). Those go first
+/// in odd rounds and last in even ones, so neither they nor the clean drain
+/// always drains into a database the other warmed.
+async fn clean_drains(bench: &Bench, target: &Target, round: usize, clean: &Mix, figures: &mut Figures) {
+    let beside_first = round.is_multiple_of(2);
+    if beside_first {
+        beside_clean(bench, target, round, clean, figures).await;
+    }
+    let run = drain::run(bench, target, clean, "clean").await;
+    figures.clean.push(run.rate);
+    figures.rss_clean.push(run.peak_rss_mib);
+    figures.rss_all.push(run.peak_rss_mib);
+    if !beside_first {
+        beside_clean(bench, target, round, clean, figures).await;
+    }
+}
+
+/// The baseline worker's drain of the clean mix and the raw device
+/// readings' drain, each when on.
+async fn beside_clean(bench: &Bench, target: &Target, round: usize, clean: &Mix, figures: &mut Figures) {
+    if child::baseline_worker().is_some() {
+        figures
+            .baseline
+            .push(drain::run(bench, target, clean, "baseline").await.rate);
+    }
+    if bench.raw_devices {
+        let run = devices::run(bench, target, round as u64 + 1).await;
+        figures.raw_devices.push(run.rate);
+        figures.rss_all.push(run.peak_rss_mib);
+    }
+}
+
 impl Bench {
     async fn open() -> Bench {
+        // First, so a setting it refuses leaves no database behind.
+        let raw_devices = devices::enabled();
         let amqp_url = env_or("AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2f");
         let server_url = env_or("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/postgres");
         let prefix = format!("wic_bench_{:08x}", std::process::id());
@@ -219,15 +245,22 @@ impl Bench {
             dir,
             export: export::Export::start().await,
             sink,
+            raw_devices,
         }
     }
 
-    /// Declares `queue_type`'s topology and writes it for the worker.
+    /// Declares `queue_type`'s topology and writes it for the worker. With
+    /// `BENCH_RAW_DEVICES=on` it holds the raw readings' device route, so
+    /// `amq.topic` is bound to the queue before the bench publishes them,
+    /// and every drain of the run has the same worker configuration.
     async fn target(&self, queue_type: &str) -> Target {
-        let text = format!(
+        let mut text = format!(
             "queue_type = \"{queue_type}\"\ndelivery_limit = 5\n\
              [retry]\ndelays = [\"50ms\"]\nmax_attempts = 5\nin_process_attempts = 1\n"
         );
+        if self.raw_devices {
+            text.push_str(&devices::route(&self.prefix));
+        }
         let queue = format!("{}_{queue_type}", self.prefix);
         let topology = Topology::parse(&text, &queue).expect("a valid bench topology");
         topology.declare(self.publisher.channel()).await.unwrap();

@@ -13,10 +13,12 @@ pub struct Figures {
     pub clean: Vec<f64>,
     /// The clean mix drained by `BENCH_BASELINE_WORKER`, when set.
     pub baseline: Vec<f64>,
+    /// Raw device readings through a device route (`BENCH_RAW_DEVICES=on`).
+    pub raw_devices: Vec<f64>,
     pub poison: Vec<f64>,
     pub transient: Vec<f64>,
     pub rss_clean: Vec<f64>,
-    /// Every drain's peak: clean, poison and transient.
+    /// Every drain's peak: clean, raw device readings, poison and transient.
     pub rss_all: Vec<f64>,
     pub p50: Vec<f64>,
     pub p99: Vec<f64>,
@@ -41,6 +43,12 @@ const ROWS: &[Row] = &[
     ("baseline worker, clean mix (msg/s)", |f| rate(median(&f.baseline))),
     ("worker ÷ baseline worker", |f| {
         ratio(median(&f.clean), median(&f.baseline))
+    }),
+    ("worker, raw device readings (msg/s)", |f| rate(median(&f.raw_devices))),
+    // The clean drain is the enveloped readings: `BENCH_RAW_DEVICES=on`
+    // requires `BENCH_MIX=readings`.
+    ("raw device ÷ enveloped readings", |f| {
+        ratio(median(&f.raw_devices), median(&f.clean))
     }),
     ("worker, 5 % poison (msg/s)", |f| rate(median(&f.poison))),
     ("worker with poison ÷ clean worker", |f| {
@@ -75,6 +83,13 @@ pub fn header(bench: &Bench) {
         let shown: Vec<String> = settings.iter().map(|(k, v)| format!("{k}={v}")).collect();
         println!("worker settings: {} (others: {base})", shown.join(" "));
     }
+    if bench.raw_devices {
+        println!(
+            "raw device readings: on, {} per round from 200 devices on MQTT topic {}/+/pressure \
+             (amq.topic, routing key {}.<device>.pressure), against the enveloped readings",
+            bench.n, bench.prefix, bench.prefix
+        );
+    }
     if !cfg!(feature = "test-handlers") {
         println!(
             "note: built without --features test-handlers, so the worker has no TEST_FLAKY handler \
@@ -87,13 +102,15 @@ pub fn header(bench: &Bench) {
 pub fn round(queue_type: &str, round: usize, f: &Figures) {
     let last = |v: &Vec<f64>| v.last().copied().unwrap_or(f64::NAN);
     println!(
-        "{queue_type} round {}: raw each {} / multiple {} msg/s; worker clean {} (baseline {}), poison {}, \
-         transient {} msg/s; peak RSS {} MiB; p50 {} ms, p99 {} ms",
+        "{queue_type} round {}: raw each {} / multiple {} msg/s; worker clean {} (baseline {}), \
+         raw devices {} ({} of clean), poison {}, transient {} msg/s; peak RSS {} MiB; p50 {} ms, p99 {} ms",
         round + 1,
         rate(last(&f.raw_each)),
         rate(last(&f.raw_multiple)),
         rate(last(&f.clean)),
         rate(last(&f.baseline)),
+        rate(last(&f.raw_devices)),
+        ratio(last(&f.raw_devices), last(&f.clean)),
         rate(last(&f.poison)),
         rate(last(&f.transient)),
         mib(last(&f.rss_clean)),

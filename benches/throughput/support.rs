@@ -43,19 +43,33 @@ pub fn properties() -> BasicProperties {
         .with_delivery_mode(2)
 }
 
-/// Publishes `bodies` to `queue` in order, every one confirmed.
+/// Publishes `bodies` to `queue` (through the default exchange) in order,
+/// every one confirmed.
 pub async fn fill(publisher: &Publisher, queue: &str, bodies: &[Vec<u8>]) {
-    for window in bodies.chunks(CONFIRM_WINDOW) {
-        let messages: Vec<Outgoing<'_>> = window
+    let messages: Vec<(&str, &[u8])> = bodies.iter().map(|body| (queue, body.as_slice())).collect();
+    fill_routed(publisher, "", &messages, &properties()).await;
+}
+
+/// Publishes each `(routing key, body)` of `messages` to `exchange` in
+/// order, with `properties`, every one confirmed. The publisher sets
+/// `mandatory`, so a message no queue is bound for stops the bench.
+pub async fn fill_routed(
+    publisher: &Publisher,
+    exchange: &str,
+    messages: &[(&str, &[u8])],
+    properties: &BasicProperties,
+) {
+    for window in messages.chunks(CONFIRM_WINDOW) {
+        let outgoing: Vec<Outgoing<'_>> = window
             .iter()
-            .map(|body| Outgoing {
-                exchange: "",
-                routing_key: queue,
+            .map(|(routing_key, body)| Outgoing {
+                exchange,
+                routing_key,
                 body,
-                properties: properties(),
+                properties: properties.clone(),
             })
             .collect();
-        for result in publisher.publish_all(&messages).await {
+        for result in publisher.publish_all(&outgoing).await {
             result.expect("publish");
         }
     }

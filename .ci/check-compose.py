@@ -47,6 +47,8 @@ SECRETS = {
     # The broker's user: the broker, the worker, the console (its retries
     # publish) and the tests log in as it.
     "RABBITMQ_DEFAULT_PASS": {"rabbitmq", "worker-iot-core", "console", "test"},
+    # The same user's password, for the device tests' MQTT clients.
+    "MQTT_PASSWORD": {"rabbitmq", "worker-iot-core", "console", "test"},
     # The console's tokens: the console only.
     "CONSOLE_TOKEN": {"console"},
     "CONSOLE_VIEWER_TOKEN": {"console"},

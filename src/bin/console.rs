@@ -80,6 +80,9 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
         settings: own,
         sessions: console::auth::Sessions::default(),
         max_message_bytes: settings.max_message_bytes,
+        // Stopped with the console, between two batches: what a paced
+        // retry has not sent stays parked.
+        jobs: console::Jobs::new(stop.clone()),
     };
     let server = console::serve(listener, console, stop.clone())?;
     let mut terminate = signal(SignalKind::terminate())?;

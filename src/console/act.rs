@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::Console;
 use super::auth::Who;
+use super::paced::JobState;
 use crate::broker::{self, Publisher};
 use crate::parking::edit::{self, Edit, EditError, Fix};
 use crate::parking::{Action, Done, Filter, Request, Status, actions, keeper, query};
@@ -98,6 +99,9 @@ pub struct Order {
     pub action: Action,
     pub filter: Filter,
     pub limit: Option<u64>,
+    /// At most this many messages per second: the action runs in the
+    /// background, paced ([`super::paced`]).
+    pub rate: Option<f64>,
 }
 
 /// How an action ended, as far as the request saw it.
@@ -106,6 +110,19 @@ pub enum Finished {
     Done(Done),
     /// Still running after [`ANSWER_WITHIN`].
     Running,
+    /// A paced retry, started in the background: its action id.
+    Paced(i64),
+}
+
+/// A rate from a form or a request; empty is none.
+///
+/// # Errors
+/// Not a positive number, in words.
+pub fn rate(text: Option<&str>) -> Result<Option<f64>, String> {
+    match text.map(str::trim) {
+        None | Some("") => Ok(None),
+        Some(text) => actions::parse_rate(text).map(Some).map_err(|e| format!("rate: {e}")),
+    }
 }
 
 /// `retry`, `archive` or `unarchive`: a retry goes to `to`, else back to
@@ -198,6 +215,9 @@ pub async fn run(console: &Arc<Console>, who: &Who, order: Order) -> Result<Fini
         Action::Retry { .. } => Some(console.broker.publisher().await?),
         Action::Archive | Action::Unarchive => None,
     };
+    if let Some(rate) = order.rate {
+        return paced(console, who, order, publisher, rate).await;
+    }
     let console = console.clone();
     let actor = who.actor();
     let task = tokio::spawn(async move {
@@ -232,4 +252,62 @@ pub async fn run(console: &Arc<Console>, who: &Who, order: Order) -> Result<Fini
         Ok(Err(join)) => Err(format!("the action failed: {join}")),
         Err(_) => Ok(Finished::Running),
     }
+}
+
+/// Starts `order` at `rate` in the background: writes its action, counts
+/// what it plans, registers it with the console's jobs and returns its id
+/// at once.
+async fn paced(
+    console: &Arc<Console>,
+    who: &Who,
+    order: Order,
+    publisher: Option<Publisher>,
+    rate: f64,
+) -> Result<Finished, String> {
+    let planned = count(console, &order).await.map_err(|e| format!("PostgreSQL: {e}"))?;
+    let actor = who.actor();
+    let request = Request {
+        queue: &console.queue,
+        filter: &order.filter,
+        limit: Some(planned),
+        rate: Some(rate),
+        actor: &actor,
+    };
+    let action_id = actions::start(&console.pool, &request, &order.action)
+        .await
+        .map_err(|e| format!("PostgreSQL: {e}"))?;
+    let (job, stop) = console.jobs.add(action_id, planned, rate);
+    let console = console.clone();
+    tokio::spawn(async move {
+        let request = Request {
+            queue: &console.queue,
+            filter: &order.filter,
+            limit: Some(planned),
+            rate: Some(rate),
+            actor: &actor,
+        };
+        let sent = |n| job.sent.store(n, std::sync::atomic::Ordering::Relaxed);
+        let result = actions::carry_out(
+            &console.pool,
+            publisher.as_ref(),
+            &request,
+            &order.action,
+            action_id,
+            &stop,
+            sent,
+        )
+        .await;
+        job.end(match result {
+            Ok(done) if done.interrupted => JobState::Stopped,
+            Ok(_) => JobState::Finished,
+            Err(e) => {
+                tracing::warn!(error.message = %e, actor, action_id, "paced retry stopped");
+                if matches!(e, actions::ActionError::Publish { .. }) {
+                    console.broker.forget().await;
+                }
+                JobState::Failed(e.to_string())
+            }
+        });
+    });
+    Ok(Finished::Paced(action_id))
 }

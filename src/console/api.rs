@@ -18,7 +18,7 @@ use super::act::{self, Finished, Order};
 use super::auth::{Who, csrf_ok, csrf_refusal};
 use super::params::{Params, cursor_text};
 use crate::parking::Filter;
-use crate::parking::query;
+use crate::parking::{actions, query};
 
 /// Most messages in one answer of `/api/messages`.
 const MAX_PAGE: i64 = 500;
@@ -136,15 +136,24 @@ struct ActRequest {
     dry_run: bool,
     /// For a retry: the queue to publish to (it must exist), else `Q`.
     to: Option<String>,
+    /// At most this many messages per second: the action runs in the
+    /// background and `GET /api/actions/{id}` shows its progress.
+    rate: Option<f64>,
 }
 
 /// The request and the order it makes.
 fn parse(body: &[u8], queue: &str) -> Result<(ActRequest, Order), String> {
     let request: ActRequest = serde_json::from_slice(body).map_err(|e| format!("the request: {e}"))?;
+    let rate = request
+        .rate
+        .map(actions::check_rate)
+        .transpose()
+        .map_err(|e| format!("rate: {e}"))?;
     let order = Order {
         action: act::action(&request.action, queue, request.to.as_deref(), &request.filter)?,
         limit: request.limit,
         filter: request.filter.clone(),
+        rate,
     };
     Ok((request, order))
 }
@@ -198,6 +207,11 @@ pub async fn act(
         }))
         .into_response(),
         Ok(Finished::Running) => (StatusCode::ACCEPTED, Json(json!({ "running": true }))).into_response(),
+        Ok(Finished::Paced(id)) => (
+            StatusCode::ACCEPTED,
+            Json(json!({ "action_id": id, "running": true, "progress": format!("/api/actions/{id}") })),
+        )
+            .into_response(),
         Err(why) => problem(StatusCode::BAD_GATEWAY, why),
     }
 }

@@ -12,6 +12,8 @@
 //!   actions;
 //! * `fix`: fix and retry, the edit form and its JSON twin;
 //! * `chart`: failures over time, an SVG drawn here, and `/api/stats`;
+//! * `paced`: retries at a rate, in the background, with their progress
+//!   and a Stop button;
 //! * `params`: filters and cursors from query strings and forms.
 
 mod act;
@@ -20,6 +22,7 @@ pub mod auth;
 mod chart;
 mod fix;
 mod layout;
+mod paced;
 mod pages;
 mod params;
 pub mod settings;
@@ -38,6 +41,7 @@ use tower_http::timeout::TimeoutLayer;
 
 use crate::http::{self, Server};
 pub use act::Broker;
+pub use paced::Jobs;
 pub use settings::ConsoleSettings;
 
 /// How long a request may take. An action that takes longer goes on in
@@ -59,6 +63,8 @@ pub struct Console {
     pub sessions: auth::Sessions,
     /// `MAX_MESSAGE_BYTES`: an edit is decoded as the worker decodes.
     pub max_message_bytes: usize,
+    /// Paced retries under way; stopped with the console.
+    pub jobs: Jobs,
 }
 
 /// Serves the console on `listener` until `shutdown`.
@@ -76,6 +82,9 @@ fn router(console: Arc<Console>) -> Router {
         .route("/messages/{id}", get(pages::message))
         .route("/messages/{id}/edit", post(fix::edit_page))
         .route("/actions", get(pages::actions))
+        .route("/actions/{id}", get(paced::page))
+        .route("/actions/{id}/progress", get(paced::progress))
+        .route("/actions/{id}/stop", post(paced::stop_page))
         .route("/act", post(pages::act))
         .route("/login", get(auth::login_page).post(auth::login))
         .route("/logout", post(auth::logout))
@@ -84,6 +93,8 @@ fn router(console: Arc<Console>) -> Router {
         .route("/api/messages/{id}", get(api::message))
         .route("/api/messages/{id}/edit", post(fix::edit_api))
         .route("/api/actions", get(api::actions).post(api::act))
+        .route("/api/actions/{id}", get(paced::api))
+        .route("/api/actions/{id}/stop", post(paced::stop_api))
         .route("/api/stats", get(chart::api))
         .route("/static/htmx.min.js", get(|| async { asset("text/javascript", HTMX) }))
         .route("/static/console.css", get(|| async { asset("text/css", CSS) }))

@@ -9,7 +9,7 @@ use axum::Extension;
 use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
-use axum::response::{IntoResponse, Response};
+use axum::response::{IntoResponse, Redirect, Response};
 use chrono::{DateTime, Utc};
 use maud::{Markup, html};
 use serde_json::Value;
@@ -59,7 +59,7 @@ impl IntoResponse for PageError {
 type Page = Result<Markup, PageError>;
 
 /// A page with the navigation and who is logged in.
-fn layout(console: &Console, who: &Who, title: &str, body: Markup) -> Markup {
+pub(super) fn layout(console: &Console, who: &Who, title: &str, body: Markup) -> Markup {
     let nav = html! {
         header {
             nav {
@@ -79,7 +79,7 @@ fn layout(console: &Console, who: &Who, title: &str, body: Markup) -> Markup {
     document(title, Some(nav), body)
 }
 
-fn csrf_field(who: &Who) -> Markup {
+pub(super) fn csrf_field(who: &Who) -> Markup {
     html! { input type="hidden" name="csrf" value=(who.csrf.as_deref().unwrap_or("")); }
 }
 
@@ -345,6 +345,7 @@ fn message_actions(who: &Who, m: &Message, queue: &str) -> Markup {
 fn retry_options(queue: &str) -> Markup {
     html! {
         label.option { "Retry into queue " input.to type="text" name="to" placeholder=(queue); }
+        label.option { "at most " input.rate type="number" name="rate" min="0.1" step="any" placeholder="unpaced"; " messages per second" }
     }
 }
 
@@ -450,7 +451,7 @@ pub async fn actions(State(console): State<Arc<Console>>, Extension(who): Extens
             tbody {
                 @for a in &rows {
                     tr {
-                        td { (a.id) } td { (time(a.at)) } td.actor { (a.actor) } td { (a.action) }
+                        td { a href=(format!("/actions/{}", a.id)) { (a.id) } } td { (time(a.at)) } td.actor { (a.actor) } td { (a.action) }
                         td.num { (a.messages) } td { code { (a.filter.to_string()) } } td { (a.target.as_deref().unwrap_or("")) }
                     }
                 }
@@ -475,12 +476,12 @@ pub async fn act(
         return csrf_refusal(false);
     }
     match act_page(&console, &who, &params, headers.contains_key("hx-request")).await {
-        Ok(markup) => markup.into_response(),
+        Ok(response) => response,
         Err(e) => e.into_response(),
     }
 }
 
-async fn act_page(console: &Arc<Console>, who: &Who, params: &Params, fragment: bool) -> Page {
+async fn act_page(console: &Arc<Console>, who: &Who, params: &Params, fragment: bool) -> Result<Response, PageError> {
     let filter = filter_of(params)?;
     let word = params.get("action").unwrap_or("");
     let action = act::action(word, &console.queue, params.get("to"), &filter).map_err(PageError::BadRequest)?;
@@ -508,15 +509,16 @@ async fn act_page(console: &Arc<Console>, who: &Who, params: &Params, fragment: 
         action,
         filter,
         limit: confirmed,
+        rate: act::rate(params.get("rate")).map_err(PageError::BadRequest)?,
     };
     let (_, past) = words(&order.action);
     if bulk && confirmed.is_none() {
         let count = act::count(console, &order).await?;
         let page = confirmation(who, &order, scope, count);
         return Ok(if fragment {
-            page
+            page.into_response()
         } else {
-            layout(console, who, "Confirm", page)
+            layout(console, who, "Confirm", page).into_response()
         });
     }
     if !bulk {
@@ -526,13 +528,14 @@ async fn act_page(console: &Arc<Console>, who: &Who, params: &Params, fragment: 
         Ok(Finished::Done(done)) => html! {
             p.done role="status" #result { (past) " " (done.messages) " message(s) (action #" (done.action_id) ")." }
         },
+        Ok(Finished::Paced(id)) => return Ok(Redirect::to(&format!("/actions/{id}")).into_response()),
         Ok(Finished::Running) => html! {
             p.done role="status" #result { "The action goes on in the background; the " a href="/actions" { "Actions" } " page counts it." }
         },
         Err(why) => html! { p.error role="alert" #result { "The action stopped: " (why) } },
     };
     let body = html! { h1 { "Done" } (result) p { a href="/" { "Back to the failures" } } };
-    Ok(layout(console, who, "Done", body))
+    Ok(layout(console, who, "Done", body).into_response())
 }
 
 /// An action's button and its result, as a page words them.
@@ -553,13 +556,15 @@ fn confirmation(who: &Who, order: &Order, scope: &str, count: u64) -> Markup {
                 p #confirm-question { "No message matches: nothing to do." }
             } @else {
                 p #confirm-question { (label) " " strong #confirm-count { (count) } " message(s)"
-                    @if let Action::Retry { target, .. } = &order.action { " into " code #confirm-target { (target) } } "?" }
+                    @if let Action::Retry { target, .. } = &order.action { " into " code #confirm-target { (target) } }
+                    @if let Some(rate) = order.rate { " at " span #confirm-rate { (rate) } " per second" } "?" }
                 form method="post" action="/act" {
                     (csrf_field(who))
                     input type="hidden" name="scope" value=(scope);
                     input type="hidden" name="action" value=(order.action.as_str());
                     input type="hidden" name="confirm" value=(count);
                     @if let Action::Retry { target, .. } = &order.action { input type="hidden" name="to" value=(target); }
+                    @if let Some(rate) = order.rate { input type="hidden" name="rate" value=(rate); }
                     (hidden(&filter_pairs(&order.filter)))
                     button #confirm-button type="submit" { (label) " " (count) " message(s)" }
                     " "

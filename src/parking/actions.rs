@@ -122,7 +122,7 @@ struct Row {
 
 /// Runs `action` on the messages `request` matches, in batches, calling
 /// `progress` with the running count after each. `stop` is checked between
-/// batches; a batch under way finishes.
+/// batches and while a paced action waits; a batch under way finishes.
 ///
 /// # Errors
 /// An [`ActionError`]; the batches committed before it stay done.
@@ -132,9 +132,26 @@ pub async fn run(
     request: &Request<'_>,
     action: &Action,
     stop: &CancellationToken,
-    mut progress: impl FnMut(u64),
+    progress: impl FnMut(u64),
 ) -> Result<Done, ActionError> {
     let action_id = start(pool, request, action).await?;
+    carry_out(pool, publisher, request, action, action_id, stop, progress).await
+}
+
+/// [`run`] for an action already written by [`start`] (the console's
+/// paced retries show its id before the first batch).
+///
+/// # Errors
+/// As [`run`].
+pub async fn carry_out(
+    pool: &PgPool,
+    publisher: Option<&Publisher>,
+    request: &Request<'_>,
+    action: &Action,
+    action_id: i64,
+    stop: &CancellationToken,
+    mut progress: impl FnMut(u64),
+) -> Result<Done, ActionError> {
     let step = Step {
         publisher,
         request,
@@ -155,12 +172,19 @@ pub async fn run(
         if size == 0 {
             return Ok(done);
         }
-        if stop.is_cancelled() {
+        let paced = async {
+            if let Some(rate) = request.rate {
+                pace(started, done.messages, rate).await;
+            }
+        };
+        let stopped = tokio::select! {
+            biased;
+            () = stop.cancelled() => true,
+            () = paced => false,
+        };
+        if stopped {
             done.interrupted = true;
             return Ok(done);
-        }
-        if let Some(rate) = request.rate {
-            pace(started, done.messages, rate).await;
         }
         let batch = one_batch(pool, &step, &mut after, size).await?;
         done.messages += batch.changed;
@@ -285,6 +309,30 @@ pub fn requeued_properties(properties: &BasicProperties, keep_retry_count: bool)
     properties.with_headers(h)
 }
 
+/// A rate as `requeue --rate` and the console's rate field take it: a
+/// positive number of messages per second.
+///
+/// # Errors
+/// Anything else, in words.
+pub fn parse_rate(text: &str) -> Result<f64, String> {
+    let rate = text.trim().parse::<f64>().unwrap_or(f64::NAN);
+    check_rate(rate).map_err(|_| format!("{text:?} is not a rate: expected a positive number of messages per second"))
+}
+
+/// `rate` when it is a positive number of messages per second.
+///
+/// # Errors
+/// Anything else, in words.
+pub fn check_rate(rate: f64) -> Result<f64, String> {
+    if rate.is_finite() && rate > 0.0 {
+        Ok(rate)
+    } else {
+        Err(format!(
+            "{rate} is not a rate: expected a positive number of messages per second"
+        ))
+    }
+}
+
 /// Rows per batch: [`BATCH_SIZE`], or about a tenth of a second's worth
 /// at `rate`, so a paced action holds its locks briefly and a crash sends
 /// few messages twice.
@@ -298,11 +346,20 @@ async fn pace(started: Instant, done: u64, rate: f64) {
     tokio::time::sleep_until(due.into()).await;
 }
 
-/// Writes the `operator_actions` row (count 0) and returns its id.
-async fn start(pool: &PgPool, request: &Request<'_>, action: &Action) -> Result<i64, sqlx::Error> {
+/// Writes the `operator_actions` row (count 0) and returns its id. Its
+/// `filter` holds the request's `limit` and `rate` too.
+///
+/// # Errors
+/// The database error.
+pub async fn start(pool: &PgPool, request: &Request<'_>, action: &Action) -> Result<i64, sqlx::Error> {
     let mut filter = serde_json::to_value(request.filter).unwrap_or_default();
-    if let (Some(limit), Some(map)) = (request.limit, filter.as_object_mut()) {
-        map.insert("limit".into(), limit.into());
+    if let Some(map) = filter.as_object_mut() {
+        if let Some(limit) = request.limit {
+            map.insert("limit".into(), limit.into());
+        }
+        if let Some(rate) = request.rate {
+            map.insert("rate".into(), rate.into());
+        }
     }
     let target = match action {
         Action::Retry { target, .. } => Some(target.as_str()),

@@ -190,14 +190,21 @@ pub struct ActionOn {
 /// # Errors
 /// The database error.
 pub async fn groups(pool: &PgPool, queue: &str, filter: &Filter) -> Result<Vec<Group>, sqlx::Error> {
+    // By type first, then by group: hash aggregates, where one
+    // `array_agg(DISTINCT …)` over every row sorts them all (spilling to
+    // disk at 100,000 rows).
     let query = sqlx::query_as(concat!(
-        "SELECT fingerprint, count(*) AS count, min(error_kind) AS error_kind,
-                array_remove(array_agg(DISTINCT message_type), NULL) AS types,
+        "SELECT fingerprint, sum(n)::bigint AS count, min(error_kind) AS error_kind,
+                array_remove(array_agg(message_type ORDER BY message_type), NULL) AS types,
                 min(first_parked_at) AS first_parked_at, max(last_parked_at) AS last_parked_at,
-                min(error COLLATE \"C\") AS sample_error
-         FROM parked_messages WHERE ",
+                min(sample_error) AS sample_error
+         FROM (SELECT fingerprint, message_type, count(*) AS n, min(error_kind) AS error_kind,
+                      min(first_parked_at) AS first_parked_at, max(last_parked_at) AS last_parked_at,
+                      min(error COLLATE \"C\") AS sample_error
+               FROM parked_messages WHERE ",
         matching!(),
-        " GROUP BY fingerprint ORDER BY count(*) DESC, fingerprint"
+        " GROUP BY fingerprint, message_type) AS by_type
+         GROUP BY fingerprint ORDER BY sum(n) DESC, fingerprint"
     ));
     bind_filter!(query, queue, filter, Status::Parked).fetch_all(pool).await
 }
@@ -371,6 +378,21 @@ pub async fn actions(
     .bind(before)
     .bind(limit)
     .fetch_all(pool)
+    .await
+}
+
+/// Action `id` on `queue`'s lot.
+///
+/// # Errors
+/// The database error.
+pub async fn action(pool: &PgPool, queue: &str, id: i64) -> Result<Option<ActionRow>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT id, at, actor, action, filter, messages, target FROM operator_actions
+         WHERE queue = $1 AND id = $2",
+    )
+    .bind(queue)
+    .bind(id)
+    .fetch_optional(pool)
     .await
 }
 

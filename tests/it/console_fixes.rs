@@ -4,6 +4,7 @@
 //! a person sees and clicks, then the rows and queues behind it.
 
 use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
 
 use fantoccini::Locator;
 use lapin::options::{QueueDeclareOptions, QueueDeleteOptions};
@@ -407,6 +408,144 @@ async fn the_failures_page_with_its_chart_over_100_000_parked_rows() {
     );
     println!("the Failures page with its chart over 100,000 parked rows: {ms:.0} ms");
     assert!(ms < 1000.0, "{ms:.0} ms");
+    browser.close().await;
+    stop(console).await;
+    env.cleanup().await;
+}
+
+/// Rows of group `message_type` in `status`.
+async fn in_status(env: &TestEnv, message_type: &str, status: &str) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM parked_messages WHERE message_type = $1 AND status = $2")
+        .bind(message_type)
+        .bind(status)
+        .fetch_one(&env.pool)
+        .await
+        .expect("count")
+}
+
+/// Asks for a paced retry of `message_type`'s group at `rate` per second,
+/// confirms `expected` messages, and returns when its page shows it
+/// running, with the instant of the confirming click.
+async fn start_paced_retry(browser: &Browser, url: &str, message_type: &str, rate: &str, expected: &str) -> Instant {
+    browser.client.goto(url).await.expect("failures");
+    open_group(browser, message_type).await;
+    let field = browser
+        .client
+        .find(Locator::Css("form.actions input[name=rate]"))
+        .await
+        .expect("the rate field");
+    field.send_keys(rate).await.expect("type the rate");
+    browser.click("form.actions button[value=retry]").await;
+    assert_eq!(browser.text("#confirm-count").await, expected);
+    assert_eq!(browser.text("#confirm-rate").await, rate);
+    let clicked = Instant::now();
+    browser.click("#confirm-button").await;
+    assert_eq!(browser.text("#action-word").await, "retry", "the action's page");
+    clicked
+}
+
+/// What the action's page shows in `#css` now.
+async fn shown(browser: &Browser, css: &str) -> String {
+    browser
+        .run(&format!("return document.querySelector('{css}')?.innerText ?? '';"))
+        .await
+        .as_str()
+        .unwrap_or_default()
+        .to_owned()
+}
+
+/// 2,000 messages at 200/s run about 10 s and all land in Q; another
+/// 2,000 stopped from the page after about half leave the rest parked,
+/// and Q holds exactly what the page says was sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paced_retry_takes_its_time_shows_its_progress_and_stopped_halfway_leaves_the_rest_parked() {
+    let env = TestEnv::new(&TopologyFile::fast()).await;
+    let ids: Vec<(String, Vec<u8>)> = (0..4000)
+        .map(|i| {
+            let id = format!("p{i}");
+            let body = if i % 2 == 0 {
+                measurement(&id, "high")
+            } else {
+                unknown_type(&id)
+            };
+            (id, body)
+        })
+        .collect();
+    let borrowed: Vec<(&str, Vec<u8>)> = ids.iter().map(|(id, body)| (id.as_str(), body.clone())).collect();
+    fill(&env, &borrowed).await;
+    let console = env
+        .spawn_console(
+            &[("CONSOLE_TOKEN", OPERATOR), ("CONSOLE_VIEWER_TOKEN", VIEWER)],
+            "console",
+        )
+        .await;
+    let browser = Browser::start(&env).await;
+    login(&browser, &console.url, "olga", OPERATOR).await;
+
+    // To the end: about 10 s, every message in Q once.
+    let clicked = start_paced_retry(&browser, &console.url, "MEASUREMENT", "200", "2000").await;
+    let took = wait_for("the retry to finish", Duration::from_secs(60), || async {
+        (shown(&browser, "#state").await == "finished").then(|| clicked.elapsed())
+    })
+    .await;
+    println!("a paced retry of 2,000 messages at 200/s took {took:.1?}");
+    assert!(
+        took >= Duration::from_millis(9_500) && took < Duration::from_secs(15),
+        "2,000 at 200/s took {took:?}"
+    );
+    assert_eq!(browser.text("#sent").await, "2000");
+    assert_eq!(in_status(&env, "MEASUREMENT", "retried").await, 2000);
+    assert_eq!(env.queue_len(&env.queue).await, 2000, "each sent once");
+    env.drain(&env.queue).await;
+
+    // Stopped halfway: what it sent is in Q, the rest stays parked. A
+    // viewer's stop is refused on the way.
+    start_paced_retry(&browser, &console.url, "TELEPORT", "200", "2000").await;
+    let url = browser.client.current_url().await.expect("url");
+    let action_id = url.path().rsplit('/').next().expect("an id").to_owned();
+    let viewer = format!("POST /api/actions/{action_id}/stop HTTP/1.1\r\nAuthorization: Bearer {VIEWER}");
+    let (status, _, body) = http(&console.addr, &viewer, "").await;
+    assert_eq!(status, 403, "a viewer stops nothing: {body}");
+    wait_for("half of them sent", Duration::from_secs(30), || async {
+        let sent: u64 = shown(&browser, "#sent").await.parse().unwrap_or(0);
+        (sent >= 1000).then_some(())
+    })
+    .await;
+    browser.click("#stop").await;
+    wait_for("the page to say stopped", Duration::from_secs(10), || async {
+        (shown(&browser, "#state").await == "stopped").then_some(())
+    })
+    .await;
+    let sent: i64 = browser.text("#sent").await.parse().expect("a count");
+    assert!((1000..1400).contains(&sent), "stopped soon after 1,000: {sent}");
+    assert_eq!(in_status(&env, "TELEPORT", "retried").await, sent);
+    assert_eq!(
+        in_status(&env, "TELEPORT", "parked").await,
+        2000 - sent,
+        "the rest stays parked"
+    );
+    assert_eq!(
+        i64::from(env.queue_len(&env.queue).await),
+        sent,
+        "Q holds what was sent"
+    );
+    assert_eq!(browser.count("#stop").await, 0, "no Stop button once stopped");
+    let actions = operator_actions(&env).await;
+    let last = actions.last().expect("the paced retry");
+    assert_eq!(
+        (last.0.as_str(), last.1.as_str(), i64::from(last.3)),
+        ("retry", "operator:olga", sent)
+    );
+
+    // The API says the same.
+    let get = format!("GET /api/actions/{action_id} HTTP/1.1\r\nAuthorization: Bearer {VIEWER}");
+    let (status, _, body) = http(&console.addr, &get, "").await;
+    assert_eq!(status, 200, "{body}");
+    let answer: Value = serde_json::from_str(&body).expect("JSON");
+    assert_eq!(answer["paced"]["state"], "stopped", "{answer}");
+    assert_eq!(answer["filter"]["rate"], 200.0, "the rate is recorded: {answer}");
+    assert_eq!(answer["paced"]["sent"], sent, "{answer}");
+    assert_eq!(answer["paced"]["planned"], 2000, "{answer}");
     browser.close().await;
     stop(console).await;
     env.cleanup().await;

@@ -72,7 +72,7 @@ struct Args {
     #[arg(long, value_name = "N")]
     limit: Option<u64>,
     /// At most this many messages per second.
-    #[arg(long, value_name = "PER_SEC", value_parser = parse_rate)]
+    #[arg(long, value_name = "PER_SEC", value_parser = actions::parse_rate)]
     rate: Option<f64>,
     /// Only messages of this type (repeatable).
     #[arg(long = "type", value_name = "T")]
@@ -121,15 +121,6 @@ struct Args {
     json: bool,
     #[command(flatten)]
     generate: Generate,
-}
-
-fn parse_rate(text: &str) -> Result<f64, String> {
-    match text.parse::<f64>() {
-        Ok(rate) if rate.is_finite() && rate > 0.0 => Ok(rate),
-        _ => Err(format!(
-            "{text:?} is not a rate: expected a positive number of messages per second"
-        )),
-    }
 }
 
 fn parse_kind(text: &str) -> Result<String, String> {

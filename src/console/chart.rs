@@ -24,8 +24,10 @@ const GROWN_SHOWN: i64 = 20;
 async fn series(console: &Console) -> Result<(DateTime<Utc>, Vec<Hour>, Vec<Grown>), sqlx::Error> {
     let now = Utc::now();
     let first = stats::first_hour(now);
-    let hours = stats::per_hour(&console.pool, &console.queue, first).await?;
-    let grown = stats::grown(&console.pool, &console.queue, now - TimeDelta::hours(1), GROWN_SHOWN).await?;
+    let (hours, grown) = tokio::try_join!(
+        stats::per_hour(&console.pool, &console.queue, first),
+        stats::grown(&console.pool, &console.queue, now - TimeDelta::hours(1), GROWN_SHOWN),
+    )?;
     Ok((first, hours, grown))
 }
 

@@ -166,12 +166,18 @@ fn bulk_form(who: &Who, filter: &Filter, scope: &str, count: i64, noun: &str, qu
 /// `GET /`: the groups.
 pub async fn failures(State(console): State<Arc<Console>>, Extension(who): Extension<Who>, params: Params) -> Page {
     let filter = filter_of(&params)?;
-    let groups = query::groups(&console.pool, &console.queue, &filter).await?;
-    let over_time = super::chart::over_time(&console).await?;
+    let dlq = crate::MainQueue::new(&console.queue).dlq();
+    // Side by side, each on its own connection: the page waits for the
+    // slowest, not the sum.
+    let (groups, over_time, waiting) = tokio::join!(
+        query::groups(&console.pool, &console.queue, &filter),
+        super::chart::over_time(&console),
+        console.broker.waiting(&dlq),
+    );
+    let (groups, over_time) = (groups?, over_time?);
+    let waiting = waiting.filter(|n| *n > 0);
     let total: i64 = groups.iter().map(|g| g.count).sum();
     let status = filter.status.unwrap_or(Status::Parked).as_str();
-    let dlq = crate::MainQueue::new(&console.queue).dlq();
-    let waiting = console.broker.waiting(&dlq).await.filter(|n| *n > 0);
     let body = html! {
         h1 { "Failures" }
         @if let Some(n) = waiting {

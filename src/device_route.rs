@@ -485,6 +485,11 @@ impl CommandTopics {
         Ok(topics)
     }
 
+    /// The command types that have a template.
+    pub fn types(&self) -> impl Iterator<Item = &str> {
+        self.0.keys().map(String::as_str)
+    }
+
     /// The routing key of `message_type`'s device message for `device_id`.
     ///
     /// # Errors

@@ -14,7 +14,9 @@ use serde::Deserialize;
 
 use crate::broker;
 use crate::device_route::{CommandTopics, MQTT_EXCHANGE, RouteFile, Routes};
+use crate::envelope::Kind;
 use crate::failure::Failure;
+use crate::handlers;
 use crate::retry::{Disposition, RetryDelay, RetryPolicy};
 
 /// Type of the main queue.
@@ -178,6 +180,8 @@ impl Topology {
             }
         }
         let routes = Routes::parse(file.routes)?;
+        let commands = CommandTopics::parse(file.commands)?;
+        check_types(&routes, &commands)?;
         let bindings = with_route_bindings(file.bindings, &routes);
         Ok(Topology {
             queue: MainQueue::new(queue),
@@ -190,7 +194,7 @@ impl Topology {
             },
             bindings,
             routes,
-            commands: CommandTopics::parse(file.commands)?,
+            commands,
         })
     }
 
@@ -356,6 +360,35 @@ impl MainQueue {
     }
 }
 
+/// Refuses a route to a type that is not an event the worker handles, and
+/// a command topic of a type that is not a command it handles: the first
+/// would park every message of its topic, the second is never used
+/// (docs/devices.md, "Routes").
+fn check_types(routes: &Routes, commands: &CommandTopics) -> Result<(), String> {
+    let allowed = |kind| handlers::types_of(kind).collect::<Vec<_>>().join(", ");
+    if let Some(route) = routes
+        .iter()
+        .find(|r| !handlers::types_of(Kind::Event).any(|t| t == r.message_type))
+    {
+        return Err(format!(
+            "routes: topic {:?}: type {:?} is not an event type the worker handles (allowed: {})",
+            route.topic,
+            route.message_type,
+            allowed(Kind::Event)
+        ));
+    }
+    if let Some(unknown) = commands
+        .types()
+        .find(|c| !handlers::types_of(Kind::Command).any(|t| t == *c))
+    {
+        return Err(format!(
+            "commands.{unknown}: not a command type the worker handles (allowed: {})",
+            allowed(Kind::Command)
+        ));
+    }
+    Ok(())
+}
+
 /// `bindings`, then one `amq.topic` binding per device route (its
 /// routing-key form), each once.
 fn with_route_bindings(mut bindings: Vec<Binding>, routes: &Routes) -> Vec<Binding> {
@@ -489,6 +522,31 @@ fn conflict(queue: &str, args: &[(&str, Arg)], text: &str) -> Option<TopologyErr
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const BASE: &str = "queue_type = \"classic\"\ndelivery_limit = 3\n[retry]\ndelays = [\"1s\"]\nmax_attempts = 5\n";
+
+    #[test]
+    fn a_route_or_command_topic_of_a_type_the_worker_does_not_handle_stops_start_up() {
+        let route = |t: &str| {
+            format!("{BASE}[[routes]]\ntopic = \"up\"\ntype = \"{t}\"\ndevice_id = {{ field = \"device_id\" }}\n")
+        };
+        if let Err(e) = Topology::parse(&route("DEVICE_UP"), "q") {
+            panic!("a known type: {e}");
+        }
+        let error = Topology::parse(&route("DEVICE_UPP"), "q").expect_err("an unknown type");
+        assert!(
+            error.contains("topic \"up\"") && error.contains("\"DEVICE_UPP\"") && error.contains("allowed: DEVICE_UP"),
+            "{error}"
+        );
+        let command = Topology::parse(&route("SET_LED"), "q").expect_err("a command is no route");
+        assert!(command.contains("not an event type"), "{command}");
+        let topic = format!("{BASE}[commands]\nSET_LAMP = \".lamp.{{device_id}}\"\n");
+        let error = Topology::parse(&topic, "q").expect_err("an unknown command");
+        assert!(
+            error.starts_with("commands.SET_LAMP: not a command type") && error.contains("SET_LED, SET_PUBLISH_PERIOD"),
+            "{error}"
+        );
+    }
 
     fn conflict_over(argument: &str) -> TopologyError {
         TopologyError::Conflict {

@@ -216,6 +216,11 @@ pub static HANDLERS: &[Route] = &[
     route("TEST_SLOW",          Kind::Event,   &test_only::Slow),
 ];
 
+/// The types of `kind` the worker handles, in the mapping's order.
+pub fn types_of(kind: Kind) -> impl Iterator<Item = &'static str> {
+    HANDLERS.iter().filter(move |r| r.kind == kind).map(|r| r.message_type)
+}
+
 /// The route for a message's kind and type.
 ///
 /// # Errors

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use serde::Deserialize;
@@ -16,17 +16,13 @@ use serde_json::{Value, json};
 use super::Console;
 use super::act::{self, Finished, Order};
 use super::auth::{Who, csrf_ok, csrf_refusal};
+use super::frame::{not_json, problem};
 use super::params::{Params, cursor_text};
 use crate::parking::Filter;
 use crate::parking::{actions, query};
 
 /// Most messages in one answer of `/api/messages`.
 const MAX_PAGE: i64 = 500;
-
-/// A JSON error: `{"error": why}`.
-pub fn problem(status: StatusCode, why: impl Into<String>) -> Response {
-    (status, Json(json!({ "error": why.into() }))).into_response()
-}
 
 fn database(e: &sqlx::Error) -> Response {
     problem(StatusCode::SERVICE_UNAVAILABLE, format!("PostgreSQL: {e}"))
@@ -101,21 +97,6 @@ pub async fn actions(State(console): State<Arc<Console>>, params: Params) -> Res
         Ok(rows) => Json(json!({ "actions": rows })).into_response(),
         Err(e) => database(&e),
     }
-}
-
-/// The refusal of a POST whose body is not JSON (a browser cannot send
-/// JSON cross-site without asking first).
-pub fn not_json(headers: &HeaderMap) -> Option<Response> {
-    let json_body = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|t| t.split(';').next().is_some_and(|t| t.trim() == "application/json"));
-    (!json_body).then(|| {
-        problem(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "send Content-Type: application/json",
-        )
-    })
 }
 
 /// The body of `POST /api/actions`.

@@ -13,7 +13,8 @@ use maud::{Markup, html};
 use serde_json::json;
 
 use super::Console;
-use super::pages::{group_link, short};
+use super::frame::short;
+use super::params::group_link;
 use crate::parking::Filter;
 use crate::parking::stats::{self, Grown, HOURS, Hour};
 
@@ -66,7 +67,7 @@ pub async fn api(State(console): State<Arc<Console>>) -> Response {
             "grown_last_hour": grown,
         }))
         .into_response(),
-        Err(e) => super::api::problem(axum::http::StatusCode::SERVICE_UNAVAILABLE, format!("PostgreSQL: {e}")),
+        Err(e) => super::frame::problem(axum::http::StatusCode::SERVICE_UNAVAILABLE, format!("PostgreSQL: {e}")),
     }
 }
 

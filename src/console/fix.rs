@@ -16,8 +16,8 @@ use serde_json::json;
 
 use super::Console;
 use super::act;
-use super::api::{not_json, problem};
 use super::auth::{Who, csrf_ok, csrf_refusal};
+use super::frame::{not_json, problem};
 use super::layout::document;
 use super::params::Params;
 use crate::parking::Status;

@@ -10,6 +10,7 @@
 //!   and the security headers of every response;
 //! * `pages` and `api`: the HTML and the JSON, both through [`act`] for
 //!   actions;
+//! * `frame`: the navigation around every page, and the error page;
 //! * `fix`: fix and retry, the edit form and its JSON twin;
 //! * `chart`: failures over time, an SVG drawn here, and `/api/stats`;
 //! * `paced`: retries at a rate, in the background, with their progress
@@ -21,6 +22,7 @@ mod api;
 pub mod auth;
 mod chart;
 mod fix;
+mod frame;
 mod layout;
 mod paced;
 mod pages;

@@ -20,9 +20,9 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::Console;
-use super::api::problem;
 use super::auth::{Who, csrf_ok, csrf_refusal};
-use super::pages::{PageError, csrf_field, layout};
+use super::frame::problem;
+use super::frame::{PageError, csrf_field, layout};
 use super::params::Params;
 use crate::parking::query::{self, ActionRow};
 

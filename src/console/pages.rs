@@ -8,7 +8,7 @@ use std::sync::Arc;
 use axum::Extension;
 use axum::body::Bytes;
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Redirect, Response};
 use chrono::{DateTime, Utc};
 use maud::{Markup, html};
@@ -17,8 +17,8 @@ use serde_json::Value;
 use super::Console;
 use super::act::{self, Finished, Order};
 use super::auth::{Who, csrf_ok, csrf_refusal};
-use super::layout::{document, layout_bare};
-use super::params::{Params, cursor_text, filter_pairs, query_string};
+use super::frame::{Page, PageError, csrf_field, layout, short};
+use super::params::{Params, cursor_text, filter_pairs, group_link, query_string};
 use crate::parking::query::{self, EditOf, Event, Group, Message, Shown};
 use crate::parking::{Action, Filter, Status, error_kinds};
 
@@ -29,74 +29,12 @@ const GROUPS_SHOWN: usize = 500;
 /// Actions shown on one page of Actions.
 const ACTIONS_PAGE: i64 = 50;
 
-/// A page that could not be made.
-pub enum PageError {
-    BadRequest(String),
-    NotFound(String),
-    Database(sqlx::Error),
-}
-
-impl From<sqlx::Error> for PageError {
-    fn from(e: sqlx::Error) -> PageError {
-        PageError::Database(e)
-    }
-}
-
-impl IntoResponse for PageError {
-    fn into_response(self) -> Response {
-        let (status, text) = match self {
-            PageError::BadRequest(why) => (StatusCode::BAD_REQUEST, why),
-            PageError::NotFound(what) => (StatusCode::NOT_FOUND, what),
-            PageError::Database(e) => {
-                tracing::warn!(error.message = %e, "console page failed");
-                (StatusCode::SERVICE_UNAVAILABLE, format!("PostgreSQL: {e}"))
-            }
-        };
-        (status, layout_bare("Error", html! { p.error role="alert" { (text) } })).into_response()
-    }
-}
-
-type Page = Result<Markup, PageError>;
-
-/// A page with the navigation and who is logged in.
-pub(super) fn layout(console: &Console, who: &Who, title: &str, body: Markup) -> Markup {
-    let nav = html! {
-        header {
-            nav {
-                a href="/" { "Failures" }
-                a href="/actions" { "Actions" }
-                span.queue { "queue " code { (console.queue) } }
-                span.who #who { (who.actor()) @if !console.settings.protected() { " (no token: loopback only)" } }
-                @if console.settings.protected() {
-                    form.inline method="post" action="/logout" {
-                        (csrf_field(who))
-                        button type="submit" { "Log out" }
-                    }
-                }
-            }
-        }
-    };
-    document(title, Some(nav), body)
-}
-
-pub(super) fn csrf_field(who: &Who) -> Markup {
-    html! { input type="hidden" name="csrf" value=(who.csrf.as_deref().unwrap_or("")); }
-}
-
 fn hidden(pairs: &[(&str, String)]) -> Markup {
     html! { @for (name, value) in pairs { input type="hidden" name=(name) value=(value); } }
 }
 
 fn time(t: DateTime<Utc>) -> String {
     t.format("%Y-%m-%d %H:%M:%S UTC").to_string()
-}
-
-pub(super) fn short(text: &str, max: usize) -> String {
-    if text.chars().count() <= max {
-        return text.to_owned();
-    }
-    let cut: String = text.chars().take(max).collect();
-    format!("{cut}…")
 }
 
 fn filter_of(params: &Params) -> Result<Filter, PageError> {
@@ -198,18 +136,6 @@ pub async fn failures(State(console): State<Arc<Console>>, Extension(who): Exten
         }
     };
     Ok(layout(&console, &who, "Failures", body))
-}
-
-pub(super) fn group_link(fingerprint: &str, filter: &Filter) -> String {
-    let view = Filter {
-        fingerprint: None,
-        ..filter.clone()
-    };
-    format!(
-        "/groups/{}?{}",
-        Params::encode(fingerprint),
-        query_string(&filter_pairs(&view))
-    )
 }
 
 fn group_row(group: &Group, filter: &Filter) -> Markup {

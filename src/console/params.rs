@@ -134,6 +134,19 @@ impl<S: Send + Sync> FromRequestParts<S> for Params {
     }
 }
 
+/// The page of group `fingerprint` under `filter`'s other fields.
+pub fn group_link(fingerprint: &str, filter: &Filter) -> String {
+    let view = Filter {
+        fingerprint: None,
+        ..filter.clone()
+    };
+    format!(
+        "/groups/{}?{}",
+        Params::encode(fingerprint),
+        query_string(&filter_pairs(&view))
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

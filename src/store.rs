@@ -26,6 +26,8 @@ pub const TABLES: &[&str] = &[
     "operator_action_messages",
     "operator_actions",
     "parked_messages",
+    "parkings",
+    "message_edits",
     "_sqlx_migrations",
 ];
 
@@ -377,6 +379,41 @@ mod tests {
     use std::io;
 
     use super::*;
+
+    /// Every table a migration creates, in file order.
+    fn created_by_migrations() -> Vec<String> {
+        let mut files: Vec<_> = std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/migrations"))
+            .expect("migrations/")
+            .map(|e| e.expect("an entry").path())
+            .collect();
+        files.sort();
+        files
+            .iter()
+            .flat_map(|f| {
+                let sql = std::fs::read_to_string(f).expect("a migration");
+                sql.lines()
+                    .filter_map(|l| l.strip_prefix("CREATE TABLE "))
+                    .map(|rest| rest.split([' ', '(']).next().unwrap_or_default().to_owned())
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn tables_names_every_table_the_migrations_create_and_the_role_script_moves_them() {
+        let created = created_by_migrations();
+        assert!(created.len() >= 12, "{created:?}");
+        for table in &created {
+            assert!(TABLES.contains(&table.as_str()), "store::TABLES leaves out {table}");
+        }
+        let script = include_str!("../deploy/postgres/move-to-worker-role.sql");
+        for table in TABLES {
+            assert!(
+                script.contains(&format!("'{table}'")),
+                "deploy/postgres/move-to-worker-role.sql does not move {table}"
+            );
+        }
+    }
 
     #[test]
     fn a_connection_error_names_its_cause_and_no_pool_timeout() {

@@ -22,7 +22,8 @@ DECLARE
     -- function). A table that is not there is skipped.
     tables text[] := ARRAY['events', 'commands', 'devices', 'measurements', 'beacon_readings',
                            'outbox', 'delivery_attempts', 'operator_action_messages',
-                           'operator_actions', 'parked_messages', '_sqlx_migrations'];
+                           'operator_actions', 'parked_messages', 'parkings', 'message_edits',
+                           '_sqlx_migrations'];
     role text := current_setting('worker.role');
     name text;
 BEGIN

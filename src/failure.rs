@@ -208,6 +208,21 @@ pub fn is_transient_database_error(error: &sqlx::Error) -> bool {
     }
 }
 
+/// Whether the database itself failed, whatever was asked of it: the
+/// connection was lost, refused or never came (I/O, TLS, the pool, the
+/// deadline). A run of several messages that fails so is not helped by
+/// running them in smaller groups.
+pub fn is_database_unreachable(error: &sqlx::Error) -> bool {
+    matches!(
+        error,
+        sqlx::Error::Io(_)
+            | sqlx::Error::Tls(_)
+            | sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::WorkerCrashed
+    )
+}
+
 /// The text of a panic's payload.
 pub fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
     panic

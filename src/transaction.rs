@@ -33,7 +33,7 @@ use tracing::{Instrument, Span};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::envelope::Kind;
-use crate::failure::Failure;
+use crate::failure::{self, Failure};
 use crate::handlers::{Prepared, Route};
 use crate::outcome::Outcome;
 use crate::retry::RetryPolicy;
@@ -63,14 +63,28 @@ pub trait Apply: Send + Sync {
 
 /// The failure of a whole run, as each of its messages takes it: a message
 /// alone has failed itself; in a batch, the failure is nobody's in
-/// particular (one message's transient error, a lost connection, the
-/// deadline, a constraint, a panic), so every message goes again (in
-/// halves, see [`Retries::run`]) with every attempt it has: another's
-/// failure never costs a message an attempt, nor sends it to a retry
-/// queue.
+/// particular (one message's transient error, a constraint, a panic), so
+/// every message goes again (in halves, see [`Retries::run`]) with every
+/// attempt it has: another's failure never costs a message an attempt,
+/// nor sends it to a retry queue. Except when the database itself failed
+/// (the connection lost or refused, the deadline): smaller runs would
+/// only wait for it again, once per halving, so every message takes that
+/// failure as its own attempt at once (docs/reliability.md, "Batches").
 fn aborted(items: usize, failure: Failure) -> Vec<Applied> {
     if items == 1 {
         return vec![Applied::Failed(failure)];
+    }
+    if let Failure::Database(e) = &failure
+        && failure::is_database_unreachable(e)
+    {
+        tracing::debug!(error.message = %failure, size = items, "database unreachable: the batch's messages each take the failure");
+        let text = e.to_string();
+        return (0..items)
+            .map(|_| {
+                let copy = std::io::Error::new(std::io::ErrorKind::ConnectionAborted, text.clone());
+                Applied::Failed(Failure::Database(sqlx::Error::Io(copy)))
+            })
+            .collect();
     }
     tracing::debug!(error.message = %failure, size = items, "batch rolled back; its messages run alone");
     (0..items).map(|_| Applied::Again).collect()

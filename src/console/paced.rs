@@ -21,8 +21,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::Console;
 use super::auth::{Who, csrf_ok, csrf_refusal};
-use super::frame::problem;
-use super::frame::{PageError, csrf_field, layout};
+use super::frame::{PageError, csrf_field, layout, problem};
 use super::params::Params;
 use crate::parking::query::{self, ActionRow};
 
@@ -189,18 +188,13 @@ fn progress_view(id: i64, row: &ActionRow, job: Option<&Job>) -> Markup {
     };
     let state = job.state();
     let (word, note) = state.word();
+    // Asks for itself again every second while the retry runs.
+    let poll = (state == JobState::Running).then(|| format!("/actions/{id}/progress"));
     html! {
-        @if state == JobState::Running {
-            p #progress role="status" hx-get=(format!("/actions/{id}/progress")) hx-trigger="every 1s" hx-swap="outerHTML" {
-                "Sent " span #sent { (job.sent()) } " of " span #planned { (job.planned) }
-                " at " (job.rate) " per second: " span #state { (word) }
-            }
-        } @else {
-            p #progress role="status" {
-                "Sent " span #sent { (job.sent()) } " of " span #planned { (job.planned) }
-                " at " (job.rate) " per second: " span #state { (word) }
-                @if let Some(note) = note { " " span.note { (note) } }
-            }
+        p #progress role="status" hx-get=[poll.as_ref()] hx-trigger=[poll.as_ref().map(|_| "every 1s")] hx-swap="outerHTML" {
+            "Sent " span #sent { (job.sent()) } " of " span #planned { (job.planned) }
+            " at " (job.rate) " per second: " span #state { (word) }
+            @if let Some(note) = note { " " span.note { (note) } }
         }
     }
 }

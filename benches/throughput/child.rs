@@ -19,6 +19,48 @@ pub fn baseline_worker() -> Option<PathBuf> {
     std::env::var_os("BENCH_BASELINE_WORKER").map(PathBuf::from)
 }
 
+/// The migrations of this build that the baseline worker lacks, taken out
+/// of `_sqlx_migrations` for its drain: a worker refuses to start on a
+/// database that had a migration it does not know. The baseline's own are
+/// the versions in `BENCH_BASELINE_MIGRATIONS` (its checkout's
+/// `migrations/`); unset, none is taken out. The tables they made stay,
+/// unused by the baseline.
+pub async fn hide_newer_migrations(pool: &sqlx::PgPool) -> Vec<(i64, String, bool, Vec<u8>, i64)> {
+    let Some(dir) = std::env::var_os("BENCH_BASELINE_MIGRATIONS") else {
+        return Vec::new();
+    };
+    let known: Vec<i64> = std::fs::read_dir(&dir)
+        .expect("BENCH_BASELINE_MIGRATIONS: a migrations/ folder")
+        .filter_map(|e| e.ok()?.file_name().to_str()?.split('_').next()?.parse().ok())
+        .collect();
+    sqlx::query_as(
+        "DELETE FROM _sqlx_migrations WHERE version <> ALL($1)
+         RETURNING version, description, success, checksum, execution_time",
+    )
+    .bind(&known)
+    .fetch_all(pool)
+    .await
+    .expect("hide the newer migrations")
+}
+
+/// Puts back what [`hide_newer_migrations`] took out.
+pub async fn restore_migrations(pool: &sqlx::PgPool, hidden: Vec<(i64, String, bool, Vec<u8>, i64)>) {
+    for (version, description, success, checksum, execution_time) in hidden {
+        sqlx::query(
+            "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time)
+             VALUES ($1, $2, $3, $4, $5)",
+        )
+        .bind(version)
+        .bind(description)
+        .bind(success)
+        .bind(checksum)
+        .bind(execution_time)
+        .execute(pool)
+        .await
+        .expect("restore a migration row");
+    }
+}
+
 /// Drains tagged `baseline` run [`baseline_worker`]; every other, this build's.
 fn binary(tag: &str) -> PathBuf {
     match (tag, baseline_worker()) {

@@ -203,9 +203,11 @@ async fn clean_drains(bench: &Bench, target: &Target, round: usize, clean: &Mix,
 /// readings' drain, each when on.
 async fn beside_clean(bench: &Bench, target: &Target, round: usize, clean: &Mix, figures: &mut Figures) {
     if child::baseline_worker().is_some() {
+        let hidden = child::hide_newer_migrations(&bench.pool).await;
         figures
             .baseline
             .push(drain::run(bench, target, clean, "baseline").await.rate);
+        child::restore_migrations(&bench.pool, hidden).await;
     }
     if bench.raw_devices {
         let run = devices::run(bench, target, round as u64 + 1).await;

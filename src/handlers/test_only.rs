@@ -22,8 +22,9 @@ use crate::failure::Failure;
 static FLAKY_RUNS: Mutex<Option<HashMap<String, u64>>> = Mutex::new(None);
 
 /// `TEST_FLAKY`: fails transiently on the first `data.fail_first` runs of
-/// a message (per message id, in this process), then records the run
-/// number. A batch fails as a whole while one of its messages does.
+/// a message (per message id, in this process), with a serialization
+/// failure the server raises, then records the run number. A batch fails
+/// as a whole while one of its messages does.
 pub struct Flaky;
 
 impl Handler for Flaky {
@@ -53,8 +54,19 @@ impl Handler for Flaky {
         };
         Box::pin(async move {
             if let Some((run, _)) = runs.iter().find(|(run, fail_first)| run <= fail_first) {
-                let error = std::io::Error::other(format!("TEST_FLAKY transient failure, run {run}"));
-                return Err(Failure::Database(sqlx::Error::Io(error)));
+                // A real serialization failure (SQLSTATE 40001) from the
+                // server, which aborts the transaction: the transient
+                // failure of one message, not of the database.
+                let raise = format!(
+                    "DO $$ BEGIN RAISE EXCEPTION 'TEST_FLAKY transient failure, run {run}' \
+                     USING ERRCODE = 'serialization_failure'; END $$"
+                );
+                return Err(sqlx::raw_sql(sqlx::AssertSqlSafe(raise))
+                    .execute(conn)
+                    .await
+                    .map_or_else(Failure::Database, |_| {
+                        Failure::Panic("TEST_FLAKY: the server did not raise".into())
+                    }));
             }
             let values = runs.iter().map(|(run, _)| *run as f64);
             record(conn, "TEST_FLAKY", batch.iter().map(|t| t.id).zip(values)).await

@@ -276,9 +276,13 @@ async fn retries_and_parking_survive_the_loss_of_their_leaders_node() {
         .fetch_all(&env.pool)
         .await
         .expect("runs");
+    // Each failed once and was applied once; a retried copy can take a
+    // third run, when a batch-mate's first run rolls back its second
+    // (docs/reliability.md, "Batches").
+    assert_eq!(runs.len(), 100, "one row each");
     assert!(
-        runs.iter().all(|run| *run == 2.0),
-        "each applied on its second run: {runs:?}"
+        runs.iter().all(|run| *run >= 2.0),
+        "each applied after its failed first run: {runs:?}"
     );
     assert_eq!(
         parked_with(&env, ErrorKind::Validation).await,

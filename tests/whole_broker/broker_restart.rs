@@ -33,7 +33,10 @@ async fn parked_retrying_and_queued_messages_survive_a_broker_restart() {
         env.publish(format!("not json {i}").as_bytes(), transient()).await;
         env.publish(&flaky(&format!("flaky-{i}"), 1), transient()).await;
     }
-    let worker = env.spawn_worker(&[]);
+    // One message per transaction, so each flaky message fails alone and
+    // waits in the retry queue (in a batch, its failure would only send
+    // the batch again in halves, with no attempt spent).
+    let worker = env.spawn_worker(&[("BATCH_MAX_SIZE", "1")]);
     env.wait_for_queue_len(&env.dlq(), N as u32, WAIT).await;
     env.wait_for_queue_len(&retry_queue, N as u32, WAIT).await;
     worker.stop().await;

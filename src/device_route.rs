@@ -150,9 +150,27 @@ impl DeviceRoute {
             .join(".")
     }
 
-    /// Whether an MQTT topic matches the route's filter.
+    /// Whether an MQTT topic matches the route's filter (MQTT 3.1.1,
+    /// 4.7): level by level, `+` one level, a last `#` the rest and the
+    /// parent level; a wildcard first matches no `$` topic. Written here,
+    /// not taken from rumqttc, whose `matches` panics on a topic with
+    /// multi-byte characters (found by the fuzz target
+    /// `decode_device_route`), and a routing key may hold any.
     pub fn matches(&self, topic: &str) -> bool {
-        rumqttc::matches(topic, &self.topic)
+        if topic.starts_with('$') && self.topic.starts_with(['+', '#']) {
+            return false;
+        }
+        let mut levels = topic.split('/');
+        for wanted in self.topic.split('/') {
+            match (wanted, levels.next()) {
+                ("#", _) => return true,
+                (_, None) => return false,
+                ("+", Some(_)) => {}
+                (wanted, Some(level)) if wanted == level => {}
+                _ => return false,
+            }
+        }
+        levels.next().is_none()
     }
 
     /// Turns a raw body that arrived on `topic` into the route's message,

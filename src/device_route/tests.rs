@@ -329,3 +329,29 @@ fn amqp_topic_matches(binding: &str, key: &str) -> bool {
     let k: Vec<&str> = key.split('.').collect();
     go(&b, &k)
 }
+
+/// MQTT 3.1.1's own examples (4.7), and a topic with multi-byte
+/// characters, on which rumqttc's matcher panicked (found by the fuzz
+/// target `decode_device_route`).
+#[test]
+fn filters_match_as_mqtt_says_and_any_topic_is_safe() {
+    let matches = |filter: &str, topic: &str| {
+        let routes = routes(&format!(
+            "[[routes]]\ntopic = {filter:?}\ntype = \"A\"\ndevice_id = {{ field = \"d\" }}"
+        ))
+        .expect("a valid route");
+        routes.get(0).expect("the route").matches(topic)
+    };
+    assert!(matches("sport/tennis/#", "sport/tennis"));
+    assert!(matches("sport/tennis/#", "sport/tennis/player1/ranking"));
+    assert!(matches("sport/+", "sport/"));
+    assert!(!matches("sport/+", "sport"));
+    assert!(!matches("sport/+", "sport/tennis/player1"));
+    assert!(matches("+/+", "/finance"));
+    assert!(matches("+/pressure", "lamp-1/pressure"));
+    assert!(!matches("+/pressure", "lamp-1/pressure/x"));
+    assert!(!matches("#", "$SYS/broker"));
+    assert!(!matches("+/pressure", "ü/x"));
+    assert!(matches("+/pressure", "ü€/pressure"));
+    assert!(!matches("up", "\u{fffd}\u{fffd}\u{fffd}f"));
+}

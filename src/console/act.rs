@@ -266,26 +266,14 @@ async fn paced(
 ) -> Result<Finished, String> {
     let planned = count(console, &order).await.map_err(|e| format!("PostgreSQL: {e}"))?;
     let actor = who.actor();
-    let request = Request {
-        queue: &console.queue,
-        filter: &order.filter,
-        limit: Some(planned),
-        rate: Some(rate),
-        actor: &actor,
-    };
+    let request = paced_request(&console.queue, &order, planned, rate, &actor);
     let action_id = actions::start(&console.pool, &request, &order.action)
         .await
         .map_err(|e| format!("PostgreSQL: {e}"))?;
     let (job, stop) = console.jobs.add(action_id, planned, rate);
     let console = console.clone();
     tokio::spawn(async move {
-        let request = Request {
-            queue: &console.queue,
-            filter: &order.filter,
-            limit: Some(planned),
-            rate: Some(rate),
-            actor: &actor,
-        };
+        let request = paced_request(&console.queue, &order, planned, rate, &actor);
         let sent = |n| job.sent.store(n, std::sync::atomic::Ordering::Relaxed);
         let result = actions::carry_out(
             &console.pool,
@@ -310,4 +298,15 @@ async fn paced(
         });
     });
     Ok(Finished::Paced(action_id))
+}
+
+/// The request of a paced retry: `planned` messages at `rate`.
+fn paced_request<'a>(queue: &'a str, order: &'a Order, planned: u64, rate: f64, actor: &'a str) -> Request<'a> {
+    Request {
+        queue,
+        filter: &order.filter,
+        limit: Some(planned),
+        rate: Some(rate),
+        actor,
+    }
 }

@@ -216,6 +216,24 @@ settings! {
         parse: |text| integer(text, 1, 3650).map(|days: u64| Duration::from_secs(days * 86_400)),
         show: |retention| (retention.as_secs() / 86_400).to_string(),
     }
+    /// How long readings and events are kept, in whole days: older day
+    /// partitions are dropped. `None` (empty, the default) keeps
+    /// everything.
+    telemetry_retention_days: Option<u32> = "TELEMETRY_RETENTION_DAYS" {
+        default: "",
+        parse: |text| match text.trim() {
+            "" => Ok(None),
+            days => integer(days, 1, 36_500).map(Some).map_err(|allowed| format!("{allowed}, or empty to keep everything")),
+        },
+        show: |days| days.map_or_else(|| "(not set: everything is kept)".into(), |d| d.to_string()),
+    }
+    /// How long a message id is remembered at least, in days (an id is
+    /// remembered for one to two windows).
+    inbox_window_days: u32 = "INBOX_WINDOW_DAYS" {
+        default: "30",
+        parse: |text| integer(text, 1, 3650),
+        show: u32::to_string,
+    }
     /// The broker, or the nodes of one cluster (comma-separated). Connect
     /// with `amqp_url.expose()`; printing it masks the passwords.
     amqp_url: SecretUrl = "AMQP_URL" {
@@ -601,6 +619,27 @@ mod tests {
             invalid_key(load(Some(r#"{"EVENTS_TO_OMIT": ["A"]}"#), &[])),
             "EVENTS_TO_OMIT"
         );
+        let err = load(None, &[("TELEMETRY_RETENTION_DAYS", "a year")]).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "invalid setting TELEMETRY_RETENTION_DAYS=\"a year\" (from environment): expected an integer from 1 to 36500, or empty to keep everything"
+        );
+        assert_eq!(
+            invalid_key(load(None, &[("INBOX_WINDOW_DAYS", "0")])),
+            "INBOX_WINDOW_DAYS"
+        );
+    }
+
+    #[test]
+    fn retention_is_off_and_the_inbox_window_a_month_unless_set() {
+        let s = load(None, &[]).unwrap();
+        assert_eq!((s.telemetry_retention_days, s.inbox_window_days), (None, 30));
+        let s = load(
+            Some(r#"{"TELEMETRY_RETENTION_DAYS": 400}"#),
+            &[("INBOX_WINDOW_DAYS", "7")],
+        )
+        .unwrap();
+        assert_eq!((s.telemetry_retention_days, s.inbox_window_days), (Some(400), 7));
     }
 
     #[test]

@@ -22,6 +22,7 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle, 
 
 use crate::envelope::MessageType;
 use crate::failure::ErrorKind;
+use crate::growth::Stored;
 use crate::outbox::Stats;
 use crate::outcome::{Event, Handling, Outcome};
 use crate::retry::{Disposition, RetryPolicy};
@@ -55,6 +56,11 @@ mod name {
     pub const PARKING_MOVED: &str = "iot_parking_moved_total";
     pub const PARKING_ERRORS: &str = "iot_parking_errors_total";
     pub const PARKING_PAUSED: &str = "iot_parking_paused";
+    pub const STORED_ROWS: &str = "iot_stored_rows";
+    pub const STORED_BYTES: &str = "iot_stored_bytes";
+    pub const OLDEST_PARTITION: &str = "iot_oldest_partition_age_seconds";
+    pub const RETENTION_DAYS: &str = "iot_telemetry_retention_days";
+    pub const RETENTION_LAST_RUN: &str = "iot_telemetry_retention_last_run_timestamp_seconds";
 }
 
 /// Upper bounds of the handling-duration histogram, in seconds.
@@ -317,6 +323,28 @@ impl Metrics {
         self.counter(name::PARKING_ERRORS, vec![]).increment(1);
     }
 
+    /// Sets the gauges of one day-partitioned table.
+    pub(crate) fn set_stored(&self, stored: &Stored) {
+        let label = || vec![Label::new("table", stored.table)];
+        self.gauge(name::STORED_ROWS, label()).set(stored.rows);
+        self.gauge(name::STORED_BYTES, label()).set(stored.bytes);
+        if let Some(oldest) = stored.oldest {
+            self.gauge(name::OLDEST_PARTITION, label()).set(oldest.as_secs_f64());
+        }
+    }
+
+    /// `TELEMETRY_RETENTION_DAYS`, 0 for off.
+    pub(crate) fn set_retention_days(&self, days: Option<u32>) {
+        self.gauge(name::RETENTION_DAYS, vec![])
+            .set(f64::from(days.unwrap_or(0)));
+    }
+
+    /// A retention run finished at `at`.
+    pub(crate) fn set_retention_run(&self, at: chrono::DateTime<chrono::Utc>) {
+        self.gauge(name::RETENTION_LAST_RUN, vec![])
+            .set(at.timestamp_millis() as f64 / 1000.0);
+    }
+
     /// 1 while the keeper has stopped taking from `Q.dlq`.
     pub(crate) fn set_parking_paused(&self, paused: bool) {
         self.gauge(name::PARKING_PAUSED, vec![])
@@ -444,7 +472,7 @@ const COUNTERS: [(&str, &str); 11] = [
 ];
 
 /// The `# HELP` lines (and units) of the gauges.
-const GAUGES: [(&str, Option<Unit>, &str); 14] = [
+const GAUGES: [(&str, Option<Unit>, &str); 19] = [
     (
         name::IN_FLIGHT,
         None,
@@ -498,6 +526,31 @@ const GAUGES: [(&str, Option<Unit>, &str); 14] = [
         name::PARKING_PAUSED,
         None,
         "1 while the parking keeper does not take from Q.dlq (the database is unreachable).",
+    ),
+    (
+        name::STORED_ROWS,
+        None,
+        "Rows of each day-partitioned table (measurements, beacon_readings, event_rows), PostgreSQL's estimate.",
+    ),
+    (
+        name::STORED_BYTES,
+        Some(Unit::Bytes),
+        "Bytes of each day-partitioned table: heap, indexes and TOAST of every partition.",
+    ),
+    (
+        name::OLDEST_PARTITION,
+        Some(Unit::Seconds),
+        "Age of the beginning of each day-partitioned table's oldest partition.",
+    ),
+    (
+        name::RETENTION_DAYS,
+        None,
+        "TELEMETRY_RETENTION_DAYS of this worker; 0 when retention is off (everything is kept).",
+    ),
+    (
+        name::RETENTION_LAST_RUN,
+        Some(Unit::Seconds),
+        "When this worker's retention last ran to the end (Unix time); absent while it never has.",
     ),
 ];
 

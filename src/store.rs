@@ -16,7 +16,7 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!();
 
 /// Every table the worker owns, for `delete_db`.
 pub const TABLES: &[&str] = &[
-    "events",
+    "event_rows",
     "commands",
     "devices",
     "measurements",
@@ -291,6 +291,8 @@ fn describe_options(options: &PgConnectOptions) -> String {
 /// A [`StoreError`] when the server cannot be reached or refuses.
 pub async fn drop_tables(url: &str) -> Result<(), StoreError> {
     let mut conn = PgConnection::connect(url).await.map_err(StoreError::Connect)?;
+    // The view `events` reads three of them: CASCADE drops it; each
+    // table's partitions go with it.
     let sql = format!("DROP TABLE IF EXISTS {} CASCADE", TABLES.join(", "));
     sqlx::query(sqlx::AssertSqlSafe(sql))
         .execute(&mut conn)
@@ -299,8 +301,29 @@ pub async fn drop_tables(url: &str) -> Result<(), StoreError> {
             what: "DROP TABLE",
             source,
         })?;
-    // The relay's trigger function outlives its table.
-    sqlx::query("DROP FUNCTION IF EXISTS outbox_notify()")
+    // The inbox's generations, by the names the worker gives them.
+    let generations: Vec<String> = sqlx::query_scalar(
+        "SELECT relname::text FROM pg_class
+          WHERE relkind = 'r' AND relname ~ '^inbox_g[0-9]{8}$' AND pg_table_is_visible(oid)",
+    )
+    .fetch_all(&mut conn)
+    .await
+    .map_err(|source| StoreError::Query {
+        what: "listing the inbox",
+        source,
+    })?;
+    for table in generations {
+        sqlx::query(sqlx::AssertSqlSafe(format!("DROP TABLE IF EXISTS {table}")))
+            .execute(&mut conn)
+            .await
+            .map_err(|source| StoreError::Query {
+                what: "DROP TABLE",
+                source,
+            })?;
+    }
+    // The functions outlive their tables: the relay's trigger, and the
+    // makers of partitions and inbox generations.
+    sqlx::query("DROP FUNCTION IF EXISTS outbox_notify(), day_partition(regclass, date), inbox_generation(date)")
         .execute(&mut conn)
         .await
         .map_err(|source| StoreError::Query {
@@ -311,27 +334,19 @@ pub async fn drop_tables(url: &str) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// Records many events in the inbox in one statement, in message id order
-/// (so two batches sharing ids lock them in the same order). Returns the
-/// ids that were new; an id already there (or twice in `events`) is a
-/// duplicate.
+/// Stores events whose handler keeps no whole copy of them (device
+/// status, record-only types) in `event_rows`, in one statement. The
+/// inbox has filtered the duplicates.
 ///
 /// # Errors
-/// The database error.
-pub(crate) async fn record_events_in_inbox(
-    conn: &mut PgConnection,
-    events: &[&Prepared],
-) -> Result<std::collections::HashSet<String>, sqlx::Error> {
+/// The database error; `23514` when a message's day has no partition.
+pub(crate) async fn store_events(conn: &mut PgConnection, events: &[&Prepared]) -> Result<(), sqlx::Error> {
     let column = |f: fn(&Message) -> Option<&str>| events.iter().map(|p| f(&p.message)).collect::<Vec<_>>();
     let data: Vec<_> = events.iter().map(|p| sqlx::types::Json(&p.message.data)).collect();
     let times: Vec<_> = events.iter().map(|p| p.message.time).collect();
-    sqlx::query_scalar(
-        "INSERT INTO events (message_id, type, actor, target, occurred_at, data)
-         SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::timestamptz[], $6::jsonb[])
-             AS e (message_id, type, actor, target, occurred_at, data)
-         ORDER BY message_id
-         ON CONFLICT (message_id) DO NOTHING
-         RETURNING message_id",
+    sqlx::query(
+        "INSERT INTO event_rows (message_id, type, actor, target, occurred_at, data)
+         SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::timestamptz[], $6::jsonb[])",
     )
     .bind(column(|m| Some(m.id.as_str())))
     .bind(events.iter().map(|p| p.route.message_type).collect::<Vec<_>>())
@@ -339,14 +354,16 @@ pub(crate) async fn record_events_in_inbox(
     .bind(column(|m| m.target.as_deref()))
     .bind(times)
     .bind(data)
-    .fetch_all(conn)
-    .await
-    .map(|ids: Vec<String>| ids.into_iter().collect())
+    .execute(conn)
+    .await?;
+    Ok(())
 }
 
-/// Records many commands in the inbox in one statement, as
-/// [`record_events_in_inbox`] does events, each with the device its handler
-/// found. Returns the ids that were new.
+/// Records many commands in their inbox, `commands` (keyed by message id,
+/// not partitioned: commands are few), in one statement, in message id
+/// order (so two batches sharing ids lock them in the same order), each
+/// with the device its handler found. Returns the ids that were new; an id
+/// already there (or twice in `commands`) is a duplicate.
 ///
 /// # Errors
 /// The database error.
@@ -380,8 +397,18 @@ mod tests {
 
     use super::*;
 
-    /// Every table a migration creates, in file order.
+    /// Every table a migration creates and no later one makes a view (the
+    /// old `events`), in file order.
     fn created_by_migrations() -> Vec<String> {
+        let views = named_after("CREATE VIEW ");
+        named_after("CREATE TABLE ")
+            .into_iter()
+            .filter(|t| !views.contains(t))
+            .collect()
+    }
+
+    /// The names that follow `statement` at the start of a migration's line.
+    fn named_after(statement: &str) -> Vec<String> {
         let mut files: Vec<_> = std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/migrations"))
             .expect("migrations/")
             .map(|e| e.expect("an entry").path())
@@ -392,7 +419,7 @@ mod tests {
             .flat_map(|f| {
                 let sql = std::fs::read_to_string(f).expect("a migration");
                 sql.lines()
-                    .filter_map(|l| l.strip_prefix("CREATE TABLE "))
+                    .filter_map(|l| l.strip_prefix(statement))
                     .map(|rest| rest.split([' ', '(']).next().unwrap_or_default().to_owned())
                     .collect::<Vec<_>>()
             })

@@ -20,10 +20,12 @@
 //! makes a commit of unknown outcome safe to repeat, and a message that
 //! fails alone has failed itself.
 
+use std::collections::HashSet;
 use std::panic::AssertUnwindSafe;
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError, RwLock};
 
 use backon::Retryable;
+use chrono::{NaiveDate, Utc};
 use futures_util::FutureExt;
 use futures_util::future::{BoxFuture, join_all};
 use opentelemetry::trace::TraceContextExt;
@@ -34,7 +36,9 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::envelope::Kind;
 use crate::failure::{self, Failure};
+use crate::growth;
 use crate::handlers::{Prepared, Route};
+use crate::inbox::Inbox;
 use crate::outcome::Outcome;
 use crate::retry::RetryPolicy;
 use crate::store;
@@ -120,13 +124,57 @@ impl<A: Apply> Apply for CatchPanic<A> {
 }
 
 /// The transactions of the worker, with the deadline and panic layers.
-pub fn layered(pool: PgPool) -> impl Apply {
-    CatchPanic(Deadline(Database { pool }))
+pub fn layered(pool: PgPool, inbox: Arc<Inbox>) -> impl Apply {
+    CatchPanic(Deadline(Database {
+        pool,
+        inbox,
+        days: RwLock::default(),
+    }))
 }
 
 /// One PostgreSQL transaction per run.
 pub struct Database {
     pub pool: PgPool,
+    pub inbox: Arc<Inbox>,
+    /// The days whose partitions this process has made or found.
+    days: RwLock<HashSet<NaiveDate>>,
+}
+
+impl Database {
+    /// Makes the day partitions of the messages of `items` that this
+    /// process has not seen yet, before their transaction: a message dated
+    /// outside every partition is stored, never parked, and its handler
+    /// runs once.
+    async fn make_days(&self, conn: &mut PgConnection, items: &[Item<'_>]) -> Result<(), sqlx::Error> {
+        let mut days: Vec<NaiveDate> = {
+            let known = self.days.read().unwrap_or_else(PoisonError::into_inner);
+            items
+                .iter()
+                .flat_map(|p| p.days())
+                .filter(|d| !known.contains(d))
+                .collect()
+        };
+        if days.is_empty() {
+            return Ok(());
+        }
+        days.sort();
+        days.dedup();
+        growth::make_days(conn, &days).await?;
+        self.days.write().unwrap_or_else(PoisonError::into_inner).extend(days);
+        Ok(())
+    }
+
+    /// Makes what a run found missing after all: a partition that
+    /// retention dropped since (a reading that old is stored again), the
+    /// inbox's generation of today (a new window began) or its list of
+    /// generations (another worker dropped one).
+    async fn make_missing(&self, conn: &mut PgConnection, items: &[Item<'_>]) -> Result<(), sqlx::Error> {
+        tracing::info!("making the partitions or inbox generation a batch found missing");
+        self.days.write().unwrap_or_else(PoisonError::into_inner).clear();
+        self.make_days(conn, items).await?;
+        self.inbox.upkeep(conn, Utc::now().date_naive()).await?;
+        Ok(())
+    }
 }
 
 impl Apply for Database {
@@ -136,7 +184,19 @@ impl Apply for Database {
                 Ok(conn) => conn,
                 Err(e) => return aborted(items.len(), Failure::Database(e)),
             };
-            let applied = match run(&mut conn, items).await {
+            if let Err(e) = self.make_days(&mut conn, items).await {
+                return aborted(items.len(), Failure::Database(e));
+            }
+            let mut result = run(&mut conn, &self.inbox, items).await;
+            if let Err(Failure::Database(e)) = &result
+                && growth::is_missing_table(e)
+            {
+                result = match self.make_missing(&mut conn, items).await {
+                    Ok(()) => run(&mut conn, &self.inbox, items).await,
+                    Err(e) => Err(Failure::Database(e)),
+                };
+            }
+            let applied = match result {
                 Ok(applied) => applied,
                 Err(failure) => {
                     if let Failure::Database(e) = &failure {
@@ -159,12 +219,12 @@ impl Apply for Database {
 
 /// Each handler's group with its inbox statement and its handler's; commits
 /// unless nothing new was written.
-async fn run(conn: &mut PgConnection, items: &[Item<'_>]) -> Result<Vec<Applied>, Failure> {
+async fn run(conn: &mut PgConnection, inbox: &Inbox, items: &[Item<'_>]) -> Result<Vec<Applied>, Failure> {
     let mut tx = conn.begin().await?;
     let mut outcomes = vec![Outcome::Duplicate; items.len()];
     for indexes in groups(items) {
         let group: Vec<&Prepared> = indexes.iter().map(|i| items[*i]).collect();
-        let fresh = write_group(&mut tx, &group).await?;
+        let fresh = write_group(&mut tx, inbox, &group).await?;
         for (index, fresh) in indexes.into_iter().zip(fresh) {
             if fresh {
                 outcomes[index] = Outcome::Processed;
@@ -198,23 +258,28 @@ fn groups(items: &[Item<'_>]) -> Vec<Vec<usize>> {
     groups.into_iter().map(|(_, indexes)| indexes).collect()
 }
 
-/// The group's inbox rows in one statement, then the new ones through
-/// their handler's `write`; the first copy of an id in the batch is the
-/// one applied. Says which items were new. A failure is the whole run's.
-async fn write_group(tx: &mut PgConnection, group: &[&Prepared]) -> Result<Vec<bool>, Failure> {
-    let mut new_ids = match group[0].route.kind {
-        Kind::Event => store::record_events_in_inbox(tx, group).await?,
+/// The group's ids in the inbox in one statement, then the new ones: an
+/// event no typed table keeps into `event_rows`, and every one through its
+/// handler's `write`. The first copy of an id in the batch is the one
+/// applied. Says which items were new. A failure is the whole run's.
+async fn write_group(tx: &mut PgConnection, inbox: &Inbox, group: &[&Prepared]) -> Result<Vec<bool>, Failure> {
+    let route = group[0].route;
+    let mut new_ids = match route.kind {
+        Kind::Event => {
+            let ids: Vec<&str> = group.iter().map(|p| p.message.id.as_str()).collect();
+            inbox.record(tx, &ids).await?
+        }
         Kind::Command => store::record_commands_in_inbox(tx, group).await?,
     };
     let fresh: Vec<bool> = group.iter().map(|p| new_ids.remove(&p.message.id)).collect();
     let writes: Vec<&Prepared> = group.iter().zip(&fresh).filter(|(_, f)| **f).map(|(p, _)| *p).collect();
-    if !writes.is_empty() {
-        group[0]
-            .route
-            .write(tx, &writes)
-            .instrument(handler_span(&writes))
-            .await?;
+    if writes.is_empty() {
+        return Ok(fresh);
     }
+    if route.kind == Kind::Event && !route.keeps_message() {
+        store::store_events(tx, &writes).await?;
+    }
+    route.write(tx, &writes).instrument(handler_span(&writes)).await?;
     Ok(fresh)
 }
 

@@ -12,8 +12,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Settings;
 use crate::crash_guard::CrashGuard;
-use crate::health;
 use crate::http;
+use crate::inbox::Inbox;
 use crate::metrics::Metrics;
 use crate::outcome::{Event, EventHook};
 use crate::parking::Keeper;
@@ -25,6 +25,7 @@ use crate::session::{Batching, Endpoint, Session, SessionError};
 use crate::store::{self, StoreError};
 use crate::topology::{Topology, TopologyError};
 use crate::transaction;
+use crate::{growth, health};
 
 /// How long closing the database pool may take.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
@@ -156,7 +157,20 @@ async fn run_on(
     background: &CancellationToken,
 ) -> Result<(), WorkerError> {
     options.readiness.set_database(Ok(()));
-    let pipeline = Arc::new(build_pipeline(&settings, &topology, &pool, &options, shutdown).await);
+    let inbox = Arc::new(Inbox::new(settings.inbox_window_days));
+    let growth = growth::Keeper {
+        pool: pool.clone(),
+        inbox: inbox.clone(),
+        retention_days: settings.telemetry_retention_days,
+        metrics: options.metrics.clone(),
+    };
+    // Today's partitions and inbox generation before the first message; a
+    // failure here is mended by the first batch that needs them.
+    if let Err(e) = growth.upkeep().await {
+        tracing::warn!(error.message = %e, "partition upkeep at start failed");
+    }
+    tokio::spawn(growth.run(background.clone()));
+    let pipeline = Arc::new(build_pipeline(&settings, &topology, &pool, inbox, &options, shutdown).await);
     tokio::spawn(health::watch(
         pool.clone(),
         options.readiness.clone(),
@@ -281,6 +295,7 @@ async fn build_pipeline(
     settings: &Settings,
     topology: &Arc<Topology>,
     pool: &PgPool,
+    inbox: Arc<Inbox>,
     options: &Options,
     shutdown: &CancellationToken,
 ) -> Pipeline {
@@ -299,7 +314,7 @@ async fn build_pipeline(
         shutdown: shutdown.clone(),
         hooks,
         admission: Arc::new(crash_guard),
-        apply: Arc::new(transaction::layered(pool.clone())),
+        apply: Arc::new(transaction::layered(pool.clone(), inbox)),
     })
 }
 

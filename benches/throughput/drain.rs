@@ -23,10 +23,22 @@ pub struct Drain {
 
 /// Empties the tables and every queue of `target`, and the device sink.
 pub async fn reset(bench: &Bench, target: &Target) {
-    sqlx::query("TRUNCATE events, commands, measurements, beacon_readings, devices, outbox, delivery_attempts")
+    sqlx::query("TRUNCATE event_rows, commands, measurements, beacon_readings, devices, outbox, delivery_attempts")
         .execute(&bench.pool)
         .await
         .unwrap();
+    // The inbox's generations, so that a round's ids are new again.
+    sqlx::raw_sql(
+        "DO $$ DECLARE t text; BEGIN
+           FOR t IN SELECT relname FROM pg_class
+                     WHERE relkind = 'r' AND relname ~ '^inbox_g[0-9]{8}$' AND pg_table_is_visible(oid) LOOP
+             EXECUTE format('TRUNCATE %I', t);
+           END LOOP;
+         END $$",
+    )
+    .execute(&bench.pool)
+    .await
+    .unwrap();
     for queue in target.topology.queues() {
         purge(&bench.publisher, &queue).await;
     }
@@ -90,11 +102,14 @@ fn epoch_now() -> f64 {
         .as_secs_f64()
 }
 
-/// When the worker's first transaction began (the same host's clock).
+/// When the worker's first transaction began (the same host's clock): a
+/// reading without a `time` is dated by its first receipt.
 async fn first_delivery(bench: &Bench) -> f64 {
     sqlx::query_scalar(
-        "SELECT EXTRACT(EPOCH FROM LEAST((SELECT min(received_at) FROM events),
-                                         (SELECT min(received_at) FROM commands)))::float8",
+        "SELECT EXTRACT(EPOCH FROM LEAST((SELECT min(received_at) FROM event_rows),
+                                         (SELECT min(received_at) FROM commands),
+                                         (SELECT min(measured_at) FROM measurements),
+                                         (SELECT min(observed_at) FROM beacon_readings)))::float8",
     )
     .fetch_one(&bench.pool)
     .await

@@ -20,13 +20,26 @@ DO $$
 DECLARE
     -- What the migrations create (store::TABLES, and the relay's trigger
     -- function). A table that is not there is skipped.
-    tables text[] := ARRAY['events', 'commands', 'devices', 'measurements', 'beacon_readings',
+    -- `events` is a view over the three partitioned tables; each of
+    -- their day partitions, and each generation of the inbox, is a table
+    -- of its own and moves too.
+    tables text[] := ARRAY['events', 'event_rows', 'commands', 'devices', 'measurements', 'beacon_readings',
                            'outbox', 'delivery_attempts', 'operator_action_messages',
                            'operator_actions', 'parked_messages', 'parkings', 'message_edits',
                            '_sqlx_migrations'];
     role text := current_setting('worker.role');
     name text;
+    func text;
 BEGIN
+    tables := tables || ARRAY(
+        SELECT c.relname::text FROM pg_inherits i
+          JOIN pg_class c ON c.oid = i.inhrelid
+          JOIN pg_class p ON p.oid = i.inhparent
+          JOIN pg_namespace n ON n.oid = p.relnamespace
+         WHERE n.nspname = 'public' AND p.relname IN ('measurements', 'beacon_readings', 'event_rows')
+         UNION ALL
+        SELECT c.relname::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+         WHERE n.nspname = 'public' AND c.relkind = 'r' AND c.relname ~ '^inbox_g[0-9]{8}$');
     FOREACH name IN ARRAY tables LOOP
         IF to_regclass(format('public.%I', name)) IS NOT NULL THEN
             -- Owned sequences (bigserial) and indexes move with the table.
@@ -34,10 +47,12 @@ BEGIN
             EXECUTE format('ALTER TABLE iot.%I OWNER TO %I', name, role);
         END IF;
     END LOOP;
-    IF to_regprocedure('public.outbox_notify()') IS NOT NULL THEN
-        ALTER FUNCTION public.outbox_notify() SET SCHEMA iot;
-        EXECUTE format('ALTER FUNCTION iot.outbox_notify() OWNER TO %I', role);
-    END IF;
+    FOREACH func IN ARRAY ARRAY['outbox_notify()', 'day_partition(regclass, date)', 'inbox_generation(date)'] LOOP
+        IF to_regprocedure('public.' || func) IS NOT NULL THEN
+            EXECUTE format('ALTER FUNCTION public.%s SET SCHEMA iot', func);
+            EXECUTE format('ALTER FUNCTION iot.%s OWNER TO %I', func, role);
+        END IF;
+    END LOOP;
 END
 $$;
 COMMIT;

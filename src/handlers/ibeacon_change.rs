@@ -80,6 +80,8 @@ impl Handler for Beacons {
         Ok(parse(&message.data)?)
     }
 
+    const KEEPS_MESSAGE: bool = true;
+
     fn write<'a>(
         &'a self,
         conn: &'a mut PgConnection,

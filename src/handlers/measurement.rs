@@ -50,6 +50,12 @@ impl Handler for Measurements {
         Some(&item.device_id)
     }
 
+    const KEEPS_MESSAGE: bool = true;
+
+    fn stored_time(item: &Measurement) -> Option<DateTime<Utc>> {
+        item.time
+    }
+
     fn write<'a>(
         &'a self,
         conn: &'a mut PgConnection,

@@ -23,7 +23,7 @@ mod test_only;
 
 use std::any::{Any, TypeId};
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, NaiveDate, Utc};
 use futures_util::future::BoxFuture;
 use sqlx::PgConnection;
 use tracing::Span;
@@ -51,6 +51,17 @@ pub trait Handler: Send + Sync + 'static {
     /// The device the item is about, if any: the `commands` inbox row
     /// keeps it. None by default (a beacon, a record-only event).
     fn device_id(_item: &Self::Item) -> Option<&str> {
+        None
+    }
+
+    /// Whether the handler's own table keeps the whole message, so that
+    /// the event is not stored again in `event_rows` (a reading is
+    /// stored once; the view `events` shows it from its table).
+    const KEEPS_MESSAGE: bool = false;
+
+    /// The time that places the item's row in its day partition, when it
+    /// is not the message time (a reading's own `time`).
+    fn stored_time(_item: &Self::Item) -> Option<DateTime<Utc>> {
         None
     }
 
@@ -110,11 +121,21 @@ trait Erased: Send + Sync {
     ) -> Result<(Box<dyn Any + Send + Sync>, Option<String>), Failure>;
     fn write<'a>(&'a self, conn: &'a mut PgConnection, batch: &'a [&'a Prepared])
     -> BoxFuture<'a, Result<(), Failure>>;
+    fn keeps_message(&self) -> bool;
+    fn stored_time(&self, prepared: &Prepared) -> Option<DateTime<Utc>>;
 }
 
 impl<H: Handler> Erased for H {
     fn statement(&self) -> TypeId {
         TypeId::of::<H>()
+    }
+
+    fn keeps_message(&self) -> bool {
+        H::KEEPS_MESSAGE
+    }
+
+    fn stored_time(&self, prepared: &Prepared) -> Option<DateTime<Utc>> {
+        prepared.item.downcast_ref().and_then(H::stored_time)
     }
 
     fn prepare(
@@ -169,6 +190,12 @@ impl Route {
     /// Whether `other` writes with the same statement.
     pub fn same_handler(&self, other: &Route) -> bool {
         self.handler.statement() == other.handler.statement()
+    }
+
+    /// Whether the handler's table keeps the whole message (see
+    /// [`Handler::KEEPS_MESSAGE`]).
+    pub fn keeps_message(&self) -> bool {
+        self.handler.keeps_message()
     }
 
     /// Writes `batch` (all of this route's handler) in one statement.
@@ -255,6 +282,15 @@ pub fn prepare(message: Message, context: &Context<'_>, span: &Span) -> Result<P
         trace,
         item,
     })
+}
+
+impl Prepared {
+    /// The days whose partitions the message's rows go into: its own time
+    /// and its item's (see [`Handler::stored_time`]).
+    pub fn days(&self) -> impl Iterator<Item = NaiveDate> {
+        let own = self.route.handler.stored_time(self);
+        std::iter::once(self.message.time).chain(own).map(|t| t.date_naive())
+    }
 }
 
 /// The type of `message` as the flow carries it: the table's name when a

@@ -31,6 +31,8 @@ impl Handler for Flaky {
     /// `data.fail_first`.
     type Item = u64;
 
+    const KEEPS_MESSAGE: bool = true;
+
     fn prepare(&self, message: &Message, _: &Context<'_>) -> Result<u64, Failure> {
         Ok(number(message, "fail_first").map_or(0, |n| n as u64))
     }
@@ -69,7 +71,7 @@ impl Handler for Flaky {
                     }));
             }
             let values = runs.iter().map(|(run, _)| *run as f64);
-            record(conn, "TEST_FLAKY", batch.iter().map(|t| t.id).zip(values)).await
+            record(conn, "TEST_FLAKY", batch, values).await
         })
     }
 }
@@ -82,6 +84,8 @@ pub struct Slow;
 impl Handler for Slow {
     /// `data.seconds`.
     type Item = f64;
+
+    const KEEPS_MESSAGE: bool = true;
 
     fn prepare(&self, message: &Message, _: &Context<'_>) -> Result<f64, Failure> {
         Ok(number(message, "seconds").unwrap_or(1.0))
@@ -98,7 +102,7 @@ impl Handler for Slow {
                 .bind(seconds)
                 .execute(&mut *conn)
                 .await?;
-            record(conn, "TEST_SLOW", batch.iter().map(|t| (t.id, *t.item))).await
+            record(conn, "TEST_SLOW", batch, batch.iter().map(|t| *t.item)).await
         })
     }
 }
@@ -127,6 +131,8 @@ pub struct PanicCheck;
 impl Handler for PanicCheck {
     type Item = ();
 
+    const KEEPS_MESSAGE: bool = true;
+
     fn prepare(&self, message: &Message, _: &Context<'_>) -> Result<(), Failure> {
         assert!(
             message.data.get("panic") != Some(&Value::Bool(true)),
@@ -141,7 +147,7 @@ impl Handler for PanicCheck {
         conn: &'a mut PgConnection,
         batch: &'a [Typed<'a, ()>],
     ) -> BoxFuture<'a, Result<(), Failure>> {
-        Box::pin(record(conn, "TEST_PANIC_CHECK", batch.iter().map(|t| (t.id, 1.0))))
+        Box::pin(record(conn, "TEST_PANIC_CHECK", batch, batch.iter().map(|_| 1.0)))
     }
 }
 
@@ -165,21 +171,24 @@ fn number(message: &Message, name: &str) -> Option<f64> {
     message.data.get(name).and_then(Value::as_f64)
 }
 
-/// One `measurements` row per `(message id, value)`, with `sensor` as its
-/// sensor, in one statement.
-async fn record<'a>(
+/// One `measurements` row per message of `batch`, with the next of
+/// `values`, `sensor` as its sensor and the message time, in one
+/// statement. It is the message's only row (`KEEPS_MESSAGE`): the view
+/// `events` shows it once.
+async fn record<T>(
     conn: &mut PgConnection,
     sensor: &str,
-    rows: impl Iterator<Item = (&'a str, f64)>,
+    batch: &[Typed<'_, T>],
+    values: impl Iterator<Item = f64>,
 ) -> Result<(), Failure> {
-    let (ids, values): (Vec<&str>, Vec<f64>) = rows.unzip();
     sqlx::query(
         "INSERT INTO measurements (message_id, device_id, sensor, value, measured_at)
-         SELECT id, 'test', $2, value, now() FROM UNNEST($1::text[], $3::float8[]) AS r (id, value)",
+         SELECT id, 'test', $2, value, time FROM UNNEST($1::text[], $3::float8[], $4::timestamptz[]) AS r (id, value, time)",
     )
-    .bind(ids)
+    .bind(batch.iter().map(|t| t.id).collect::<Vec<_>>())
     .bind(sensor)
-    .bind(values)
+    .bind(values.collect::<Vec<_>>())
+    .bind(batch.iter().map(|t| t.time).collect::<Vec<_>>())
     .execute(conn)
     .await?;
     Ok(())

@@ -48,16 +48,19 @@ async fn start_behind_a_slow_one_for(
     worker
 }
 
-/// The transaction of each event row (`xmin`: the id of the transaction
-/// that wrote it).
+/// The transaction of each event's row (`xmin`: the id of the transaction
+/// that wrote it), in `measurements` for a reading, else in `event_rows`.
 async fn transactions(env: &TestEnv, ids: &[&str]) -> Vec<String> {
     let mut out = Vec::new();
     for id in ids {
-        let started: String = sqlx::query_scalar("SELECT xmin::text FROM events WHERE message_id = $1")
-            .bind(id)
-            .fetch_one(&env.pool)
-            .await
-            .unwrap_or_else(|e| panic!("event {id}: {e}"));
+        let started: String = sqlx::query_scalar(
+            "SELECT xmin::text FROM measurements WHERE message_id = $1
+             UNION ALL SELECT xmin::text FROM event_rows WHERE message_id = $1",
+        )
+        .bind(id)
+        .fetch_one(&env.pool)
+        .await
+        .unwrap_or_else(|e| panic!("event {id}: {e}"));
         out.push(started);
     }
     out

@@ -192,7 +192,7 @@ async fn an_existing_database_moves_to_the_role() {
         .expect("migrate as the superuser");
     pool.close().await;
     sqlx::raw_sql(
-        "INSERT INTO events (message_id, type, occurred_at, data) VALUES ('before-move', 'DEVICE_UP', now(), '{}');
+        "INSERT INTO event_rows (message_id, type, occurred_at, data) VALUES ('before-move', 'DEVICE_UP', now(), '{}');
          INSERT INTO outbox (message_id, exchange, routing_key, body) VALUES ('before-move', 'amq.topic', 'led.x', 'on')",
     )
     .execute(&mut admin)

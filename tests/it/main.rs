@@ -30,6 +30,7 @@ mod failover;
 #[cfg(feature = "test-handlers")]
 mod faults;
 mod fuzz_regressions;
+mod growth;
 #[cfg(feature = "test-handlers")]
 mod observability;
 mod outbox;

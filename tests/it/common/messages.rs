@@ -24,6 +24,13 @@ pub fn measurement_of(device: &str, id: &str, value: impl Into<Value>) -> Vec<u8
     body(json!({"type": "MEASUREMENT", "id": id, "data": {"device_id": device, "sensor": "t", "value": value}}))
 }
 
+/// A `MEASUREMENT` of sensor `t` of device `d1`, measured at `time`.
+pub fn measurement_at(id: &str, value: impl Into<Value>, time: chrono::DateTime<chrono::Utc>) -> Vec<u8> {
+    let value = value.into();
+    body(json!({"type": "MEASUREMENT", "id": id, "time": time.to_rfc3339(),
+                "data": {"device_id": "d1", "sensor": "t", "value": value}}))
+}
+
 /// A `MEASUREMENT` whose value is not a number: parked as `validation`,
 /// with no retry.
 pub fn invalid_measurement(id: &str) -> Vec<u8> {

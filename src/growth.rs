@@ -177,14 +177,18 @@ pub struct Keeper {
 }
 
 impl Keeper {
-    /// Looks after partitions, retention and the inbox at once and then
-    /// every [`UPKEEP_EVERY`], and reads the gauges every
-    /// [`STATS_EVERY`], until `shutdown`. A failed run is logged and
-    /// tried again at the next tick.
-    pub async fn run(self, shutdown: CancellationToken) {
+    /// Looks after partitions, retention and the inbox every
+    /// [`UPKEEP_EVERY`] (a minute from now when the start's run failed,
+    /// `!upkept`), and reads the gauges every [`STATS_EVERY`], until
+    /// `shutdown`. A failed run is logged and tried again at the next tick.
+    pub async fn run(self, upkept: bool, shutdown: CancellationToken) {
         self.metrics.set_retention_days(self.retention_days);
-        let mut upkeep_due = Instant::now();
-        let mut tick = tokio::time::interval(STATS_EVERY);
+        // The start's run (`upkept`) needs no second one; the first tick
+        // comes a minute later, off the start's busiest moment (reading
+        // the sizes stats every partition's files).
+        let mut upkeep_due = Instant::now() + if upkept { UPKEEP_EVERY } else { STATS_EVERY };
+        let first = tokio::time::Instant::now() + STATS_EVERY;
+        let mut tick = tokio::time::interval_at(first, STATS_EVERY);
         loop {
             tokio::select! {
                 () = shutdown.cancelled() => return,

@@ -166,10 +166,11 @@ async fn run_on(
     };
     // Today's partitions and inbox generation before the first message; a
     // failure here is mended by the first batch that needs them.
-    if let Err(e) = growth.upkeep().await {
+    let upkept = growth.upkeep().await;
+    if let Err(e) = &upkept {
         tracing::warn!(error.message = %e, "partition upkeep at start failed");
     }
-    tokio::spawn(growth.run(background.clone()));
+    tokio::spawn(growth.run(upkept.is_ok(), background.clone()));
     let pipeline = Arc::new(build_pipeline(&settings, &topology, &pool, inbox, &options, shutdown).await);
     tokio::spawn(health::watch(
         pool.clone(),

@@ -114,6 +114,8 @@ pub struct Counts {
     pub omitted: u64,
     pub retried: u64,
     pub parked: u64,
+    /// Deliveries received and not acked yet.
+    pub in_flight: u64,
 }
 
 impl Counts {
@@ -126,6 +128,10 @@ impl Counts {
         let mut counts = Counts::default();
         let mut seen = false;
         for line in text.lines() {
+            if let Some(value) = line.strip_prefix("iot_deliveries_in_flight ") {
+                counts.in_flight = value.trim().parse::<f64>().ok()? as u64;
+                continue;
+            }
             let Some(rest) = line.strip_prefix("iot_deliveries_total{") else {
                 continue;
             };
@@ -157,6 +163,11 @@ pub struct WorkerProcess {
 impl WorkerProcess {
     /// Starts the worker on `target`'s queue and waits until it consumes.
     pub async fn start(bench: &crate::Bench, target: &Target, tag: &str) -> WorkerProcess {
+        WorkerProcess::start_on(bench, &bench.database_url, target, tag).await
+    }
+
+    /// [`WorkerProcess::start`] on the database at `database_url`.
+    pub async fn start_on(bench: &crate::Bench, database_url: &str, target: &Target, tag: &str) -> WorkerProcess {
         let metrics = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let log = bench.dir.join(format!("worker-{}-{tag}.log", target.queue_type));
         let output = std::fs::File::create(&log).expect("worker log file");
@@ -170,7 +181,7 @@ impl WorkerProcess {
             .envs(shipped_settings())
             .envs(passed_through())
             .env("AMQP_URL", &bench.amqp_url)
-            .env("DATABASE_URL", &bench.database_url)
+            .env("DATABASE_URL", database_url)
             .env("RABBITMQ_LOCAL_QUEUE_NAME", target.topology.queue())
             .env("TOPOLOGY_FILE", &target.file)
             .env("METRICS_ADDR", metrics.to_string())

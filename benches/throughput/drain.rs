@@ -1,6 +1,6 @@
 //! The worker end to end: a pre-filled queue drained by the worker process,
-//! timed from its first delivery (the start of its first transaction, read
-//! from the inbox) to the moment its metrics count the last message settled
+//! timed from its first delivery (the first poll of its metrics that sees
+//! a delivery in flight) to the moment its metrics count the last message settled
 //! (acked after commit, or after its copy to the DLQ was confirmed); then
 //! the rows, the queues and the outcomes are checked.
 
@@ -10,6 +10,26 @@ use crate::child::{Counts, WorkerProcess};
 use crate::mix::{Expected, Mix};
 use crate::support::{fill, passive_len, purge};
 use crate::{Bench, Target};
+
+/// The database a drain writes into: the bench's own, emptied before each
+/// drain, or one that keeps what was stored before `since` ([`crate::stored`]).
+pub struct Db<'a> {
+    pub url: &'a str,
+    pub pool: &'a sqlx::PgPool,
+    /// Seconds since the epoch: every row from before is kept and left out
+    /// of the checks; 0 for the bench's own database.
+    pub since: f64,
+}
+
+impl<'a> Db<'a> {
+    pub fn empty(bench: &'a Bench) -> Db<'a> {
+        Db {
+            url: &bench.database_url,
+            pool: &bench.pool,
+            since: 0.0,
+        }
+    }
+}
 
 /// How often the bench asks the worker's metrics whether it is done.
 const POLL: Duration = Duration::from_millis(5);
@@ -21,24 +41,51 @@ pub struct Drain {
     pub peak_rss_mib: f64,
 }
 
+/// Empties the bench's own database, the inbox's generations included, so
+/// that a round's ids are new again.
+const EMPTY: &str = "
+    TRUNCATE event_rows, commands, measurements, beacon_readings, devices, outbox, delivery_attempts;
+    DO $$ DECLARE t text; BEGIN
+      FOR t IN SELECT relname FROM pg_class
+                WHERE relkind = 'r' AND relname ~ '^inbox_g[0-9]{8}$' AND pg_table_is_visible(oid) LOOP
+        EXECUTE format('TRUNCATE %I', t);
+      END LOOP;
+    END $$";
+
+/// Removes what drains wrote into a stored database, from `{since}` (epoch
+/// seconds) on: the rows, and their ids from the inbox's generations.
+const KEEP_STORED: &str = "
+    DO $$ DECLARE t text; BEGIN
+      FOR t IN SELECT relname FROM pg_class
+                WHERE relkind = 'r' AND relname ~ '^inbox_g[0-9]{8}$' AND pg_table_is_visible(oid) LOOP
+        EXECUTE format(
+          'DELETE FROM %I WHERE id IN (
+             SELECT encode(substring(sha256(convert_to(message_id, ''UTF8'')) FROM 1 FOR 16), ''hex'')::uuid
+               FROM (SELECT message_id FROM measurements WHERE measured_at >= to_timestamp({since})
+                     UNION ALL SELECT message_id FROM beacon_readings WHERE observed_at >= to_timestamp({since})
+                     UNION ALL SELECT message_id FROM event_rows WHERE occurred_at >= to_timestamp({since})) d)', t);
+      END LOOP;
+    END $$;
+    DELETE FROM measurements WHERE measured_at >= to_timestamp({since});
+    DELETE FROM beacon_readings WHERE observed_at >= to_timestamp({since});
+    DELETE FROM event_rows WHERE occurred_at >= to_timestamp({since});
+    DELETE FROM commands WHERE received_at >= to_timestamp({since});
+    TRUNCATE devices, outbox, delivery_attempts";
+
 /// Empties the tables and every queue of `target`, and the device sink.
 pub async fn reset(bench: &Bench, target: &Target) {
-    sqlx::query("TRUNCATE event_rows, commands, measurements, beacon_readings, devices, outbox, delivery_attempts")
-        .execute(&bench.pool)
-        .await
-        .unwrap();
-    // The inbox's generations, so that a round's ids are new again.
-    sqlx::raw_sql(
-        "DO $$ DECLARE t text; BEGIN
-           FOR t IN SELECT relname FROM pg_class
-                     WHERE relkind = 'r' AND relname ~ '^inbox_g[0-9]{8}$' AND pg_table_is_visible(oid) LOOP
-             EXECUTE format('TRUNCATE %I', t);
-           END LOOP;
-         END $$",
-    )
-    .execute(&bench.pool)
-    .await
-    .unwrap();
+    reset_on(bench, &Db::empty(bench), target).await;
+}
+
+/// Removes what drains wrote into `db` (everything from `db.since` on, and
+/// those messages' ids from the inbox) and empties the queues.
+async fn reset_on(bench: &Bench, db: &Db<'_>, target: &Target) {
+    let sql = if db.since == 0.0 {
+        EMPTY.to_owned()
+    } else {
+        KEEP_STORED.replace("{since}", &db.since.to_string())
+    };
+    sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(db.pool).await.unwrap();
     for queue in target.topology.queues() {
         purge(&bench.publisher, &queue).await;
     }
@@ -48,21 +95,29 @@ pub async fn reset(bench: &Bench, target: &Target) {
 /// Fills `target`'s queue with `mix`, lets a fresh worker drain it, checks
 /// the result and returns the rate.
 pub async fn run(bench: &Bench, target: &Target, mix: &Mix, tag: &str) -> Drain {
-    reset(bench, target).await;
+    run_on(bench, &Db::empty(bench), target, mix, tag).await
+}
+
+/// [`run`] into `db`.
+pub async fn run_on(bench: &Bench, db: &Db<'_>, target: &Target, mix: &Mix, tag: &str) -> Drain {
+    reset_on(bench, db, target).await;
     fill(&bench.publisher, target.topology.queue(), &mix.bodies).await;
-    filled(bench, target, mix.bodies.len() as u64, &mix.expected, tag).await
+    filled_on(bench, db, target, mix.bodies.len() as u64, &mix.expected, tag).await
 }
 
 /// Lets a fresh worker drain the `n` messages already in `target`'s queue,
 /// checks the result against `expected` and returns the rate.
 pub async fn filled(bench: &Bench, target: &Target, n: u64, expected: &Expected, tag: &str) -> Drain {
-    let worker = WorkerProcess::start(bench, target, tag).await;
-    let (finished, counts) = wait_settled(&worker, n).await;
+    filled_on(bench, &Db::empty(bench), target, n, expected, tag).await
+}
+
+async fn filled_on(bench: &Bench, db: &Db<'_>, target: &Target, n: u64, expected: &Expected, tag: &str) -> Drain {
+    let worker = WorkerProcess::start_on(bench, db.url, target, tag).await;
+    let (started, finished, counts) = wait_settled(&worker, n).await;
     let peak_rss_mib = worker.peak_rss_mib();
     let log = worker.log_tail();
     worker.stop().await;
-    let started = first_delivery(bench).await;
-    if let Err(problem) = check(bench, target, expected, &counts).await {
+    if let Err(problem) = check(bench, db, target, expected, &counts).await {
         panic!(
             "{} {tag} drain is wrong: {problem}\nworker log:\n{log}",
             target.queue_type
@@ -75,13 +130,21 @@ pub async fn filled(bench: &Bench, target: &Target, n: u64, expected: &Expected,
 }
 
 /// Polls the worker until `n` deliveries are settled for good. Returns the
-/// wall-clock time of that moment (seconds since the epoch) and the counts.
-async fn wait_settled(worker: &WorkerProcess, n: u64) -> (f64, Counts) {
+/// wall-clock times (seconds since the epoch) of the first poll that saw a
+/// delivery in flight or settled, and of the one that saw them all
+/// settled, and the counts. A poll is [`POLL`] apart: a reading's row
+/// keeps its message's `time`, not its receipt, so the rows cannot date
+/// the first delivery.
+async fn wait_settled(worker: &WorkerProcess, n: u64) -> (f64, f64, Counts) {
+    let mut started = None;
     let mut last = (0, Instant::now());
     loop {
         let counts = worker.counts().await;
+        if started.is_none() && (counts.in_flight > 0 || counts.done() > 0) {
+            started = Some(epoch_now());
+        }
         if counts.done() >= n {
-            return (epoch_now(), counts);
+            return (started.unwrap_or_else(epoch_now), epoch_now(), counts);
         }
         if counts.done() != last.0 {
             last = (counts.done(), Instant::now());
@@ -102,26 +165,21 @@ fn epoch_now() -> f64 {
         .as_secs_f64()
 }
 
-/// When the worker's first transaction began (the same host's clock): a
-/// reading without a `time` is dated by its first receipt.
-async fn first_delivery(bench: &Bench) -> f64 {
-    sqlx::query_scalar(
-        "SELECT EXTRACT(EPOCH FROM LEAST((SELECT min(received_at) FROM event_rows),
-                                         (SELECT min(received_at) FROM commands),
-                                         (SELECT min(measured_at) FROM measurements),
-                                         (SELECT min(observed_at) FROM beacon_readings)))::float8",
-    )
-    .fetch_one(&bench.pool)
-    .await
-    .expect("the drain left inbox rows")
-}
-
 /// The rows, the queues and the settled outcomes against `expected`.
-async fn check(bench: &Bench, target: &Target, expected: &Expected, counts: &Counts) -> Result<(), String> {
+async fn check(
+    bench: &Bench,
+    db: &Db<'_>,
+    target: &Target,
+    expected: &Expected,
+    counts: &Counts,
+) -> Result<(), String> {
     let (events, commands, measurements): (i64, i64, i64) = sqlx::query_as(
-        "SELECT (SELECT count(*) FROM events), (SELECT count(*) FROM commands), (SELECT count(*) FROM measurements)",
+        "SELECT (SELECT count(*) FROM events WHERE occurred_at >= to_timestamp($1)),
+                (SELECT count(*) FROM commands WHERE received_at >= to_timestamp($1)),
+                (SELECT count(*) FROM measurements WHERE measured_at >= to_timestamp($1))",
     )
-    .fetch_one(&bench.pool)
+    .bind(db.since)
+    .fetch_one(db.pool)
     .await
     .unwrap();
     let mut problems = Vec::new();

@@ -35,7 +35,11 @@ pub async fn measure(bench: &Bench, target: &Target, round: usize) -> (f64, f64)
     sqlx::raw_sql(
         "CREATE OR REPLACE FUNCTION bench_commit_notify() RETURNS trigger LANGUAGE plpgsql AS $$
          BEGIN PERFORM pg_notify('wic_bench_commit', NEW.message_id); RETURN NULL; END $$;
-         CREATE TRIGGER bench_commit_notify AFTER INSERT ON events
+         CREATE TRIGGER bench_commit_notify AFTER INSERT ON measurements
+             FOR EACH ROW EXECUTE FUNCTION bench_commit_notify();
+         CREATE TRIGGER bench_commit_notify AFTER INSERT ON beacon_readings
+             FOR EACH ROW EXECUTE FUNCTION bench_commit_notify();
+         CREATE TRIGGER bench_commit_notify AFTER INSERT ON event_rows
              FOR EACH ROW EXECUTE FUNCTION bench_commit_notify();
          CREATE TRIGGER bench_commit_notify AFTER INSERT ON commands
              FOR EACH ROW EXECUTE FUNCTION bench_commit_notify();",
@@ -52,10 +56,13 @@ pub async fn measure(bench: &Bench, target: &Target, round: usize) -> (f64, f64)
     worker.stop().await;
     stop.cancel();
     listening.await.unwrap();
-    sqlx::raw_sql("DROP TRIGGER bench_commit_notify ON events; DROP TRIGGER bench_commit_notify ON commands;")
-        .execute(&bench.pool)
-        .await
-        .unwrap();
+    sqlx::raw_sql(
+        "DROP TRIGGER bench_commit_notify ON measurements; DROP TRIGGER bench_commit_notify ON beacon_readings;
+         DROP TRIGGER bench_commit_notify ON event_rows; DROP TRIGGER bench_commit_notify ON commands;",
+    )
+    .execute(&bench.pool)
+    .await
+    .unwrap();
     let arrivals = arrivals.lock().unwrap();
     let ms: Vec<f64> = sent
         .iter()

@@ -43,6 +43,9 @@
 //! round, `BENCH_MESSAGES` raw readings that 200 devices publish over MQTT
 //! ([`devices`]), and reports their rate against the enveloped readings of
 //! the clean drain.
+//! `BENCH_STORED=<readings>` also drains each round's clean mix into a
+//! database that already holds that many readings, a year's worth
+//! ([`stored`]), beside the drain into the empty one, and reports the ratio.
 //! `BENCH_PARKING=on` adds the parking lot section ([`parking`]) on a
 //! classic queue; `BENCH_ONLY=parking` runs that section alone.
 
@@ -56,6 +59,7 @@ mod outbox;
 mod parking;
 mod raw;
 mod report;
+mod stored;
 mod support;
 
 use std::path::PathBuf;
@@ -97,6 +101,9 @@ pub struct Bench {
     pub export: Option<export::Export>,
     /// Whether each round drains raw device readings (`BENCH_RAW_DEVICES`).
     pub raw_devices: bool,
+    /// The database of `BENCH_STORED` readings each clean mix also drains
+    /// into ([`stored`]).
+    pub stored: Option<stored::Stored>,
 }
 
 /// One queue type's main queue and topology file.
@@ -108,7 +115,8 @@ pub struct Target {
 
 #[tokio::main]
 async fn main() {
-    let bench = Bench::open().await;
+    let mut bench = Bench::open().await;
+    bench.stored = stored::open(&bench).await;
     let only = env_or("BENCH_ONLY", "");
     let only_parking = only == "parking";
     if only == "relay" {
@@ -199,8 +207,9 @@ async fn clean_drains(bench: &Bench, target: &Target, round: usize, clean: &Mix,
     }
 }
 
-/// The baseline worker's drain of the clean mix and the raw device
-/// readings' drain, each when on.
+/// The baseline worker's drain of the clean mix, the clean mix's drain
+/// into the stored database and the raw device readings' drain, each when
+/// on.
 async fn beside_clean(bench: &Bench, target: &Target, round: usize, clean: &Mix, figures: &mut Figures) {
     if child::baseline_worker().is_some() {
         let hidden = child::hide_newer_migrations(&bench.pool).await;
@@ -208,6 +217,10 @@ async fn beside_clean(bench: &Bench, target: &Target, round: usize, clean: &Mix,
             .baseline
             .push(drain::run(bench, target, clean, "baseline").await.rate);
         child::restore_migrations(&bench.pool, hidden).await;
+    }
+    if let Some(stored) = &bench.stored {
+        let run = drain::run_on(bench, &stored.db(), target, clean, "stored").await;
+        figures.stored.push(run.rate);
     }
     if bench.raw_devices {
         let run = devices::run(bench, target, round as u64 + 1).await;
@@ -248,6 +261,7 @@ impl Bench {
             export: export::Export::start().await,
             sink,
             raw_devices,
+            stored: None,
         }
     }
 
@@ -285,6 +299,9 @@ impl Bench {
     async fn close(self) {
         delete_queue(&self.publisher, &self.sink).await;
         self.pool.close().await;
+        if let Some(stored) = &self.stored {
+            stored.pool.close().await;
+        }
         let mut admin = PgConnection::connect(&self.server_url).await.unwrap();
         let drop = format!("DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)", self.prefix);
         sqlx::query(sqlx::AssertSqlSafe(drop))

@@ -13,6 +13,8 @@ pub struct Figures {
     pub clean: Vec<f64>,
     /// The clean mix drained by `BENCH_BASELINE_WORKER`, when set.
     pub baseline: Vec<f64>,
+    /// The clean mix into the stored database (`BENCH_STORED`).
+    pub stored: Vec<f64>,
     /// Raw device readings through a device route (`BENCH_RAW_DEVICES=on`).
     pub raw_devices: Vec<f64>,
     pub poison: Vec<f64>,
@@ -43,6 +45,12 @@ const ROWS: &[Row] = &[
     ("baseline worker, clean mix (msg/s)", |f| rate(median(&f.baseline))),
     ("worker ÷ baseline worker", |f| {
         ratio(median(&f.clean), median(&f.baseline))
+    }),
+    ("worker, clean mix into the stored database (msg/s)", |f| {
+        rate(median(&f.stored))
+    }),
+    ("stored ÷ empty database", |f| {
+        ratio(median(&f.stored), median(&f.clean))
     }),
     ("worker, raw device readings (msg/s)", |f| rate(median(&f.raw_devices))),
     // The clean drain is the enveloped readings: `BENCH_RAW_DEVICES=on`
@@ -102,13 +110,14 @@ pub fn header(bench: &Bench) {
 pub fn round(queue_type: &str, round: usize, f: &Figures) {
     let last = |v: &Vec<f64>| v.last().copied().unwrap_or(f64::NAN);
     println!(
-        "{queue_type} round {}: raw each {} / multiple {} msg/s; worker clean {} (baseline {}), \
+        "{queue_type} round {}: raw each {} / multiple {} msg/s; worker clean {} (baseline {}, stored {}), \
          raw devices {} ({} of clean), poison {}, transient {} msg/s; peak RSS {} MiB; p50 {} ms, p99 {} ms",
         round + 1,
         rate(last(&f.raw_each)),
         rate(last(&f.raw_multiple)),
         rate(last(&f.clean)),
         rate(last(&f.baseline)),
+        rate(last(&f.stored)),
         rate(last(&f.raw_devices)),
         ratio(last(&f.raw_devices), last(&f.clean)),
         rate(last(&f.poison)),

@@ -233,7 +233,8 @@ impl Keeper {
     async fn read_stats(&self) -> Result<(), sqlx::Error> {
         let mut conn = self.pool.acquire().await?;
         for stored in stored(&mut conn, Utc::now()).await? {
-            self.metrics.set_stored(&stored);
+            self.metrics
+                .set_stored(stored.table, stored.rows, stored.bytes, stored.oldest);
         }
         Ok(())
     }

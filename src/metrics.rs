@@ -16,13 +16,13 @@
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};
+use std::time::Duration;
 
 use metrics::{Counter, Gauge, Key, KeyName, Label, Level, Metadata, Recorder, SharedString, Unit};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
 
 use crate::envelope::MessageType;
 use crate::failure::ErrorKind;
-use crate::growth::Stored;
 use crate::outbox::Stats;
 use crate::outcome::{Event, Handling, Outcome};
 use crate::retry::{Disposition, RetryPolicy};
@@ -324,11 +324,11 @@ impl Metrics {
     }
 
     /// Sets the gauges of one day-partitioned table.
-    pub(crate) fn set_stored(&self, stored: &Stored) {
-        let label = || vec![Label::new("table", stored.table)];
-        self.gauge(name::STORED_ROWS, label()).set(stored.rows);
-        self.gauge(name::STORED_BYTES, label()).set(stored.bytes);
-        if let Some(oldest) = stored.oldest {
+    pub(crate) fn set_stored(&self, table: &'static str, rows: f64, bytes: f64, oldest: Option<Duration>) {
+        let label = || vec![Label::new("table", table)];
+        self.gauge(name::STORED_ROWS, label()).set(rows);
+        self.gauge(name::STORED_BYTES, label()).set(bytes);
+        if let Some(oldest) = oldest {
             self.gauge(name::OLDEST_PARTITION, label()).set(oldest.as_secs_f64());
         }
     }

@@ -157,20 +157,7 @@ async fn run_on(
     background: &CancellationToken,
 ) -> Result<(), WorkerError> {
     options.readiness.set_database(Ok(()));
-    let inbox = Arc::new(Inbox::new(settings.inbox_window_days));
-    let growth = growth::Keeper {
-        pool: pool.clone(),
-        inbox: inbox.clone(),
-        retention_days: settings.telemetry_retention_days,
-        metrics: options.metrics.clone(),
-    };
-    // Today's partitions and inbox generation before the first message; a
-    // failure here is mended by the first batch that needs them.
-    let upkept = growth.upkeep().await;
-    if let Err(e) = &upkept {
-        tracing::warn!(error.message = %e, "partition upkeep at start failed");
-    }
-    tokio::spawn(growth.run(upkept.is_ok(), background.clone()));
+    let inbox = start_growth(&settings, &pool, &options, background).await;
     let pipeline = Arc::new(build_pipeline(&settings, &topology, &pool, inbox, &options, shutdown).await);
     tokio::spawn(health::watch(
         pool.clone(),
@@ -292,6 +279,31 @@ async fn serve_http(
 
 /// The pipeline, built once: every broker session shares it. The metrics
 /// follow its events first, then the caller's hook.
+/// Today's partitions and inbox generation before the first message (a
+/// failure here is mended by the first batch that needs them), then the
+/// growth keeper in the background. Returns the inbox the transactions
+/// record ids in.
+async fn start_growth(
+    settings: &Settings,
+    pool: &PgPool,
+    options: &Options,
+    background: &CancellationToken,
+) -> Arc<Inbox> {
+    let inbox = Arc::new(Inbox::new(settings.inbox_window_days));
+    let growth = growth::Keeper {
+        pool: pool.clone(),
+        inbox: inbox.clone(),
+        retention_days: settings.telemetry_retention_days,
+        metrics: options.metrics.clone(),
+    };
+    let upkept = growth.upkeep().await;
+    if let Err(e) = &upkept {
+        tracing::warn!(error.message = %e, "partition upkeep at start failed");
+    }
+    tokio::spawn(growth.run(upkept.is_ok(), background.clone()));
+    inbox
+}
+
 async fn build_pipeline(
     settings: &Settings,
     topology: &Arc<Topology>,

@@ -75,14 +75,6 @@ pub trait Handler: Send + Sync + 'static {
     ) -> BoxFuture<'a, Result<(), Failure>>;
 }
 
-/// What a handler's `prepare` may need beside the message: the parts of
-/// the topology file that say how a type is written.
-#[derive(Debug, Clone, Copy)]
-pub struct Context<'a> {
-    /// The routing key template of each command type's device message.
-    pub commands: &'a CommandTopics,
-}
-
 /// One prepared message as its handler's `write` sees it: the typed item
 /// and what every write may need beside it. Never the raw `data`.
 pub struct Typed<'a, T> {
@@ -174,6 +166,14 @@ impl<H: Handler> Erased for H {
             }
         })
     }
+}
+
+/// What a handler's `prepare` may need beside the message: the parts of
+/// the topology file that say how a type is written.
+#[derive(Debug, Clone, Copy)]
+pub struct Context<'a> {
+    /// The routing key template of each command type's device message.
+    pub commands: &'a CommandTopics,
 }
 
 /// One row of the handler mapping: a type, its kind and its handler.

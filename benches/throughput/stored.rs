@@ -2,8 +2,9 @@
 //! each round's clean mix is also drained into it, beside the drain into
 //! the bench's empty database, and the report gives the ratio.
 //!
-//! The database `wic_bench_stored_<readings>` is filled once and kept for
-//! later runs (drop it by hand). It is filled the way the worker fills one:
+//! The database `wic_stored_<readings>` is filled once and kept for
+//! later runs (drop it by hand; its name is not `wic_bench_*`, which CI
+//! removes as the leftovers of interrupted runs). It is filled the way the worker fills one:
 //! readings dated over the 365 days before today, inserted through
 //! `measurements` in time order, one day per statement, with random UUID
 //! message ids and 10,000 devices, so every index grows by inserts; the
@@ -53,7 +54,7 @@ pub async fn open(bench: &Bench) -> Option<Stored> {
         "" => return None,
         n => n.parse().expect("BENCH_STORED: a number of readings"),
     };
-    let name = format!("wic_bench_stored_{readings}");
+    let name = format!("wic_stored_{readings}");
     let url = format!("{}/{name}", &bench.server_url[..bench.server_url.rfind('/').unwrap()]);
     store::create_database(&url).await.unwrap();
     let pool = store::connect(&url, 3).await.unwrap();

@@ -110,12 +110,7 @@ impl Inbox {
 
     /// Reads which generations exist.
     async fn read(&self, conn: &mut PgConnection) -> Result<Vec<NaiveDate>, sqlx::Error> {
-        let names: Vec<String> = sqlx::query_scalar(
-            "SELECT relname::text FROM pg_class
-              WHERE relkind = 'r' AND relname ~ '^inbox_g[0-9]{8}$' AND pg_table_is_visible(oid)",
-        )
-        .fetch_all(conn)
-        .await?;
+        let names = tables(conn).await?;
         let mut days: Vec<NaiveDate> = names
             .iter()
             .filter_map(|n| NaiveDate::parse_from_str(n.strip_prefix("inbox_g")?, "%Y%m%d").ok())
@@ -128,6 +123,20 @@ impl Inbox {
     fn known(&self) -> Option<Vec<NaiveDate>> {
         self.known.read().unwrap_or_else(PoisonError::into_inner).clone()
     }
+}
+
+/// The generations' tables, by the names [`table`] gives them, in the
+/// schemas the connection sees.
+///
+/// # Errors
+/// The database error.
+pub(crate) async fn tables(conn: &mut PgConnection) -> Result<Vec<String>, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT relname::text FROM pg_class
+          WHERE relkind = 'r' AND relname ~ '^inbox_g[0-9]{8}$' AND pg_table_is_visible(oid)",
+    )
+    .fetch_all(conn)
+    .await
 }
 
 /// A generation's table.

@@ -291,45 +291,33 @@ fn describe_options(options: &PgConnectOptions) -> String {
 /// A [`StoreError`] when the server cannot be reached or refuses.
 pub async fn drop_tables(url: &str) -> Result<(), StoreError> {
     let mut conn = PgConnection::connect(url).await.map_err(StoreError::Connect)?;
-    // The view `events` reads three of them: CASCADE drops it; each
-    // table's partitions go with it.
-    let sql = format!("DROP TABLE IF EXISTS {} CASCADE", TABLES.join(", "));
-    sqlx::query(sqlx::AssertSqlSafe(sql))
-        .execute(&mut conn)
+    // The inbox's generations, by the names the worker gives them.
+    let generations = crate::inbox::tables(&mut conn)
         .await
         .map_err(|source| StoreError::Query {
-            what: "DROP TABLE",
+            what: "listing the inbox",
             source,
         })?;
-    // The inbox's generations, by the names the worker gives them.
-    let generations: Vec<String> = sqlx::query_scalar(
-        "SELECT relname::text FROM pg_class
-          WHERE relkind = 'r' AND relname ~ '^inbox_g[0-9]{8}$' AND pg_table_is_visible(oid)",
-    )
-    .fetch_all(&mut conn)
-    .await
-    .map_err(|source| StoreError::Query {
-        what: "listing the inbox",
-        source,
-    })?;
-    for table in generations {
-        sqlx::query(sqlx::AssertSqlSafe(format!("DROP TABLE IF EXISTS {table}")))
+    // The view `events` reads three of the tables: CASCADE drops it; each
+    // table's partitions go with it. The functions outlive their tables:
+    // the relay's trigger, and the makers of partitions and generations.
+    let tables = TABLES.iter().copied().chain(generations.iter().map(String::as_str));
+    let statements = [
+        (
+            "DROP TABLE",
+            format!("DROP TABLE IF EXISTS {} CASCADE", tables.collect::<Vec<_>>().join(", ")),
+        ),
+        (
+            "DROP FUNCTION",
+            "DROP FUNCTION IF EXISTS outbox_notify(), day_partition(regclass, date), inbox_generation(date)".to_owned(),
+        ),
+    ];
+    for (what, sql) in statements {
+        sqlx::query(sqlx::AssertSqlSafe(sql))
             .execute(&mut conn)
             .await
-            .map_err(|source| StoreError::Query {
-                what: "DROP TABLE",
-                source,
-            })?;
+            .map_err(|source| StoreError::Query { what, source })?;
     }
-    // The functions outlive their tables: the relay's trigger, and the
-    // makers of partitions and inbox generations.
-    sqlx::query("DROP FUNCTION IF EXISTS outbox_notify(), day_partition(regclass, date), inbox_generation(date)")
-        .execute(&mut conn)
-        .await
-        .map_err(|source| StoreError::Query {
-            what: "DROP FUNCTION",
-            source,
-        })?;
     conn.close().await.ok();
     Ok(())
 }

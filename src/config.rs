@@ -228,7 +228,7 @@ settings! {
         show: |days| days.map_or_else(|| "(not set: everything is kept)".into(), |d| d.to_string()),
     }
     /// How long a message id is remembered at least, in days (an id is
-    /// remembered for one to two windows).
+    /// remembered for the window and at most a day more).
     inbox_window_days: u32 = "INBOX_WINDOW_DAYS" {
         default: "30",
         parse: |text| integer(text, 1, 3650),

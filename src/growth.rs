@@ -7,7 +7,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use chrono::{DateTime, Days, NaiveDate, Utc};
+use chrono::{DateTime, Days, NaiveDate, NaiveTime, Utc};
 use sqlx::{PgConnection, PgPool};
 use tokio_util::sync::CancellationToken;
 
@@ -29,6 +29,36 @@ const UPKEEP_EVERY: Duration = Duration::from_secs(15 * 60);
 
 /// How often the stored-rows gauges are read.
 const STATS_EVERY: Duration = Duration::from_secs(60);
+
+/// Opens `size` connections of `pool` before the first delivery, each
+/// having read today's partitions and inbox generation. A connection's
+/// first statement on a table of a year of day partitions reads their
+/// bounds: about 2 ms more than on an empty database, measured, which the
+/// first messages after a start would otherwise wait for.
+///
+/// # Errors
+/// The database error.
+pub async fn warm(pool: &PgPool, size: u32, today: NaiveDate) -> Result<(), sqlx::Error> {
+    let from = today.and_time(NaiveTime::MIN).and_utc();
+    let to = from + Days::new(1);
+    let tables: String = PARTITIONED
+        .iter()
+        .map(|(table, column)| format!("SELECT 1 FROM {table} WHERE {column} >= $1 AND {column} < $2 UNION ALL "))
+        .collect();
+    let sql = format!("{tables}SELECT 1 FROM inbox_g{} LIMIT 0", today.format("%Y%m%d"));
+    // Held until all are open, so each is a connection of its own.
+    let mut held = Vec::new();
+    for _ in 0..size {
+        let mut conn = pool.acquire().await?;
+        sqlx::query(sqlx::AssertSqlSafe(sql.as_str()))
+            .bind(from)
+            .bind(to)
+            .execute(&mut *conn)
+            .await?;
+        held.push(conn);
+    }
+    Ok(())
+}
 
 /// Makes the partitions of every partitioned table for each of `days`
 /// that lacks one (the migration's `day_partition`, which two workers may
@@ -226,6 +256,9 @@ impl Keeper {
         let forgotten = self.inbox.upkeep(&mut conn, today).await?;
         if !forgotten.is_empty() {
             tracing::info!(generations = ?forgotten, "the inbox forgot generations older than its window");
+        }
+        for (generation, bytes) in self.inbox.seal(&mut conn, Utc::now()).await? {
+            tracing::info!(%generation, bytes, "holding the filter of a sealed inbox generation");
         }
         Ok(())
     }

@@ -2,24 +2,55 @@
 //! at least `INBOX_WINDOW_DAYS` and then forgotten a table at a time
 //! (docs/reliability.md, "The inbox"; docs/architecture.md, "Growth").
 //!
-//! A generation is a table of ids, `inbox_gYYYYMMDD` by the UTC day it
-//! began. Generations begin every window on days counted from 1970-01-01,
-//! so every worker with the same window writes into the same one. An id is
-//! written into the newest generation (its primary key catches copies in
-//! one generation, two workers' included) after a check against every
-//! other. A generation is dropped once the one after it has been the
-//! newest for a whole window: every id in it was seen at least a window
-//! ago. An id is therefore remembered for one to two windows.
+//! A generation is a table of ids, `inbox_gYYYYMMDD` by the UTC day whose
+//! ids it holds: one a day, so the one written to, and its index of random
+//! keys, holds at most a day of ids. An id is written into today's
+//! generation (its primary key catches copies in one generation, two
+//! workers' included) after a check against the others. A generation is
+//! dropped once the one after it is a window old: every id in it was seen
+//! at least a window ago. An id is therefore remembered for a window and
+//! at most a day more.
 //!
 //! The id kept is the first 16 bytes of the SHA-256 of the message id, as
 //! a `uuid`: 16 bytes however long the message id, and spread evenly.
+//!
+//! An older generation takes no new ids, so an hour after its day ended it
+//! is sealed (a `CHECK (false) NOT VALID` constraint refuses any insert)
+//! and its ids go into a [`Filter`]: one filter for the sealed generations
+//! of each window of days (counted from 1970), added to by one worker a
+//! generation at a time, kept in `inbox_filters` and held in every
+//! worker's memory. An id is looked up in a window's sealed generations
+//! only when its filter says maybe: most ids cost a probe or two of one or
+//! two filters, and no lookup in the window's millions of older ids.
+
+mod filter;
 
 use std::collections::{HashMap, HashSet};
-use std::sync::{PoisonError, RwLock};
+use std::sync::{Arc, PoisonError, RwLock};
 
-use chrono::{Days, NaiveDate, Utc};
+use chrono::{DateTime, Days, NaiveDate, NaiveTime, TimeDelta, Utc};
+use futures_util::TryStreamExt;
 use sha2::{Digest, Sha256};
-use sqlx::PgConnection;
+use sqlx::{Connection, PgConnection};
+
+pub use filter::Filter;
+
+/// How long after a generation stopped being the newest it is sealed: a
+/// worker whose clock is behind by less than that still writes into it.
+const SEAL_AFTER: TimeDelta = TimeDelta::hours(1);
+
+/// The most ids a filter is made for: a filter takes 2 bytes an id in each
+/// worker's memory. The generations of a window that would need more are
+/// looked up in the database.
+const MOST_FILTERED_IDS: u64 = 100_000_000;
+
+/// The filter of a window's sealed generations.
+#[derive(Debug)]
+struct Bucket {
+    /// The sealed generations whose ids it holds.
+    days: Vec<NaiveDate>,
+    filter: Filter,
+}
 
 /// The generations of one database, as this worker last read them.
 #[derive(Debug)]
@@ -28,6 +59,9 @@ pub struct Inbox {
     /// Begin days of the generations that exist, oldest first; `None`
     /// until read.
     known: RwLock<Option<Vec<NaiveDate>>>,
+    /// The filters of the sealed generations, by the first day of their
+    /// window.
+    buckets: RwLock<HashMap<NaiveDate, Arc<Bucket>>>,
 }
 
 impl Inbox {
@@ -35,49 +69,70 @@ impl Inbox {
         Inbox {
             window_days,
             known: RwLock::new(None),
+            buckets: RwLock::new(HashMap::new()),
         }
     }
 
-    /// The generation ids seen on `today` go into.
-    pub fn current(&self, today: NaiveDate) -> NaiveDate {
+    /// The first day of the window `day` is in: windows begin every
+    /// `INBOX_WINDOW_DAYS` days counted from 1970-01-01.
+    fn bucket_of(&self, day: NaiveDate) -> NaiveDate {
         let epoch = NaiveDate::from_ymd_opt(1970, 1, 1).unwrap_or_default();
-        let days = today.signed_duration_since(epoch).num_days().max(0) as u64;
+        let days = day.signed_duration_since(epoch).num_days().max(0) as u64;
         let window = u64::from(self.window_days.max(1));
         epoch + Days::new(days / window * window)
     }
 
-    /// Records `ids` in the newest generation, unless a generation has
-    /// them already. Returns those that were new: of two copies of one id
-    /// in `ids`, one.
+    /// Records `ids` in today's generation, unless a generation has them
+    /// already. Returns those that were new: of two copies of one id in
+    /// `ids`, one.
     ///
     /// # Errors
     /// The database error: `42P01` (undefined table) when a generation is
     /// missing or gone; [`Inbox::upkeep`] mends that.
     pub async fn record(&self, conn: &mut PgConnection, ids: &[&str]) -> Result<HashSet<String>, sqlx::Error> {
-        let current = self.current(Utc::now().date_naive());
+        let today = Utc::now().date_naive();
         let known = match self.known() {
             Some(known) => known,
             None => self.read(conn).await?,
         };
-        let others: Vec<NaiveDate> = known.into_iter().filter(|d| *d != current).collect();
-        let not_elsewhere: String = others
-            .iter()
-            .map(|d| format!(" AND NOT EXISTS (SELECT 1 FROM {} o WHERE o.id = u.id)", table(*d)))
+        let buckets: Vec<Arc<Bucket>> = self
+            .buckets
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .values()
+            .cloned()
             .collect();
-        let sql = format!(
-            "INSERT INTO {} (id)
-             SELECT u.id FROM UNNEST($1::text[]::uuid[]) AS u (id) WHERE true{not_elsewhere}
-             ORDER BY u.id
-             ON CONFLICT (id) DO NOTHING
-             RETURNING id::text",
-            table(current)
-        );
-        let by_key: HashMap<String, &str> = ids.iter().map(|id| (key(id), *id)).collect();
+        let mut by_key: HashMap<String, &str> = HashMap::new();
+        // The ids a filter says its generations may hold, and those
+        // generations: only there is a sealed generation looked in.
+        let (mut maybes, mut maybe_in): (Vec<String>, Vec<NaiveDate>) = (Vec::new(), Vec::new());
+        for id in ids {
+            let bytes = key_bytes(id);
+            let text = key_text(&bytes);
+            let holders: Vec<&Bucket> = buckets
+                .iter()
+                .filter(|b| b.filter.may_contain(&bytes))
+                .map(|b| &**b)
+                .collect();
+            if !holders.is_empty() {
+                maybes.push(text.clone());
+                maybe_in.extend(holders.iter().flat_map(|b| b.days.iter()));
+            }
+            by_key.insert(text, *id);
+        }
+        maybe_in.retain(|d| known.contains(d));
+        maybe_in.sort();
+        maybe_in.dedup();
+        let unsealed: Vec<NaiveDate> = known
+            .into_iter()
+            .filter(|d| *d != today && !buckets.iter().any(|b| b.days.contains(d)))
+            .collect();
         let keys: Vec<&String> = by_key.keys().collect();
-        let new: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
-            .bind(keys)
-            .fetch_all(&mut *conn)
-            .await?;
+        let mut query = sqlx::query_scalar(sqlx::AssertSqlSafe(record_sql(today, &unsealed, &maybe_in))).bind(keys);
+        if !maybe_in.is_empty() {
+            query = query.bind(&maybes);
+        }
+        let new: Vec<String> = query.fetch_all(&mut *conn).await?;
         Ok(new
             .iter()
             .filter_map(|k| by_key.get(k).map(|id| (*id).to_owned()))
@@ -92,7 +147,7 @@ impl Inbox {
     /// The database error.
     pub async fn upkeep(&self, conn: &mut PgConnection, today: NaiveDate) -> Result<Vec<NaiveDate>, sqlx::Error> {
         sqlx::query("SELECT inbox_generation($1)")
-            .bind(self.current(today))
+            .bind(today)
             .execute(&mut *conn)
             .await?;
         let mut dropped = Vec::new();
@@ -104,7 +159,13 @@ impl Inbox {
                 dropped.push(older);
             }
         }
-        self.read(conn).await?;
+        let left = self.read(conn).await?;
+        // A filter whose generations are all gone goes too; one with some
+        // left keeps the others' bits, which only cost a wrong maybe.
+        sqlx::query("DELETE FROM inbox_filters WHERE NOT (days && $1)")
+            .bind(&left)
+            .execute(&mut *conn)
+            .await?;
         Ok(dropped)
     }
 
@@ -118,6 +179,73 @@ impl Inbox {
         days.sort();
         *self.known.write().unwrap_or_else(PoisonError::into_inner) = Some(days.clone());
         Ok(days)
+    }
+
+    /// Seals each generation whose day ended [`SEAL_AFTER`] ago and adds
+    /// its ids to its window's filter (unless another worker did), then
+    /// holds the filters that changed. Returns those it took up: the first
+    /// day of their window and their size in bytes.
+    ///
+    /// # Errors
+    /// The database error.
+    pub async fn seal(
+        &self,
+        conn: &mut PgConnection,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<(NaiveDate, usize)>, sqlx::Error> {
+        let mut taken = self.take_filters(conn).await?;
+        let filtered: HashSet<NaiveDate> = self.sealed_days();
+        let mut due: HashMap<NaiveDate, Vec<NaiveDate>> = HashMap::new();
+        for generation in self.read(conn).await? {
+            let closed = (generation + Days::new(1)).and_time(NaiveTime::MIN).and_utc();
+            if now >= closed + SEAL_AFTER && !filtered.contains(&generation) {
+                due.entry(self.bucket_of(generation)).or_default().push(generation);
+            }
+        }
+        if due.is_empty() {
+            return Ok(taken);
+        }
+        for (bucket, generations) in due {
+            add_to_filter(conn, bucket, &generations, self.window_days).await?;
+        }
+        taken.extend(self.take_filters(conn).await?);
+        Ok(taken)
+    }
+
+    /// The generations the filters held hold.
+    fn sealed_days(&self) -> HashSet<NaiveDate> {
+        let buckets = self.buckets.read().unwrap_or_else(PoisonError::into_inner);
+        buckets.values().flat_map(|b| b.days.iter().copied()).collect()
+    }
+
+    /// Reads the filters that are new or changed since this worker last
+    /// took them, and lets go of those that are gone.
+    async fn take_filters(&self, conn: &mut PgConnection) -> Result<Vec<(NaiveDate, usize)>, sqlx::Error> {
+        let stored: Vec<(NaiveDate, Vec<NaiveDate>)> = sqlx::query_as("SELECT bucket, days FROM inbox_filters")
+            .fetch_all(&mut *conn)
+            .await?;
+        let held = self.buckets.read().unwrap_or_else(PoisonError::into_inner).clone();
+        let mut taken = Vec::new();
+        let mut now_held = HashMap::new();
+        for (bucket, days) in stored {
+            if let Some(same) = held.get(&bucket).filter(|b| b.days == days) {
+                now_held.insert(bucket, same.clone());
+                continue;
+            }
+            let (hashes, bits): (i32, Vec<u8>) =
+                sqlx::query_as("SELECT hashes, bits FROM inbox_filters WHERE bucket = $1 AND days = $2")
+                    .bind(bucket)
+                    .bind(&days)
+                    .fetch_optional(&mut *conn)
+                    .await?
+                    .unwrap_or_default();
+            if let Some(filter) = Filter::from_parts(hashes, &bits) {
+                taken.push((bucket, filter.bytes()));
+                now_held.insert(bucket, Arc::new(Bucket { days, filter }));
+            }
+        }
+        *self.buckets.write().unwrap_or_else(PoisonError::into_inner) = now_held;
+        Ok(taken)
     }
 
     fn known(&self) -> Option<Vec<NaiveDate>> {
@@ -144,11 +272,127 @@ fn table(begins: NaiveDate) -> String {
     format!("inbox_g{}", begins.format("%Y%m%d"))
 }
 
+/// The statement that records the keys `$1` in `today`'s generation,
+/// leaving out those in an `unsealed` older one (each key looked up) or in
+/// a sealed one of `maybe_in` (only the keys `$2` looked up).
+fn record_sql(today: NaiveDate, unsealed: &[NaiveDate], maybe_in: &[NaiveDate]) -> String {
+    let mut checks: String = unsealed
+        .iter()
+        .map(|d| format!(" AND NOT EXISTS (SELECT 1 FROM {} o WHERE o.id = u.id)", table(*d)))
+        .collect();
+    if !maybe_in.is_empty() {
+        let held: Vec<String> = maybe_in
+            .iter()
+            .map(|d| format!("SELECT o.id FROM {} o WHERE o.id = ANY($2::text[]::uuid[])", table(*d)))
+            .collect();
+        checks.push_str(&format!(" AND u.id NOT IN ({})", held.join(" UNION ALL ")));
+    }
+    format!(
+        "INSERT INTO {} (id)
+         SELECT u.id FROM UNNEST($1::text[]::uuid[]) AS u (id) WHERE true{checks}
+         ORDER BY u.id
+         ON CONFLICT (id) DO NOTHING
+         RETURNING id::text",
+        table(today)
+    )
+}
+
+/// Seals `generations` (of the window beginning `bucket`) and adds their
+/// ids to the window's filter, making it when it is the first: sized for a
+/// window of days like these, a quarter more. One worker at a time; a
+/// generation already in the filter is skipped. Nothing is added when the
+/// filter would be made for more than [`MOST_FILTERED_IDS`].
+async fn add_to_filter(
+    conn: &mut PgConnection,
+    bucket: NaiveDate,
+    generations: &[NaiveDate],
+    window_days: u32,
+) -> Result<(), sqlx::Error> {
+    for generation in generations {
+        // Its own transaction: the seal waits for the last writers to
+        // commit, and holds readers off only while it is added.
+        let seal = format!(
+            "DO $$ BEGIN
+                 ALTER TABLE {} ADD CONSTRAINT inbox_sealed CHECK (false) NOT VALID;
+             EXCEPTION WHEN duplicate_object THEN NULL;
+             END $$",
+            table(*generation)
+        );
+        sqlx::raw_sql(sqlx::AssertSqlSafe(seal)).execute(&mut *conn).await?;
+    }
+    let mut tx = conn.begin().await?;
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtext('inbox_filters'))")
+        .execute(&mut *tx)
+        .await?;
+    let stored: Option<(Vec<NaiveDate>, i32, Vec<u8>)> =
+        sqlx::query_as("SELECT days, hashes, bits FROM inbox_filters WHERE bucket = $1")
+            .bind(bucket)
+            .fetch_optional(&mut *tx)
+            .await?;
+    let (mut days, stored) = match stored {
+        Some((days, hashes, bits)) => (days, Filter::from_parts(hashes, &bits)),
+        None => (Vec::new(), None),
+    };
+    let new: Vec<NaiveDate> = generations.iter().copied().filter(|g| !days.contains(g)).collect();
+    if new.is_empty() {
+        return Ok(());
+    }
+    let mut counts = Vec::new();
+    for generation in &new {
+        let sql = format!("SELECT count(*) FROM {}", table(*generation));
+        counts.push(
+            sqlx::query_scalar::<_, i64>(sqlx::AssertSqlSafe(sql))
+                .fetch_one(&mut *tx)
+                .await?
+                .unsigned_abs(),
+        );
+    }
+    let ids: u64 = counts.iter().sum();
+    let capacity = (ids / new.len() as u64 * u64::from(window_days) * 5 / 4)
+        .max(ids)
+        .max(100_000);
+    let mut filter = match stored {
+        Some(filter) => filter,
+        None if capacity <= MOST_FILTERED_IDS => Filter::with_capacity(capacity),
+        None => return Ok(()),
+    };
+    for generation in &new {
+        let read = format!("SELECT uuid_send(id) FROM {}", table(*generation));
+        let mut rows = sqlx::query_scalar::<_, Vec<u8>>(sqlx::AssertSqlSafe(read)).fetch(&mut *tx);
+        while let Some(bytes) = rows.try_next().await? {
+            if let Ok(key) = <[u8; 16]>::try_from(bytes.as_slice()) {
+                filter.insert(&key);
+            }
+        }
+    }
+    days.extend(new);
+    days.sort();
+    let (hashes, bits) = filter.to_parts();
+    sqlx::query(
+        "INSERT INTO inbox_filters (bucket, days, hashes, bits) VALUES ($1, $2, $3, $4)
+         ON CONFLICT (bucket) DO UPDATE SET days = EXCLUDED.days, hashes = EXCLUDED.hashes, bits = EXCLUDED.bits",
+    )
+    .bind(bucket)
+    .bind(&days)
+    .bind(hashes)
+    .bind(bits)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await
+}
+
 /// What the inbox keeps of a message id: the first 16 bytes of its
-/// SHA-256, written as a uuid (what the migration computes in SQL).
-pub fn key(message_id: &str) -> String {
+/// SHA-256 (what the migration computes in SQL).
+fn key_bytes(message_id: &str) -> [u8; 16] {
     let digest = Sha256::digest(message_id.as_bytes());
-    let hex = hex::encode(&digest[..16]);
+    let mut key = [0; 16];
+    key.copy_from_slice(&digest[..16]);
+    key
+}
+
+/// A key written as a uuid.
+fn key_text(key: &[u8; 16]) -> String {
+    let hex = hex::encode(key);
     format!(
         "{}-{}-{}-{}-{}",
         &hex[..8],
@@ -168,14 +412,34 @@ mod tests {
     }
 
     #[test]
-    fn generations_begin_every_window_counted_from_1970() {
+    fn windows_of_filters_begin_every_window_counted_from_1970() {
         let inbox = Inbox::new(30);
         // 2026-12-06 is day 20,793 since 1970-01-01; 20,790 = 693 × 30.
-        assert_eq!(inbox.current(day(2026, 12, 6)), day(2026, 12, 3));
-        assert_eq!(inbox.current(day(2026, 12, 3)), day(2026, 12, 3));
-        assert_eq!(inbox.current(day(2026, 12, 2)), day(2026, 11, 3));
-        assert_eq!(Inbox::new(1).current(day(2026, 12, 6)), day(2026, 12, 6));
-        assert_eq!(table(day(2026, 12, 3)), "inbox_g20261203");
+        assert_eq!(inbox.bucket_of(day(2026, 12, 6)), day(2026, 12, 3));
+        assert_eq!(inbox.bucket_of(day(2026, 12, 3)), day(2026, 12, 3));
+        assert_eq!(inbox.bucket_of(day(2026, 12, 2)), day(2026, 11, 3));
+        assert_eq!(Inbox::new(1).bucket_of(day(2026, 12, 6)), day(2026, 12, 6));
+    }
+
+    #[test]
+    fn a_sealed_generation_is_looked_in_only_for_its_maybes() {
+        let today = day(2026, 12, 6);
+        let sql = record_sql(today, &[], &[]);
+        assert!(sql.starts_with("INSERT INTO inbox_g20261206 (id)"), "{sql}");
+        assert!(!sql.contains("inbox_g20261205"), "{sql}");
+        let sql = record_sql(today, &[day(2026, 12, 5)], &[day(2026, 11, 20)]);
+        assert!(
+            sql.contains("NOT EXISTS (SELECT 1 FROM inbox_g20261205 o WHERE o.id = u.id)"),
+            "every key looked up in an unsealed one: {sql}"
+        );
+        assert!(
+            sql.contains("NOT IN (SELECT o.id FROM inbox_g20261120 o WHERE o.id = ANY($2::text[]::uuid[]))"),
+            "only the maybes in a sealed one: {sql}"
+        );
+    }
+
+    fn key(message_id: &str) -> String {
+        key_text(&key_bytes(message_id))
     }
 
     #[test]

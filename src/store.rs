@@ -28,6 +28,7 @@ pub const TABLES: &[&str] = &[
     "parked_messages",
     "parkings",
     "message_edits",
+    "inbox_filters",
     "_sqlx_migrations",
 ];
 

@@ -299,6 +299,8 @@ async fn start_growth(
     let upkept = growth.upkeep().await;
     if let Err(e) = &upkept {
         tracing::warn!(error.message = %e, "partition upkeep at start failed");
+    } else if let Err(e) = growth::warm(pool, settings.pool_size(), chrono::Utc::now().date_naive()).await {
+        tracing::warn!(error.message = %e, "opening the database connections at start failed");
     }
     tokio::spawn(growth.run(upkept.is_ok(), background.clone()));
     inbox

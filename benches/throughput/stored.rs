@@ -8,11 +8,11 @@
 //! readings dated over the 365 days before today, inserted through
 //! `measurements` in time order, one day per statement, with random UUID
 //! message ids and 10,000 devices, so every index grows by inserts; the
-//! ids of the days the inbox still remembers (its current and previous
-//! generation of 30 days) go into those generations in the same order.
+//! ids of the 30 days the inbox still remembers (the default window) go
+//! into each day's generation in the same order.
 //! Then `VACUUM (ANALYZE)`, as autovacuum would have done by then, and a
-//! checkpoint. Drains add today's rows, which are removed (with their ids
-//! from the inbox) before the next one.
+//! checkpoint. Drains add today's rows, which are emptied (their day's
+//! partitions and inbox generation truncated) before the next one.
 
 use std::sync::Arc;
 
@@ -28,7 +28,7 @@ use crate::support::env_or;
 /// How many days the fill spreads its readings over.
 const DAYS: u64 = 365;
 /// The inbox window the fill assumes (the default `INBOX_WINDOW_DAYS`).
-const WINDOW: i64 = 30;
+const WINDOW: u64 = 30;
 
 pub struct Stored {
     pub url: String,
@@ -85,14 +85,7 @@ async fn fill(pool: &PgPool, readings: i64) -> f64 {
     let per_day = readings / DAYS as i64;
     println!("stored: filling {readings} readings, {per_day} a day over {DAYS} days (once; kept for later runs)");
     let started = std::time::Instant::now();
-    let kept = [generation(today), generation(today) - Days::new(WINDOW as u64)];
-    for begins in kept {
-        sqlx::query("SELECT inbox_generation($1)")
-            .bind(begins)
-            .execute(pool)
-            .await
-            .unwrap();
-    }
+    let remembered_since = today - Days::new(WINDOW);
     let days: Vec<NaiveDate> = (1..=DAYS).rev().map(|ago| today - Days::new(ago)).collect();
     // Two connections, each taking the next day: both cores busy, every
     // partition filled in time order.
@@ -103,7 +96,7 @@ async fn fill(pool: &PgPool, readings: i64) -> f64 {
             tokio::spawn(async move {
                 loop {
                     let Some(day) = queue.lock().await.next() else { break };
-                    fill_day(&pool, day, per_day, kept.contains(&generation(day))).await;
+                    fill_day(&pool, day, per_day, day >= remembered_since).await;
                 }
             })
         })
@@ -115,9 +108,11 @@ async fn fill(pool: &PgPool, readings: i64) -> f64 {
         "stored: inserted in {:.0} s; VACUUM (ANALYZE) and CHECKPOINT",
         started.elapsed().as_secs_f64()
     );
-    // One statement each: VACUUM cannot run in a transaction block.
-    for statement in ["VACUUM (ANALYZE)", "CHECKPOINT"] {
-        sqlx::raw_sql(statement).execute(pool).await.unwrap();
+    // One statement each: VACUUM cannot run in a transaction block. On one
+    // connection, whose statements may take longer than the pool's 10 s.
+    let mut conn = pool.acquire().await.unwrap();
+    for statement in ["SET statement_timeout = 0", "VACUUM (ANALYZE)", "CHECKPOINT"] {
+        sqlx::raw_sql(statement).execute(&mut *conn).await.unwrap();
     }
     sqlx::query_scalar(
         "INSERT INTO bench_fill (readings, filled_at) VALUES ($1, now()) RETURNING EXTRACT(EPOCH FROM filled_at)::float8",
@@ -128,8 +123,8 @@ async fn fill(pool: &PgPool, readings: i64) -> f64 {
     .unwrap()
 }
 
-/// One day of readings, in time order, and their ids into the inbox when
-/// `remembered`.
+/// One day of readings, in time order, and their ids into that day's
+/// generation of the inbox when `remembered`.
 async fn fill_day(pool: &PgPool, day: NaiveDate, per_day: i64, remembered: bool) {
     let step_us = 86_400_000_000 / per_day;
     // Its own statement: attaching locks `measurements` against another
@@ -148,21 +143,14 @@ async fn fill_day(pool: &PgPool, day: NaiveDate, per_day: i64, remembered: bool)
     );
     if remembered {
         sql.push_str(&format!(
-            "INSERT INTO inbox_g{generation} (id)
+            "SELECT inbox_generation('{day}');
+             INSERT INTO inbox_g{day_name} (id)
              SELECT encode(substring(sha256(convert_to(message_id, 'UTF8')) FROM 1 FOR 16), 'hex')::uuid
                FROM measurements_p{day_name} ON CONFLICT DO NOTHING;",
-            generation = generation(day).format("%Y%m%d"),
             day_name = day.format("%Y%m%d"),
         ));
     }
     sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(pool).await.unwrap();
-}
-
-/// The inbox generation a day's ids go into (windows counted from 1970).
-fn generation(day: NaiveDate) -> NaiveDate {
-    let epoch = NaiveDate::from_ymd_opt(1970, 1, 1).unwrap();
-    let days = day.signed_duration_since(epoch).num_days();
-    epoch + Days::new((days / WINDOW * WINDOW) as u64)
 }
 
 /// Prints what the stored database holds, and its bytes per reading.

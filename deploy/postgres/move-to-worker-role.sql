@@ -26,7 +26,7 @@ DECLARE
     tables text[] := ARRAY['events', 'event_rows', 'commands', 'devices', 'measurements', 'beacon_readings',
                            'outbox', 'delivery_attempts', 'operator_action_messages',
                            'operator_actions', 'parked_messages', 'parkings', 'message_edits',
-                           '_sqlx_migrations'];
+                           'inbox_filters', '_sqlx_migrations'];
     role text := current_setting('worker.role');
     name text;
     func text;

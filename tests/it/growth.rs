@@ -1,8 +1,8 @@
 //! Growth (docs/architecture.md, "Growth"): a reading dated outside every
 //! partition is stored, retention drops whole partitions while ingest goes
 //! on, a duplicate is caught after the inbox's generation and the reading's
-//! partition rolled over, and the migration keeps every row of a filled
-//! database.
+//! partition rolled over, a sealed generation is checked through its filter,
+//! and the migration keeps every row of a filled database.
 
 use std::time::Duration;
 
@@ -366,6 +366,120 @@ async fn the_migration_keeps_every_row_of_a_filled_database_and_its_ids() {
     .await;
     worker.stop().await;
     assert_eq!(env.count("measurements WHERE value = -1").await, 1, "only m-new");
+    nothing_parked(&env).await;
+    env.cleanup().await;
+}
+
+/// The key the inbox keeps of a message id, computed in SQL.
+const KEY_SQL: &str = "encode(substring(sha256(convert_to($1, 'UTF8')) FROM 1 FOR 16), 'hex')::uuid";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sealed_generation_is_checked_through_its_filter_and_takes_no_new_id() {
+    let env = TestEnv::new(&TopologyFile::fast()).await;
+    // The generation of two days ago: its day ended yesterday at
+    // midnight, more than an hour ago.
+    let sealed_day = days_ago(2).date_naive();
+    let sealed = format!("inbox_g{}", sealed_day.format("%Y%m%d"));
+    sqlx::query("SELECT inbox_generation($1)")
+        .bind(sealed_day)
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    // Fixed ids, so the filter is the same in every run.
+    let fill = format!("INSERT INTO {sealed} SELECT md5('fill-' || g)::uuid FROM generate_series(1, 20000) g");
+    sqlx::raw_sql(sqlx::AssertSqlSafe(fill))
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    let remember = format!("INSERT INTO {sealed} VALUES ({KEY_SQL})");
+    for i in 1..=3 {
+        sqlx::query(sqlx::AssertSqlSafe(remember.clone()))
+            .bind(format!("old-{i}"))
+            .execute(&env.pool)
+            .await
+            .unwrap();
+    }
+
+    // The worker's start seals it and builds its filter.
+    let worker = env.spawn_worker(&[]);
+    env.publish(&measurement_at("n-1", 5, Utc::now()), BasicProperties::default())
+        .await;
+    env.wait_for_rows("measurements", 1, WAIT).await;
+    let (days, bytes): (Vec<NaiveDate>, i64) =
+        sqlx::query_as("SELECT days, length(bits)::int8 FROM inbox_filters WHERE $1 = ANY (days)")
+            .bind(sealed_day)
+            .fetch_one(&env.pool)
+            .await
+            .expect("the sealed generation's ids are in a stored filter");
+    // (With the generation the migration began, empty here.)
+    assert!(
+        days.contains(&sealed_day) && !days.contains(&Utc::now().date_naive()),
+        "{days:?}"
+    );
+    assert!(bytes >= 20_003 * 2, "2 bytes an id at least: {bytes}");
+    let refused = sqlx::query(sqlx::AssertSqlSafe(remember.clone()))
+        .bind("late")
+        .execute(&env.pool)
+        .await
+        .expect_err("a sealed generation takes no new id");
+    assert!(refused.to_string().contains("inbox_sealed"), "{refused}");
+
+    // Copies of what it holds are duplicates, in a batch and alone.
+    for id in ["old-1", "old-2", "n-2"] {
+        env.publish(&measurement_at(id, 100, Utc::now()), BasicProperties::default())
+            .await;
+    }
+    env.wait_for_rows("measurements", 2, WAIT).await;
+    env.publish(&measurement_at("old-3", 100, Utc::now()), BasicProperties::default())
+        .await;
+    wait_for("three copies acked as duplicates", WAIT, || async {
+        (worker.metrics.duplicates() == 3).then_some(())
+    })
+    .await;
+
+    // The filter, not the table, decides: an id slipped into the sealed
+    // table behind the filter's back is not found.
+    let slip = format!(
+        "ALTER TABLE {sealed} DROP CONSTRAINT inbox_sealed;
+         INSERT INTO {sealed} VALUES (encode(substring(sha256('slipped') FROM 1 FOR 16), 'hex')::uuid)"
+    );
+    sqlx::raw_sql(sqlx::AssertSqlSafe(slip))
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    env.publish(&measurement_at("slipped", 7, Utc::now()), BasicProperties::default())
+        .await;
+    env.wait_for_rows("measurements", 3, WAIT).await;
+    worker.stop().await;
+
+    let ids: Vec<String> = sqlx::query_scalar("SELECT message_id FROM measurements ORDER BY message_id")
+        .fetch_all(&env.pool)
+        .await
+        .unwrap();
+    assert_eq!(ids, ["n-1", "n-2", "slipped"], "the copies applied nothing");
+    let today = format!("inbox_g{}", Utc::now().format("%Y%m%d"));
+    assert_eq!(env.count(&today).await, 3, "the new ids went into today's generation");
+    nothing_parked(&env).await;
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pool_is_open_and_has_read_todays_partitions_before_the_first_delivery() {
+    let env = TestEnv::new(&TopologyFile::fast()).await;
+    // A pool of 6: the worker opens all 6 at start.
+    let worker = env.spawn_worker(&[("DATABASE_MAX_CONNECTIONS", "6")]);
+    worker.wait_ready(&env).await;
+    let warmed = "SELECT count(*) FROM pg_stat_activity
+                   WHERE datname = current_database() AND pid <> pg_backend_pid()
+                     AND query LIKE 'SELECT 1 FROM measurements WHERE measured_at >= $1%'";
+    // Most are still idle after their first statement (the keeper and
+    // the parking lot may have used one or two since).
+    let n: i64 = sqlx::query_scalar(warmed).fetch_one(&env.pool).await.unwrap();
+    assert!(n >= 4, "{n} connections warmed before any delivery");
+    env.publish(&measurement_at("m-1", 1, Utc::now()), BasicProperties::default())
+        .await;
+    env.wait_for_rows("measurements", 1, WAIT).await;
+    worker.stop().await;
     nothing_parked(&env).await;
     env.cleanup().await;
 }

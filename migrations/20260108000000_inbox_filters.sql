@@ -13,3 +13,15 @@ CREATE TABLE inbox_filters (
 
 -- Random bits do not compress: store them out of line as they are.
 ALTER TABLE inbox_filters ALTER COLUMN bits SET STORAGE EXTERNAL;
+
+-- A generation begins every day now, so at midnight every worker's first
+-- batch may begin it at once; two concurrent CREATE TABLE IF NOT EXISTS
+-- can fail on the catalog's unique index. One waits for the other, then
+-- finds it made.
+CREATE OR REPLACE FUNCTION inbox_generation(start date) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_advisory_xact_lock(hashtext('inbox_generation'));
+    EXECUTE format('CREATE TABLE IF NOT EXISTS %I (id uuid PRIMARY KEY)', 'inbox_g' || to_char(start, 'YYYYMMDD'));
+END
+$$;

@@ -309,16 +309,7 @@ async fn add_to_filter(
     window_days: u32,
 ) -> Result<(), sqlx::Error> {
     for generation in generations {
-        // Its own transaction: the seal waits for the last writers to
-        // commit, and holds readers off only while it is added.
-        let seal = format!(
-            "DO $$ BEGIN
-                 ALTER TABLE {} ADD CONSTRAINT inbox_sealed CHECK (false) NOT VALID;
-             EXCEPTION WHEN duplicate_object THEN NULL;
-             END $$",
-            table(*generation)
-        );
-        sqlx::raw_sql(sqlx::AssertSqlSafe(seal)).execute(&mut *conn).await?;
+        seal_table(conn, *generation).await?;
     }
     let mut tx = conn.begin().await?;
     sqlx::query("SELECT pg_advisory_xact_lock(hashtext('inbox_filters'))")
@@ -329,42 +320,30 @@ async fn add_to_filter(
             .bind(bucket)
             .fetch_optional(&mut *tx)
             .await?;
-    let (mut days, stored) = match stored {
-        Some((days, hashes, bits)) => (days, Filter::from_parts(hashes, &bits)),
-        None => (Vec::new(), None),
+    // A filter that cannot be read is made again: the days it held are
+    // looked up in the database meanwhile.
+    let (mut days, stored) = match stored.map(|(days, hashes, bits)| (days, Filter::from_parts(hashes, &bits))) {
+        Some((days, Some(filter))) => (days, Some(filter)),
+        _ => (Vec::new(), None),
     };
     let new: Vec<NaiveDate> = generations.iter().copied().filter(|g| !days.contains(g)).collect();
     if new.is_empty() {
         return Ok(());
     }
-    let mut counts = Vec::new();
-    for generation in &new {
-        let sql = format!("SELECT count(*) FROM {}", table(*generation));
-        counts.push(
-            sqlx::query_scalar::<_, i64>(sqlx::AssertSqlSafe(sql))
-                .fetch_one(&mut *tx)
-                .await?
-                .unsigned_abs(),
-        );
-    }
-    let ids: u64 = counts.iter().sum();
-    let capacity = (ids / new.len() as u64 * u64::from(window_days) * 5 / 4)
-        .max(ids)
-        .max(100_000);
     let mut filter = match stored {
         Some(filter) => filter,
-        None if capacity <= MOST_FILTERED_IDS => Filter::with_capacity(capacity),
-        None => return Ok(()),
-    };
-    for generation in &new {
-        let read = format!("SELECT uuid_send(id) FROM {}", table(*generation));
-        let mut rows = sqlx::query_scalar::<_, Vec<u8>>(sqlx::AssertSqlSafe(read)).fetch(&mut *tx);
-        while let Some(bytes) = rows.try_next().await? {
-            if let Ok(key) = <[u8; 16]>::try_from(bytes.as_slice()) {
-                filter.insert(&key);
+        None => {
+            let ids = count_ids(&mut tx, &new).await?;
+            let capacity = (ids / new.len() as u64 * u64::from(window_days) * 5 / 4)
+                .max(ids)
+                .max(100_000);
+            if capacity > MOST_FILTERED_IDS {
+                return Ok(());
             }
+            Filter::with_capacity(capacity)
         }
-    }
+    };
+    read_into(&mut tx, &new, &mut filter).await?;
     days.extend(new);
     days.sort();
     let (hashes, bits) = filter.to_parts();
@@ -379,6 +358,48 @@ async fn add_to_filter(
     .execute(&mut *tx)
     .await?;
     tx.commit().await
+}
+
+/// Seals a generation: the rows it has stay, any insert is refused. Its
+/// own transaction: the seal waits for the last writers to commit, and
+/// holds readers off only while it is added.
+async fn seal_table(conn: &mut PgConnection, generation: NaiveDate) -> Result<(), sqlx::Error> {
+    let seal = format!(
+        "DO $$ BEGIN
+             ALTER TABLE {} ADD CONSTRAINT inbox_sealed CHECK (false) NOT VALID;
+         EXCEPTION WHEN duplicate_object THEN NULL;
+         END $$",
+        table(generation)
+    );
+    sqlx::raw_sql(sqlx::AssertSqlSafe(seal)).execute(conn).await?;
+    Ok(())
+}
+
+/// Adds the ids of `generations` to `filter`.
+async fn read_into(conn: &mut PgConnection, generations: &[NaiveDate], filter: &mut Filter) -> Result<(), sqlx::Error> {
+    for generation in generations {
+        let read = format!("SELECT uuid_send(id) FROM {}", table(*generation));
+        let mut rows = sqlx::query_scalar::<_, Vec<u8>>(sqlx::AssertSqlSafe(read)).fetch(&mut *conn);
+        while let Some(bytes) = rows.try_next().await? {
+            if let Ok(key) = <[u8; 16]>::try_from(bytes.as_slice()) {
+                filter.insert(&key);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// How many ids `generations` hold together.
+async fn count_ids(conn: &mut PgConnection, generations: &[NaiveDate]) -> Result<u64, sqlx::Error> {
+    let mut ids = 0;
+    for generation in generations {
+        let sql = format!("SELECT count(*) FROM {}", table(*generation));
+        let count: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+            .fetch_one(&mut *conn)
+            .await?;
+        ids += count.unsigned_abs();
+    }
+    Ok(ids)
 }
 
 /// What the inbox keeps of a message id: the first 16 bytes of its

@@ -483,3 +483,28 @@ async fn the_pool_is_open_and_has_read_todays_partitions_before_the_first_delive
     nothing_parked(&env).await;
     env.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_workers_beginning_the_same_generation_at_once_all_succeed() {
+    let env = TestEnv::new(&TopologyFile::fast()).await;
+    // What every worker's first batch after midnight does at once.
+    for round in 0..10u64 {
+        let day = Utc::now().date_naive() + Days::new(10 + round);
+        let calls: Vec<_> = (0..8)
+            .map(|_| {
+                let pool = env.pool.clone();
+                tokio::spawn(async move {
+                    sqlx::query("SELECT inbox_generation($1)")
+                        .bind(day)
+                        .execute(&pool)
+                        .await
+                })
+            })
+            .collect();
+        for call in calls {
+            call.await.unwrap().expect("each call succeeds");
+        }
+        assert_eq!(env.count(&format!("inbox_g{}", day.format("%Y%m%d"))).await, 0);
+    }
+    env.cleanup().await;
+}

@@ -91,10 +91,7 @@ impl Inbox {
     /// missing or gone; [`Inbox::upkeep`] mends that.
     pub async fn record(&self, conn: &mut PgConnection, ids: &[&str]) -> Result<HashSet<String>, sqlx::Error> {
         let today = Utc::now().date_naive();
-        let known = match self.known() {
-            Some(known) => known,
-            None => self.read(conn).await?,
-        };
+        let known = self.generations(conn).await?;
         let buckets: Vec<Arc<Bucket>> = self
             .buckets
             .read()
@@ -151,7 +148,8 @@ impl Inbox {
             .execute(&mut *conn)
             .await?;
         let mut dropped = Vec::new();
-        for (older, newer) in self.read(conn).await?.windows(2).map(|w| (w[0], w[1])) {
+        let mut left = self.read(conn).await?;
+        for (older, newer) in left.windows(2).map(|w| (w[0], w[1])) {
             if newer + Days::new(u64::from(self.window_days)) <= today {
                 sqlx::query(sqlx::AssertSqlSafe(format!("DROP TABLE IF EXISTS {}", table(older))))
                     .execute(&mut *conn)
@@ -159,7 +157,9 @@ impl Inbox {
                 dropped.push(older);
             }
         }
-        let left = self.read(conn).await?;
+        if !dropped.is_empty() {
+            left = self.read(conn).await?;
+        }
         // A filter whose generations are all gone goes too; one with some
         // left keeps the others' bits, which only cost a wrong maybe.
         sqlx::query("DELETE FROM inbox_filters WHERE NOT (days && $1)")
@@ -183,7 +183,8 @@ impl Inbox {
 
     /// Seals each generation whose day ended [`SEAL_AFTER`] ago and adds
     /// its ids to its window's filter (unless another worker did), then
-    /// holds the filters that changed. Returns those it took up: the first
+    /// holds the filters that changed. The generations are those the last
+    /// [`Inbox::upkeep`] read. Returns those it took up: the first
     /// day of their window and their size in bytes.
     ///
     /// # Errors
@@ -196,7 +197,8 @@ impl Inbox {
         let mut taken = self.take_filters(conn).await?;
         let filtered: HashSet<NaiveDate> = self.sealed_days();
         let mut due: HashMap<NaiveDate, Vec<NaiveDate>> = HashMap::new();
-        for generation in self.read(conn).await? {
+        let known = self.generations(conn).await?;
+        for generation in known {
             let closed = (generation + Days::new(1)).and_time(NaiveTime::MIN).and_utc();
             if now >= closed + SEAL_AFTER && !filtered.contains(&generation) {
                 due.entry(self.bucket_of(generation)).or_default().push(generation);
@@ -248,8 +250,13 @@ impl Inbox {
         Ok(taken)
     }
 
-    fn known(&self) -> Option<Vec<NaiveDate>> {
-        self.known.read().unwrap_or_else(PoisonError::into_inner).clone()
+    /// The generations as last read, read now if never.
+    async fn generations(&self, conn: &mut PgConnection) -> Result<Vec<NaiveDate>, sqlx::Error> {
+        let known = self.known.read().unwrap_or_else(PoisonError::into_inner).clone();
+        match known {
+            Some(known) => Ok(known),
+            None => self.read(conn).await,
+        }
     }
 }
 

@@ -166,7 +166,7 @@ impl Database {
 
     /// Makes what a run found missing after all: a partition that
     /// retention dropped since (a reading that old is stored again), the
-    /// inbox's generation of today (a new window began) or its list of
+    /// inbox's generation of today (a new day began) or its list of
     /// generations (another worker dropped one).
     async fn make_missing(&self, conn: &mut PgConnection, items: &[Item<'_>]) -> Result<(), sqlx::Error> {
         tracing::info!("making the partitions or inbox generation a batch found missing");

@@ -9,6 +9,7 @@
 //! by its own random trace id.
 
 use std::cell::RefCell;
+use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -289,13 +290,21 @@ fn commands_in_one_batch_each_keep_their_own_trace() {
         worker.stop().await;
 
         let sent = env.drain(&device_queue).await;
-        let carried: Vec<String> = sent
+        // The relay's order within a batch is not a promise: each device
+        // message is matched to its command by the message id it carries.
+        let carried: HashMap<String, String> = sent
             .iter()
             .map(|m| {
-                worker_iot_core::headers::read_string(m.delivery.properties.headers().as_ref(), "traceparent").unwrap()
+                let properties = &m.delivery.properties;
+                let command = properties.message_id().as_ref().expect("the command's id").to_string();
+                let traceparent =
+                    worker_iot_core::headers::read_string(properties.headers().as_ref(), "traceparent").unwrap();
+                (command, traceparent)
             })
             .collect();
-        for (trace_id, carried) in traces.iter().zip(&carried) {
+        assert_eq!(carried.len(), 5, "one device message per command");
+        for (i, trace_id) in traces.iter().enumerate() {
+            let carried = &carried[&format!("batched-{i}")];
             assert!(
                 carried.starts_with(&format!("00-{trace_id}-")),
                 "{carried} is in trace {trace_id}"

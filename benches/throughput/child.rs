@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::Target;
+use crate::drain::{Db, Schema};
 
 const WORKER: &str = env!("CARGO_BIN_EXE_worker-iot-core");
 
@@ -19,45 +20,33 @@ pub fn baseline_worker() -> Option<PathBuf> {
     std::env::var_os("BENCH_BASELINE_WORKER").map(PathBuf::from)
 }
 
-/// The migrations of this build that the baseline worker lacks, taken out
-/// of `_sqlx_migrations` for its drain: a worker refuses to start on a
-/// database that had a migration it does not know. The baseline's own are
-/// the versions in `BENCH_BASELINE_MIGRATIONS` (its checkout's
-/// `migrations/`); unset, none is taken out. The tables they made stay,
-/// unused by the baseline.
-pub async fn hide_newer_migrations(pool: &sqlx::PgPool) -> Vec<(i64, String, bool, Vec<u8>, i64)> {
-    let Some(dir) = std::env::var_os("BENCH_BASELINE_MIGRATIONS") else {
-        return Vec::new();
-    };
-    let known: Vec<i64> = std::fs::read_dir(&dir)
-        .expect("BENCH_BASELINE_MIGRATIONS: a migrations/ folder")
-        .filter_map(|e| e.ok()?.file_name().to_str()?.split('_').next()?.parse().ok())
-        .collect();
-    sqlx::query_as(
-        "DELETE FROM _sqlx_migrations WHERE version <> ALL($1)
-         RETURNING version, description, success, checksum, execution_time",
-    )
-    .bind(&known)
-    .fetch_all(pool)
-    .await
-    .expect("hide the newer migrations")
+/// The baseline worker's own database, `<prefix>_baseline`: created empty
+/// and migrated by the baseline worker itself at its first start, so each
+/// build drains into the schema it was written for (a worker refuses a
+/// database that had a migration it does not know, and its statements may
+/// not fit the newer tables).
+pub struct Baseline {
+    pub url: String,
+    pub pool: sqlx::PgPool,
 }
 
-/// Puts back what [`hide_newer_migrations`] took out.
-pub async fn restore_migrations(pool: &sqlx::PgPool, hidden: Vec<(i64, String, bool, Vec<u8>, i64)>) {
-    for (version, description, success, checksum, execution_time) in hidden {
-        sqlx::query(
-            "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time)
-             VALUES ($1, $2, $3, $4, $5)",
-        )
-        .bind(version)
-        .bind(description)
-        .bind(success)
-        .bind(checksum)
-        .bind(execution_time)
-        .execute(pool)
-        .await
-        .expect("restore a migration row");
+impl Baseline {
+    /// Creates the database when [`baseline_worker`] is set.
+    pub async fn open(server_url: &str, prefix: &str) -> Option<Baseline> {
+        baseline_worker()?;
+        let url = format!("{}/{prefix}_baseline", &server_url[..server_url.rfind('/').unwrap()]);
+        worker_iot_core::store::create_database(&url).await.unwrap();
+        let pool = worker_iot_core::store::connect(&url, 2).await.unwrap();
+        Some(Baseline { url, pool })
+    }
+
+    pub fn db(&self) -> Db<'_> {
+        Db {
+            url: &self.url,
+            pool: &self.pool,
+            since: 0.0,
+            schema: Schema::Baseline,
+        }
     }
 }
 

@@ -19,6 +19,18 @@ pub struct Db<'a> {
     /// Seconds since the epoch: every row from before is kept and left out
     /// of the checks; 0 for the bench's own database.
     pub since: f64,
+    /// Whose tables these are, which says how a drain's rows are removed.
+    pub schema: Schema,
+}
+
+/// The schema of a [`Db`].
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Schema {
+    /// This build's.
+    Own,
+    /// The baseline worker's ([`crate::child::Baseline`]), whatever it is:
+    /// every table is emptied but the migrations' record.
+    Baseline,
 }
 
 impl<'a> Db<'a> {
@@ -27,6 +39,7 @@ impl<'a> Db<'a> {
             url: &bench.database_url,
             pool: &bench.pool,
             since: 0.0,
+            schema: Schema::Own,
         }
     }
 }
@@ -50,6 +63,16 @@ const EMPTY: &str = "
                 WHERE relkind = 'r' AND relname ~ '^inbox_g[0-9]{8}$' AND pg_table_is_visible(oid) LOOP
         EXECUTE format('TRUNCATE %I', t);
       END LOOP;
+    END $$";
+
+/// Empties every table of a schema this build does not know (the baseline
+/// worker's), in one statement so foreign keys do not stand in the way.
+const EMPTY_ANY: &str = "
+    DO $$ DECLARE tables text; BEGIN
+      SELECT string_agg(format('%I', relname), ', ') INTO tables FROM pg_class
+       WHERE relkind IN ('r', 'p') AND NOT relispartition AND pg_table_is_visible(oid)
+         AND relnamespace = 'public'::regnamespace AND relname <> '_sqlx_migrations';
+      IF tables IS NOT NULL THEN EXECUTE 'TRUNCATE ' || tables; END IF;
     END $$";
 
 /// Removes what drains wrote into a stored database, from `{since}` (epoch
@@ -78,10 +101,10 @@ pub async fn reset(bench: &Bench, target: &Target) {
 /// Removes what drains wrote into `db` (everything from `db.since` on, and
 /// those messages' ids from the inbox) and empties the queues.
 async fn reset_on(bench: &Bench, db: &Db<'_>, target: &Target) {
-    let sql = if db.since == 0.0 {
-        EMPTY.to_owned()
-    } else {
-        KEEP_STORED.replace("{since}", &db.since.to_string())
+    let sql = match db.schema {
+        Schema::Baseline => EMPTY_ANY.to_owned(),
+        Schema::Own if db.since == 0.0 => EMPTY.to_owned(),
+        Schema::Own => KEEP_STORED.replace("{since}", &db.since.to_string()),
     };
     sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(db.pool).await.unwrap();
     for queue in target.topology.queues() {

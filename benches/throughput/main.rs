@@ -104,6 +104,8 @@ pub struct Bench {
     /// The database of `BENCH_STORED` readings each clean mix also drains
     /// into ([`stored`]).
     pub stored: Option<stored::Stored>,
+    /// The baseline worker's database (`BENCH_BASELINE_WORKER`).
+    pub baseline: Option<child::Baseline>,
 }
 
 /// One queue type's main queue and topology file.
@@ -211,12 +213,9 @@ async fn clean_drains(bench: &Bench, target: &Target, round: usize, clean: &Mix,
 /// into the stored database and the raw device readings' drain, each when
 /// on.
 async fn beside_clean(bench: &Bench, target: &Target, round: usize, clean: &Mix, figures: &mut Figures) {
-    if child::baseline_worker().is_some() {
-        let hidden = child::hide_newer_migrations(&bench.pool).await;
-        figures
-            .baseline
-            .push(drain::run(bench, target, clean, "baseline").await.rate);
-        child::restore_migrations(&bench.pool, hidden).await;
+    if let Some(baseline) = &bench.baseline {
+        let run = drain::run_on(bench, &baseline.db(), target, clean, "baseline").await;
+        figures.baseline.push(run.rate);
     }
     if let Some(stored) = &bench.stored {
         let run = drain::run_on(bench, &stored.db(), target, clean, "stored").await;
@@ -246,6 +245,7 @@ impl Bench {
         std::fs::create_dir_all(&dir).unwrap();
         let sink = format!("{prefix}.devices");
         declare_sink(&publisher, &sink).await;
+        let baseline = child::Baseline::open(&server_url, &prefix).await;
         Bench {
             n: env_number("BENCH_MESSAGES", "100000"),
             rounds: env_number("BENCH_ROUNDS", "3"),
@@ -262,6 +262,7 @@ impl Bench {
             sink,
             raw_devices,
             stored: None,
+            baseline,
         }
     }
 
@@ -302,12 +303,19 @@ impl Bench {
         if let Some(stored) = &self.stored {
             stored.pool.close().await;
         }
+        let mut databases = vec![self.prefix.clone()];
+        if let Some(baseline) = &self.baseline {
+            baseline.pool.close().await;
+            databases.push(format!("{}_baseline", self.prefix));
+        }
         let mut admin = PgConnection::connect(&self.server_url).await.unwrap();
-        let drop = format!("DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)", self.prefix);
-        sqlx::query(sqlx::AssertSqlSafe(drop))
-            .execute(&mut admin)
-            .await
-            .unwrap();
+        for database in databases {
+            let drop = format!("DROP DATABASE IF EXISTS \"{database}\" WITH (FORCE)");
+            sqlx::query(sqlx::AssertSqlSafe(drop))
+                .execute(&mut admin)
+                .await
+                .unwrap();
+        }
         std::fs::remove_dir_all(&self.dir).ok();
     }
 }

@@ -22,7 +22,7 @@ use tokio::sync::Mutex;
 use worker_iot_core::store;
 
 use crate::Bench;
-use crate::drain::Db;
+use crate::drain::{Db, Schema};
 use crate::support::env_or;
 
 /// How many days the fill spreads its readings over.
@@ -43,6 +43,7 @@ impl Stored {
             url: &self.url,
             pool: &self.pool,
             since: self.since,
+            schema: Schema::Own,
         }
     }
 }

@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::Target;
-use crate::drain::{Db, Schema};
 
 const WORKER: &str = env!("CARGO_BIN_EXE_worker-iot-core");
 
@@ -18,36 +17,6 @@ const WORKER: &str = env!("CARGO_BIN_EXE_worker-iot-core");
 /// code before it in the same run, not against figures of another day.
 pub fn baseline_worker() -> Option<PathBuf> {
     std::env::var_os("BENCH_BASELINE_WORKER").map(PathBuf::from)
-}
-
-/// The baseline worker's own database, `<prefix>_baseline`: created empty
-/// and migrated by the baseline worker itself at its first start, so each
-/// build drains into the schema it was written for (a worker refuses a
-/// database that had a migration it does not know, and its statements may
-/// not fit the newer tables).
-pub struct Baseline {
-    pub url: String,
-    pub pool: sqlx::PgPool,
-}
-
-impl Baseline {
-    /// Creates the database when [`baseline_worker`] is set.
-    pub async fn open(server_url: &str, prefix: &str) -> Option<Baseline> {
-        baseline_worker()?;
-        let url = format!("{}/{prefix}_baseline", &server_url[..server_url.rfind('/').unwrap()]);
-        worker_iot_core::store::create_database(&url).await.unwrap();
-        let pool = worker_iot_core::store::connect(&url, 2).await.unwrap();
-        Some(Baseline { url, pool })
-    }
-
-    pub fn db(&self) -> Db<'_> {
-        Db {
-            url: &self.url,
-            pool: &self.pool,
-            since: 0.0,
-            schema: Schema::Baseline,
-        }
-    }
 }
 
 /// Drains tagged `baseline` run [`baseline_worker`]; every other, this build's.

@@ -28,7 +28,7 @@ pub struct Db<'a> {
 pub enum Schema {
     /// This build's.
     Own,
-    /// The baseline worker's ([`crate::child::Baseline`]), whatever it is:
+    /// The baseline worker's ([`crate::baseline::Baseline`]), whatever it is:
     /// every table is emptied but the migrations' record.
     Baseline,
 }

@@ -49,6 +49,7 @@
 //! `BENCH_PARKING=on` adds the parking lot section ([`parking`]) on a
 //! classic queue; `BENCH_ONLY=parking` runs that section alone.
 
+mod baseline;
 mod child;
 mod devices;
 mod drain;
@@ -105,7 +106,7 @@ pub struct Bench {
     /// into ([`stored`]).
     pub stored: Option<stored::Stored>,
     /// The baseline worker's database (`BENCH_BASELINE_WORKER`).
-    pub baseline: Option<child::Baseline>,
+    pub baseline: Option<baseline::Baseline>,
 }
 
 /// One queue type's main queue and topology file.
@@ -245,7 +246,7 @@ impl Bench {
         std::fs::create_dir_all(&dir).unwrap();
         let sink = format!("{prefix}.devices");
         declare_sink(&publisher, &sink).await;
-        let baseline = child::Baseline::open(&server_url, &prefix).await;
+        let baseline = baseline::Baseline::open(&server_url, &prefix).await;
         Bench {
             n: env_number("BENCH_MESSAGES", "100000"),
             rounds: env_number("BENCH_ROUNDS", "3"),

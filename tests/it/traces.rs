@@ -46,9 +46,17 @@ fn topology(max_attempts: u32) -> TopologyFile {
 /// Where the in-process workers of these tests send their spans: an
 /// in-memory exporter, behind a subscriber that [`run_traced`] makes the
 /// default of its own threads only.
+///
+/// `_second` is a second registered dispatcher that does nothing. While
+/// only one dispatcher is registered, tracing-core (0.1.36) works out a
+/// callsite's interest from the default of whichever thread reaches it
+/// first: a sibling test's worker, on a thread without this subscriber,
+/// would cache `never` for the worker's spans, and these tests would see
+/// none (tokio-rs/tracing#3611). With two, every callsite asks both.
 struct Spans {
     exporter: InMemorySpanExporter,
     dispatch: Dispatch,
+    _second: Dispatch,
     _provider: SdkTracerProvider,
 }
 
@@ -66,6 +74,7 @@ fn spans() -> &'static Spans {
         Spans {
             exporter,
             dispatch: Dispatch::new(subscriber),
+            _second: Dispatch::new(tracing::subscriber::NoSubscriber::default()),
             _provider: provider,
         }
     })

@@ -11,7 +11,7 @@ use chrono::{DateTime, Days, NaiveDate, NaiveTime, Utc};
 use sqlx::{PgConnection, PgPool};
 use tokio_util::sync::CancellationToken;
 
-use crate::inbox::Inbox;
+use crate::inbox::{self, Inbox};
 use crate::metrics::Metrics;
 
 /// The tables partitioned by day, each with its partition column.
@@ -45,7 +45,7 @@ pub async fn warm(pool: &PgPool, size: u32, today: NaiveDate) -> Result<(), sqlx
         .iter()
         .map(|(table, column)| format!("SELECT 1 FROM {table} WHERE {column} >= $1 AND {column} < $2 UNION ALL "))
         .collect();
-    let sql = format!("{tables}SELECT 1 FROM inbox_g{} LIMIT 0", today.format("%Y%m%d"));
+    let sql = format!("{tables}SELECT 1 FROM {} LIMIT 0", inbox::table(today));
     // Held until all are open, so each is a connection of its own.
     let mut held = Vec::new();
     for _ in 0..size {

@@ -214,7 +214,7 @@ impl Inbox {
         Ok(taken)
     }
 
-    /// The generations the filters held hold.
+    /// The sealed generations whose ids the held filters hold.
     fn sealed_days(&self) -> HashSet<NaiveDate> {
         let buckets = self.buckets.read().unwrap_or_else(PoisonError::into_inner);
         buckets.values().flat_map(|b| b.days.iter().copied()).collect()
@@ -275,7 +275,7 @@ pub(crate) async fn tables(conn: &mut PgConnection) -> Result<Vec<String>, sqlx:
 }
 
 /// A generation's table.
-fn table(begins: NaiveDate) -> String {
+pub fn table(begins: NaiveDate) -> String {
     format!("inbox_g{}", begins.format("%Y%m%d"))
 }
 
